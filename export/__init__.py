@@ -1,0 +1,1 @@
+"""Export and serving: SavedModel for TF Serving, a gRPC client, a local PredictionService for development."""

@@ -1,0 +1,1 @@
+"""Preprocessing pipelines: raw logs (parquet, MMCTR layout) -> TFRecords + item table + feature spec."""

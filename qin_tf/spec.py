@@ -1,0 +1,361 @@
+"""The feature spec: the single source of truth for every feature of qin-tf.
+
+Two documents, two stages:
+
+* A **dataset configuration** (``configs/datasets/*.json``, :class:`DatasetConfig`)
+  written by a person. It names the *roles* of the columns of the raw logs
+  (label, meta, target item, behaviour sequence, context features, the item
+  table and its columns) and ``max_len``. It knows nothing about the data's
+  contents.
+* A **feature spec** (``feature_spec.json``, :class:`FeatureSpec`) written by
+  ``pipelines.preprocess``. It is the configuration resolved against the data:
+  vocabulary sizes, the item table's size and dims, the TFRecord files of
+  each split. The TFRecord writer, the ``tf.data`` reader, the model's
+  ``keras.Input``s and the serving signatures are all derived from it.
+
+No other module spells a feature name: they ask the spec.
+
+Conventions every stage shares (and tests check):
+
+* Ids are int64. Id ``0`` is padding everywhere: in the behaviour sequence,
+  in the item table (row 0 is all zeros) and in the tag lists.
+* The behaviour sequence holds the most recent ``max_len`` non-zero items,
+  oldest first, **left**-padded with 0 to exactly ``max_len``.
+* Context features are categorical ids in ``[0, vocab_size)``; ``vocab_size``
+  is ``max(train values) + 1``. A value at or beyond ``vocab_size`` (seen in
+  valid/test or at serving time only) maps to one extra out-of-vocabulary
+  row, index ``vocab_size``, inside the model.
+* Item ids (target and sequence) index the item table: ``[0, num_items)``.
+  Preprocessing rejects ids beyond the table; at serving time the model maps
+  them to the padding row 0.
+
+This module imports neither TensorFlow nor Beam, so it is cheap to import in
+pipeline workers and tools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+SPEC_FILENAME = "feature_spec.json"
+STATS_FILENAME = "stats.json"
+ITEM_TABLE_FILENAME = "item_table.npz"
+SPEC_VERSION = 1
+DEFAULT_MAX_LEN = 64
+PADDING_ID = 0
+#: Keys of the arrays inside ``item_table.npz``.
+ITEM_TABLE_TAGS_KEY = "tags"
+ITEM_TABLE_EMBEDDING_KEY = "embedding"
+
+
+class SpecError(ValueError):
+    """A dataset configuration or feature spec is malformed."""
+
+
+def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in mapping:
+        raise SpecError(f"{where}: missing required key `{key}`.")
+    return mapping[key]
+
+
+def _check_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{where} must be a non-empty string. Received: {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Dataset configuration (written by a person)
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """One split of the raw logs: its parquet file and whether it has labels."""
+
+    file: str
+    labelled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemTableConfig:
+    """The item table file and the roles of its columns."""
+
+    file: str = "item_info.parquet"
+    id: str = "item_id"
+    tags: str = "item_tags"
+    embedding: str = "item_emb_d128"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """The roles of the columns of a dataset in the MMCTR layout.
+
+    Example::
+
+        cfg = DatasetConfig.load("configs/datasets/microlens50k.json")
+        cfg.context  # ("views_level",)
+    """
+
+    name: str
+    splits: Mapping[str, SplitConfig]
+    label: str = "label"
+    meta: tuple[str, ...] = ("user_id",)
+    target_item: str = "item_id"
+    sequence: str = "item_seq"
+    context: tuple[str, ...] = ()
+    item_table: ItemTableConfig = ItemTableConfig()
+    max_len: int = DEFAULT_MAX_LEN
+
+    def __post_init__(self):
+        if not isinstance(self.max_len, int) or self.max_len < 1:
+            raise SpecError(f"`max_len` must be an integer >= 1. Received: max_len={self.max_len!r}")
+        if not self.splits:
+            raise SpecError("`splits` must name at least one split.")
+        names = [self.label, *self.meta, self.target_item, self.sequence, *self.context]
+        for n in names:
+            _check_name(n, "every column name")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise SpecError(f"a column may play one role only; repeated: {dup}")
+
+    @property
+    def example_columns(self) -> tuple[str, ...]:
+        """The columns every labelled split must have, in spec order."""
+        return (self.label, *self.meta, self.target_item, self.sequence, *self.context)
+
+    def with_max_len(self, max_len: int | None) -> "DatasetConfig":
+        return self if max_len is None else dataclasses.replace(self, max_len=max_len)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "dataset config") -> "DatasetConfig":
+        if not isinstance(d, Mapping):
+            raise SpecError(f"{where}: expected a JSON object.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}.")
+        splits_raw = _require(d, "splits", where)
+        if not isinstance(splits_raw, Mapping):
+            raise SpecError(f"{where}: `splits` must map split names to {{file, labelled}}.")
+        splits = {}
+        for split, s in splits_raw.items():
+            if isinstance(s, str):
+                s = {"file": s}
+            splits[split] = SplitConfig(file=_check_name(_require(s, "file", f"{where}: splits.{split}"),
+                                                         f"{where}: splits.{split}.file"),
+                                        labelled=bool(s.get("labelled", True)))
+        table = ItemTableConfig(**d.get("item_table", {}))
+        kwargs = dict(d)
+        kwargs.update(
+            splits=splits,
+            meta=tuple(d.get("meta", ("user_id",))),
+            context=tuple(d.get("context", ())),
+            item_table=table,
+            name=_check_name(_require(d, "name", where), f"{where}: name"),
+        )
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str) -> "DatasetConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_dict(d, where=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------
+# Feature spec (written by the pipeline, read by everything else)
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One model input as it appears in a ``tf.train.Example`` and a request.
+
+    ``shape`` excludes the batch dimension: ``()`` for a scalar id,
+    ``(max_len,)`` for the behaviour sequence.
+    """
+
+    name: str
+    role: str  # "target_item" | "sequence" | "context"
+    dtype: str = "int64"
+    shape: tuple[int, ...] = ()
+    vocab_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    """The TFRecord shards of one split, relative to the spec's directory."""
+
+    files: tuple[str, ...]
+    num_rows: int
+    labelled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """The dataset configuration resolved against the data.
+
+    Attributes:
+        dataset: the dataset's name.
+        label: name of the 0/1 label feature (int64 scalar).
+        meta: names of pass-through id columns (e.g. ``user_id``) stored in
+            every example, used for gAUC, never fed to the model.
+        target_item: name of the target item id (int64 scalar).
+        sequence: name of the behaviour sequence (int64 ``[max_len]``).
+        context: names of the categorical context features (int64 scalars).
+        context_vocab_sizes: vocabulary size of each context feature.
+        max_len: length of the behaviour sequence.
+        num_items: rows of the item table (ids ``0..num_items-1``).
+        num_tags: tags per item (the width of the tag lists).
+        tag_vocab_size: tag ids are in ``[0, tag_vocab_size)``.
+        mm_dim: width of the frozen multimodal vector.
+        item_table_file: the ``.npz`` with ``tags`` int32 ``[num_items,
+            num_tags]`` and ``embedding`` float32 ``[num_items, mm_dim]``.
+        item_tags_name, item_embedding_name: the item table's column names,
+            kept for naming the model's frozen weights.
+        splits: split name -> :class:`SplitInfo`.
+        compression: the TFRecord compression (``"GZIP"``).
+    """
+
+    dataset: str
+    label: str
+    meta: tuple[str, ...]
+    target_item: str
+    sequence: str
+    context: tuple[str, ...]
+    context_vocab_sizes: tuple[int, ...]
+    max_len: int
+    num_items: int
+    num_tags: int
+    tag_vocab_size: int
+    mm_dim: int
+    item_table_file: str = ITEM_TABLE_FILENAME
+    item_tags_name: str = "item_tags"
+    item_embedding_name: str = "item_emb_d128"
+    splits: Mapping[str, SplitInfo] = dataclasses.field(default_factory=dict)
+    compression: str = "GZIP"
+    version: int = SPEC_VERSION
+    #: Directory the spec was loaded from; relative file names resolve here.
+    base_dir: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self):
+        if len(self.context) != len(self.context_vocab_sizes):
+            raise SpecError("`context` and `context_vocab_sizes` must have the same length.")
+        for n, v in zip(self.context, self.context_vocab_sizes):
+            if v < 1:
+                raise SpecError(f"context feature `{n}` has vocab_size {v}; must be >= 1.")
+        if self.max_len < 1:
+            raise SpecError(f"`max_len` must be >= 1. Received: max_len={self.max_len}")
+        if self.num_items < 2:
+            raise SpecError(f"the item table needs padding row 0 and at least one item. num_items={self.num_items}")
+
+    # ---- the model's inputs -------------------------------------------------
+
+    @property
+    def model_features(self) -> tuple[Feature, ...]:
+        """The model's inputs (ids only), in a fixed order: target, sequence, context."""
+        feats = [
+            Feature(self.target_item, "target_item", "int64", (), self.num_items),
+            Feature(self.sequence, "sequence", "int64", (self.max_len,), self.num_items),
+        ]
+        feats += [Feature(n, "context", "int64", (), v)
+                  for n, v in zip(self.context, self.context_vocab_sizes)]
+        return tuple(feats)
+
+    @property
+    def model_feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.model_features)
+
+    def example_features(self, labelled: bool = True) -> tuple[Feature, ...]:
+        """Everything a ``tf.train.Example`` of a split holds: label, meta, model inputs."""
+        extra = [Feature(self.label, "label")] if labelled else []
+        extra += [Feature(n, "meta") for n in self.meta]
+        return (*extra, *self.model_features)
+
+    def context_vocab_size(self, name: str) -> int:
+        return self.context_vocab_sizes[self.context.index(name)]
+
+    # ---- files --------------------------------------------------------------
+
+    def path(self, relative: str) -> str:
+        """Resolves a file name of the spec against the spec's directory."""
+        return relative if os.path.isabs(relative) else os.path.join(self.base_dir, relative)
+
+    def split_files(self, split: str) -> list[str]:
+        if split not in self.splits:
+            raise SpecError(f"split `{split}` is not in the feature spec; it has {sorted(self.splits)}.")
+        return [self.path(f) for f in self.splits[split].files]
+
+    def load_item_table(self):
+        """Returns ``(tags int32 [N, T], embedding float32 [N, D])`` as numpy arrays."""
+        import numpy as np
+
+        with np.load(self.path(self.item_table_file)) as z:
+            tags = z[ITEM_TABLE_TAGS_KEY].astype("int32")
+            emb = z[ITEM_TABLE_EMBEDDING_KEY].astype("float32")
+        if tags.shape != (self.num_items, self.num_tags) or emb.shape != (self.num_items, self.mm_dim):
+            raise SpecError(
+                f"{self.path(self.item_table_file)}: item table shapes tags={tags.shape}, "
+                f"embedding={emb.shape} do not match the spec "
+                f"({self.num_items}, {self.num_tags}) and ({self.num_items}, {self.mm_dim}).")
+        return tags, emb
+
+    # ---- (de)serialisation -------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, SPEC_FILENAME)
+        with open(path, "w") as f:
+            f.write(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], base_dir: str = "") -> "FeatureSpec":
+        d = dict(d)
+        if d.get("version") != SPEC_VERSION:
+            raise SpecError(f"feature spec version {d.get('version')!r} is not supported; expected {SPEC_VERSION}.")
+        d["splits"] = {k: SplitInfo(files=tuple(v["files"]), num_rows=int(v["num_rows"]),
+                                    labelled=bool(v.get("labelled", True)))
+                       for k, v in d.get("splits", {}).items()}
+        for k in ("meta", "context", "context_vocab_sizes"):
+            d[k] = tuple(d.get(k, ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"feature spec: unknown keys {unknown}.")
+        return cls(**d, base_dir=base_dir)
+
+    @classmethod
+    def load(cls, path: str) -> "FeatureSpec":
+        """Loads ``feature_spec.json`` from a file or from the directory holding it."""
+        if os.path.isdir(path):
+            path = os.path.join(path, SPEC_FILENAME)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise SpecError(f"{path}: no feature spec here; run `python -m pipelines.preprocess` first.") from None
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_dict(d, base_dir=os.path.dirname(os.path.abspath(path)))
+
+    @classmethod
+    def from_json(cls, text: str, base_dir: str = "") -> "FeatureSpec":
+        return cls.from_dict(json.loads(text), base_dir=base_dir)
