@@ -1,0 +1,738 @@
+"""Raw logs (parquet, MMCTR layout) -> GZIP TFRecords, item table and feature spec, with Apache Beam.
+
+    python -m pipelines.preprocess --input_dir=../shared/data/microlens50k_mmctr \\
+        --output_dir=/tmp/ml50k [--dataset_config=configs/datasets/microlens50k.json] \\
+        [--max_len=64] [--num_shards=N] [--on_bad_row=fail|quarantine] \\
+        [Beam options, e.g. --runner=DataflowRunner --project=... --setup_file=./setup.py]
+
+Reads the split files named by the dataset configuration (a split with
+``labelled: false`` has no label column, as the challenge's test set) and the
+item table, and writes into ``output_dir``:
+
+* ``{split}-{i:05d}-of-{n:05d}.tfrecord.gz``: one GZIP ``tf.train.Example`` a
+  row with the features ``spec.example_features(labelled)``, all Int64Lists:
+  label, meta, target item, the history (the most recent ``max_len`` non-zero
+  items, oldest first, left-padded with 0; zeros in the input are padding and
+  dropped first) and the context ids. Shard ``i`` holds a contiguous range of
+  the file's rows, in file order, so the rows of a split read back in order.
+* ``item_table.npz``: ``tags`` int32 ``[num_items, num_tags]`` and
+  ``embedding`` float32 ``[num_items, mm_dim]``, row ``i`` = item ``i``, row 0
+  = padding (zeros). See :mod:`pipelines.validation` for the table's rules.
+* ``feature_spec.json`` (:class:`qin_tf.spec.FeatureSpec`): context vocabulary
+  sizes are ``max + 1`` over the good rows of the ``train`` split (of all
+  splits if none is called ``train``); ``tag_vocab_size = max tag + 1``.
+* ``stats.json``: rows in/out/quarantined (with reasons) per split, positive
+  rate, history length histogram (before truncation), truncated histories,
+  vocabulary sizes and context values beyond the vocabulary per split.
+* ``quarantine/{split}.jsonl`` (``--on_bad_row=quarantine`` and only for splits
+  with rejected rows): one JSON object per rejected row with ``file``, ``row``
+  (0-based index in the file), ``column``, ``reason``, ``message`` and the
+  row's original ``values``.
+
+Bad input (see :mod:`pipelines.validation`) stops the run with a one-line
+error naming file, row and column; schema-level problems stop it whatever
+``--on_bad_row`` says. Nothing is half written: everything goes to a sibling
+directory ``{output_dir}.tmp-*`` that replaces ``output_dir`` only when the
+whole run succeeded (a rerun replaces, never appends) and is removed on
+failure. An existing ``output_dir`` is replaced only if it is empty or holds a
+``feature_spec.json`` (a previous output), never an unrelated directory.
+
+How it runs: the plan (in the launching process) cuts every split file into
+``num_shards`` contiguous row ranges, aligned to parquet row groups where the
+file has enough of them. The Beam pipeline is ``Create(work items) |
+Reshuffle | ParDo(ConvertShard)``: each work item reads its range in Arrow
+batches, checks and converts a batch at a time with numpy
+(:func:`pipelines.validation.convert_batch`), encodes the Examples of the whole
+batch at once (:mod:`pipelines.example_codec`) and streams them into its own
+gzip shard. Only work items and file names travel through Beam, so the
+runner's per-element overhead does not matter; files are opened through
+``apache_beam.io.filesystems.FileSystems``, so the same code runs on Dataflow,
+Flink or Spark with shared storage (give workers the code with
+``--setup_file``). By default it runs locally on Beam's FnApiRunner (the
+engine of Python's DirectRunner), one thread per core; see
+:func:`pipeline_options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.example_codec import DEFAULT_GZIP_LEVEL, GzipTFRecordWriter, encode_tfrecords
+from pipelines.validation import (Columns, PreprocessError, check_columns, convert_batch, fail,
+                                  item_table_columns, read_item_table, split_columns)
+from qin_tf.spec import (ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME, ITEM_TABLE_TAGS_KEY,
+                         SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
+                         SplitInfo)
+
+DEFAULT_DATASET_CONFIG = "configs/datasets/microlens50k.json"
+#: With ``num_shards=None`` a split gets ceil(rows / this) shards.
+DEFAULT_ROWS_PER_SHARD = 100_000
+#: Rows per Arrow batch inside a work item (bounds a worker's memory).
+DEFAULT_BATCH_ROWS = 32_768
+ON_BAD_ROW = ("fail", "quarantine")
+QUARANTINE_DIR = "quarantine"
+_PARTS_DIR = "_parts"
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord.gz"
+
+
+# --------------------------------------------------------------------------
+# Files (through Beam's FileSystems: local paths, gs://, s3://, hdfs://)
+# --------------------------------------------------------------------------
+
+
+def _is_local(path: str) -> bool:
+    return FileSystems.get_scheme(path) is None
+
+
+def _join(base: str, *parts: str) -> str:
+    return os.path.join(base, *parts) if _is_local(base) else FileSystems.join(base, *parts)
+
+
+def _create(path: str):
+    if _is_local(path):
+        return open(path, "wb")
+    return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def _open(path: str):
+    if _is_local(path):
+        return open(path, "rb")
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path) if _is_local(path) else FileSystems.exists(path)
+
+
+def _makedirs(path: str):
+    if _is_local(path):
+        os.makedirs(path, exist_ok=True)
+    elif not FileSystems.exists(path):
+        FileSystems.mkdirs(path)
+
+
+def _delete(path: str):
+    if _exists(path):
+        FileSystems.delete([path])
+
+
+def _list(directory: str) -> list[str]:
+    """Base names of the files directly in ``directory``."""
+    if _is_local(directory):
+        return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    prefix = directory.rstrip("/") + "/"
+    found = FileSystems.match([prefix + "*"])[0].metadata_list
+    return sorted({m.path[len(prefix):].split("/")[0] for m in found})
+
+
+def _write_text(path: str, text: str):
+    with _create(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _read_text(path: str) -> str:
+    with _open(path) as f:
+        return f.read().decode("utf-8")
+
+
+def _parquet_file(path: str, what: str) -> pq.ParquetFile:
+    if not _exists(path):
+        fail(path, None, None, f"file not found ({what})")
+    try:
+        return pq.ParquetFile(path if _is_local(path) else _open(path))
+    except (pa.ArrowException, OSError) as e:
+        fail(path, None, None, f"not a readable parquet file: {e}")
+
+
+# --------------------------------------------------------------------------
+# The plan: work items = contiguous row ranges of the split files
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One output shard: rows ``[start, stop)`` of a split file."""
+
+    split: str
+    shard: int
+    num_shards: int
+    file: str
+    start: int
+    stop: int
+    row_groups: tuple[int, ...]  # the file's row groups overlapping the range
+    row_group_start: int  # file row index of the first row of row_groups[0]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.shard, self.num_shards)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every worker needs besides its work item (small, picklable)."""
+
+    columns: dict[str, Columns]
+    num_items: int
+    max_len: int
+    work_dir: str
+    on_bad_row: str
+    batch_rows: int
+    gzip_level: int
+
+
+def plan_ranges(row_group_rows: Sequence[int], num_shards: int) -> list[tuple[int, int]]:
+    """Cuts a file into ``min(num_shards, rows)`` (at least 1) contiguous row ranges.
+
+    Boundaries snap to row-group edges when the file has at least as many row
+    groups as shards (then no worker decodes rows it does not keep); otherwise
+    the ranges are as equal as possible.
+
+    >>> plan_ranges([10], 3)
+    [(0, 3), (3, 7), (7, 10)]
+    >>> plan_ranges([4, 4, 4, 4], 2)
+    [(0, 8), (8, 16)]
+    """
+    total = int(sum(row_group_rows))
+    n = max(1, min(num_shards, total))
+    ideal = [round(j * total / n) for j in range(n + 1)]
+    if len(row_group_rows) >= n:
+        edges = np.concatenate([[0], np.cumsum(row_group_rows)]).astype(np.int64)
+        chosen = [0]
+        for j in range(1, n):
+            lo = chosen[-1] + 1
+            hi = len(edges) - 1 - (n - j)
+            k = int(np.clip(np.argmin(np.abs(edges - ideal[j])), lo, hi))
+            chosen.append(k)
+        chosen.append(len(edges) - 1)
+        bounds = [int(edges[k]) for k in chosen]
+    else:
+        bounds = ideal
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _work_items(split: str, path: str, pf: pq.ParquetFile, num_shards: int | None) -> list[WorkItem]:
+    rg_rows = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+    rows = sum(rg_rows)
+    n = num_shards if num_shards else max(1, math.ceil(rows / DEFAULT_ROWS_PER_SHARD))
+    ranges = plan_ranges(rg_rows, n)
+    edges = np.concatenate([[0], np.cumsum(rg_rows)]).astype(np.int64)
+    items = []
+    for i, (start, stop) in enumerate(ranges):
+        groups = tuple(g for g in range(len(rg_rows)) if edges[g] < stop and edges[g + 1] > start)
+        items.append(WorkItem(split=split, shard=i, num_shards=len(ranges), file=path, start=start,
+                              stop=stop, row_groups=groups,
+                              row_group_start=int(edges[groups[0]]) if groups else 0))
+    return items
+
+
+# --------------------------------------------------------------------------
+# The worker: one shard
+# --------------------------------------------------------------------------
+
+
+def _read_range(item: WorkItem, columns: Sequence[str], batch_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yields ``(first file row, batch)`` for the rows ``[item.start, item.stop)``."""
+    if not item.row_groups:
+        return
+    source = item.file if _is_local(item.file) else _open(item.file)
+    pf = pq.ParquetFile(source)
+    row = item.row_group_start
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(item.row_groups),
+                                 columns=list(columns), use_threads=False):
+        lo, hi = max(row, item.start), min(row + batch.num_rows, item.stop)
+        if lo < hi:
+            yield lo, batch.slice(lo - row, hi - lo)
+        row += batch.num_rows
+        if row >= item.stop:
+            break
+
+
+def _new_shard_stats(item: WorkItem) -> dict[str, Any]:
+    return {"split": item.split, "shard": item.shard, "rows_in": 0, "rows_out": 0, "positives": 0,
+            "quarantined": 0, "reasons": {}, "columns": {}, "seq_len_hist": [], "truncated": 0,
+            "context_counts": {}, "error": None}
+
+
+def _add_hist(hist: list[int], lengths: np.ndarray) -> list[int]:
+    counts = np.bincount(lengths, minlength=len(hist)) if lengths.size else np.zeros(len(hist), np.int64)
+    counts[:len(hist)] += np.asarray(hist, dtype=np.int64)
+    return counts.tolist()
+
+
+def _add_counts(acc: dict[str, int], values: np.ndarray):
+    uniq, counts = np.unique(values, return_counts=True)
+    for u, c in zip(uniq.tolist(), counts.tolist()):
+        acc[str(u)] = acc.get(str(u), 0) + c
+
+
+def convert_shard(item: WorkItem, job: Job) -> dict[str, Any]:
+    """Converts one work item into its shard; writes its stats (and quarantine) part file.
+
+    In ``fail`` mode the first bad row stops the shard: its partial shard file
+    is removed and the error goes into the stats part, for the launcher to
+    raise (raising here would make a distributed runner retry the item).
+    """
+    cols = job.columns[item.split]
+    keys = list(cols.all)
+    stats = _new_shard_stats(item)
+    out_path = _join(job.work_dir, item.name)
+    parts = _join(job.work_dir, _PARTS_DIR)
+    quarantine_path = _join(parts, f"{item.name}.quarantine.jsonl")
+    quarantine = None
+    ctx = {c: {} for c in cols.context}
+    try:
+        with _create(out_path) as f:
+            writer = GzipTFRecordWriter(f, job.gzip_level)
+            for first_row, batch in _read_range(item, keys, job.batch_rows):
+                conv = convert_batch(batch, first_row, cols, job.num_items, job.max_len)
+                stats["rows_in"] += batch.num_rows
+                if conv.bad and job.on_bad_row == "fail":
+                    b = conv.bad[0]
+                    stats["error"] = {"message": b.message(item.file), "file": item.file, "row": b.row,
+                                      "column": b.column, "reason": b.reason}
+                    break
+                if conv.bad:
+                    if quarantine is None:
+                        quarantine = _create(quarantine_path)
+                    lines = []
+                    for b in conv.bad:
+                        stats["reasons"][b.reason] = stats["reasons"].get(b.reason, 0) + 1
+                        stats["columns"][b.column] = stats["columns"].get(b.column, 0) + 1
+                        lines.append(json.dumps({"file": item.file, "row": b.row, "column": b.column,
+                                                 "reason": b.reason, "message": b.text,
+                                                 "values": b.values}))
+                    quarantine.write(("\n".join(lines) + "\n").encode("utf-8"))
+                    stats["quarantined"] += len(conv.bad)
+                m = conv.num_rows
+                if m:
+                    writer.write(encode_tfrecords(keys, [conv.features[k] for k in keys]))
+                stats["rows_out"] += m
+                if cols.label:
+                    stats["positives"] += int(conv.features[cols.label].sum())
+                stats["seq_len_hist"] = _add_hist(stats["seq_len_hist"], conv.seq_lengths)
+                stats["truncated"] += int((conv.seq_lengths > job.max_len).sum())
+                for c in cols.context:
+                    _add_counts(ctx[c], conv.features[c])
+            writer.close()
+    finally:
+        if quarantine is not None:
+            quarantine.close()
+    stats["context_counts"] = ctx
+    if stats["error"] is not None:
+        _delete(out_path)
+    _write_text(_join(parts, f"{item.name}.stats.json"), json.dumps(stats))
+    return stats
+
+
+class ConvertShard(beam.DoFn):
+    """Beam DoFn: work item -> its shard file and part files (:func:`convert_shard`); emits the shard's name."""
+
+    def __init__(self, job: Job):
+        super().__init__()
+        self.job = job
+
+    def process(self, item: WorkItem):
+        convert_shard(item, self.job)
+        yield item.name
+
+
+# --------------------------------------------------------------------------
+# Beam options
+# --------------------------------------------------------------------------
+
+
+def _default_direct_args() -> list[str]:
+    return ["--runner=FnApiRunner", "--direct_running_mode=multi_threading",
+            f"--direct_num_workers={os.cpu_count() or 1}"]
+
+
+def pipeline_options(beam_options=None) -> PipelineOptions:
+    """Beam ``PipelineOptions`` from ``None``, a list of Beam flags or ``PipelineOptions``.
+
+    Defaults, for flags not given: ``--runner=FnApiRunner`` (Beam's local
+    runner, the engine Python's DirectRunner runs batch pipelines on; naming
+    it directly skips DirectRunner's attempt to download and start the Prism
+    runner first), ``--direct_running_mode=multi_threading`` and
+    ``--direct_num_workers`` = the number of cores. Raises
+    :class:`PreprocessError` for arguments Beam does not know (Beam would
+    drop a typo with a warning).
+    """
+    if isinstance(beam_options, PipelineOptions):
+        return beam_options
+    args = list(beam_options or [])
+    stray = [a for i, a in enumerate(args)
+             if not a.startswith("-") and not (i and args[i - 1].startswith("--") and "=" not in args[i - 1])]
+    given = {a.split("=", 1)[0].lstrip("-") for a in args if a.startswith("-")}
+    for a in _default_direct_args():
+        if a.split("=", 1)[0].lstrip("-") not in given:
+            args.append(a)
+    opts = PipelineOptions(args)
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # we report unknown arguments ourselves, as an error
+    try:
+        unknown = sorted(set(opts.get_all_options(retain_unknown_options=True))
+                         - set(opts.get_all_options()))
+    finally:
+        beam_log.setLevel(level)
+    if stray or unknown:
+        bad = stray + ["--" + u for u in unknown]
+        raise PreprocessError(f"unknown arguments {bad}: neither preprocess flags nor Beam pipeline options")
+    return opts
+
+
+def _run_pipeline(work: list[WorkItem], job: Job, beam_options):
+    opts = pipeline_options(beam_options)
+    p = beam.Pipeline(options=opts)
+    _ = (p
+         | "WorkItems" >> beam.Create(work)
+         | "Spread" >> beam.Reshuffle()
+         | "ConvertShards" >> beam.ParDo(ConvertShard(job)))
+    result = p.run()
+    state = result.wait_until_finish()
+    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        raise RuntimeError(f"the Beam pipeline ended in state {state}")
+
+
+# --------------------------------------------------------------------------
+# Merging the parts, writing spec and stats, committing the directory
+# --------------------------------------------------------------------------
+
+
+def _merge_stats(cfg: DatasetConfig, work: list[WorkItem], work_dir: str) -> dict[str, Any]:
+    parts = _join(work_dir, _PARTS_DIR)
+    per_split: dict[str, dict[str, Any]] = {}
+    errors = []
+    for item in work:
+        path = _join(parts, f"{item.name}.stats.json")
+        if not _exists(path):
+            raise RuntimeError(f"shard {item.name} did not complete (no stats part)")
+        s = json.loads(_read_text(path))
+        if s["error"] is not None:
+            errors.append(s["error"])
+            continue
+        m = per_split.setdefault(item.split, {"rows_in": 0, "rows_out": 0, "positives": 0, "quarantined": 0,
+                                              "reasons": {}, "columns": {}, "seq_len_hist": [],
+                                              "truncated": 0, "context_counts": {}, "shards": []})
+        for k in ("rows_in", "rows_out", "positives", "quarantined", "truncated"):
+            m[k] += s[k]
+        for k in ("reasons", "columns"):
+            for r, c in s[k].items():
+                m[k][r] = m[k].get(r, 0) + c
+        hist = np.zeros(max(len(m["seq_len_hist"]), len(s["seq_len_hist"])), dtype=np.int64)
+        hist[:len(m["seq_len_hist"])] += np.asarray(m["seq_len_hist"], dtype=np.int64)
+        hist[:len(s["seq_len_hist"])] += np.asarray(s["seq_len_hist"], dtype=np.int64)
+        m["seq_len_hist"] = hist.tolist()
+        for c, counts in s["context_counts"].items():
+            acc = m["context_counts"].setdefault(c, {})
+            for v, n in counts.items():
+                acc[v] = acc.get(v, 0) + n
+        m["shards"].append(item.name)
+    if errors:
+        order = {s: i for i, s in enumerate(cfg.splits)}
+        splits_of = {w.file: w.split for w in work}
+        first = min(errors, key=lambda e: (order[splits_of[e["file"]]], e["row"]))
+        raise PreprocessError(first["message"], file=first["file"], row=first["row"],
+                              column=first["column"], reason=first["reason"])
+    return per_split
+
+
+def _stats_and_spec(cfg: DatasetConfig, per_split: dict[str, dict[str, Any]], items, input_dir: str,
+                    on_bad_row: str) -> tuple[dict[str, Any], FeatureSpec]:
+    vocab_splits = ["train"] if "train" in cfg.splits else list(cfg.splits)
+    vocab = {}
+    for c in cfg.context:
+        top = -1
+        for s in vocab_splits:
+            values = [int(v) for v in per_split[s]["context_counts"].get(c, {})]
+            top = max([top, *values])
+        vocab[c] = top + 1 if top >= 0 else 1
+    splits_out = {}
+    for split, sc in cfg.splits.items():
+        m = per_split[split]
+        hist = m["seq_len_hist"]
+        lengths = np.arange(len(hist))
+        total = int(sum(hist))
+        entry = {
+            "file": _join(input_dir, sc.file),
+            "labelled": sc.labelled,
+            "rows_in": m["rows_in"],
+            "rows_out": m["rows_out"],
+            "rows_quarantined": m["quarantined"],
+            "quarantine_reasons": dict(sorted(m["reasons"].items())),
+            "quarantine_columns": dict(sorted(m["columns"].items())),
+            "positives": m["positives"] if sc.labelled else None,
+            "positive_rate": (m["positives"] / m["rows_out"]) if sc.labelled and m["rows_out"] else None,
+            "sequence_length_histogram": {str(i): int(n) for i, n in enumerate(hist) if n},
+            "sequence_length_mean": float((lengths * hist).sum() / total) if total else 0.0,
+            "sequence_length_max": int(lengths[np.flatnonzero(hist)[-1]]) if total else 0,
+            "truncated_sequences": m["truncated"],
+            "context_out_of_vocab": {c: int(sum(n for v, n in m["context_counts"].get(c, {}).items()
+                                                if int(v) >= vocab[c])) for c in cfg.context},
+            "shards": len(m["shards"]),
+        }
+        splits_out[split] = entry
+    spec = FeatureSpec(
+        dataset=cfg.name, label=cfg.label, meta=tuple(cfg.meta), target_item=cfg.target_item,
+        sequence=cfg.sequence, context=tuple(cfg.context),
+        context_vocab_sizes=tuple(vocab[c] for c in cfg.context), max_len=cfg.max_len,
+        num_items=items.num_items, num_tags=int(items.tags.shape[1]), tag_vocab_size=items.tag_vocab_size,
+        mm_dim=int(items.embedding.shape[1]), item_table_file=ITEM_TABLE_FILENAME,
+        item_tags_name=cfg.item_table.tags, item_embedding_name=cfg.item_table.embedding,
+        splits={s: SplitInfo(files=tuple(per_split[s]["shards"]), num_rows=per_split[s]["rows_out"],
+                             labelled=sc.labelled) for s, sc in cfg.splits.items()},
+        compression="GZIP")
+    stats = {
+        "dataset": cfg.name,
+        "input_dir": input_dir,
+        "max_len": cfg.max_len,
+        "on_bad_row": on_bad_row,
+        "vocab_sizes": {**vocab, cfg.target_item: items.num_items, cfg.item_table.tags: items.tag_vocab_size},
+        "item_table": {"file": _join(input_dir, cfg.item_table.file), "rows_in": items.rows_in,
+                       "num_items": items.num_items, "num_tags": int(items.tags.shape[1]),
+                       "tag_vocab_size": items.tag_vocab_size, "mm_dim": int(items.embedding.shape[1]),
+                       "padding_row_added": items.padding_row_added,
+                       "padding_row_zeroed": items.padding_row_zeroed},
+        "context_vocab_from": vocab_splits,
+        "splits": splits_out,
+    }
+    return stats, spec
+
+
+def _merge_quarantine(work: list[WorkItem], work_dir: str):
+    parts = _join(work_dir, _PARTS_DIR)
+    by_split: dict[str, list[str]] = {}
+    for item in work:  # work is in split, shard order, so rows stay in file order
+        path = _join(parts, f"{item.name}.quarantine.jsonl")
+        if _exists(path):
+            by_split.setdefault(item.split, []).append(path)
+    if by_split:
+        _makedirs(_join(work_dir, QUARANTINE_DIR))
+    for split, paths in by_split.items():
+        with _create(_join(work_dir, QUARANTINE_DIR, f"{split}.jsonl")) as out:
+            for p in paths:
+                with _open(p) as f:
+                    out.write(f.read())
+
+
+def _write_item_table(work_dir: str, items):
+    buf = io.BytesIO()
+    np.savez(buf, **{ITEM_TABLE_TAGS_KEY: items.tags, ITEM_TABLE_EMBEDDING_KEY: items.embedding})
+    with _create(_join(work_dir, ITEM_TABLE_FILENAME)) as f:
+        f.write(buf.getvalue())
+
+
+def _check_output_dir(output_dir: str, input_dir: str) -> str:
+    out = output_dir.rstrip("/") or output_dir
+    if _is_local(out):
+        real_out, real_in = os.path.realpath(out), os.path.realpath(input_dir)
+        if real_out == real_in or real_in.startswith(real_out + os.sep):
+            fail(out, None, None, "the output directory would replace the input directory")
+        if os.path.exists(out) and not os.path.isdir(out):
+            fail(out, None, None, "the output path exists and is not a directory")
+    if _exists(out):
+        names = _list(out)
+        if names and SPEC_FILENAME not in names:
+            fail(out, None, None, f"the output directory exists and is not a preprocessing output "
+                                  f"(no {SPEC_FILENAME}); refusing to replace it")
+    return out
+
+
+def _commit(work_dir: str, output_dir: str):
+    """Replaces ``output_dir`` by ``work_dir`` (a rename; the old output is removed after)."""
+    old = None
+    if _exists(output_dir):
+        old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
+        FileSystems.rename([output_dir], [old])
+    try:
+        FileSystems.rename([work_dir], [output_dir])
+    except Exception:
+        if old is not None:
+            FileSystems.rename([old], [output_dir])
+        raise
+    if old is not None:
+        _delete(old)
+
+
+# --------------------------------------------------------------------------
+# The API
+# --------------------------------------------------------------------------
+
+
+def resolve_dataset_config(dataset_config) -> DatasetConfig:
+    """A :class:`DatasetConfig` from itself, a dict or a JSON path (relative paths also tried
+    against the repository root, so the default works from any directory)."""
+    if isinstance(dataset_config, DatasetConfig):
+        return dataset_config
+    if isinstance(dataset_config, dict):
+        return DatasetConfig.from_dict(dataset_config)
+    path = str(dataset_config)
+    if not os.path.exists(path) and not os.path.isabs(path) and os.path.exists(os.path.join(_REPO_ROOT, path)):
+        path = os.path.join(_REPO_ROOT, path)
+    if not os.path.exists(path):
+        raise PreprocessError(f"{path}: dataset config not found")
+    return DatasetConfig.load(path)
+
+
+def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_CONFIG, *,
+               max_len: int | None = None, num_shards: int | None = None, on_bad_row: str = "fail",
+               beam_options=None, batch_rows: int = DEFAULT_BATCH_ROWS,
+               gzip_level: int = DEFAULT_GZIP_LEVEL) -> FeatureSpec:
+    """Converts the logs in ``input_dir`` into TFRecords, item table, spec and stats in ``output_dir``.
+
+    Args:
+        input_dir: directory of the split files and the item table (MMCTR layout).
+        output_dir: where to write; replaced as a whole on success only.
+        dataset_config: a :class:`DatasetConfig`, a dict, or the path of its JSON.
+        max_len: history length; defaults to the config's ``max_len``.
+        num_shards: shards per split; ``None``: ``ceil(rows / 100,000)`` per split.
+        on_bad_row: ``"fail"`` (stop at the first bad row) or ``"quarantine"``
+            (write bad rows to ``quarantine/{split}.jsonl`` and go on).
+        beam_options: ``None`` (local FnApiRunner, one thread per core), a list of
+            Beam flags (``["--runner=...", ...]``) or ``PipelineOptions``.
+        batch_rows: rows per Arrow batch inside a worker.
+        gzip_level: zlib level of the shards.
+
+    Returns:
+        The :class:`FeatureSpec`, loaded from ``output_dir``.
+
+    Raises:
+        PreprocessError: bad input (the message names file, row and column).
+        SpecError: a malformed dataset config.
+    """
+    cfg = resolve_dataset_config(dataset_config).with_max_len(max_len)
+    if on_bad_row not in ON_BAD_ROW:
+        raise PreprocessError(f"`on_bad_row` must be one of {ON_BAD_ROW}. Received: on_bad_row={on_bad_row!r}")
+    if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
+        raise PreprocessError(f"`num_shards` must be an integer >= 1. Received: num_shards={num_shards!r}")
+    if batch_rows < 1:
+        raise PreprocessError(f"`batch_rows` must be >= 1. Received: batch_rows={batch_rows}")
+    if not _exists(input_dir):
+        raise PreprocessError(f"{input_dir}: input directory not found")
+    output_dir = _check_output_dir(output_dir, input_dir)
+    opts = pipeline_options(beam_options)  # fail on bad Beam arguments before reading anything
+
+    table_path = _join(input_dir, cfg.item_table.file)
+    tpf = _parquet_file(table_path, "the item table")
+    check_columns(table_path, tpf.schema_arrow, item_table_columns(cfg.item_table))
+    table = tpf.read(columns=list(item_table_columns(cfg.item_table)))
+    items = read_item_table(table_path, table, cfg.item_table)
+
+    work: list[WorkItem] = []
+    columns: dict[str, Columns] = {}
+    for split, sc in cfg.splits.items():
+        path = _join(input_dir, sc.file)
+        pf = _parquet_file(path, f"split `{split}` of the dataset config")
+        check_columns(path, pf.schema_arrow, split_columns(cfg, sc.labelled))
+        columns[split] = Columns(label=cfg.label if sc.labelled else None, meta=tuple(cfg.meta),
+                                 target_item=cfg.target_item, sequence=cfg.sequence,
+                                 context=tuple(cfg.context))
+        work += _work_items(split, path, pf, num_shards)
+
+    work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
+    _makedirs(work_dir)
+    try:
+        _makedirs(_join(work_dir, _PARTS_DIR))
+        _write_item_table(work_dir, items)
+        job = Job(columns=columns, num_items=items.num_items, max_len=cfg.max_len, work_dir=work_dir,
+                  on_bad_row=on_bad_row, batch_rows=batch_rows, gzip_level=gzip_level)
+        _run_pipeline(work, job, opts)
+        per_split = _merge_stats(cfg, work, work_dir)
+        stats, spec = _stats_and_spec(cfg, per_split, items, input_dir, on_bad_row)
+        _merge_quarantine(work, work_dir)
+        _delete(_join(work_dir, _PARTS_DIR))
+        _write_text(_join(work_dir, SPEC_FILENAME), spec.to_json())
+        _write_text(_join(work_dir, STATS_FILENAME), json.dumps(stats, indent=2) + "\n")
+        _commit(work_dir, output_dir)
+    except BaseException:
+        _delete(work_dir)
+        raise
+    if _is_local(output_dir):
+        return FeatureSpec.load(output_dir)
+    return FeatureSpec.from_json(_read_text(_join(output_dir, SPEC_FILENAME)), base_dir=output_dir)
+
+
+# --------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("input_dir", None, "Directory of the split parquet files and the item table.")
+    flags.DEFINE_string("output_dir", None, "Where to write TFRecords, item table, feature_spec.json, stats.json.")
+    flags.DEFINE_string("dataset_config", DEFAULT_DATASET_CONFIG, "Dataset config JSON (roles of the columns).")
+    flags.DEFINE_integer("max_len", None, "History length (default: the config's max_len).", lower_bound=1)
+    flags.DEFINE_integer("num_shards", None, "Shards per split (default: ceil(rows / 100,000)).", lower_bound=1)
+    flags.DEFINE_enum("on_bad_row", "fail", list(ON_BAD_ROW),
+                      "fail: stop at the first bad row; quarantine: set bad rows aside and go on.")
+    flags.mark_flags_as_required(["input_dir", "output_dir"])
+    return flags.FLAGS
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def main(argv):
+    from absl import flags
+
+    from absl import logging as absl_logging
+
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    t0 = time.time()
+    try:
+        spec = preprocess(FLAGS.input_dir, FLAGS.output_dir, FLAGS.dataset_config, max_len=FLAGS.max_len,
+                          num_shards=FLAGS.num_shards, on_bad_row=FLAGS.on_bad_row, beam_options=argv[1:])
+    except (PreprocessError, SpecError, OSError) as e:  # bad input or an unwritable place: no traceback
+        raise SystemExit(f"preprocess: error: {_one_line(e)}") from None
+    stats = json.loads(_read_text(_join(FLAGS.output_dir.rstrip("/"), STATS_FILENAME)))
+    rows = ", ".join(f"{s} {v['rows_out']:,} rows ({v['shards']} shard{'s' if v['shards'] > 1 else ''}"
+                     + (f", {v['rows_quarantined']:,} quarantined" if v["rows_quarantined"] else "") + ")"
+                     for s, v in stats["splits"].items())
+    print(f"preprocess: {rows}; {spec.num_items:,} items; max_len {spec.max_len}; "
+          f"wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s")
+
+
+def _parse_flags(argv):
+    _define_flags()
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv, known_only=True)
+    except flags.Error as e:
+        raise SystemExit(f"preprocess: error: {_one_line(e)}") from None
+
+
+def run():
+    from absl import app
+
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

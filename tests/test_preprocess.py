@@ -1,0 +1,416 @@
+"""pipelines.preprocess: parquet -> TFRecords -> parse back, on crafted rows and on the bundled sample.
+
+The helpers at the top (``write_dataset``, ``read_split``...) are shared with
+``test_preprocess_bad_input.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import preprocess as pp
+from pipelines.example_codec import (GzipTFRecordWriter, crc32c, crc32c_rows, encode_tfrecords,
+                                     serialize_int64_examples)
+from pipelines.validation import left_pad_recent
+from qin_tf.runtime import import_tensorflow
+from qin_tf.spec import FeatureSpec
+
+tf = import_tensorflow()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "data", "microlens_sample")
+NUM_ITEMS = 10
+
+CONFIG = {
+    "name": "tiny",
+    "splits": {"train": {"file": "train.parquet"}, "valid": {"file": "valid.parquet"},
+               "test": {"file": "test.parquet", "labelled": False}},
+    "label": "label", "meta": ["user_id"], "target_item": "item_id", "sequence": "item_seq",
+    "context": ["likes_level", "views_level"],
+    "item_table": {"file": "item_info.parquet", "id": "item_id", "tags": "item_tags",
+                   "embedding": "item_emb_d128"},
+    "max_len": 4,
+}
+
+SPLIT_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_seq", pa.list_(pa.int64())),
+                          ("likes_level", pa.int64()), ("views_level", pa.int64()),
+                          ("item_id", pa.int64()), ("label", pa.int64())])
+
+
+def item_table(n: int = NUM_ITEMS) -> pa.Table:
+    """Item i: tags [i % 4, 3i % 7], embedding [i, i + .5, -i]; row 0 zeros."""
+    ids = np.arange(n)
+    tags = np.stack([ids % 4, (3 * ids) % 7], axis=1)
+    emb = np.stack([ids, ids + 0.5, -ids], axis=1).astype(np.float32)
+    tags[0] = 0
+    emb[0] = 0
+    return pa.table({"item_id": pa.array(ids, pa.int64()), "item_tags": pa.array(tags.tolist()),
+                     "item_emb_d128": pa.array(emb.tolist(), pa.list_(pa.float32()))})
+
+
+def row(user=1, seq=(1, 2), item=3, label=1, likes=0, views=1) -> dict:
+    return {"user_id": user, "item_seq": None if seq is None else list(seq), "likes_level": likes,
+            "views_level": views, "item_id": item, "label": label}
+
+
+def split_table(rows: list[dict], labelled: bool = True) -> pa.Table:
+    schema = SPLIT_SCHEMA if labelled else pa.schema([f for f in SPLIT_SCHEMA if f.name != "label"])
+    rows = [{k: v for k, v in r.items() if k in schema.names} for r in rows]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def good_rows(n: int, user0: int = 1) -> list[dict]:
+    return [row(user=user0 + i, seq=[(i + j) % 9 + 1 for j in range(i % 3)], item=(i % 9) + 1, label=i % 2,
+                likes=i % 3, views=i % 5) for i in range(n)]
+
+
+def write_dataset(directory, splits: dict | None = None, items: pa.Table | None = None,
+                  config: dict | None = None):
+    """Writes an MMCTR-layout dataset (parquet files + config JSON); returns (input_dir, config_path)."""
+    directory = str(directory)
+    input_dir = os.path.join(directory, "raw")
+    os.makedirs(input_dir, exist_ok=True)
+    config = config or CONFIG
+    if splits is None:
+        splits = {"train": good_rows(6), "valid": good_rows(3, 100), "test": good_rows(2, 200)}
+    for split, rows in splits.items():
+        labelled = config["splits"][split].get("labelled", True)
+        table = rows if isinstance(rows, pa.Table) else split_table(rows, labelled)
+        pq.write_table(table, os.path.join(input_dir, config["splits"][split]["file"]))
+    pq.write_table(item_table() if items is None else items, os.path.join(input_dir, "item_info.parquet"))
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    return input_dir, config_path
+
+
+def parse_spec(spec: FeatureSpec, labelled: bool) -> dict:
+    """A tf.io.parse_example spec derived from the feature spec only."""
+    return {f.name: tf.io.FixedLenFeature(f.shape, tf.as_dtype(f.dtype))
+            for f in spec.example_features(labelled)}
+
+
+def read_split(spec: FeatureSpec, split: str) -> dict[str, np.ndarray]:
+    """Every example of a split, in shard order, parsed with tf.io.parse_example."""
+    records = list(tf.data.TFRecordDataset(spec.split_files(split), compression_type=spec.compression)
+                   .as_numpy_iterator())
+    ps = parse_spec(spec, spec.splits[split].labelled)
+    if not records:
+        return {k: np.zeros((0, *v.shape), np.int64) for k, v in ps.items()}
+    return {k: v.numpy() for k, v in tf.io.parse_example(records, ps).items()}
+
+
+def expected_history(seq, max_len: int) -> list[int]:
+    """The rule, written the slow obvious way: drop zeros, keep the last max_len, left-pad."""
+    items = [x for x in (seq or []) if x != 0][-max_len:]
+    return [0] * (max_len - len(items)) + items
+
+
+def listing(directory) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, directory)] = fh.read()
+    return out
+
+
+def siblings(output_dir) -> list[str]:
+    parent, base = os.path.split(str(output_dir).rstrip("/"))
+    return sorted(n for n in os.listdir(parent) if n.startswith(base + ".tmp-") or n.startswith(base + ".old-"))
+
+
+# --------------------------------------------------------------------------
+# The hand-made Example encoder and TFRecord framing
+# --------------------------------------------------------------------------
+
+
+def test_crc32c_check_value():
+    # The CRC-32C check value of "123456789" (RFC 3720, B.4).
+    assert crc32c(b"123456789") == 0xE3069283
+    assert int(crc32c_rows(np.frombuffer(b"123456789", np.uint8)[None, :])[0]) == 0xE3069283
+
+
+def test_encoded_examples_are_byte_compatible_with_tf():
+    rng = np.random.default_rng(0)
+    n = 257
+    values = {
+        "label": rng.integers(0, 2, n),
+        "user_id": rng.integers(0, 2**40, n),
+        "item_seq": np.where(rng.random((n, 7)) < 0.4, 0, rng.integers(1, 300_000, (n, 7))),
+        "small": np.zeros(n, np.int64),
+        "extremes": rng.choice(np.array([0, 1, 127, 128, 16383, 16384, 2**63 - 1, -1, -(2**63)]), (n, 3)),
+    }
+    keys = list(values)
+    serialized = serialize_int64_examples(keys, list(values.values()))
+    assert len(serialized) == n
+    for i in (0, 1, n - 1):
+        ex = tf.train.Example()
+        for k, v in values.items():
+            ex.features.feature[k].int64_list.value.extend(np.atleast_1d(v[i]).tolist())
+        assert tf.train.Example.FromString(serialized[i]) == ex
+        assert len(serialized[i]) == len(ex.SerializeToString())
+    ps = {k: tf.io.FixedLenFeature(v.shape[1:], tf.int64) for k, v in values.items()}
+    parsed = tf.io.parse_example(serialized, ps)
+    for k, v in values.items():
+        np.testing.assert_array_equal(parsed[k].numpy(), v)
+
+
+def test_gzip_tfrecords_read_back_with_tf(tmp_path):
+    a = np.arange(40, dtype=np.int64).reshape(20, 2) * 1000
+    b = np.arange(20, dtype=np.int64)
+    path = str(tmp_path / "x.tfrecord.gz")
+    with open(path, "wb") as f:
+        w = GzipTFRecordWriter(f)
+        w.write(encode_tfrecords(["a", "b"], [a[:13], b[:13]]))
+        w.write(encode_tfrecords(["a", "b"], [a[13:], b[13:]]))
+        w.write(encode_tfrecords(["a", "b"], [a[:0], b[:0]]))  # an empty batch writes nothing
+        w.close()
+    # TFRecordDataset checks both CRCs of every record.
+    records = list(tf.data.TFRecordDataset(path, compression_type="GZIP").as_numpy_iterator())
+    assert records == serialize_int64_examples(["a", "b"], [a, b])
+
+
+def test_left_pad_recent_rule():
+    seqs = [[], [0, 0, 0], [5], [1, 2, 3, 4, 5, 6], [0] * 95 + [7, 8, 9, 1, 2], [5, 0, 6], [1, 2, 3, 4]]
+    lengths = np.array([len(s) for s in seqs])
+    flat = np.array([x for s in seqs for x in s], dtype=np.int64)
+    parent = np.repeat(np.arange(len(seqs)), lengths)
+    out, counts = left_pad_recent(flat, parent, len(seqs), 4)
+    assert out.tolist() == [expected_history(s, 4) for s in seqs]
+    assert out.tolist()[4] == [8, 9, 1, 2]
+    assert counts.tolist() == [0, 0, 1, 6, 5, 2, 4]
+
+
+@pytest.mark.parametrize("groups,shards,expected", [
+    ([10], 3, [(0, 3), (3, 7), (7, 10)]),                      # one row group: equal row ranges
+    ([4, 4, 4, 4], 2, [(0, 8), (8, 16)]),                      # snapped to row-group edges
+    ([1, 1, 8], 3, [(0, 1), (1, 2), (2, 10)]),                 # one shard per row group
+    ([5, 5], 3, [(0, 3), (3, 7), (7, 10)]),                    # fewer groups than shards
+    ([2], 5, [(0, 1), (1, 2)]),                                # at most one shard per row
+    ([0], 4, [(0, 0)]),                                        # an empty file: one empty shard
+])
+def test_plan_ranges(groups, shards, expected):
+    assert pp.plan_ranges(groups, shards) == expected
+
+
+# --------------------------------------------------------------------------
+# parquet -> TFRecords -> parse back
+# --------------------------------------------------------------------------
+
+
+def test_crafted_rows_round_trip(tmp_path):
+    train = [
+        row(user=1, seq=[], item=3, label=1, likes=0, views=2),                             # empty history
+        row(user=2, seq=[1, 2, 3, 4, 5, 6], item=4, label=0, likes=4, views=7),             # longer than max_len
+        row(user=3, seq=[0] * 95 + [7, 8, 9, 1, 2], item=9, label=1, likes=1, views=0),    # challenge style
+        row(user=4, seq=[5, 0, 6], item=1, label=0, likes=2, views=3),                      # a 0 inside
+        row(user=5, seq=[1, 2, 3, 4], item=2, label=1, likes=3, views=1),                   # exactly max_len
+        row(user=6, seq=[9], item=5, label=1, likes=0, views=0),
+    ]
+    valid = [row(user=7, seq=[2, 3], item=6, label=0, likes=9, views=7),                   # likes OOV
+             row(user=8, seq=[0] * 100, item=7, label=1, likes=1, views=8)]                # views OOV
+    test = [row(user=9, seq=[4, 5, 6, 7, 8], item=8, likes=5, views=8),
+            row(user=10, seq=[3], item=9, likes=0, views=1)]
+    input_dir, config = write_dataset(tmp_path, {"train": train, "valid": valid, "test": test})
+    out = str(tmp_path / "out")
+    spec = pp.preprocess(input_dir, out, config, num_shards=2)
+
+    assert spec == FeatureSpec.load(out)
+    assert spec.max_len == 4 and spec.num_items == NUM_ITEMS and spec.num_tags == 2 and spec.mm_dim == 3
+    assert spec.tag_vocab_size == 7  # tags are i % 4 and 3i % 7: max 6
+    assert dict(zip(spec.context, spec.context_vocab_sizes)) == {"likes_level": 5, "views_level": 8}
+    assert spec.splits["train"].files == ("train-00000-of-00002.tfrecord.gz", "train-00001-of-00002.tfrecord.gz")
+    assert [spec.splits[s].num_rows for s in ("train", "valid", "test")] == [6, 2, 2]
+    assert [spec.splits[s].labelled for s in ("train", "valid", "test")] == [True, True, False]
+    assert sorted(os.listdir(out)) == sorted(
+        ["feature_spec.json", "item_table.npz", "stats.json", "train-00000-of-00002.tfrecord.gz",
+         "train-00001-of-00002.tfrecord.gz", "valid-00000-of-00002.tfrecord.gz",
+         "valid-00001-of-00002.tfrecord.gz", "test-00000-of-00002.tfrecord.gz",
+         "test-00001-of-00002.tfrecord.gz"])
+    assert siblings(out) == []
+
+    for split, rows in (("train", train), ("valid", valid), ("test", test)):
+        got = read_split(spec, split)
+        assert set(got) == {f.name for f in spec.example_features(spec.splits[split].labelled)}
+        assert got["item_seq"].tolist() == [expected_history(r["item_seq"], 4) for r in rows]
+        for col in ("user_id", "item_id", "likes_level", "views_level") + (("label",) if split != "test" else ()):
+            assert got[col].tolist() == [r[col] for r in rows], (split, col)
+    assert "label" not in read_split(spec, "test")
+    assert read_split(spec, "train")["item_seq"].tolist() == [
+        [0, 0, 0, 0], [3, 4, 5, 6], [8, 9, 1, 2], [0, 0, 5, 6], [1, 2, 3, 4], [0, 0, 0, 9]]
+
+    tags, emb = spec.load_item_table()
+    ref = item_table()
+    np.testing.assert_array_equal(tags, np.array(ref["item_tags"].to_pylist()))
+    np.testing.assert_array_equal(emb, np.array(ref["item_emb_d128"].to_pylist(), np.float32))
+    assert tags.dtype == np.int32 and emb.dtype == np.float32
+
+    with open(os.path.join(out, "stats.json")) as f:
+        stats = json.load(f)
+    tr, va, te = (stats["splits"][s] for s in ("train", "valid", "test"))
+    assert (tr["rows_in"], tr["rows_out"], tr["rows_quarantined"]) == (6, 6, 0)
+    assert tr["positives"] == 4 and tr["positive_rate"] == pytest.approx(4 / 6)
+    assert tr["sequence_length_histogram"] == {"0": 1, "1": 1, "2": 1, "4": 1, "5": 1, "6": 1}
+    assert tr["truncated_sequences"] == 2 and tr["sequence_length_max"] == 6
+    assert tr["context_out_of_vocab"] == {"likes_level": 0, "views_level": 0}
+    assert va["context_out_of_vocab"] == {"likes_level": 1, "views_level": 1}
+    assert va["sequence_length_histogram"] == {"0": 1, "2": 1} and va["positive_rate"] == 0.5
+    assert te["context_out_of_vocab"] == {"likes_level": 1, "views_level": 1}
+    assert te["positive_rate"] is None and te["truncated_sequences"] == 1
+    assert stats["vocab_sizes"] == {"likes_level": 5, "views_level": 8, "item_id": 10, "item_tags": 7}
+    assert stats["max_len"] == 4 and stats["context_vocab_from"] == ["train"]
+
+
+def test_bundled_sample_converts_row_for_row(tmp_path):
+    out = str(tmp_path / "sample")
+    spec = pp.preprocess(SAMPLE, out, max_len=16, num_shards=3)
+    with open(os.path.join(out, "stats.json")) as f:
+        stats = json.load(f)
+    for split in ("train", "valid", "test"):
+        src = pq.read_table(os.path.join(SAMPLE, f"{split}.parquet")).to_pydict()
+        n = len(src["label"])
+        assert stats["splits"][split]["rows_in"] == stats["splits"][split]["rows_out"] == n
+        assert spec.splits[split].num_rows == n and len(spec.splits[split].files) == 3
+        got = read_split(spec, split)
+        for col in ("label", "user_id", "item_id", "views_level"):
+            np.testing.assert_array_equal(got[col], np.array(src[col]))
+        assert got["item_seq"].tolist() == [expected_history(s, 16) for s in src["item_seq"]]
+        assert stats["splits"][split]["positive_rate"] == 0.5
+    items = pq.read_table(os.path.join(SAMPLE, "item_info.parquet")).to_pydict()
+    tags, emb = spec.load_item_table()
+    np.testing.assert_array_equal(tags, np.array(items["item_tags"]))
+    np.testing.assert_array_equal(emb, np.array(items["item_emb_d128"], np.float32))
+    assert spec.context_vocab_sizes == (max(pq.read_table(os.path.join(SAMPLE, "train.parquet"))
+                                            ["views_level"].to_pylist()) + 1,)
+
+
+def test_empty_split_gives_one_empty_shard(tmp_path):
+    input_dir, config = write_dataset(tmp_path, {"train": good_rows(5), "valid": [], "test": good_rows(2, 200)})
+    spec = pp.preprocess(input_dir, str(tmp_path / "out"), config, num_shards=2)
+    assert spec.splits["valid"].files == ("valid-00000-of-00001.tfrecord.gz",)
+    assert spec.splits["valid"].num_rows == 0
+    assert read_split(spec, "valid")["item_seq"].shape == (0, 4)
+    assert read_split(spec, "train")["user_id"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_item_table_without_padding_row_gets_one(tmp_path):
+    full = item_table(NUM_ITEMS + 1)
+    input_dir, config = write_dataset(tmp_path, items=full.slice(1))  # ids 1..10
+    spec = pp.preprocess(input_dir, str(tmp_path / "out"), config)
+    tags, emb = spec.load_item_table()
+    assert spec.num_items == NUM_ITEMS + 1
+    np.testing.assert_array_equal(tags, np.array(full["item_tags"].to_pylist()))
+    np.testing.assert_array_equal(emb, np.array(full["item_emb_d128"].to_pylist(), np.float32))
+    with open(tmp_path / "out" / "stats.json") as f:
+        assert json.load(f)["item_table"]["padding_row_added"] is True
+
+
+def test_item_table_row0_is_padding(tmp_path):
+    t = item_table()
+    tags = t["item_tags"].to_pylist()
+    tags[0] = [3, 3]
+    t = t.set_column(1, "item_tags", pa.array(tags))
+    input_dir, config = write_dataset(tmp_path, items=t)
+    spec = pp.preprocess(input_dir, str(tmp_path / "out"), config)
+    got_tags, got_emb = spec.load_item_table()
+    assert got_tags[0].tolist() == [0, 0] and got_emb[0].tolist() == [0, 0, 0]
+    assert got_tags[1:].tolist() == tags[1:]
+    with open(tmp_path / "out" / "stats.json") as f:
+        assert json.load(f)["item_table"]["padding_row_zeroed"] is True
+
+
+# --------------------------------------------------------------------------
+# Output directory: replaced on success only
+# --------------------------------------------------------------------------
+
+
+def test_rerun_replaces_the_output(tmp_path):
+    input_dir, config = write_dataset(tmp_path)
+    out = str(tmp_path / "out")
+    pp.preprocess(input_dir, out, config, num_shards=3)
+    assert len([n for n in os.listdir(out) if n.startswith("train-")]) == 3
+    spec = pp.preprocess(input_dir, out, config, num_shards=1, max_len=2)
+    assert sorted(os.listdir(out)) == sorted(
+        ["feature_spec.json", "item_table.npz", "stats.json", "train-00000-of-00001.tfrecord.gz",
+         "valid-00000-of-00001.tfrecord.gz", "test-00000-of-00001.tfrecord.gz"])
+    assert spec.max_len == 2 and read_split(spec, "train")["item_seq"].shape == (6, 2)
+    assert siblings(out) == []
+
+
+def test_failure_mid_pipeline_keeps_the_previous_output(tmp_path, monkeypatch):
+    input_dir, config = write_dataset(tmp_path)
+    out = str(tmp_path / "out")
+    pp.preprocess(input_dir, out, config, num_shards=2)
+    before = listing(out)
+
+    calls = []
+    real = pp.encode_tfrecords
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pp, "encode_tfrecords", failing)
+    with pytest.raises(Exception, match="disk full"):
+        pp.preprocess(input_dir, out, config, num_shards=3, max_len=2)
+    assert len(calls) >= 3
+    assert listing(out) == before
+    assert siblings(out) == []
+
+    # Without a previous output, a failed run leaves nothing at all.
+    calls.clear()
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(Exception, match="disk full"):
+        pp.preprocess(input_dir, fresh, config, num_shards=3)
+    assert not os.path.exists(fresh) and siblings(fresh) == []
+
+
+def test_refuses_to_replace_an_unrelated_directory(tmp_path):
+    input_dir, config = write_dataset(tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(pp.PreprocessError, match="not a preprocessing output"):
+        pp.preprocess(input_dir, str(precious), config)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    with pytest.raises(pp.PreprocessError, match="replace the input"):
+        pp.preprocess(input_dir, input_dir, config)
+
+
+def test_unknown_beam_arguments_are_rejected(tmp_path):
+    input_dir, config = write_dataset(tmp_path)
+    with pytest.raises(pp.PreprocessError, match="--max_lne"):
+        pp.preprocess(input_dir, str(tmp_path / "out"), config, beam_options=["--max_lne=3"])
+    assert not os.path.exists(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------
+
+
+def test_cli_converts_the_sample(tmp_path):
+    out = str(tmp_path / "cli")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.preprocess", f"--input_dir={SAMPLE}", f"--output_dir={out}",
+         "--max_len=8", "--num_shards=2", "--direct_running_mode=in_memory", "--direct_num_workers=1"],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=120)  # default config found from any cwd
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1
+    assert "train 2,622 rows (2 shards)" in proc.stdout and out in proc.stdout
+    assert proc.stderr.strip() == ""
+    spec = FeatureSpec.load(out)
+    assert spec.max_len == 8 and spec.dataset == "microlens50k_mmctr"
+    assert [spec.splits[s].num_rows for s in ("train", "valid", "test")] == [2622, 600, 600]
