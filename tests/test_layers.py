@@ -1,0 +1,355 @@
+"""The layers: parity with the original PyTorch QIN, hand-checked cases, serialization."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, DINAttention, ItemEmbedding, MLPBlock,
+                           QuadraticLayer, QuadraticNeuralNetwork)
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
+TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-9, atol=1e-12)}
+
+
+def golden(name):
+    with np.load(os.path.join(GOLDEN, name)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def const(x, dtype):
+    return tf.constant(np.asarray(x), dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# Parity with the original (PyTorch, float64, eval mode)
+# --------------------------------------------------------------------------
+
+
+def golden_asta(dtype):
+    g = golden("asta.npz")
+    layer = AdaptiveSparseTargetAttention(dtype=dtype)
+    layer.build((None, 12), (None, 7, 12))
+    layer.set_weights([g["W_q"].T, g["W_k"].T, g["W_v"].T, g["W_o"].T])  # torch (out, in) -> (in, out)
+    return g, layer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("case", ["asta.npz", "asta_noisy_padding.npz"])
+def test_asta_matches_original(dtype, training, case):
+    g, layer = golden_asta(dtype)
+    history = golden(case)["history"]
+    expected = golden(case)["output"]
+    out = layer(const(g["target"], dtype), const(history, dtype), const(g["mask"], dtype), training=training)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out.numpy(), expected, **TOL[dtype])
+    # row 3 has no history: o = x_t exactly
+    np.testing.assert_array_equal(out.numpy()[3], np.asarray(g["target"][3], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["asta.npz", "asta_noisy_padding.npz"])
+def test_asta_indexed_history_matches_original(dtype, case):
+    g, layer = golden_asta(dtype)
+    history = golden(case)["history"]
+    table = history.reshape(-1, 12)[::-1].copy()                 # any order: the index says where
+    index = (len(table) - 1 - np.arange(len(table))).reshape(5, 7)
+    out = layer(const(g["target"], dtype), const(table, dtype), const(g["mask"] > 0, "bool"),
+                const(index, "int32"))
+    np.testing.assert_allclose(out.numpy(), golden(case)["output"], **TOL[dtype])
+
+
+def golden_qnn(dtype):
+    g = golden("qnn.npz")
+    qnn = QuadraticNeuralNetwork(num_layers=3, num_row=4, dropout=0.1, batch_norm=True, dtype=dtype)
+    qnn.build((None, 10))
+    for i in range(3):
+        qnn.quadratic_layers[i].set_weights([g[f"layer{i}_W"].T, g[f"layer{i}_b"]])
+        qnn.norm_layers[i].set_weights([g[f"bn{i}_gamma"], g[f"bn{i}_beta"], g[f"bn{i}_mean"], g[f"bn{i}_var"]])
+        qnn.activation_layers[i].set_weights([g[f"prelu{i}_alpha"].reshape(1)])
+    qnn.output_layer.set_weights([g["fc_W"].T, g["fc_b"]])
+    return g, qnn
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_qnn_matches_original(dtype):
+    g, qnn = golden_qnn(dtype)
+    out = qnn(const(g["x"], dtype), training=False)
+    assert out.shape == (6, 1) and out.dtype == dtype
+    np.testing.assert_allclose(out.numpy(), g["logit"], **TOL[dtype])
+
+
+def test_qnn_recorded_weights_have_the_expected_structure():
+    g, qnn = golden_qnn("float64")
+    assert qnn.quadratic_layers[0].kernel.shape == (10, 40)
+    assert [w.shape for w in qnn.activation_layers[0].weights] == [(1,)]
+    assert qnn.norm_layers[0].epsilon == pytest.approx(1e-5)
+
+
+# --------------------------------------------------------------------------
+# QuadraticLayer
+# --------------------------------------------------------------------------
+
+
+def test_quadratic_layer_hand_computed():
+    # D = 2, R = 2: y = x W + b has 4 columns = rows r0 = (c0, c1), r1 = (c2, c3)
+    layer = QuadraticLayer(num_row=2, dtype="float64")
+    layer.build((None, 2))
+    w = np.array([[1.0, 2.0, 3.0, 4.0],
+                  [0.5, -1.0, 0.0, 2.0]])
+    b = np.array([0.1, 0.2, 0.3, 0.4])
+    layer.set_weights([w, b])
+    x = np.array([[1.0, 2.0]])
+    y = x @ w + b                                   # [2.1, 0.2, 3.3, 8.4]
+    expected = x * (y[:, :2] + y[:, 2:])             # [1 * 5.4, 2 * 8.6]
+    np.testing.assert_allclose(expected, [[5.4, 17.2]])
+    np.testing.assert_allclose(layer(const(x, "float64")).numpy(), expected, rtol=1e-12)
+    # training with dropout 0 takes the same path
+    np.testing.assert_allclose(layer(const(x, "float64"), training=True).numpy(), expected, rtol=1e-12)
+
+
+def test_quadratic_layer_training_dropout_acts_on_the_linear_map():
+    rate = 0.5
+    layer = QuadraticLayer(num_row=3, dropout=rate, seed=1, dtype="float64")
+    layer.build((None, 4))
+    x = np.tile(np.array([[0.5, -1.0, 2.0, 1.5]]), (4000, 1))
+    kernel, bias = (v.numpy() for v in layer.weights)
+    y = (x[:1] @ kernel + bias).reshape(3, 4)        # the R rows of W x + b
+    train = layer(const(x, "float64"), training=True).numpy()
+    # each output is x_d * sum_r m_r y_rd / (1 - p) with m_r in {0, 1}: one of 2^R values
+    possible = np.array([[x[0, d] * sum(y[r, d] for r in range(3) if (mask >> r) & 1) / (1 - rate)
+                          for d in range(4)] for mask in range(8)])
+    for d in range(4):
+        dist = np.abs(train[:, d:d + 1] - possible[None, :, d]).min(axis=1)
+        assert dist.max() < 1e-9
+    # unbiased: the average over many draws approaches the inference output
+    infer = layer(const(x[:1], "float64"), training=False).numpy()[0]
+    np.testing.assert_allclose(train.mean(axis=0), infer, atol=0.1 * np.abs(infer).max())
+    assert not np.allclose(train[0], infer)
+
+
+# --------------------------------------------------------------------------
+# ItemEmbedding: hand-checked
+# --------------------------------------------------------------------------
+
+
+def tiny_item_embedding(**kwargs):
+    """4 items, 3 tag slots, tag vocab 5, mm_dim 2, E = 2, with readable weights."""
+    layer = ItemEmbedding(num_items=4, num_tags=3, tag_vocab_size=5, mm_dim=2, embedding_dim=2,
+                          dtype="float64", **kwargs)
+    layer.build()
+    layer.id_embeddings.assign(np.array([[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    layer.tag_embeddings.assign(np.array([[7.0, 7.0], [1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [4.0, 8.0]]))
+    layer.multimodal_kernel.assign(np.array([[1.0, 0.0], [1.0, -1.0]]))
+    tags = np.array([[0, 0, 0],      # item 0: padding
+                     [0, 1, 3],      # item 1: tags 1 and 3 after a padding slot
+                     [0, 0, 0],      # item 2: no tags
+                     [4, 9, 2]])     # item 3: tag 9 is outside the vocabulary -> no tag
+    mm = np.array([[0.0, 0.0], [1.0, 2.0], [0.5, 0.5], [-1.0, 3.0]])
+    layer.set_item_table(tags, mm)
+    return layer
+
+
+EXPECTED_ITEMS = np.array([
+    [0, 0, 0, 0, 0, 0],                 # id 0 -> padding vector (row 0 of the tables is ignored)
+    [1, 2, 1.5, 1.0, 3.0, -2.0],        # tags (1,0)+(2,2) / 2; mm [1,2] W = [3, -2]
+    [3, 4, 0, 0, 1.0, -0.5],            # no tags -> zero tag part
+    [5, 6, 2.0, 4.5, 2.0, -3.0],        # tags 4 and 2: ((4,8)+(0,1)) / 2
+])
+
+
+@pytest.mark.parametrize("deduplicate", [True, False])
+def test_item_embedding_hand_computed(deduplicate):
+    layer = tiny_item_embedding(deduplicate=deduplicate)
+    ids = np.array([[1, 2, 3, 0], [3, 3, 0, 1]])
+    out = layer(const(ids, "int64")).numpy()
+    assert out.shape == (2, 4, 6)
+    np.testing.assert_allclose(out, EXPECTED_ITEMS[ids], rtol=1e-12)
+
+
+def test_item_embedding_out_of_range_ids_are_padding():
+    layer = tiny_item_embedding()
+    out = layer(const([4, -1, 1000, 2], "int64")).numpy()
+    np.testing.assert_array_equal(out[:3], np.zeros((3, 6)))
+    np.testing.assert_allclose(out[3], EXPECTED_ITEMS[2])
+
+
+def test_item_embedding_lists_and_indexed_mode_agree():
+    dense = tiny_item_embedding()
+    indexed = tiny_item_embedding(output_mode="indexed")
+    target, seq = const([3, 1], "int64"), const([[0, 0, 2, 3], [0, 1, 1, 2]], "int64")
+    t_dense, h_dense = dense([target, seq])
+    vectors, t_index, h_index = indexed([target, seq])
+    assert t_index.dtype == tf.int32 and h_index.shape == (2, 4)
+    assert vectors.shape[0] == 4                       # distinct ids 3, 1, 0, 2
+    np.testing.assert_array_equal(tf.gather(vectors, t_index).numpy(), t_dense.numpy())
+    np.testing.assert_array_equal(tf.gather(vectors, h_index).numpy(), h_dense.numpy())
+    np.testing.assert_allclose(h_dense.numpy(), EXPECTED_ITEMS[[[0, 0, 2, 3], [0, 1, 1, 2]]])
+
+
+def test_item_embedding_frozen_table_and_validation():
+    layer = tiny_item_embedding()
+    assert {w.name for w in layer.non_trainable_weights} == {"item_tags", "item_multimodal"}
+    assert {w.name for w in layer.trainable_weights} == {"id_embeddings", "tag_embeddings", "multimodal_kernel"}
+    assert layer.item_tags.dtype == "int32"
+    with pytest.raises(ValueError, match="do not match"):
+        layer.set_item_table(np.zeros((4, 2)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="`embedding_dim` must be an integer >= 1. Received: embedding_dim=0"):
+        ItemEmbedding(num_items=4, num_tags=3, tag_vocab_size=5, mm_dim=2, embedding_dim=0)
+    with pytest.raises(ValueError, match="`output_mode`"):
+        ItemEmbedding(num_items=4, num_tags=3, tag_vocab_size=5, mm_dim=2, embedding_dim=2, output_mode="x")
+    with pytest.raises(TypeError, match="item ids must be integers"):
+        layer(tf.constant([1.0]))
+
+
+def test_item_embedding_regularizers_are_l2_on_the_trainable_tables():
+    layer = ItemEmbedding(num_items=4, num_tags=3, tag_vocab_size=5, mm_dim=2, embedding_dim=2,
+                          embeddings_regularizer=keras.regularizers.L2(0.5),
+                          kernel_regularizer=keras.regularizers.L2(0.5))
+    layer.build()
+    expected = 0.5 * sum(float(np.sum(w.numpy() ** 2)) for w in layer.trainable_weights)
+    assert len(layer.losses) == 3
+    assert float(sum(layer.losses)) == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------
+# ContextEmbedding
+# --------------------------------------------------------------------------
+
+
+def test_context_embedding_offsets_and_oov():
+    layer = ContextEmbedding(vocab_sizes=[2, 3], embedding_dim=1, dtype="float64")
+    layer.build()
+    # rows: feature 0 -> 0, 1, OOV 2; feature 1 -> 3, 4, 5, OOV 6
+    layer.embeddings.assign(np.arange(7, dtype="float64").reshape(7, 1) * 10)
+    a, b = const([0, 1, 2, -1], "int64"), const([2, 7, 0, 3], "int64")
+    out = layer([a, b]).numpy()
+    np.testing.assert_array_equal(out, [[0, 50], [10, 60], [20, 30], [20, 60]])
+    # the stacked [batch, C] form gives the same
+    np.testing.assert_array_equal(layer(tf.stack([a, b], axis=1)).numpy(), out)
+    with pytest.raises(ValueError, match="vocab_sizes"):
+        ContextEmbedding(vocab_sizes=[], embedding_dim=2)
+
+
+# --------------------------------------------------------------------------
+# DINAttention and MLPBlock
+# --------------------------------------------------------------------------
+
+
+def din_reference(layer, target, history, mask):
+    """FuxiCTR's formulation: MLP over the concatenation, masked weights, no softmax."""
+    t = np.repeat(target[:, None, :], history.shape[1], axis=1)
+    x = np.concatenate([t, history, t - history, t * history], axis=-1)
+    w0, b0 = (v.numpy() for v in layer.first_dense.weights)
+    h = np.maximum(x @ w0 + b0, 0)
+    for dense in layer.rest.dense_layers:
+        w, b = (v.numpy() for v in dense.weights)
+        h = np.maximum(h @ w + b, 0)
+    w, b = (v.numpy() for v in layer.rest.output_layer.weights)
+    weights = (h @ w + b)[..., 0] * mask
+    return np.einsum("bl,bld->bd", weights, history)
+
+
+def test_din_attention_matches_the_concatenated_form_dense_and_indexed():
+    rng = np.random.default_rng(3)
+    layer = DINAttention(attention_units=(6, 5), dropout=0.3, dtype="float64")
+    target, history = rng.normal(size=(3, 4)), rng.normal(size=(3, 5, 4))
+    mask = np.array([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype="float64")
+    noisy = np.where(mask[..., None] > 0, history, rng.normal(size=history.shape) * 100)
+    dense = layer(const(target, "float64"), const(noisy, "float64"), const(mask, "float64")).numpy()
+    expected = din_reference(layer, target, history, mask)
+    np.testing.assert_allclose(dense, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(dense[1], np.zeros(4))        # no history -> zero
+    index = np.arange(15).reshape(3, 5)
+    indexed = layer(const(target, "float64"), const(noisy.reshape(15, 4), "float64"), const(mask, "float64"),
+                    const(index, "int32")).numpy()
+    np.testing.assert_allclose(indexed, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_din_attention_softmax_normalises_over_real_items():
+    rng = np.random.default_rng(4)
+    layer = DINAttention(attention_units=(4,), use_softmax=True, dtype="float64")
+    target, history = rng.normal(size=(2, 3)), rng.normal(size=(2, 4, 3))
+    mask = np.array([[0, 1, 1, 1], [0, 0, 0, 0]], dtype="float64")
+    args = const(target, "float64"), const(history, "float64"), const(mask, "float64")
+    dense = layer(*args).numpy()
+    indexed = layer(args[0], const(history.reshape(8, 3), "float64"), args[2],
+                    const(np.arange(8).reshape(2, 4), "int32")).numpy()
+    np.testing.assert_allclose(indexed, dense, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(dense[1], np.zeros(3))
+    # with equal items the softmax-weighted pool is that item
+    same = np.repeat(history[:, :1], 4, axis=1)
+    out = layer(args[0], const(same, "float64"), args[2]).numpy()
+    np.testing.assert_allclose(out[0], same[0, 0], rtol=1e-10)
+
+
+def test_mlp_block_matches_numpy():
+    rng = np.random.default_rng(5)
+    block = MLPBlock([3, 2], activation="relu", dropout=0.5, batch_norm=True, output_units=1, dtype="float64")
+    x = rng.normal(size=(4, 5))
+    out = block(const(x, "float64"), training=False).numpy()
+    h = x
+    for dense, norm in zip(block.dense_layers, block.norm_layers):
+        w, b = (v.numpy() for v in dense.weights)
+        gamma, beta, mean, var = (v.numpy() for v in norm.weights)
+        h = np.maximum((h @ w + b - mean) / np.sqrt(var + 1e-5) * gamma + beta, 0)
+    w, b = (v.numpy() for v in block.output_layer.weights)
+    np.testing.assert_allclose(out, h @ w + b, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------
+# Serialization: from_config(get_config()) gives the same layer
+# --------------------------------------------------------------------------
+
+
+def layer_cases():
+    rng = np.random.default_rng(7)
+    t, h = rng.normal(size=(3, 6)).astype("float32"), rng.normal(size=(3, 4, 6)).astype("float32")
+    m = np.array([[0, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    return [
+        ("asta", lambda: AdaptiveSparseTargetAttention(attention_dim=5, use_scale=False), (t, h, m)),
+        ("din", lambda: DINAttention(attention_units=(4, 3), dropout=0.1), (t, h, m)),
+        ("quadratic", lambda: QuadraticLayer(num_row=3, dropout=0.2, seed=3), (t,)),
+        ("qnn", lambda: QuadraticNeuralNetwork(num_layers=2, num_row=2, dropout=0.1, batch_norm=True), (t,)),
+        ("mlp", lambda: MLPBlock([5], batch_norm=True, dropout=0.1, output_units=2, output_dtype="float32"), (t,)),
+        ("context", lambda: ContextEmbedding(vocab_sizes=[3, 4], embedding_dim=2,
+                                             embeddings_regularizer=keras.regularizers.L2(1e-3)),
+         ([np.array([0, 2, 5]), np.array([1, 3, 3])],)),
+        ("item", lambda: ItemEmbedding(num_items=5, num_tags=2, tag_vocab_size=3, mm_dim=4, embedding_dim=2,
+                                       embeddings_regularizer=keras.regularizers.L2(1e-3), deduplicate=False),
+         ([np.array([1, 4, 0]), np.array([[0, 1, 2], [3, 3, 9], [0, 0, 0]])],)),
+    ]
+
+
+@pytest.mark.parametrize("name, make, args", layer_cases(), ids=[c[0] for c in layer_cases()])
+def test_from_config_round_trip(name, make, args):
+    layer = make()
+    out = layer(*args)
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    clone(*args)
+    clone.set_weights(layer.get_weights())
+    assert clone.get_config() == config
+    for a, b in zip(tf.nest.flatten(out), tf.nest.flatten(clone(*args))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # registered: the generic deserializer finds the class without custom_objects
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(again) is type(layer) and again.get_config() == config
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: QuadraticNeuralNetwork(num_layers=0), "`num_layers` must be >= 1. Received: num_layers=0"),
+    (lambda: QuadraticLayer(num_row=0), "`num_row` must be >= 1. Received: num_row=0"),
+    (lambda: QuadraticLayer(dropout=1.0), "`dropout` must be in"),
+    (lambda: AdaptiveSparseTargetAttention(attention_dim=0), "`attention_dim` must be"),
+    (lambda: DINAttention(attention_units=()), "`attention_units` must be"),
+    (lambda: MLPBlock([]), "needs `hidden_units` or `output_units`"),
+])
+def test_constructor_validation(make, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        make()

@@ -1,0 +1,285 @@
+"""The QIN and DIN models built from a feature spec: interface, invariances, serialization."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import qin_tf.layers  # noqa: F401  (registers the layers, as a server would)
+from qin_tf.config import ModelConfig
+from qin_tf.model import build_din, build_model, build_qin
+from qin_tf.spec import FeatureSpec
+
+NUM_ITEMS, NUM_TAGS, TAG_VOCAB, MM_DIM, MAX_LEN = 30, 3, 9, 6, 5
+QIN_CONFIG = ModelConfig(embedding_dim=4, num_layers=2, num_row=3)
+DIN_CONFIG = ModelConfig(model="din", embedding_dim=4, din_attention_units=(8, 4), din_dnn_units=(16, 8))
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    """A tiny spec with two context features and a random item table (row 0 = padding)."""
+    d = tmp_path_factory.mktemp("tiny_spec")
+    rng = np.random.default_rng(0)
+    tags = rng.integers(0, TAG_VOCAB, (NUM_ITEMS, NUM_TAGS)).astype("int32")
+    emb = (0.3 * rng.normal(size=(NUM_ITEMS, MM_DIM))).astype("float32")
+    tags[0], emb[0] = 0, 0
+    np.savez(d / "item_table.npz", tags=tags, embedding=emb)
+    return FeatureSpec(dataset="tiny", label="label", meta=("user_id",), target_item="item_id",
+                       sequence="item_seq", context=("views_level", "likes_level"), context_vocab_sizes=(11, 4),
+                       max_len=MAX_LEN, num_items=NUM_ITEMS, num_tags=NUM_TAGS, tag_vocab_size=TAG_VOCAB,
+                       mm_dim=MM_DIM, base_dir=str(d))
+
+
+def batch(n, seed=0):
+    """A batch in the data contract: left-padded histories of random lengths (some empty)."""
+    rng = np.random.default_rng(seed)
+    seq = np.zeros((n, MAX_LEN), dtype="int64")
+    for i, length in enumerate(rng.integers(0, MAX_LEN + 1, n)):
+        if length:
+            seq[i, MAX_LEN - length:] = rng.integers(1, NUM_ITEMS, length)
+    return {"item_id": rng.integers(1, NUM_ITEMS, n).astype("int64"), "item_seq": seq,
+            "views_level": rng.integers(0, 11, n).astype("int64"),
+            "likes_level": rng.integers(0, 4, n).astype("int64")}
+
+
+def predict(model, features):
+    return model({k: tf.constant(v) for k, v in features.items()}, training=False).numpy()
+
+
+@pytest.fixture(scope="module")
+def qin(spec):
+    keras.utils.set_random_seed(1)
+    return build_qin(spec, QIN_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def din(spec):
+    keras.utils.set_random_seed(2)
+    return build_din(spec, DIN_CONFIG)
+
+
+# --------------------------------------------------------------------------
+# Interface
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["qin", "din"])
+def test_inputs_and_output_follow_the_spec(which, spec, request):
+    model = request.getfixturevalue(which)
+    assert model.name == which
+    assert sorted(t.name for t in model.inputs) == sorted(spec.model_feature_names)
+    assert list(model.input) == list(spec.model_feature_names)     # a dict, in spec order
+    assert {t.name: (tuple(t.shape), t.dtype) for t in model.inputs} == {
+        "item_id": ((None,), "int64"), "item_seq": ((None, MAX_LEN), "int64"),
+        "views_level": ((None,), "int64"), "likes_level": ((None,), "int64")}
+    assert model.output_names == ["ctr"]
+    out = predict(model, batch(7))
+    assert out.shape == (7,) and out.dtype == np.float32
+    assert np.all((out >= 0) & (out <= 1)) and len(np.unique(out)) == 7
+
+
+def test_item_table_is_loaded_frozen(qin, spec):
+    tags, emb = spec.load_item_table()
+    layer = qin.get_layer("item_embedding")
+    np.testing.assert_array_equal(layer.item_tags.numpy(), tags)
+    np.testing.assert_array_equal(layer.item_multimodal.numpy(), emb)
+    assert not layer.item_tags.trainable and not layer.item_multimodal.trainable
+    trainable = {id(w) for w in qin.trainable_weights}
+    assert id(layer.item_tags) not in trainable and id(layer.item_multimodal) not in trainable
+
+
+def test_qin_widths_follow_the_config(qin):
+    e = QIN_CONFIG.embedding_dim
+    assert qin.get_layer("asta").W_q.shape == (3 * e, 6 * e)        # attention_dim = 2 * 3E
+    assert qin.get_layer("qnn_input").output.shape == (None, 2 * e + 6 * e)   # context | x_t | o
+    qnn = qin.get_layer("qnn")
+    assert (qnn.num_layers, qnn.num_row, qnn.dropout, qnn.batch_norm) == (2, 3, 0.1, True)
+
+
+def test_parameter_count_matches_the_released_run():
+    """The released QIN run on MicroLens_1M (salmon1802/QIN, FuxiCTR log QIN_variety_v9_9701.log)
+    reports 31,244,293 parameters; ours has exactly the two context OOV rows (2 x 128) more."""
+    challenge = FeatureSpec(dataset="MicroLens_1M_x1", label="label", meta=("user_id",), target_item="item_id",
+                            sequence="item_seq", context=("likes_level", "views_level"), context_vocab_sizes=(11, 11),
+                            max_len=64, num_items=91718, num_tags=5, tag_vocab_size=11740, mm_dim=128)
+    model = build_qin(challenge, ModelConfig(), load_item_table=False)
+    count = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert count == 31_244_293 + 2 * 128
+
+
+def test_l2_regularisation_on_embeddings_and_projection(spec):
+    config = ModelConfig(embedding_dim=4, num_layers=1, embedding_l2=0.3)
+    model = build_qin(spec, config)
+    item, context = model.get_layer("item_embedding"), model.get_layer("context_embedding")
+    tables = [item.id_embeddings, item.tag_embeddings, item.multimodal_kernel, context.embeddings]
+    expected = 0.3 / 2 * sum(float(np.sum(w.numpy().astype("float64") ** 2)) for w in tables)
+    assert len(model.losses) == 4
+    assert float(sum(model.losses)) == pytest.approx(expected, rel=1e-5)
+    assert build_qin(spec, ModelConfig(embedding_dim=4, num_layers=1, embedding_l2=0.0)).losses == []
+
+
+def test_build_model_dispatches_on_config(spec):
+    assert build_model(spec, ModelConfig(model="din", embedding_dim=2, din_attention_units=(2,),
+                                         din_dnn_units=(2,))).name == "din"
+    assert build_model(spec, ModelConfig(embedding_dim=2, num_layers=1)).name == "qin"
+
+
+# --------------------------------------------------------------------------
+# Invariances
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["qin", "din"])
+def test_ids_outside_the_table_in_padded_slots_change_nothing(which, request):
+    model = request.getfixturevalue(which)
+    clean = batch(16, seed=1)
+    noisy = dict(clean)
+    seq = clean["item_seq"].copy()
+    garbage = np.random.default_rng(2).choice([-5, -1, NUM_ITEMS, NUM_ITEMS + 7, 10 ** 9], size=seq.shape)
+    noisy["item_seq"] = np.where(seq == 0, garbage, seq)
+    assert (noisy["item_seq"] != clean["item_seq"]).sum() > 10
+    np.testing.assert_array_equal(predict(model, noisy), predict(model, clean))
+
+
+@pytest.mark.parametrize("which", ["qin", "din"])
+def test_history_is_a_set_padding_position_does_not_matter(which, request):
+    """No positional signal: right-padding or reversing the real items gives the same output."""
+    model = request.getfixturevalue(which)
+    left = batch(16, seed=3)
+    moved = dict(left)
+    moved["item_seq"] = np.stack([np.concatenate([row[row != 0][::-1], row[row == 0]]) for row in left["item_seq"]])
+    np.testing.assert_allclose(predict(model, moved), predict(model, left), rtol=1e-5, atol=1e-7)
+
+
+def test_qin_without_history_is_attention_free(qin):
+    """An all-padding history gives o = x_t: the output is QNN([context | x_t | x_t])."""
+    features = batch(8, seed=4)
+    features["item_seq"] = np.zeros_like(features["item_seq"])
+    x_t = qin.get_layer("item_embedding").item_vectors(tf.constant(features["item_id"]))
+    context = qin.get_layer("context_embedding")([tf.constant(features["views_level"]),
+                                                   tf.constant(features["likes_level"])])
+    logit = qin.get_layer("qnn")(tf.concat([context, x_t, x_t], axis=-1), training=False)
+    expected = tf.sigmoid(logit)[:, 0].numpy()
+    np.testing.assert_allclose(predict(qin, features), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["qin", "din"])
+def test_batch_of_one_equals_its_row_in_a_batch(which, request):
+    model = request.getfixturevalue(which)
+    full = batch(64, seed=5)
+    out = predict(model, full)
+    for i in (0, 17, 63):
+        one = {k: v[i:i + 1] for k, v in full.items()}
+        np.testing.assert_allclose(predict(model, one), out[i:i + 1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("builder, config", [(build_qin, QIN_CONFIG), (build_din, DIN_CONFIG)], ids=["qin", "din"])
+def test_dense_history_path_equals_sparse_and_compiles_with_xla(builder, config, spec):
+    sparse = builder(spec, config)
+    dense = builder(spec, dataclasses.replace(config, sparse_history=False))
+    dense.set_weights(sparse.get_weights())
+    assert not sparse.get_layer("item_embedding").supports_jit
+    assert all(layer.supports_jit for layer in dense._flatten_layers())
+    features = {k: tf.constant(v) for k, v in batch(16, seed=13).items()}
+    expected = sparse(features, training=False).numpy()
+    np.testing.assert_allclose(dense(features, training=False).numpy(), expected, rtol=1e-5, atol=1e-7)
+    compiled = tf.function(lambda x: dense(x, training=False), jit_compile=True)
+    np.testing.assert_allclose(compiled(features).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_context_values_use_the_oov_row(qin):
+    features = batch(4, seed=6)
+    a, b = dict(features), dict(features)
+    a["views_level"] = np.array([11, 12, 99, -1])
+    b["views_level"] = np.array([50, 11, 13, 1000])
+    np.testing.assert_array_equal(predict(qin, a), predict(qin, b))
+
+
+def test_training_mode_uses_dropout_and_trains(spec):
+    model = build_qin(spec, ModelConfig(embedding_dim=4, num_layers=2, num_row=2, dropout=0.5))
+    features = {k: tf.constant(v) for k, v in batch(32, seed=7).items()}
+    assert not np.allclose(model(features, training=True).numpy(), model(features, training=False).numpy())
+    labels = tf.constant(np.random.default_rng(8).integers(0, 2, 32).astype("float32"))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    before = model.evaluate(features, labels, verbose=0)
+    for _ in range(20):
+        model.train_on_batch(features, labels)
+    after = model.evaluate(features, labels, verbose=0)
+    assert np.isfinite(after) and after < before
+
+
+# --------------------------------------------------------------------------
+# Serialization
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["qin", "din"])
+def test_from_config_round_trip(which, request):
+    model = request.getfixturevalue(which)
+    clone = keras.Model.from_config(model.get_config())
+    features = batch(9, seed=9)
+    assert not np.allclose(predict(clone, features), predict(model, features))   # fresh weights
+    clone.set_weights(model.get_weights())
+    np.testing.assert_array_equal(predict(clone, features), predict(model, features))
+
+
+@pytest.mark.parametrize("which", ["qin", "din"])
+def test_keras_file_round_trip_without_custom_objects(which, request, tmp_path):
+    model = request.getfixturevalue(which)
+    path = str(tmp_path / f"{which}.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    features = batch(9, seed=10)
+    np.testing.assert_array_equal(predict(loaded, features), predict(model, features))
+    # the frozen item table travels in the weights
+    np.testing.assert_array_equal(loaded.get_layer("item_embedding").item_multimodal.numpy(),
+                                  model.get_layer("item_embedding").item_multimodal.numpy())
+    assert loaded.output_names == ["ctr"]
+
+
+# --------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@pytest.mark.parametrize("builder, config", [(build_qin, QIN_CONFIG), (build_din, DIN_CONFIG)], ids=["qin", "din"])
+def test_mixed_bfloat16_runs_and_outputs_float32(builder, config, spec, mixed_bfloat16):
+    model = builder(spec, config)
+    assert model.get_layer("asta" if builder is build_qin else "din_attention").compute_dtype == "bfloat16"
+    features = {k: tf.constant(v) for k, v in batch(32, seed=11).items()}
+    out = model(features, training=False)
+    assert out.dtype == tf.float32 and out.shape == (32,)
+    assert np.all(np.isfinite(out.numpy()))
+    labels = tf.constant(np.random.default_rng(12).integers(0, 2, 32).astype("float32"))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    losses = [float(model.train_on_batch(features, labels)) for _ in range(3)]
+    assert np.all(np.isfinite(losses))
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.trainable_weights)
+    # with the float32 weights, the bfloat16 model tracks the float32 model
+    keras.config.set_dtype_policy("float32")
+    reference = builder(spec, config)
+    reference.set_weights(model.get_weights())
+    np.testing.assert_allclose(model(features, training=False).numpy(), reference(features, training=False).numpy(),
+                               atol=0.05)
+
+
+def test_spec_without_context_features(spec):
+    bare = dataclasses.replace(spec, context=(), context_vocab_sizes=())
+    model = build_qin(bare, QIN_CONFIG)
+    assert sorted(t.name for t in model.inputs) == ["item_id", "item_seq"]
+    features = {k: v for k, v in batch(3).items() if k in ("item_id", "item_seq")}
+    assert predict(model, features).shape == (3,)
