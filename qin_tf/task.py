@@ -1,0 +1,632 @@
+"""The training task: what ``python -m qin_tf.train`` does, as functions tests call.
+
+    config -> strategy -> feature spec -> model -> training loop -> exact evaluation -> artefacts
+
+:func:`create_strategy` must run before anything else starts TensorFlow's
+runtime (``MultiWorkerMirroredStrategy`` configures collective ops at
+startup; logical CPU devices are fixed at startup too); :func:`run` does the
+rest and leaves in ``model_dir``:
+
+    config.json         the resolved ExperimentConfig
+    feature_spec.json   a copy of the spec the model was trained on
+    checkpoints/        best.weights.h5 (best epoch) and latest.weights.h5 (last epoch)
+    backup/             the training state after the last epoch (removed when the run ends)
+    logs/               TensorBoard scalars (train/, valid/)
+    best.keras          the whole model with the best epoch's weights
+    metrics.json        exact AUC, logloss, gAUC of every labelled evaluation split at the
+                        best epoch, and the per-epoch history
+    curves.png          per-epoch curves and the calibration plot
+
+The training loop
+-----------------
+A custom loop over ``strategy.run`` rather than ``keras.Model.fit``: Keras 3's
+``fit`` cannot take a ``MultiWorkerMirroredStrategy`` dataset of (features,
+label) (it all-reduces a batch structure to build the model and fails;
+keras-team/keras#20585, #20329). The loop is what ``fit`` does, made
+explicit and the same under every strategy:
+
+* Data: ``strategy.distribute_datasets_from_function`` with
+  :func:`qin_tf.data.make_dataset` and the input context: every input
+  pipeline reads its share and batches ``global_batch_size /
+  num_replicas_in_sync``. Each epoch reads ``steps_per_epoch`` batches of an
+  endless shuffled stream seeded with ``(seed, epoch)``, so an epoch's data
+  depends only on the seed and the epoch: a resumed run sees exactly what
+  an uninterrupted one would.
+* Loss of a replica: ``sum(BCE) / global_batch_size + sum(L2) /
+  num_replicas_in_sync``; gradients summed over replicas equal the
+  one-device gradient of the mean loss.
+* Gradient clipping by global norm is applied to the gradient summed over
+  replicas (Keras' optimizer would clip each replica's part, which differs
+  from one device as soon as clipping is active).
+* Evaluation after every epoch on the whole validation split, on every
+  worker, outside the strategy: exact AUC / logloss / gAUC
+  (:mod:`qin_tf.metrics`), identical on all workers, so the learning-rate
+  schedule and early stopping decide alike everywhere.
+* A NaN or infinite loss stops the run at that step with
+  :class:`NonFiniteLossError`.
+
+Only the chief writes ``model_dir``; other workers write to a temporary
+directory that is removed at the end. Resuming reads ``model_dir/backup``
+on every worker (``model_dir`` must be shared, as for Keras'
+``BackupAndRestore``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Sequence
+
+for _k, _v in (("TF_CPP_MIN_LOG_LEVEL", "2"), ("KERAS_BACKEND", "tensorflow"), ("GRPC_VERBOSITY", "ERROR")):
+    os.environ.setdefault(_k, _v)
+
+from qin_tf.runtime import import_tensorflow, silenced_stderr  # noqa: E402
+
+with silenced_stderr():
+    # Imported, not started: create_strategy() may still configure the runtime.
+    import keras  # noqa: E402
+    import numpy as np  # noqa: E402
+    import tensorflow as tf  # noqa: E402
+
+from qin_tf import callbacks as qcb  # noqa: E402
+from qin_tf import metrics as qmetrics  # noqa: E402
+from qin_tf import report  # noqa: E402
+from qin_tf.config import RESUMABLE_CHANGES, ExperimentConfig, STRATEGIES  # noqa: E402
+from qin_tf.data import make_dataset, model_inputs  # noqa: E402
+from qin_tf.model import build_model  # noqa: E402
+from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError  # noqa: E402
+
+CONFIG_FILENAME = "config.json"
+METRICS_FILENAME = "metrics.json"
+MODEL_FILENAME = "best.keras"
+CURVES_FILENAME = "curves.png"
+CHECKPOINT_DIR = "checkpoints"
+BEST_CHECKPOINT = "best.weights.h5"
+LATEST_CHECKPOINT = "latest.weights.h5"
+BACKUP_DIR = "backup"
+LOG_DIR = "logs"
+#: What a run writes into model_dir (removed by --overwrite before starting over).
+ARTEFACTS = (CONFIG_FILENAME, SPEC_FILENAME, CHECKPOINT_DIR, BACKUP_DIR, LOG_DIR, MODEL_FILENAME,
+             METRICS_FILENAME, CURVES_FILENAME)
+#: The metric that selects the best epoch (on ``TrainConfig.valid_split``).
+MONITOR = "val_auc"
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on; the message says why and what to do. The CLI exits with status 1."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------
+# Strategy
+# --------------------------------------------------------------------------
+
+
+def _tf_config() -> dict:
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"TF_CONFIG is not valid JSON: {e}") from None
+
+
+def _cluster_size(tf_config: dict) -> int:
+    cluster = tf_config.get("cluster", {})
+    return sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
+
+
+def _split_cpu(n: int) -> None:
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != n:
+            raise TrainingError(
+                f"cannot split the CPU into {n} logical devices: TensorFlow has already started with "
+                f"{have}. Split it before anything uses TensorFlow (python -m qin_tf.train "
+                f"--logical_cpus={n} does).") from None
+
+
+def create_strategy(name: str = "auto", *, logical_cpus: int = 0) -> tf.distribute.Strategy:
+    """Creates the distribution strategy (call it before anything else runs TensorFlow).
+
+    Args:
+        name: ``auto`` (``multi_worker`` if ``TF_CONFIG`` names more than one
+            task, ``mirrored`` if there is more than one GPU, else
+            ``one_device``), ``one_device`` (the first GPU, else the CPU),
+            ``mirrored`` (all local GPUs, else all logical CPUs) or
+            ``multi_worker`` (``MultiWorkerMirroredStrategy`` over the cluster
+            in ``TF_CONFIG``).
+        logical_cpus: if > 0, split the host CPU into this many logical
+            devices first (to run ``mirrored`` without GPUs, as the tests do).
+    """
+    if name not in STRATEGIES:
+        raise TrainingError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={name!r}")
+    tf_config = _tf_config()
+    with silenced_stderr():
+        if logical_cpus:
+            _split_cpu(logical_cpus)
+        gpus = tf.config.list_physical_devices("GPU")
+        if name == "auto":
+            name = "multi_worker" if _cluster_size(tf_config) > 1 else ("mirrored" if len(gpus) > 1
+                                                                       else "one_device")
+        if name == "multi_worker":
+            if _cluster_size(tf_config) < 1:
+                raise TrainingError("--strategy=multi_worker reads the cluster from the TF_CONFIG environment "
+                                    "variable, which names no chief or worker tasks.")
+            try:
+                strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            except RuntimeError as e:
+                if "startup" in str(e):
+                    raise TrainingError("MultiWorkerMirroredStrategy must be created before TensorFlow starts: "
+                                        "run training in a fresh process (python -m qin_tf.train).") from None
+                raise
+        elif name == "mirrored":
+            devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+            strategy = tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
+        else:
+            strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    import_tensorflow()
+    return strategy
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "multi_worker"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "mirrored"
+    return "one_device"
+
+
+def worker_info(strategy: tf.distribute.Strategy) -> tuple[bool, str]:
+    """``(is_chief, label)`` of this process: the chief writes model_dir."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True, ""
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type is None:
+        return True, ""
+    jobs = resolver.cluster_spec().as_dict()
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and "chief" not in jobs)
+    return chief, f"[{task_type} {task_id}] "
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------
+
+
+def _probabilities(outputs):
+    """The model's ``ctr`` output as ``[batch]`` float32."""
+    if isinstance(outputs, dict):
+        outputs = outputs["ctr"]
+    outputs = tf.cast(outputs, tf.float32)
+    if outputs.shape.rank == 2:
+        outputs = tf.squeeze(outputs, axis=-1)
+    return outputs
+
+
+class SplitEvaluator:
+    """Predicts a whole labelled split in row order and computes exact metrics.
+
+    Runs on the local default device, outside any strategy (every worker
+    computes the same numbers). Parsed batches are cached in memory after
+    the first pass.
+    """
+
+    def __init__(self, spec: FeatureSpec, split: str, batch_size: int):
+        self.spec = spec
+        self.split = split
+        self.group = spec.meta[0] if spec.meta else None
+        self.dataset = make_dataset(spec, split, batch_size, training=False, with_meta=True, labelled=True,
+                                    cache=True)
+        self._fn = None
+        self._model = None
+
+    def predict(self, model) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Returns ``(labels, predictions, groups)`` of every row of the split."""
+        if self._fn is None or self._model is not model:
+            self._model = model
+            self._fn = tf.function(lambda x: _probabilities(model(x, training=False)), reduce_retracing=True)
+        labels, preds, groups = [], [], []
+        for features, label in self.dataset:
+            preds.append(self._fn(model_inputs(self.spec, features)).numpy())
+            labels.append(label.numpy())
+            if self.group is not None:
+                groups.append(features[self.group].numpy())
+        if not labels:
+            raise TrainingError(f"split `{self.split}` has no rows to evaluate.")
+        return (np.concatenate(labels), np.concatenate(preds).astype(np.float64),
+                np.concatenate(groups) if groups else None)
+
+    def evaluate(self, model) -> tuple[dict, dict]:
+        """Returns ``(metrics, calibration bins)``; see :func:`qin_tf.metrics.evaluate`."""
+        y, p, g = self.predict(model)
+        if not np.all(np.isfinite(p)):
+            raise NonFiniteLossError(
+                f"the model predicts NaN or infinite values on split `{self.split}` "
+                f"({int(np.sum(~np.isfinite(p)))} of {p.size} rows): training diverged. "
+                f"Try a lower --learning_rate.")
+        return qmetrics.evaluate(y, p, g), qmetrics.calibration_bins(y, p)
+
+
+# --------------------------------------------------------------------------
+# The training step
+# --------------------------------------------------------------------------
+
+
+def _scale(grad, factor):
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * tf.cast(factor, grad.values.dtype), grad.indices, grad.dense_shape)
+    return grad * tf.cast(factor, grad.dtype)
+
+
+def _squared_norm(grad):
+    """||g||^2 of the dense gradient (IndexedSlices: duplicate indices summed first)."""
+    if isinstance(grad, tf.IndexedSlices):
+        unique, idx = tf.unique(grad.indices)
+        values = tf.math.unsorted_segment_sum(grad.values, idx, tf.size(unique))
+        return tf.reduce_sum(tf.square(tf.cast(values, tf.float32)))
+    return tf.reduce_sum(tf.square(tf.cast(grad, tf.float32)))
+
+
+class TrainLoop:
+    """``steps`` training steps per call, in one ``tf.function``, under ``strategy``.
+
+    Call :meth:`run` with a distributed iterator and a step count; it returns
+    ``(sum of step losses, steps done, last step loss)`` and stops early at
+    the first non-finite step loss.
+    """
+
+    def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy, *,
+                 global_batch_size: int, clipnorm: float | None):
+        self.model = model
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.global_batch_size = global_batch_size
+        self.clipnorm = clipnorm
+        with strategy.scope():
+            self.auc = keras.metrics.AUC(num_thresholds=200, name="auc")
+        self.run = tf.function(self._run)
+
+    def _clip(self, grads):
+        """Scales every replica's gradient so that their SUM has global norm <= clipnorm."""
+        present = [g for g in grads if g is not None]
+        replicas = self.strategy.num_replicas_in_sync
+        total = tf.distribute.get_replica_context().all_reduce("sum", present) if replicas > 1 else present
+        norm = tf.sqrt(tf.add_n([_squared_norm(g) for g in total]))
+        factor = self.clipnorm / tf.maximum(norm, self.clipnorm)  # NaN norm -> NaN factor -> NaN loss next
+        return [_scale(g, factor) for g in grads]
+
+    def _replica_step(self, features, labels):
+        model = self.model
+        with tf.GradientTape() as tape:
+            probs = _probabilities(model(features, training=True))
+            per_example = keras.ops.binary_crossentropy(labels, probs)
+            loss = tf.reduce_sum(per_example) / self.global_batch_size
+            if model.losses:
+                loss += tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) / \
+                    self.strategy.num_replicas_in_sync
+        variables = model.trainable_variables
+        grads = tape.gradient(loss, variables)
+        if self.clipnorm:
+            grads = self._clip(grads)
+        self.optimizer.apply(grads, variables)
+        self.auc.update_state(labels, probs)
+        return loss
+
+    def _run(self, iterator, steps):
+        total = tf.constant(0.0)
+        last = tf.constant(0.0)
+        done = tf.constant(0)
+        for _ in tf.range(steps):
+            features, labels = next(iterator)
+            per_replica = self.strategy.run(self._replica_step, args=(features, labels))
+            last = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            total += last
+            done += 1
+            if not tf.math.is_finite(last):
+                break
+        return total, done, last
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`run` returns: the model (best weights) and, on the chief, the metrics."""
+
+    model: keras.Model
+    metrics: dict | None
+    history: list[dict]
+    is_chief: bool
+    num_replicas_in_sync: int
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed + 1_000_003 * (epoch + 1)) % (2 ** 31 - 1)
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    out = []
+    for section in ("model", "train"):
+        sa, sb = a.get(section, {}), b.get(section, {})
+        for k in sorted(set(sa) | set(sb)):
+            if section == "train" and k in RESUMABLE_CHANGES:
+                continue
+            if sa.get(k) != sb.get(k):
+                out.append(f"{section}.{k}: {sa.get(k)!r} -> {sb.get(k)!r}")
+    return out
+
+
+def _check_spec(spec: FeatureSpec, tc) -> None:
+    for split in (tc.train_split, tc.valid_split):
+        if split not in spec.splits:
+            raise TrainingError(f"{tc.data_dir}: the feature spec has no split `{split}` "
+                                f"(it has {sorted(spec.splits)}).")
+        if not spec.splits[split].labelled:
+            raise TrainingError(f"split `{split}` has no labels; --train_split and --valid_split need labels.")
+        if spec.splits[split].num_rows < 1:
+            raise TrainingError(f"split `{split}` of {tc.data_dir} has no rows.")
+
+
+def _save_weights_atomic(model: keras.Model, path: str) -> None:
+    tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = None,
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        print_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Trains, evaluates and writes every artefact (see the module docstring).
+
+    Args:
+        config: the resolved configuration.
+        strategy: from :func:`create_strategy`; default: created from
+            ``config.train.strategy`` (only possible while TensorFlow has not
+            started, for ``multi_worker``).
+        callbacks: more Keras callbacks, called after the built-in ones.
+        print_fn: progress output; default: print to stdout.
+
+    Returns:
+        A :class:`TrainResult`; the model holds the best epoch's weights.
+
+    Raises:
+        TrainingError: on a missing/bad input, a model_dir that holds a
+            finished or different run, or a diverged (NaN) loss.
+    """
+    tc, mc = config.train, config.model
+    if not tc.data_dir:
+        raise TrainingError("--data_dir is required: the output directory of pipelines.preprocess.")
+    if not tc.model_dir:
+        raise TrainingError("--model_dir is required: where the run writes checkpoints and results.")
+    try:
+        spec = FeatureSpec.load(tc.data_dir)
+    except SpecError as e:
+        raise TrainingError(str(e)) from None
+    _check_spec(spec, tc)
+
+    strategy = strategy or create_strategy(tc.strategy)
+    import_tensorflow()
+    chief, label = worker_info(strategy)
+    base_print = print_fn or (lambda s: print(s, flush=True))
+    say = (lambda s: base_print(label + s)) if label else base_print
+    replicas = strategy.num_replicas_in_sync
+    if tc.global_batch_size % replicas:
+        raise TrainingError(f"--global_batch_size={tc.global_batch_size} is not divisible by the "
+                            f"{replicas} replicas in sync.")
+
+    model_dir = tc.model_dir
+    backup_read_dir = os.path.join(model_dir, BACKUP_DIR)
+    state = qcb.TrainingBackup.read(backup_read_dir)
+    config_dict = config.to_dict()
+    if state is not None:
+        saved_path = os.path.join(model_dir, CONFIG_FILENAME)
+        if os.path.exists(saved_path):
+            with open(saved_path) as f:
+                diff = _config_diff(json.load(f), config_dict)
+            if diff:
+                raise TrainingError(f"{model_dir} holds an unfinished run with a different configuration "
+                                    f"({'; '.join(diff)}). Resume it with the same configuration, or use "
+                                    f"another --model_dir.")
+    elif chief and os.path.exists(os.path.join(model_dir, METRICS_FILENAME)):
+        if not tc.overwrite:
+            raise TrainingError(f"{model_dir} holds a finished run ({METRICS_FILENAME} exists). Pass "
+                                f"--overwrite to replace it, or use another --model_dir.")
+        for name in ARTEFACTS:
+            p = os.path.join(model_dir, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+
+    write_dir = model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
+    try:
+        return _run(config, spec, strategy, state, chief, write_dir, say, list(callbacks))
+    finally:
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) -> TrainResult:
+    tc, mc = config.train, config.model
+    replicas = strategy.num_replicas_in_sync
+    os.makedirs(os.path.join(write_dir, CHECKPOINT_DIR), exist_ok=True)
+    if chief:
+        qcb.write_json(os.path.join(write_dir, CONFIG_FILENAME), config.to_dict())
+        spec.save(write_dir)
+
+    keras.utils.set_random_seed(tc.seed)
+    if tc.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    steps = tc.steps_per_epoch or math.ceil(spec.splits[tc.train_split].num_rows / tc.global_batch_size)
+    say(f"qin-tf: training {mc.model} on {spec.dataset} ({spec.splits[tc.train_split].num_rows:,} train rows) "
+        f"with {strategy_name(strategy)}, num_replicas_in_sync={replicas}, global batch "
+        f"{tc.global_batch_size} ({tc.global_batch_size // replicas} per replica), {steps} steps per epoch")
+
+    with strategy.scope():
+        model = build_model(spec, mc)
+        optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
+        optimizer.build(model.trainable_variables)
+        loop = TrainLoop(model, optimizer, strategy, global_batch_size=tc.global_batch_size,
+                         clipnorm=tc.clipnorm)
+    say(f"model {model.name}: {model.count_params():,} parameters "
+        f"({sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} trainable)")
+
+    evaluator = SplitEvaluator(spec, tc.valid_split, tc.resolved_eval_batch_size)
+    ckpt_dir = os.path.join(write_dir, CHECKPOINT_DIR)
+    plateau = qcb.PlateauSchedule(
+        optimizer, monitor=MONITOR, min_delta=tc.min_delta, factor=tc.lr_decay_factor, min_lr=tc.min_lr,
+        patience=tc.patience, print_fn=say,
+        on_improvement=lambda epoch: _save_weights_atomic(model, os.path.join(ckpt_dir, BEST_CHECKPOINT)))
+    history = qcb.History()
+    all_variables = lambda: list(model.variables) + list(optimizer.variables)  # noqa: E731
+    backup = qcb.TrainingBackup(
+        os.path.join(write_dir, BACKUP_DIR), variables=all_variables,
+        state_fn=lambda: {"plateau": plateau.get_state(), "history": history.get_state()},
+        best_epoch_fn=lambda: plateau.best_epoch)
+
+    class _Latest(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            _save_weights_atomic(model, os.path.join(ckpt_dir, LATEST_CHECKPOINT))
+
+    cbs = [qcb.ProgressLogger(epochs=tc.epochs, steps_per_epoch=steps, global_batch_size=tc.global_batch_size,
+                              every_steps=tc.log_every_steps, print_fn=say),
+           plateau, history, _Latest(), backup,
+           qcb.TensorBoardLogger(os.path.join(write_dir, LOG_DIR), steps_per_epoch=steps), *extra_callbacks]
+    callback_list = keras.callbacks.CallbackList(cbs, model=model)
+
+    initial_epoch, finished = 0, False
+    if state is not None:
+        best_weights = qcb.TrainingBackup.restore(os.path.join(tc.model_dir, BACKUP_DIR), state,
+                                                  all_variables(), model.weights)
+        plateau.set_state(state["callbacks"]["plateau"])
+        plateau.best_weights = best_weights
+        history.set_state(state["callbacks"]["history"])
+        initial_epoch = int(state["next_epoch"])
+        finished = bool(state["stopped"]) or initial_epoch >= tc.epochs
+        say(f"resumed from {os.path.join(tc.model_dir, BACKUP_DIR)}: {initial_epoch} epochs done"
+            + (" (training had finished)" if finished else ""))
+
+    model.stop_training = False
+    t_start = time.perf_counter()
+    callback_list.on_train_begin()
+    epoch = initial_epoch
+    while not finished and epoch < tc.epochs:
+        callback_list.on_epoch_begin(epoch)
+        loop.auc.reset_state()
+        lr = plateau.learning_rate
+        seed = _epoch_seed(tc.seed, epoch)
+
+        def dataset_fn(ctx, seed=seed):
+            return make_dataset(spec, tc.train_split, tc.global_batch_size, training=True, input_context=ctx,
+                                seed=seed, repeat=True, drop_remainder=True)
+
+        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+        chunk = tc.log_every_steps or steps
+        done_steps, loss_sum = 0, 0.0
+        while done_steps < steps:
+            n = min(chunk, steps - done_steps)
+            total, done, last = loop.run(iterator, tf.constant(n))
+            done, last = int(done), float(last)
+            if not math.isfinite(last):
+                last_good = (f"the last good state is the backup after epoch {epoch} in "
+                             f"{os.path.join(tc.model_dir, BACKUP_DIR)}" if epoch else "no epoch had finished")
+                raise NonFiniteLossError(
+                    f"the training loss is {last} at epoch {epoch + 1}, step {done_steps + done} "
+                    f"(global step {epoch * steps + done_steps + done}): training diverged. Lower "
+                    f"--learning_rate (now {lr:g}) or check the data; {last_good}.")
+            done_steps += done
+            loss_sum += float(total)
+            callback_list.on_train_batch_end(done_steps - 1, {"loss": loss_sum / done_steps,
+                                                              "auc": float(loop.auc.result())})
+        val, _ = evaluator.evaluate(model)
+        logs = {"loss": loss_sum / steps, "auc": float(loop.auc.result()), "lr": lr}
+        logs.update({f"val_{k}": val[k] for k in ("auc", "logloss", "gauc") if k in val})
+        callback_list.on_epoch_end(epoch, logs)
+        epoch += 1
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
+    plateau.restore_best()
+    train_seconds = time.perf_counter() - t_start
+
+    metrics = None
+    if chief:
+        metrics = _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds)
+        shutil.rmtree(os.path.join(write_dir, BACKUP_DIR), ignore_errors=True)
+    return TrainResult(model=model, metrics=metrics, history=history.get_state(), is_chief=chief,
+                       num_replicas_in_sync=strategy.num_replicas_in_sync)
+
+
+def _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds) -> dict:
+    """Chief only: final evaluation, best.keras, curves.png, metrics.json, export."""
+    tc, mc = config.train, config.model
+    splits, skipped, calibration = {}, {}, {}
+    order = [tc.valid_split] + sorted(s for s in spec.splits if s not in (tc.train_split, tc.valid_split))
+    for split in order:
+        if not spec.splits[split].labelled:
+            skipped[split] = "unlabelled"
+            say(f"split `{split}` has no labels: no metrics")
+            continue
+        m, cal = SplitEvaluator(spec, split, tc.resolved_eval_batch_size).evaluate(model)
+        splits[split], calibration[split] = m, cal
+        say(f"best model on {split}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
+            f"gAUC {m.get('gauc', float('nan')):.4f}  ({m['num_examples']:,} rows)")
+
+    tmp = os.path.join(write_dir, "best.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, os.path.join(write_dir, MODEL_FILENAME))
+    best_epoch = plateau.best_epoch + 1 if plateau.best_epoch is not None else None
+    records = history.get_state()
+    report.plot_curves(records, calibration, os.path.join(write_dir, CURVES_FILENAME), best_epoch=best_epoch,
+                       title=f"{mc.model} on {spec.dataset}")
+    metrics = {
+        "model": mc.model,
+        "dataset": spec.dataset,
+        "best_epoch": best_epoch,
+        "epochs_run": len(records),
+        "stopped_early": plateau.stopped_epoch is not None,
+        "monitor": f"{tc.valid_split} auc",
+        "strategy": strategy_name(strategy),
+        "num_replicas_in_sync": strategy.num_replicas_in_sync,
+        "train_seconds": train_seconds,
+        "splits": splits,
+        "skipped_splits": skipped,
+        "history": records,
+    }
+    qcb.write_json(os.path.join(write_dir, METRICS_FILENAME), metrics)
+    say(f"wrote {os.path.join(write_dir, METRICS_FILENAME)}, {MODEL_FILENAME}, {CURVES_FILENAME}")
+    if tc.export_base:
+        try:
+            from export.exporter import export_from_model_dir
+        except ImportError as e:
+            raise TrainingError(f"--export_base needs export.exporter ({e}).") from None
+        try:
+            path = export_from_model_dir(write_dir, tc.export_base, data_dir=tc.data_dir)
+        except Exception as e:  # the run itself succeeded: say so, and how to retry the export
+            raise TrainingError(f"training finished ({os.path.join(write_dir, METRICS_FILENAME)}), but the export "
+                                f"to {tc.export_base} failed: {e}. Retry it with: python -m export.exporter "
+                                f"--model_dir={write_dir} --export_base={tc.export_base}") from e
+        metrics["export"] = path
+        qcb.write_json(os.path.join(write_dir, METRICS_FILENAME), metrics)
+        say(f"exported the best model to {path}")
+    return metrics

@@ -1,0 +1,372 @@
+"""Training on the bundled sample: the CLI end to end, flags, schedule, resume, NaN.
+
+The end-to-end run is the command a user runs (``python -m qin_tf.train
+--flagfile=configs/sample.flags``) in a subprocess, on the sample that
+``tests/conftest.py`` preprocesses (max_len 16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from absl import flags
+
+from qin_tf import train
+from qin_tf.config import ExperimentConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_FLAGS = os.path.join(REPO, "configs", "sample.flags")
+
+# Kills the process (no cleanup, like a preempted machine) right after the
+# backup of epoch 2 is written; otherwise the same run as the CLI.
+KILLED_RUN = textwrap.dedent("""
+    import os, sys
+    import keras
+    from absl import flags
+    from qin_tf import train
+    fv = flags.FlagValues(); train.define_flags(fv); train.parse_flags(sys.argv, fv)
+    config = train.config_from_flags(fv)
+    from qin_tf import task
+
+    class Kill(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                os._exit(3)
+
+    task.run(config, strategy=task.create_strategy(config.train.strategy), callbacks=[Kill()])
+""")
+
+
+def _env():
+    env = dict(os.environ)
+    for k in ("TF_CONFIG", "QIN_TF_VERBOSE"):
+        env.pop(k, None)
+    return env
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "qin_tf.train", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sample_args(spec, model_dir, *extra):
+    return [f"--flagfile={SAMPLE_FLAGS}", f"--data_dir={spec.base_dir}", f"--model_dir={model_dir}", *extra]
+
+
+def read_metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def split_arrays(spec, split, names):
+    """Columns ``names`` (and the label) of a split, read back from its TFRecords."""
+    from qin_tf.data import make_dataset
+
+    cols = {n: [] for n in names}
+    labels = []
+    for feats, label in make_dataset(spec, split, 512, training=False, with_meta=True):
+        for n in names:
+            cols[n].append(feats[n].numpy())
+        labels.append(label.numpy())
+    return {n: np.concatenate(v) for n, v in cols.items()}, np.concatenate(labels)
+
+
+@pytest.fixture(scope="module")
+def sample_run(sample_spec, tmp_path_factory):
+    """``python -m qin_tf.train --flagfile=configs/sample.flags`` on the sample."""
+    model_dir = str(tmp_path_factory.mktemp("runs") / "qin")
+    proc = run_cli(*sample_args(sample_spec, model_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return model_dir, proc
+
+
+# --------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------
+
+
+def test_cli_writes_every_artefact_with_a_clean_console(sample_run):
+    model_dir, proc = sample_run
+    assert proc.stderr == "", proc.stderr  # no TensorFlow import noise, no warnings
+    for name in ("config.json", "feature_spec.json", "checkpoints/best.weights.h5",
+                 "checkpoints/latest.weights.h5", "best.keras", "metrics.json", "curves.png"):
+        assert os.path.getsize(os.path.join(model_dir, name)) > 0, name
+    assert not os.path.exists(os.path.join(model_dir, "backup"))  # removed once the run is complete
+    for sub in ("train", "valid"):
+        events = os.listdir(os.path.join(model_dir, "logs", sub))
+        assert any(e.startswith("events.out.tfevents") for e in events), events
+    with open(os.path.join(model_dir, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "num_replicas_in_sync=1" in proc.stdout
+    assert "epoch 1/" in proc.stdout and "done: best epoch" in proc.stdout
+
+
+def test_resolved_config_json_is_flagfile_plus_overrides(sample_run, sample_spec):
+    model_dir, _ = sample_run
+    with open(os.path.join(model_dir, "config.json")) as f:
+        saved = json.load(f)
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", *sample_args(sample_spec, model_dir)], fv)
+    assert saved == train.config_from_flags(fv).to_dict()
+    assert ExperimentConfig.from_dict(saved) == train.config_from_flags(fv)
+    assert saved["model"]["embedding_dim"] == 16          # from the flagfile
+    assert saved["train"]["data_dir"] == sample_spec.base_dir  # explicit flag over the flagfile
+    assert saved["train"]["clipnorm"] == 10.0             # default
+
+
+def test_qin_learns_and_beats_views_level_alone(sample_run, sample_spec):
+    from qin_tf import metrics as qm
+
+    model_dir, _ = sample_run
+    m = read_metrics(model_dir)
+    hist = m["history"]
+    assert m["model"] == "qin" and m["num_replicas_in_sync"] == 1 and m["strategy"] == "one_device"
+    assert len(hist) == m["epochs_run"] >= 3
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+    assert hist[m["best_epoch"] - 1]["val_logloss"] < hist[0]["val_logloss"]
+
+    # the context feature alone, scored by its raw value, on the sample's test split
+    context = sample_spec.context[0]
+    cols, labels = split_arrays(sample_spec, "test", [context])
+    baseline = qm.auc(labels, cols[context])
+    assert 0.6 < baseline < 0.7  # 0.659 on this sample
+    test = m["splits"]["test"]
+    assert test["auc"] > baseline, (test["auc"], baseline)
+    assert test["num_examples"] == sample_spec.splits["test"].num_rows
+    assert test["gauc_groups"] > 0 and 0.5 < test["gauc"] < 1.0
+    assert 0.3 < test["logloss"] < 0.7
+
+
+def test_schedule_and_best_epoch_in_the_real_run(sample_run):
+    model_dir, _ = sample_run
+    m = read_metrics(model_dir)
+    hist = m["history"]
+    with open(os.path.join(model_dir, "config.json")) as f:
+        tc = json.load(f)["train"]
+    # the best epoch is the first epoch with the highest valid AUC
+    aucs = [r["val_auc"] for r in hist]
+    assert m["best_epoch"] == 1 + int(np.argmax(aucs))
+    # the learning rate halves after each epoch without improvement, else stays
+    best = -np.inf
+    for prev, cur in zip(hist, hist[1:]):
+        improved = prev["val_auc"] >= best + tc["min_delta"]
+        best = max(best, prev["val_auc"]) if improved else best
+        expected = prev["lr"] if improved else max(prev["lr"] * tc["lr_decay_factor"], tc["min_lr"])
+        assert cur["lr"] == pytest.approx(expected, rel=1e-6)
+    if m["stopped_early"]:
+        assert len(hist) - m["best_epoch"] == tc["patience"]
+    # reported valid metrics are those of the best epoch (its weights were restored)
+    assert m["splits"]["valid"]["auc"] == pytest.approx(hist[m["best_epoch"] - 1]["val_auc"], abs=1e-9)
+    assert m["splits"]["valid"]["logloss"] == pytest.approx(hist[m["best_epoch"] - 1]["val_logloss"], abs=1e-9)
+
+
+def test_best_keras_reloads_with_the_best_weights(sample_run, sample_spec):
+    import keras
+
+    import qin_tf.model  # noqa: F401  (registers the layers)
+    from qin_tf import metrics as qm
+
+    model_dir, _ = sample_run
+    model = keras.saving.load_model(os.path.join(model_dir, "best.keras"), compile=False)
+    names = list(sample_spec.model_feature_names)
+    cols, labels = split_arrays(sample_spec, "valid", names)
+    preds = np.asarray(model.predict(cols, batch_size=256, verbose=0)).reshape(-1)
+    assert qm.auc(labels, preds) == pytest.approx(read_metrics(model_dir)["splits"]["valid"]["auc"], abs=1e-6)
+
+
+def test_din_trains_without_test_labels_and_exports(sample_spec, tmp_path, capsys):
+    # the sample with its test split marked unlabelled, as the challenge's is
+    data_dir = tmp_path / "data"
+    shutil.copytree(sample_spec.base_dir, data_dir)
+    spec = json.loads((data_dir / "feature_spec.json").read_text())
+    spec["splits"]["test"]["labelled"] = False
+    (data_dir / "feature_spec.json").write_text(json.dumps(spec))
+
+    model_dir, export_base = str(tmp_path / "din"), str(tmp_path / "serving")
+    rc = train.cli(["train", f"--flagfile={SAMPLE_FLAGS}", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                    "--model=din", "--din_attention_units=32,16", "--din_dnn_units=64,32",
+                    f"--export_base={export_base}"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    m = read_metrics(model_dir)
+    assert m["model"] == "din"
+    hist = m["history"]
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+    assert max(r["val_auc"] for r in hist) > hist[0]["val_auc"] + 0.05
+    assert m["splits"]["valid"]["auc"] > 0.65
+    # the unlabelled split gets no metrics, and says so
+    assert list(m["splits"]) == ["valid"] and m["skipped_splits"] == {"test": "unlabelled"}
+    assert "split `test` has no labels: no metrics" in out.out
+    # --export_base: the chief exported the best model as SavedModel version 1
+    assert m["export"] == os.path.join(export_base, "1")
+    assert os.path.exists(os.path.join(export_base, "1", "saved_model.pb"))
+
+
+# --------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------
+
+
+def test_flag_precedence_defaults_flagfile_explicit(tmp_path):
+    flagfile = tmp_path / "exp.flags"
+    flagfile.write_text("# a comment\n--learning_rate=0.01\n--embedding_dim=8\n--epochs=3\n"
+                        "--din_dnn_units=32,16\n--clipnorm=none\n")
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    # the explicit --epochs stands BEFORE the flagfile and still wins
+    train.parse_flags(["train", "--epochs=7", f"--flagfile={flagfile}", "--attention_dim=12",
+                       "--nobatch_norm"], fv)
+    cfg = train.config_from_flags(fv)
+    assert cfg.train.epochs == 7                      # explicit > flagfile
+    assert cfg.train.learning_rate == 0.01            # flagfile > default
+    assert cfg.model.embedding_dim == 8
+    assert cfg.model.din_dnn_units == (32, 16)
+    assert cfg.train.clipnorm is None
+    assert cfg.model.attention_dim == 12
+    assert cfg.model.batch_norm is False
+    assert cfg.model.num_layers == 4                  # default
+    assert cfg.train.global_batch_size == 8192
+    assert cfg.train.patience == 8
+
+
+def test_every_config_field_is_a_flag():
+    import dataclasses
+
+    from qin_tf.config import ModelConfig, TrainConfig
+
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    for cls in (ModelConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            assert fv[f.name].default == f.default, f.name
+            assert fv[f.name].help, f.name
+
+
+def test_bad_flags_exit_with_a_message(capsys):
+    assert train.cli(["train", "--dropout=1.5", "--data_dir=x", "--model_dir=y"]) == 1
+    assert "`dropout` must be in [0, 1). Received: dropout=1.5" in capsys.readouterr().err
+    assert train.cli(["train", "--strategy=tpu"]) == 1
+    assert "`strategy` must be one of" in capsys.readouterr().err
+    assert train.cli(["train", "--no_such_flag=1"]) == 2
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    rc = train.cli(["train", f"--data_dir={tmp_path / 'nope'}", f"--model_dir={tmp_path / 'm'}"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "no feature spec here; run `python -m pipelines.preprocess` first" in err
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(sample_run, sample_spec, capsys):
+    model_dir, _ = sample_run
+    before = os.path.getmtime(os.path.join(model_dir, "metrics.json"))
+    rc = train.cli(["train", *sample_args(sample_spec, model_dir, "--nooverwrite")])
+    assert rc == 1
+    assert "holds a finished run" in capsys.readouterr().err
+    assert os.path.getmtime(os.path.join(model_dir, "metrics.json")) == before
+
+
+# --------------------------------------------------------------------------
+# Learning-rate schedule, early stopping, restore best (crafted sequence)
+# --------------------------------------------------------------------------
+
+
+def test_plateau_schedule_on_a_crafted_sequence():
+    import keras
+
+    from qin_tf.callbacks import PlateauSchedule
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    opt = keras.optimizers.Adam(learning_rate=1e-2)
+    opt.build(model.trainable_variables)
+    messages = []
+    improved_at = []
+    cb = PlateauSchedule(opt, min_delta=1e-6, factor=0.5, min_lr=2e-3, patience=3,
+                         on_improvement=improved_at.append, print_fn=messages.append)
+    cb.set_model(model)
+    model.stop_training = False
+    best = 0.65
+    sequence = [0.60, 0.65, best + 5e-7,  # below best + min_delta: no improvement
+                best + 1e-6,              # exactly best + min_delta: improvement
+                0.64, 0.6499, 0.65,       # 3 epochs in a row without improvement: stop
+                0.70]                     # never reached
+    lrs, stopped = [], None
+    for epoch, value in enumerate(sequence):
+        for w in model.weights:  # mark the weights with the epoch
+            w.assign(np.full(w.shape, float(epoch)))
+        lrs.append(cb.learning_rate)
+        logs = {"val_auc": value}
+        cb.on_epoch_end(epoch, logs)
+        assert logs["best_val_auc"] == cb.best
+        if model.stop_training:
+            stopped = epoch
+            break
+    # halved after epochs 3, 5, 6, 7 (1-based); 1.25e-3 and 1e-3 floored at min_lr 2e-3
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3, 5e-3, 2.5e-3, 2e-3])
+    assert cb.learning_rate == pytest.approx(2e-3)
+    assert stopped == 6 and cb.stopped_epoch == 6
+    assert cb.best_epoch == 3 and cb.best == best + 1e-6
+    assert improved_at == [0, 1, 3]
+    assert cb.wait == 3
+    cb.restore_best()
+    for w in model.weights:
+        assert np.all(keras.ops.convert_to_numpy(w) == 3.0)
+    assert any("early stop after epoch 7" in m for m in messages)
+    # the state survives a backup round trip
+    other = PlateauSchedule(opt, patience=3)
+    other.set_state(json.loads(json.dumps(cb.get_state())))
+    assert other.get_state() == cb.get_state()
+
+
+# --------------------------------------------------------------------------
+# Resume after a kill; NaN
+# --------------------------------------------------------------------------
+
+
+def test_killed_run_resumes_to_the_same_result(sample_run, sample_spec, tmp_path, capsys):
+    model_dir = str(tmp_path / "killed")
+    args = sample_args(sample_spec, model_dir)
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    with open(os.path.join(model_dir, "backup", "state.json")) as f:
+        state = json.load(f)
+    assert state["next_epoch"] == 2 and not os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+    # resuming with another configuration is refused
+    rc = train.cli(["train", *args, "--embedding_dim=8"])
+    assert rc == 1
+    assert "different configuration (model.embedding_dim: 16 -> 8)" in capsys.readouterr().err
+
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "2 epochs done" in proc.stdout
+    assert "epoch 1/" not in proc.stdout and "epoch 3/" in proc.stdout
+    resumed, uninterrupted = read_metrics(model_dir), read_metrics(sample_run[0])
+    assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+    assert len(resumed["history"]) == len(uninterrupted["history"])
+    for a, b in zip(resumed["history"], uninterrupted["history"]):
+        for k in ("loss", "val_auc", "val_logloss", "val_gauc", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["epoch"], k)
+    for split in ("valid", "test"):
+        for k in ("auc", "logloss", "gauc"):
+            assert resumed["splits"][split][k] == pytest.approx(uninterrupted["splits"][split][k], abs=1e-7)
+
+
+def test_nan_loss_stops_with_a_clear_message(sample_spec, tmp_path, capsys):
+    model_dir = str(tmp_path / "nan")
+    rc = train.cli(["train", *sample_args(sample_spec, model_dir, "--learning_rate=1e30", "--epochs=2")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "error: the training loss is nan at epoch 1, step" in err
+    assert "training diverged. Lower --learning_rate (now 1e+30)" in err
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+    assert not os.path.exists(os.path.join(model_dir, "best.keras"))
