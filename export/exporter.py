@@ -1,0 +1,502 @@
+"""Exports a trained model as a SavedModel that TensorFlow Serving loads as is.
+
+    python -m export.exporter --model_dir=runs/sample/model --export_base=runs/sample/export \
+        --data_dir=runs/sample/data
+
+reads ``model_dir/best.keras`` and ``model_dir/feature_spec.json`` (what
+``qin_tf.train`` leaves; ``--data_dir``, the preprocessed data, gives the
+warmup rows) and writes ``export_base/<version>/``, the layout
+``tensorflow_model_server --model_base_path=export_base`` watches:
+
+    <version>/saved_model.pb, variables/       the inference graph and weights
+    <version>/assets/feature_spec.json         the feature spec the model was trained on
+    <version>/assets.extra/tf_serving_warmup_requests
+                                               PredictionLog records TF Serving replays
+                                               before it marks the version AVAILABLE
+
+Signatures (every input and output is named; no ``inputs_1`` / ``output_0``):
+
+* ``serving_default``: one input per model feature of the spec
+  (``spec.model_features``: the target item, the behaviour sequence, the
+  context ids), int64, shape ``[batch]`` or ``[batch, max_len]``; output
+  ``ctr``, float32 ``[batch]``, the click probability.
+* ``predict_examples``: input ``examples``, string ``[batch]``, serialized
+  ``tf.train.Example`` in the TFRecord schema of ``pipelines.preprocess``
+  (label and meta may be present and are ignored); same output ``ctr``.
+
+The graph is the model's inference branch (``training=False``: no dropout,
+batch normalisation from its moving statistics) with the QNN's R rows summed
+into one kernel (:func:`fold_quadratic_rows`); the item table is a frozen
+weight inside it; it needs no Python to load: no custom ops, no qin_tf, no
+Keras custom objects, and it loads through TF1's Session loader, the path
+TF Serving's C++ loader follows. Before a version is published, it is
+reloaded and both signatures are checked against the Keras model.
+
+Ids the model has never seen are handled inside the graph as in training:
+context ids at or beyond the vocabulary map to the out-of-vocabulary row,
+item ids beyond the table to padding.
+
+A version is written to a hidden temporary directory inside ``export_base``
+(TF Serving only loads directories named by a number) and renamed into
+place once complete, so a server never sees a half-written version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Iterable, Mapping, Sequence
+
+from absl import logging
+
+from qin_tf.spec import SPEC_FILENAME, FeatureSpec
+
+#: Name of the per-feature signature (TF Serving's default).
+SERVING_SIGNATURE = "serving_default"
+#: Name of the serialized-``tf.train.Example`` signature.
+EXAMPLES_SIGNATURE = "predict_examples"
+#: Input of :data:`EXAMPLES_SIGNATURE`.
+EXAMPLES_INPUT = "examples"
+#: The one output of both signatures.
+OUTPUT = "ctr"
+#: TF Serving's method name for Predict signatures.
+PREDICT_METHOD_NAME = "tensorflow/serving/predict"
+#: The SavedModel tag TF Serving loads.
+SERVE_TAG = "serve"
+#: Where TF Serving looks for warmup records, relative to the version directory.
+WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
+#: The feature spec inside the export, relative to the version directory.
+SPEC_ASSET_PATH = os.path.join("assets", SPEC_FILENAME)
+#: Rows used for warmup requests (TF Serving accepts at most 1000 records).
+DEFAULT_WARMUP_ROWS = 8
+#: The model file ``qin_tf.train`` leaves in its model_dir.
+MODEL_FILENAME = "best.keras"
+
+
+@contextlib.contextmanager
+def _quiet_tf_logging():
+    """Hides TensorFlow's INFO lines while it saves (absl logging), unless QIN_TF_VERBOSE is set."""
+    old = logging.get_verbosity()
+    if os.environ.get("QIN_TF_VERBOSE") or old != logging.INFO:
+        yield
+        return
+    logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(old)
+
+
+class ExportError(RuntimeError):
+    """The model, the spec or the export directory does not allow an export."""
+
+
+# --------------------------------------------------------------------------
+# Versions
+# --------------------------------------------------------------------------
+
+
+def list_versions(export_base: str) -> list[int]:
+    """The complete versions in ``export_base``, ascending (numeric directory names)."""
+    if not os.path.isdir(export_base):
+        return []
+    out = []
+    for name in os.listdir(export_base):
+        if name.isdigit() and os.path.isdir(os.path.join(export_base, name)):
+            out.append(int(name))
+    return sorted(out)
+
+
+def latest_version_dir(export_base: str) -> str:
+    """The directory of the newest version in ``export_base`` (TF Serving's default policy)."""
+    versions = list_versions(export_base)
+    if not versions:
+        raise ExportError(f"{export_base}: no SavedModel version here (no directory named by a number); "
+                          "run `python -m export.exporter` first.")
+    return os.path.join(export_base, str(versions[-1]))
+
+
+# --------------------------------------------------------------------------
+# Signatures
+# --------------------------------------------------------------------------
+
+
+def serving_input_signature(spec: FeatureSpec) -> dict:
+    """``tf.TensorSpec`` of each model feature, batch dimension ``None``, named as the feature."""
+    import tensorflow as tf
+
+    return {f.name: tf.TensorSpec([None, *f.shape], tf.dtypes.as_dtype(f.dtype), name=f.name)
+            for f in spec.model_features}
+
+
+def example_parse_spec(spec: FeatureSpec) -> dict:
+    """``tf.io.parse_example`` features of the model inputs only (label and meta not required)."""
+    from qin_tf.data import example_parse_spec as data_parse_spec
+
+    return data_parse_spec(spec, labelled=False, with_meta=False)
+
+
+def _serving_module(model, spec: FeatureSpec, spec_asset_file: str):
+    """A ``tf.Module`` holding the model, the spec asset and the two signature functions."""
+    import tensorflow as tf
+
+    names = spec.model_feature_names
+    parse_spec = example_parse_spec(spec)
+
+    def ctr(features):
+        y = model({n: features[n] for n in names}, training=False)
+        if isinstance(y, Mapping):
+            y = y[OUTPUT]
+        # [batch] or [batch, 1] -> [batch]; reshape, never an axis-less squeeze.
+        return tf.reshape(tf.cast(y, tf.float32), [-1])
+
+    @tf.function(input_signature=[serving_input_signature(spec)])
+    def serve(features):
+        return {OUTPUT: ctr(features)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    def serve_examples(examples):
+        return {OUTPUT: ctr(tf.io.parse_example(examples, parse_spec))}
+
+    # Track the variables the signatures read, not the Keras model object:
+    # saving the model object itself would also save Keras' own variable
+    # wrappers, duplicates that the TF1 / C++ loader (TF Serving's) cannot
+    # match to the graph's variable reads. (keras.export.ExportArchive does
+    # the same; it has no place for an asset, hence this module.)
+    module = tf.Module(name="qin_serving")
+    module.serve = serve
+    module.serve_examples = serve_examples
+    seen, variables = set(), []
+    for fn in (serve.get_concrete_function(), serve_examples.get_concrete_function()):
+        for v in fn.variables:
+            if id(v) not in seen:
+                seen.add(id(v))
+                variables.append(v)
+    module.model_variables = variables
+    module.feature_spec = tf.saved_model.Asset(spec_asset_file)
+    return module
+
+
+# --------------------------------------------------------------------------
+# Warmup
+# --------------------------------------------------------------------------
+
+
+def read_examples(spec: FeatureSpec, num_rows: int, splits: Sequence[str] | None = None) -> list[bytes]:
+    """The first ``num_rows`` serialized examples of the first split whose files exist.
+
+    Splits are tried in the order given (default: test, valid, train, then any
+    other split of the spec). Returns ``[]`` when no split's files are here.
+    """
+    import tensorflow as tf
+
+    order = list(splits) if splits is not None else (
+        [s for s in ("test", "valid", "train") if s in spec.splits]
+        + sorted(s for s in spec.splits if s not in ("test", "valid", "train")))
+    for split in order:
+        files = spec.split_files(split)
+        if not files or not all(tf.io.gfile.exists(f) for f in files):
+            continue
+        ds = tf.data.TFRecordDataset(files, compression_type=spec.compression or "")
+        rows = [r.numpy() for r in ds.take(num_rows)]
+        if rows:
+            return rows
+    return []
+
+
+def parse_examples(spec: FeatureSpec, examples: Sequence[bytes]) -> dict:
+    """Serialized examples -> ``{name: int64 numpy array}`` of the model features."""
+    import tensorflow as tf
+
+    parsed = tf.io.parse_example(tf.constant(list(examples), tf.string), example_parse_spec(spec))
+    return {n: parsed[n].numpy() for n in spec.model_feature_names}
+
+
+def warmup_requests(spec: FeatureSpec, examples: Sequence[bytes], model_name: str = "qin") -> list:
+    """PredictionLogs for both signatures: the first row alone, then all rows as one batch."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    features = parse_examples(spec, examples)
+    logs = []
+    for n in sorted({1, len(examples)}):
+        for signature in (SERVING_SIGNATURE, EXAMPLES_SIGNATURE):
+            req = predict_pb2.PredictRequest()
+            req.model_spec.name = model_name
+            req.model_spec.signature_name = signature
+            if signature == SERVING_SIGNATURE:
+                for name, value in features.items():
+                    req.inputs[name].CopyFrom(tf.make_tensor_proto(value[:n]))
+            else:
+                req.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(list(examples[:n]), dtype=tf.string))
+            logs.append(prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=req)))
+    return logs
+
+
+def _synthetic_examples(spec: FeatureSpec, num_rows: int) -> list[bytes]:
+    """Well-formed examples with valid ids, for when no split's TFRecords are at hand."""
+    import tensorflow as tf
+
+    rows = []
+    for r in range(num_rows):
+        feats = {}
+        for f in spec.model_features:
+            vocab = max(f.vocab_size, 2)
+            if f.shape:  # the r + 1 most recent items, left-padded
+                n = min(r + 1, f.shape[0])
+                values = [0] * (f.shape[0] - n) + [1 + (r + i) % (vocab - 1) for i in range(n)]
+            elif f.role == "target_item":  # never the padding id 0
+                values = [1 + r % (vocab - 1)]
+            else:
+                values = [r % vocab]
+            feats[f.name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+        rows.append(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    return rows
+
+
+def write_warmup(path: str, logs: Iterable) -> None:
+    import tensorflow as tf
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as w:
+        for log in logs:
+            w.write(log.SerializeToString())
+
+
+# --------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------
+
+
+def fold_quadratic_rows(model):
+    """An inference copy of ``model`` whose QNN layers hold the folded ``sum_r W_r``, ``sum_r b_r``.
+
+    A QIN quadratic layer computes ``h = x * sum_r (x W_r + b_r)`` over its R
+    rows; without dropout that is ``x * (x W_sum + b_sum)``. The layer folds
+    its kernel on every call at inference; this folds it once, at export, by
+    rebuilding the model with ``num_row=1`` and the summed weights, so a
+    served request reads a ``[D, D]`` kernel instead of reading and summing a
+    ``[D, R*D]`` one. The result is the same up to float rounding (the export
+    is verified against the original model before it is published).
+
+    Returns ``model`` itself when it has no QNN with R > 1 (e.g. DIN).
+    """
+    import keras
+    import numpy as np
+
+    from qin_tf.layers.qnn import QuadraticNeuralNetwork
+
+    qnns = [layer for layer in model.layers if isinstance(layer, QuadraticNeuralNetwork) and layer.num_row > 1]
+    if not qnns:
+        return model
+    config = model.get_config()
+    names = {layer.name for layer in qnns}
+    for layer_config in config["layers"]:
+        if layer_config["name"] in names:
+            layer_config["config"]["num_row"] = 1
+    folded = {}
+    for qnn in qnns:
+        for q in qnn.quadratic_layers:
+            d, r = q.input_dim, q.num_row
+            folded[q.kernel.path] = np.asarray(q.kernel).reshape(d, r, d).sum(axis=1)
+            folded[q.bias.path] = np.asarray(q.bias).reshape(r, d).sum(axis=0)
+    clone = keras.Model.from_config(config)
+    source = {v.path: v for v in model.weights}
+    if sorted(source) != sorted(v.path for v in clone.weights):
+        raise ExportError("folding the QNN rows changed the model's variables; export with fold_qnn=False.")
+    for v in clone.weights:
+        value = folded[v.path] if v.path in folded else np.asarray(source[v.path])
+        if tuple(value.shape) != tuple(v.shape):
+            raise ExportError(f"folding the QNN rows: `{v.path}` has shape {tuple(v.shape)}, "
+                              f"the folded value {tuple(value.shape)}; export with fold_qnn=False.")
+        v.assign(value)
+    return clone
+
+
+def _check_model(model, spec: FeatureSpec) -> None:
+    names = getattr(model, "input_names", None)
+    if names is None:
+        inputs = model.inputs if isinstance(model.inputs, (list, tuple)) else [model.inputs]
+        names = [getattr(t, "name", "").split(":")[0] for t in inputs]
+    expected = set(spec.model_feature_names)
+    if set(names) != expected:
+        raise ExportError(f"the model's inputs {sorted(names)} are not the feature spec's model features "
+                          f"{sorted(expected)}; was it trained on another spec?")
+
+
+def _verify(export_dir: str, model, spec: FeatureSpec, examples: Sequence[bytes]) -> None:
+    """Reloads the export and checks both signatures against the Keras model on ``examples``."""
+    import numpy as np
+    import tensorflow as tf
+
+    features = parse_examples(spec, examples)
+    want = np.reshape(np.asarray(model({n: tf.constant(v) for n, v in features.items()}, training=False),
+                                 dtype=np.float32), [-1])
+    loaded = tf.saved_model.load(export_dir, tags=[SERVE_TAG])
+    got = loaded.signatures[SERVING_SIGNATURE](**{n: tf.constant(v) for n, v in features.items()})[OUTPUT]
+    got_ex = loaded.signatures[EXAMPLES_SIGNATURE](
+        **{EXAMPLES_INPUT: tf.constant(list(examples), tf.string)})[OUTPUT]
+    for sig, out in ((SERVING_SIGNATURE, got), (EXAMPLES_SIGNATURE, got_ex)):
+        if not np.allclose(out.numpy(), want, rtol=1e-5, atol=1e-6):
+            raise ExportError(f"the exported `{sig}` disagrees with the Keras model: "
+                              f"max |diff| {np.max(np.abs(out.numpy() - want)):.3g}.")
+
+
+def export_model(model, spec: FeatureSpec, export_base: str, version: int | None = None, *,
+                 warmup_examples: Sequence[bytes] | None = None, num_warmup_rows: int = DEFAULT_WARMUP_ROWS,
+                 model_name: str = "qin", verify: bool = True, fold_qnn: bool = True) -> str:
+    """Writes ``model`` as version ``version`` of a TF Serving model in ``export_base``.
+
+    Args:
+        model: a Keras model whose inputs are named as ``spec.model_features``
+            and whose output is the click probability (``[batch]`` or ``[batch, 1]``).
+        spec: the feature spec the model was trained on.
+        export_base: the TF Serving model base path; created if missing.
+        version: the version number (>= 1); default: one more than the newest
+            version there (1 for the first). An existing version is never overwritten.
+        warmup_examples: serialized ``tf.train.Example`` rows for the warmup
+            requests; default: the first ``num_warmup_rows`` rows of the spec's
+            test (or valid, train) split, or, when no split's files are at
+            hand, synthetic rows of valid ids (with a warning).
+        num_warmup_rows: rows per warmup batch (TF Serving replays up to 1000 records).
+        model_name: the ``model_spec.name`` of the warmup requests.
+        verify: reload the export before publishing it and check that both
+            signatures give the Keras model's scores on the warmup rows.
+        fold_qnn: serve QNN layers with their R rows summed into one
+            (:func:`fold_quadratic_rows`); same scores, fewer operations.
+
+    Returns:
+        The path of the new version directory.
+    """
+    import tensorflow as tf
+
+    _check_model(model, spec)
+    if version is not None and (not isinstance(version, int) or version < 1):
+        raise ExportError(f"`version` must be an integer >= 1. Received: version={version!r}")
+    if num_warmup_rows < 1:
+        raise ExportError(f"`num_warmup_rows` must be >= 1. Received: num_warmup_rows={num_warmup_rows}")
+    os.makedirs(export_base, exist_ok=True)
+    existing = list_versions(export_base)
+    if version is None:
+        version = (existing[-1] + 1) if existing else 1
+    final = os.path.join(export_base, str(version))
+    if os.path.exists(final):
+        raise ExportError(f"{final} already exists; versions are immutable, choose another --version.")
+
+    if warmup_examples is None:
+        warmup_examples = read_examples(spec, num_warmup_rows)
+        if not warmup_examples:
+            logging.warning("No TFRecords of the feature spec's splits are reachable from %s; "
+                            "the warmup requests use synthetic rows of valid ids.", spec.base_dir or ".")
+            warmup_examples = _synthetic_examples(spec, num_warmup_rows)
+    warmup_examples = list(warmup_examples)
+    if not warmup_examples:
+        raise ExportError("`warmup_examples` is empty.")
+
+    tmp = os.path.join(export_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    scratch = tempfile.mkdtemp(prefix="qin_export_")
+    try:
+        spec_file = os.path.join(scratch, SPEC_FILENAME)
+        with open(spec_file, "w") as f:
+            f.write(spec.to_json())
+        served = fold_quadratic_rows(model) if fold_qnn else model
+        module = _serving_module(served, spec, spec_file)
+        with _quiet_tf_logging():
+            tf.saved_model.save(
+                module, tmp,
+                signatures={SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples})
+        write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
+        if verify:
+            _verify(tmp, model, spec, warmup_examples)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            raise ExportError(f"could not publish {final}: {e} (was it created concurrently?)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logging.info("Exported version %d to %s", version, final)
+    return final
+
+
+def load_keras_model(model_dir: str):
+    """Loads ``model_dir/best.keras`` with qin-tf's layers registered."""
+    import keras
+
+    import qin_tf.model  # noqa: F401  (registers the qin_tf layers for deserialization)
+
+    path = os.path.join(model_dir, MODEL_FILENAME)
+    if not os.path.exists(path):
+        raise ExportError(f"{path}: no trained model here; run `python -m qin_tf.train` first.")
+    return keras.saving.load_model(path, compile=False)
+
+
+def export_from_model_dir(model_dir: str, export_base: str, version: int | None = None, *,
+                          data_dir: str | None = None, **kwargs) -> str:
+    """Exports the model a training run left in ``model_dir`` (``best.keras``, ``feature_spec.json``).
+
+    Args:
+        model_dir: the training run's directory.
+        export_base: the TF Serving model base path.
+        version: see :func:`export_model`.
+        data_dir: the preprocessed data directory (holding ``feature_spec.json``
+            and the TFRecords) to take the warmup rows from; default: the
+            spec in ``model_dir`` if its split files resolve there.
+        **kwargs: passed to :func:`export_model`.
+    """
+    spec = FeatureSpec.load(model_dir)
+    model = load_keras_model(model_dir)
+    if data_dir is not None and "warmup_examples" not in kwargs:
+        data_spec = FeatureSpec.load(data_dir)
+        if data_spec.model_features != spec.model_features:
+            raise ExportError(f"{data_dir}: its feature spec's model features differ from {model_dir}'s.")
+        rows = read_examples(data_spec, kwargs.get("num_warmup_rows", DEFAULT_WARMUP_ROWS))
+        if not rows:
+            raise ExportError(f"{data_dir}: none of the spec's TFRecord files are there.")
+        kwargs["warmup_examples"] = rows
+    return export_model(model, spec, export_base, version, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    path = export_from_model_dir(FLAGS.model_dir, FLAGS.export_base, FLAGS.version,
+                                 data_dir=FLAGS.data_dir, model_name=FLAGS.model_name)
+    print(path)
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("model_dir", None, "Training run directory (best.keras, feature_spec.json).",
+                        required=True)
+    flags.DEFINE_string("export_base", None, "TF Serving model base path; versions go in numbered "
+                        "subdirectories.", required=True)
+    flags.DEFINE_integer("version", None, "Version number; default: one more than the newest there.",
+                         lower_bound=1)
+    flags.DEFINE_string("data_dir", None, "Preprocessed data directory to take warmup rows from; "
+                        "default: the spec's own split files.")
+    flags.DEFINE_string("model_name", "qin", "model_spec.name of the warmup requests.")
+
+
+if __name__ == "__main__":
+    from qin_tf.runtime import import_tensorflow
+
+    import_tensorflow()
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,370 @@
+"""A local stand-in for TensorFlow Serving's gRPC API, for development and tests.
+
+    python -m export.local_server --model_base_path=runs/sample/export [--port=8500]
+
+**This is not a production server.** Production serving is TensorFlow
+Serving (``tensorflow_model_server``, see export/SERVING.md); this module
+exists so that the client, the export and the request format can be
+developed and tested on machines where the TF Serving binary is not
+installed. It speaks the same protocol, from the official
+``tensorflow-serving-api`` protos:
+
+* ``tensorflow.serving.PredictionService/Predict`` and ``GetModelMetadata``
+  (``metadata_field: "signature_def"``, answered from the SavedModel's own
+  ``saved_model.pb``, exactly the SignatureDefs TF Serving reports);
+* ``tensorflow.serving.ModelService/GetModelStatus``.
+
+It serves one model, the newest version in ``model_base_path`` (TF
+Serving's default version policy), loaded once at start with
+``tf.saved_model.load`` (no model code). Requests are validated against the
+signature before they run; a malformed request gets ``NOT_FOUND`` (unknown
+model or version) or ``INVALID_ARGUMENT`` (unknown signature or output,
+missing or extra inputs, wrong dtype or shape, a batch larger than
+``--max_batch_size``, undecodable tensors or examples) and the server keeps
+serving. It binds 127.0.0.1 unless told otherwise, has no TLS and no
+authentication, and runs each request on its own (no server-side batching).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from concurrent import futures
+from typing import Mapping
+
+from absl import logging
+
+#: Default largest batch one request may carry.
+DEFAULT_MAX_BATCH_SIZE = 4096
+#: gRPC message size limit (both directions), bytes.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class RequestError(Exception):
+    """A request the server refuses; carries the gRPC status code to answer with."""
+
+    def __init__(self, code, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ServedModel:
+    """One SavedModel version: its signatures (callables) and SignatureDefs (protos).
+
+    Args:
+        model_base_path: the TF Serving model base path (numbered versions).
+        model_name: the name requests must address.
+        max_batch_size: largest batch one request may carry.
+    """
+
+    def __init__(self, model_base_path: str, model_name: str = "qin",
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        import tensorflow as tf
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        from export.exporter import SERVE_TAG, latest_version_dir
+
+        if max_batch_size < 1:
+            raise ValueError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
+        self.model_name = model_name
+        self.max_batch_size = max_batch_size
+        self.path = latest_version_dir(model_base_path)
+        self.version = int(os.path.basename(self.path))
+        proto = saved_model_pb2.SavedModel()
+        with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+        graphs = [g for g in proto.meta_graphs if SERVE_TAG in g.meta_info_def.tags]
+        if not graphs:
+            raise ValueError(f"{self.path}: no MetaGraph tagged `{SERVE_TAG}`.")
+        #: name -> SignatureDef, as in the SavedModel (what TF Serving reports).
+        self.signature_defs = dict(graphs[0].signature_def)
+        self._loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])
+        #: name -> concrete function, for the servable signatures (not `__saved_model_init_op`).
+        self.signatures = {k: self._loaded.signatures[k] for k in self._loaded.signatures}
+
+    # ---- request checks ------------------------------------------------------
+
+    def check_model_spec(self, model_spec) -> None:
+        import grpc
+
+        if model_spec.name != self.model_name:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"Servable not found for request: model `{model_spec.name}` "
+                               f"(this server serves `{self.model_name}`).")
+        if model_spec.HasField("version") and model_spec.version.value != self.version:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"Servable not found for request: `{self.model_name}` version "
+                               f"{model_spec.version.value} (available: {self.version}).")
+        if model_spec.version_label:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"Servable not found for request: version label `{model_spec.version_label}` "
+                               "(this server defines no labels).")
+
+    def _decode_inputs(self, signature_name: str, inputs: Mapping) -> dict:
+        """TensorProtos -> numpy arrays, checked against the SignatureDef."""
+        import grpc
+        import tensorflow as tf
+
+        sig = self.signature_defs[signature_name]
+        expected, given = set(sig.inputs), set(inputs)
+        if given != expected:
+            missing, extra = sorted(expected - given), sorted(given - expected)
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"signature `{signature_name}` takes inputs {sorted(expected)}; "
+                               f"missing {missing}, unexpected {extra}.")
+        out, batch = {}, None
+        for name in sorted(expected):
+            info, tensor = sig.inputs[name], inputs[name]
+            if tensor.dtype != info.dtype:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input `{name}` must be {tf.dtypes.as_dtype(info.dtype).name}; "
+                                   f"received {_dtype_name(tensor.dtype)}.")
+            try:
+                value = tf.make_ndarray(tensor)
+            except Exception as e:  # malformed TensorProto: content size does not match shape, ...
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input `{name}` is not a decodable tensor: {e}") from None
+            want = [d.size for d in info.tensor_shape.dim]
+            if value.ndim != len(want) or any(w >= 0 and w != g for w, g in zip(want[1:], value.shape[1:])):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input `{name}` must have shape {_shape_str(want)}; received {list(value.shape)}.")
+            if batch is None:
+                batch = value.shape[0]
+            elif value.shape[0] != batch:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"inputs disagree on the batch size: `{name}` has {value.shape[0]} rows, "
+                                   f"the others {batch}.")
+            out[name] = value
+        if batch is not None and batch > self.max_batch_size:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"batch of {batch} rows exceeds the server's max_batch_size {self.max_batch_size}.")
+        return out
+
+    # ---- RPCs ----------------------------------------------------------------
+
+    def predict(self, request):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        self.check_model_spec(request.model_spec)
+        signature_name = request.model_spec.signature_name or "serving_default"
+        if signature_name not in self.signatures:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Serving signature key `{signature_name}` not found; this model has "
+                               f"{sorted(self.signatures)}.")
+        sig = self.signature_defs[signature_name]
+        outputs = list(request.output_filter) or sorted(sig.outputs)
+        unknown = sorted(set(outputs) - set(sig.outputs))
+        if unknown:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"output_filter names {unknown}, not outputs of `{signature_name}` "
+                               f"({sorted(sig.outputs)}).")
+        inputs = self._decode_inputs(signature_name, request.inputs)
+        try:
+            result = self.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
+        except tf.errors.InvalidArgumentError as e:  # e.g. undecodable or incomplete tf.train.Example
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, e.message) from None
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = self.model_name
+        response.model_spec.version.value = self.version
+        response.model_spec.signature_name = signature_name
+        for key in outputs:
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(result[key].numpy()))
+        return response
+
+    def get_model_metadata(self, request):
+        import grpc
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        self.check_model_spec(request.model_spec)
+        fields = list(request.metadata_field)
+        if not fields:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "GetModelMetadataRequest must specify at least one metadata_field.")
+        unsupported = sorted(set(fields) - {"signature_def"})
+        if unsupported:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"metadata_field {unsupported} is not supported; only `signature_def` is.")
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.model_name
+        response.model_spec.version.value = self.version
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        for k, v in self.signature_defs.items():
+            sig_map.signature_def[k].CopyFrom(v)
+        response.metadata["signature_def"].Pack(sig_map)
+        return response
+
+    def get_model_status(self, request):
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        self.check_model_spec(request.model_spec)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        status = response.model_version_status.add()
+        status.version = self.version
+        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        status.status.error_code = 0  # OK
+        return response
+
+
+def _dtype_name(enum_value: int) -> str:
+    import tensorflow as tf
+
+    try:
+        return tf.dtypes.as_dtype(enum_value).name
+    except TypeError:
+        return f"dtype enum {enum_value}"
+
+
+def _shape_str(dims) -> str:
+    return "[" + ", ".join("batch" if i == 0 else ("?" if d < 0 else str(d)) for i, d in enumerate(dims)) + "]"
+
+
+def _handler(method):
+    """Wraps a ServedModel RPC: RequestError -> its status code, anything else -> INTERNAL."""
+    import grpc
+
+    def rpc(self, request, context):
+        try:
+            return method(self.model, request)
+        except RequestError as e:
+            context.abort(e.code, str(e))
+        except Exception as e:  # keep serving; report the failure to this caller only
+            logging.exception("request failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return rpc
+
+
+def _servicers(model: ServedModel):
+    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+    class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        Predict = _handler(ServedModel.predict)
+        GetModelMetadata = _handler(ServedModel.get_model_metadata)
+
+    class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        GetModelStatus = _handler(ServedModel.get_model_status)
+
+    prediction, status = PredictionService(), ModelService()
+    prediction.model = status.model = model
+    return prediction, status
+
+
+class LocalServer:
+    """The gRPC server around a :class:`ServedModel`; a context manager.
+
+    Example::
+
+        with LocalServer("runs/sample/export", port=0) as server:
+            print(server.address)   # "127.0.0.1:<free port>"
+
+    Args:
+        model_base_path: the TF Serving model base path.
+        host: interface to bind; loopback by default.
+        port: TCP port; 0 picks a free one (see :attr:`port` after start).
+        model_name, max_batch_size: see :class:`ServedModel`.
+        max_workers: threads answering requests concurrently.
+    """
+
+    def __init__(self, model_base_path: str, *, host: str = "127.0.0.1", port: int = 8500,
+                 model_name: str = "qin", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_workers: int = 16):
+        if max_workers < 1:
+            raise ValueError(f"`max_workers` must be >= 1. Received: max_workers={max_workers}")
+        self.model = ServedModel(model_base_path, model_name, max_batch_size)
+        self.host = host
+        self.port = port
+        self.max_workers = max_workers
+        self._server = None
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> "LocalServer":
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        with self._lock:
+            if self._server is not None:
+                return self
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="local_server"),
+                options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                         ("grpc.so_reuseport", 0)])
+            prediction, status = _servicers(self.model)
+            prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
+            model_service_pb2_grpc.add_ModelServiceServicer_to_server(status, server)
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            port = server.add_insecure_port(f"{host}:{self.port}")
+            if port == 0:
+                raise OSError(f"could not bind {host}:{self.port}")
+            self.port = port
+            server.start()
+            self._server = server
+        logging.info("Serving model `%s` version %d from %s on %s (development server; "
+                     "production serving is TF Serving).", self.model.model_name, self.model.version,
+                     self.model.path, self.address)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        with self._lock:
+            if self._server is not None:
+                self._server.stop(grace).wait()
+                self._server = None
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    server = LocalServer(FLAGS.model_base_path, host=FLAGS.host, port=FLAGS.port,
+                         model_name=FLAGS.model_name, max_batch_size=FLAGS.max_batch_size,
+                         max_workers=FLAGS.max_workers).start()
+    # SIGTERM (docker stop, kill) and SIGINT (Ctrl-C) stop it gracefully.
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.stop).start())
+    print(f"Serving `{server.model.model_name}` version {server.model.version} on {server.address} "
+          "(development server; production serving is TF Serving). Ctrl-C stops it.", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("model_base_path", None, "TF Serving model base path (numbered versions); "
+                        "the newest version is served.", required=True)
+    flags.DEFINE_string("host", "127.0.0.1", "Interface to bind. Loopback by default: this "
+                        "development server has no TLS and no authentication.")
+    flags.DEFINE_integer("port", 8500, "gRPC port (TF Serving's default); 0 picks a free one.", lower_bound=0)
+    flags.DEFINE_string("model_name", "qin", "Model name requests must address.")
+    flags.DEFINE_integer("max_batch_size", DEFAULT_MAX_BATCH_SIZE, "Largest batch one request may carry.",
+                         lower_bound=1)
+    flags.DEFINE_integer("max_workers", 16, "Threads answering requests.", lower_bound=1)
+
+
+if __name__ == "__main__":
+    from qin_tf.runtime import import_tensorflow
+
+    import_tensorflow()
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,529 @@
+"""Batch scoring with an exported SavedModel: no model code, bounded memory.
+
+    python -m qin_tf.score --saved_model=runs/sample/export \
+        --input='data/microlens_sample/test.parquet' --output=runs/sample/test_scores.parquet
+
+* ``--saved_model`` is a version directory written by ``export.exporter``, or
+  the export base holding numbered versions (the newest is used). It is
+  loaded with ``tf.saved_model.load`` alone; the feature spec comes from the
+  export's own ``assets/feature_spec.json``.
+* ``--input`` is a file or a glob of files, all parquet in the MMCTR layout
+  (the raw logs: the same columns ``pipelines.preprocess`` reads) or all
+  TFRecords written by the pipeline (``*.tfrecord.gz`` GZIP, ``*.tfrecord``
+  uncompressed). Files are read in sorted order, ``--batch_size`` rows at a
+  time (``pyarrow`` ``iter_batches`` for parquet, ``tf.data`` for TFRecords),
+  so memory does not grow with the input, except for one label and one score
+  per row kept for the AUC when the input is labelled.
+* Parquet rows are turned into model inputs exactly as preprocessing does
+  (:func:`sequence_to_dense`): the behaviour sequence keeps its most recent
+  ``max_len`` non-zero items, oldest first, left-padded with 0. TFRecords go
+  through the export's ``predict_examples`` signature unchanged.
+* ``--format``: ``parquet`` or ``csv`` write one row per input row with the
+  columns ``row`` (0-based index over all inputs), the meta columns (e.g.
+  ``user_id``) and the label when the input has them, and ``ctr``;
+  ``challenge`` writes the MMCTR challenge's submission CSV, ``ID,Task2``
+  with ``ID`` the row's 0-based index and ``Task2`` its score. The output is
+  written to a temporary file beside ``--output`` and renamed when complete:
+  a failed run leaves nothing behind.
+* When the input has labels, the AUC (and log loss, and the gAUC over the
+  first meta column) is printed, from :mod:`qin_tf.metrics`.
+
+Bad input stops the run with an error naming the file, the row (0-based in
+that file) and the column: a missing column, a null, a non-integer type, a
+negative id, a malformed record.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globlib
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from pipelines.validation import (INT, INT_LIST, Columns, PreprocessError, check_columns, convert_batch, fail,
+                                  is_int_list_type, is_int_type, left_pad_recent, split_columns)
+from qin_tf.spec import SPEC_FILENAME, Feature, FeatureSpec
+
+#: Rows per batch by default.
+DEFAULT_BATCH_SIZE = 1024
+FORMATS = ("parquet", "csv", "challenge")
+#: Column names of the outputs.
+ROW_COLUMN = "row"
+SCORE_COLUMN = "ctr"
+CHALLENGE_COLUMNS = ("ID", "Task2")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrecord.gz", ".tfrecords.gz")
+
+
+#: Bad input: the same error type and messages as ``pipelines.preprocess``.
+InputError = PreprocessError
+
+
+# --------------------------------------------------------------------------
+# Loading the export
+# --------------------------------------------------------------------------
+
+
+def resolve_saved_model(path: str) -> str:
+    """``path`` itself if it holds ``saved_model.pb``, else its newest numbered version."""
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    if os.path.isdir(path):
+        versions = sorted(int(n) for n in os.listdir(path)
+                          if n.isdigit() and os.path.exists(os.path.join(path, n, "saved_model.pb")))
+        if versions:
+            return os.path.join(path, str(versions[-1]))
+    raise FileNotFoundError(f"{path}: neither a SavedModel (saved_model.pb) nor an export base with "
+                            "numbered versions; run `python -m export.exporter` first.")
+
+
+def load_export(path: str):
+    """Returns ``(loaded SavedModel, FeatureSpec from its assets, version dir)``."""
+    import tensorflow as tf
+
+    version_dir = resolve_saved_model(path)
+    spec = FeatureSpec.load(os.path.join(version_dir, "assets", SPEC_FILENAME))
+    return tf.saved_model.load(version_dir, tags=["serve"]), spec, version_dir
+
+
+# --------------------------------------------------------------------------
+# Parquet rows -> model inputs
+# --------------------------------------------------------------------------
+
+
+def sequence_to_dense(lists, max_len: int) -> np.ndarray:
+    """A pyarrow list column -> int64 ``[rows, max_len]``, as preprocessing writes it.
+
+    Zeros (padding) are dropped, the most recent ``max_len`` items (the last
+    ones: sequences are oldest first) are kept, and the row is left-padded
+    with 0: :func:`pipelines.validation.left_pad_recent`, the function the
+    pipeline itself uses. A null list counts as empty.
+
+    Example::
+
+        sequence_to_dense(pa.array([[5, 0, 7, 8], [], [0, 3]]), 3)
+        # [[5, 7, 8], [0, 0, 0], [0, 0, 3]]
+    """
+    import pyarrow.compute as pc
+
+    n = len(lists)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(lists).fill_null(0).cast("int64").to_numpy(zero_copy_only=False)
+    parent = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    return left_pad_recent(values, parent, n, max_len)[0]
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def column_to_ids(column, feature: Feature, *, source: str, first_row: int = 0) -> np.ndarray:
+    """Checks one parquet column of a model input known only by name and shape; returns int64 ids.
+
+    For callers that know a signature's inputs but not the feature spec (the
+    serving client): checks the type, nulls and negative ids, as preprocessing
+    does. With the spec, :func:`iter_parquet` runs preprocessing's own
+    :func:`pipelines.validation.convert_batch`, which also checks item ids
+    against the item table.
+
+    Raises:
+        PreprocessError: naming ``source``, the row (``first_row`` + index) and the column.
+    """
+    import pyarrow.compute as pc
+
+    name = feature.name
+    if column.null_count:
+        fail(source, first_row + _first(column.is_null().to_numpy(zero_copy_only=False)), name, "null value")
+    if feature.shape:
+        if not is_int_list_type(column.type):
+            fail(source, None, name, f"has type {column.type}; expected {INT_LIST}")
+        flat = pc.list_flatten(column)
+        if flat.null_count or (len(flat) and pc.min(flat).as_py() < 0):
+            bad = flat.is_null().to_numpy(zero_copy_only=False) | (
+                flat.fill_null(0).cast("int64").to_numpy(zero_copy_only=False) < 0)
+            i = _first(bad)
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+            ends = np.cumsum(lengths)
+            row = int(np.searchsorted(ends, i, side="right"))
+            pos = i - (ends[row] - lengths[row])
+            value = flat[i].as_py()
+            fail(source, first_row + row, name, f"null value at position {pos} of the list" if value is None
+                 else f"negative item id {value} at position {pos} of the list")
+        return sequence_to_dense(column, feature.shape[0])
+    if not is_int_type(column.type):
+        fail(source, None, name, f"has type {column.type}; expected {INT}")
+    ids = column.cast("int64").to_numpy(zero_copy_only=False)
+    if ids.size and ids.min() < 0:
+        row = _first(ids < 0)
+        fail(source, first_row + row, name, f"negative id {int(ids[row])}")
+    return ids
+
+
+def arrow_batch_features(batch, features: Sequence[Feature], *, source: str,
+                         first_row: int = 0) -> dict[str, np.ndarray]:
+    """A pyarrow RecordBatch in the MMCTR layout -> ``{name: int64 array}`` of ``features``."""
+    names = batch.schema.names
+    for f in features:
+        if f.name not in names:
+            fail(source, None, f.name, f"missing column; the file has columns {names}")
+    return {f.name: column_to_ids(batch.column(names.index(f.name)), f, source=source, first_row=first_row)
+            for f in features}
+
+
+# --------------------------------------------------------------------------
+# Input streams
+# --------------------------------------------------------------------------
+
+
+def input_files(pattern: str) -> tuple[list[str], str]:
+    """The sorted files of ``pattern`` and their kind, ``"parquet"`` or ``"tfrecord"``."""
+    files = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else (
+        [pattern] if os.path.exists(pattern) else [])
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        fail(pattern, None, None, "no such file")
+    kinds = set()
+    for f in files:
+        if f.endswith(PARQUET_SUFFIXES):
+            kinds.add("parquet")
+        elif f.endswith(TFRECORD_SUFFIXES):
+            kinds.add("tfrecord")
+        else:
+            fail(f, None, None, f"unknown input type; expected parquet ({', '.join(PARQUET_SUFFIXES)}) "
+                                f"or TFRecord ({', '.join(TFRECORD_SUFFIXES)})")
+    if len(kinds) > 1:
+        fail(pattern, None, None, "mixes parquet and TFRecord files; score them separately")
+    return files, kinds.pop()
+
+
+class Batch:
+    """One batch of input rows: model inputs (or serialized examples), label and meta when present."""
+
+    def __init__(self, source: str, first_row: int, features=None, examples=None,
+                 label: np.ndarray | None = None, meta: Mapping[str, np.ndarray] | None = None):
+        self.source = source
+        self.first_row = first_row
+        self.features = features
+        self.examples = examples
+        self.label = label
+        self.meta = dict(meta or {})
+
+    @property
+    def num_rows(self) -> int:
+        if self.examples is not None:
+            return len(self.examples)
+        return len(next(iter(self.features.values())))
+
+
+def parquet_columns(spec: FeatureSpec, names: Sequence[str]) -> Columns:
+    """The roles of a parquet file's columns: the spec's, label and meta only where present."""
+    return Columns(label=spec.label if spec.label in names else None,
+                   meta=tuple(m for m in spec.meta if m in names),
+                   target_item=spec.target_item, sequence=spec.sequence, context=tuple(spec.context))
+
+
+def iter_parquet(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> Iterator[Batch]:
+    """Batches of a parquet file, checked and converted by preprocessing's own code.
+
+    :func:`pipelines.validation.convert_batch` checks every row (nulls,
+    negative ids, target 0, items beyond the item table, labels other than
+    0/1) and builds the history matrix; the first bad row stops the run with
+    the error preprocessing would give (``on_bad_row="fail"``).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            fail(path, None, None, f"not a readable parquet file: {e}")
+        schema = pf.schema_arrow
+        cols = parquet_columns(spec, schema.names)
+        expected = split_columns(cols, labelled=cols.label is not None)
+        check_columns(path, schema, expected)
+        row = 0
+        for rb in pf.iter_batches(batch_size=batch_size, columns=list(cols.all)):
+            conv = convert_batch(rb, row, cols, spec.num_items, spec.max_len)
+            if conv.bad:
+                b = conv.bad[0]
+                raise PreprocessError(b.message(path), file=path, row=b.row, column=b.column, reason=b.reason)
+            yield Batch(path, row, features={n: conv.features[n] for n in spec.model_feature_names},
+                        label=conv.features[cols.label] if cols.label else None,
+                        meta={m: conv.features[m] for m in cols.meta})
+            row += rb.num_rows
+
+
+def _compression(path: str) -> str:
+    return "GZIP" if path.endswith(".gz") else ""
+
+
+def iter_tfrecord(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> Iterator[Batch]:
+    import tensorflow as tf
+
+    extras = {n: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for n in (spec.label, *spec.meta)}
+    for path in files:
+        ds = tf.data.TFRecordDataset(path, compression_type=_compression(path)).batch(batch_size)
+        row = 0
+        it = iter(ds)
+        while True:
+            try:
+                serialized = next(it)
+            except StopIteration:
+                break
+            except tf.errors.OpError as e:
+                fail(path, row, None, f"unreadable TFRecord data: {e.message}")
+            try:
+                parsed = tf.io.parse_example(serialized, extras)
+            except tf.errors.InvalidArgumentError:
+                bad = _find_bad_record(serialized.numpy(), extras)
+                if bad is None:
+                    raise
+                fail(path, row + bad[0], None, bad[1])
+            cols = {}
+            for n in extras:
+                v = parsed[n].numpy()
+                missing = v == -1
+                if missing.all():
+                    continue
+                if missing.any():
+                    fail(path, row + _first(missing), n, "missing, while other rows have it")
+                cols[n] = v
+            label = cols.pop(spec.label, None)
+            yield Batch(path, row, examples=serialized, label=label, meta=cols)
+            row += int(serialized.shape[0])
+
+
+def _find_bad_record(serialized: Sequence[bytes], parse_spec) -> tuple[int, str] | None:
+    """The first record of a batch that ``parse_spec`` rejects and TF's reason; None if all parse."""
+    import tensorflow as tf
+
+    for i, s in enumerate(serialized):
+        try:
+            tf.io.parse_example(tf.constant([s]), parse_spec)
+        except tf.errors.InvalidArgumentError as e:
+            return i, e.message.split("\n")[0]
+    return None
+
+
+# --------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------
+
+
+class ScoreWriter:
+    """Streams scores to parquet or CSV through a temporary file renamed on :meth:`close`."""
+
+    def __init__(self, path: str, fmt: str):
+        if fmt not in FORMATS:
+            raise ValueError(f"`format` must be one of {FORMATS}. Received: format={fmt!r}")
+        self.path = path
+        self.fmt = fmt
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        self._parquet = None
+        self._csv_file = None
+        self._csv = None
+
+    def write(self, columns: Mapping[str, np.ndarray]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.fmt == "parquet":
+            table = pa.table(dict(columns))
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.tmp, table.schema)
+            self._parquet.write_table(table)
+            return
+        if self._csv is None:
+            self._csv_file = open(self.tmp, "w", newline="")
+            self._csv = csv.writer(self._csv_file)
+            self._csv.writerow(list(columns))
+        cols = [c.tolist() for c in columns.values()]
+        self._csv.writerows(zip(*cols))
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._csv_file is not None:
+            self._csv_file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        for f in (self._parquet, self._csv_file):
+            try:
+                if f is not None:
+                    f.close()
+            except Exception:
+                pass
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _output_columns(batch: Batch, scores: np.ndarray, row0: int, fmt: str,
+                    label_name: str) -> dict[str, np.ndarray]:
+    ids = np.arange(row0, row0 + scores.shape[0], dtype=np.int64)
+    if fmt == "challenge":
+        return {CHALLENGE_COLUMNS[0]: ids, CHALLENGE_COLUMNS[1]: scores}
+    cols = {ROW_COLUMN: ids}
+    cols.update(batch.meta)
+    if batch.label is not None:
+        cols[label_name] = batch.label
+    cols[SCORE_COLUMN] = scores
+    return cols
+
+
+# --------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------
+
+
+def score(saved_model: str, input_pattern: str, output: str | None = None, *, fmt: str = "parquet",
+          batch_size: int = DEFAULT_BATCH_SIZE, progress_every_s: float = 10.0,
+          log=None) -> dict:
+    """Scores every row of ``input_pattern`` with the SavedModel; see the module docstring.
+
+    Args:
+        saved_model: a version directory or an export base.
+        input_pattern: a parquet or TFRecord file, or a glob of them.
+        output: where to write the scores (``fmt``); ``None`` writes nothing.
+        fmt: ``"parquet"``, ``"csv"`` or ``"challenge"``.
+        batch_size: rows per batch.
+        progress_every_s: seconds between progress lines on ``log``.
+        log: a callable taking one line; default: print to stderr.
+
+    Returns:
+        ``{"num_rows", "saved_model", "scores"}`` plus, for labelled input, the
+        metrics of :func:`qin_tf.metrics.evaluate` (``auc``, ``logloss``, ...).
+        ``scores`` is the float32 array of all scores.
+    """
+    import tensorflow as tf
+
+    from qin_tf import metrics
+
+    if fmt not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}. Received: format={fmt!r}")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    loaded, spec, version_dir = load_export(saved_model)
+    files, kind = input_files(input_pattern)
+    serve = loaded.signatures["serving_default"]
+    serve_examples = loaded.signatures["predict_examples"]
+    batches = iter_parquet(files, spec, batch_size) if kind == "parquet" else iter_tfrecord(files, spec, batch_size)
+
+    writer = ScoreWriter(output, fmt) if output else None
+    all_scores, labels, groups = [], [], []
+    labelled = None
+    group_name = spec.meta[0] if spec.meta else None
+    n, start, last_log = 0, time.monotonic(), time.monotonic()
+    try:
+        for batch in batches:
+            if batch.examples is not None:
+                try:
+                    out = serve_examples(examples=batch.examples)["ctr"]
+                except tf.errors.InvalidArgumentError:
+                    bad = _find_bad_record(batch.examples.numpy(), _model_parse_spec(spec))
+                    if bad is None:
+                        raise
+                    fail(batch.source, batch.first_row + bad[0], None, bad[1])
+            else:
+                out = serve(**{k: tf.constant(v) for k, v in batch.features.items()})["ctr"]
+            scores = out.numpy().astype(np.float32).reshape(-1)
+            if labelled is None:
+                labelled = batch.label is not None
+            elif labelled != (batch.label is not None):
+                fail(batch.source, None, spec.label, "this input lacks the label column that the "
+                                                     "inputs before it have (or the other way round)")
+            if labelled:
+                labels.append(batch.label)
+                if group_name is not None and group_name in batch.meta:
+                    groups.append(batch.meta[group_name])
+            if writer is not None:
+                writer.write(_output_columns(batch, scores, n, fmt, spec.label))
+            all_scores.append(scores)
+            n += scores.shape[0]
+            now = time.monotonic()
+            if now - last_log >= progress_every_s:
+                log(f"scored {n:,} rows ({n / (now - start):,.0f} rows/s), at {batch.source}")
+                last_log = now
+        if n == 0:
+            fail(input_pattern, None, None, "no rows to score")
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    elapsed = time.monotonic() - start
+    log(f"scored {n:,} rows in {elapsed:.1f} s with {version_dir}")
+    result = {"num_rows": n, "saved_model": version_dir, "scores": np.concatenate(all_scores)}
+    if labelled:
+        y = np.concatenate(labels)
+        g = np.concatenate(groups) if groups and len(groups) == len(labels) else None
+        try:
+            result.update(metrics.evaluate(y, result["scores"], g))
+        except ValueError as e:  # e.g. one class only: AUC undefined; the scores stand
+            log(f"no metrics: {e}")
+    return result
+
+
+def _model_parse_spec(spec: FeatureSpec) -> dict:
+    from qin_tf.data import example_parse_spec
+
+    return example_parse_spec(spec, labelled=False, with_meta=False)
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    try:
+        result = score(FLAGS.saved_model, FLAGS.input, FLAGS.output, fmt=FLAGS.format,
+                       batch_size=FLAGS.batch_size)
+    except (InputError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    summary = {k: v for k, v in result.items() if k != "scores"}
+    if FLAGS.output:
+        summary["output"] = FLAGS.output
+    if "auc" in result:
+        print(f"AUC {result['auc']:.4f}  logloss {result['logloss']:.4f}"
+              + (f"  gAUC {result['gauc']:.4f}" if "gauc" in result else "")
+              + f"  ({result['num_examples']:,} rows)")
+    print(json.dumps(summary, sort_keys=True))
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("saved_model", None, "Version directory written by export.exporter, or the "
+                        "export base (newest version).", required=True)
+    flags.DEFINE_string("input", None, "Parquet (MMCTR layout) or TFRecord file, or a glob.", required=True)
+    flags.DEFINE_string("output", None, "Where to write the scores; none: only metrics are printed.")
+    flags.DEFINE_enum("format", "parquet", FORMATS, "Output format; `challenge` writes the MMCTR "
+                      "submission CSV `ID,Task2`.")
+    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per batch.", lower_bound=1)
+
+
+if __name__ == "__main__":
+    from qin_tf.runtime import import_tensorflow
+
+    import_tensorflow()
+    from absl import app
+
+    _define_flags()
+    app.run(main)

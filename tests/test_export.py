@@ -1,0 +1,435 @@
+"""The SavedModel export: layout, signatures, TF Serving's loader path, warmup, no-Python load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+
+from export import exporter
+from qin_tf.config import ModelConfig
+from qin_tf.data import make_dataset
+from qin_tf.model import build_model
+from qin_tf.spec import FeatureSpec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DIR = os.path.join(REPO, "data", "microlens_sample")
+#: A tiny QIN: every part (ASTA, QNN with R=2, batch norm, dropout) at small width.
+TINY_QIN = ModelConfig(embedding_dim=8, num_layers=2, num_row=2, dropout=0.2, batch_norm=True)
+TINY_DIN = ModelConfig(model="din", embedding_dim=8, din_attention_units=(16,), din_dnn_units=(16,),
+                       dropout=0.2, batch_norm=True)
+
+
+# --------------------------------------------------------------------------
+# Helpers shared with test_serving.py and test_score.py
+# --------------------------------------------------------------------------
+
+
+def make_model_dir(spec: FeatureSpec, directory: str, config: ModelConfig = TINY_QIN, seed: int = 0):
+    """A model_dir as qin_tf.train leaves it (best.keras, feature_spec.json, config.json), untrained.
+
+    Batch-norm moving statistics are set away from their initial values, so
+    that a graph using batch statistics (training mode) would score differently.
+    """
+    keras.utils.set_random_seed(seed)
+    model = build_model(spec, config)
+    rng = np.random.default_rng(seed)
+    for v in model.non_trainable_variables:
+        if v.path.endswith("moving_mean"):
+            v.assign(rng.normal(0.0, 0.5, v.shape).astype("float32"))
+        elif v.path.endswith("moving_variance"):
+            v.assign(rng.uniform(0.5, 2.0, v.shape).astype("float32"))
+    os.makedirs(directory, exist_ok=True)
+    model.save(os.path.join(directory, exporter.MODEL_FILENAME))
+    spec.save(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"model": dict(vars(config))}, f, default=list)
+    return model
+
+
+def split_rows(spec: FeatureSpec, split: str):
+    """All rows of a split: (model features, labels, serialized examples), in file order."""
+    features, labels = next(iter(make_dataset(spec, split, 100_000, training=False)))
+    features = {k: v.numpy() for k, v in features.items()}
+    serialized = exporter.read_examples(spec, 100_000, [split])
+    return features, labels.numpy(), serialized
+
+
+def keras_scores(model, features) -> np.ndarray:
+    return np.asarray(model({k: tf.constant(v) for k, v in features.items()}, training=False)).reshape(-1)
+
+
+def assert_scores_equal(got, want):
+    np.testing.assert_allclose(np.asarray(got).reshape(-1), np.asarray(want).reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def read_signature_defs(version_dir: str) -> dict:
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    (graph,) = proto.meta_graphs
+    assert list(graph.meta_info_def.tags) == ["serve"]
+    return dict(graph.signature_def), graph
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(sample_spec, tmp_path_factory):
+    """(model_dir, Keras model) of a tiny QIN on the sample."""
+    model_dir = str(tmp_path_factory.mktemp("run") / "model")
+    return model_dir, make_model_dir(sample_spec, model_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(sample_spec, trained, tmp_path_factory):
+    """(export_base, version_dir) of the tiny QIN, warmup rows from the sample's test split."""
+    base = str(tmp_path_factory.mktemp("export") / "qin")
+    version_dir = exporter.export_from_model_dir(trained[0], base, data_dir=sample_spec.base_dir)
+    return base, version_dir
+
+
+@pytest.fixture(scope="module")
+def test_rows(sample_spec):
+    return split_rows(sample_spec, "test")
+
+
+# --------------------------------------------------------------------------
+# Layout and versions
+# --------------------------------------------------------------------------
+
+
+def test_layout_spec_asset_and_versions(sample_spec, trained, exported):
+    base, version_dir = exported
+    assert version_dir == os.path.join(base, "1")
+    for path in ("saved_model.pb", "variables/variables.index", exporter.SPEC_ASSET_PATH, exporter.WARMUP_PATH):
+        assert os.path.isfile(os.path.join(version_dir, path)), path
+    asset = FeatureSpec.load(os.path.join(version_dir, exporter.SPEC_ASSET_PATH))
+    assert asset.to_dict() == sample_spec.to_dict()
+
+    # Next free version, an explicit one, and never an overwrite.
+    model = trained[1]
+    assert exporter.export_model(model, sample_spec, base) == os.path.join(base, "2")
+    assert exporter.export_model(model, sample_spec, base, version=7) == os.path.join(base, "7")
+    assert exporter.export_model(model, sample_spec, base) == os.path.join(base, "8")
+    with pytest.raises(exporter.ExportError, match="already exists"):
+        exporter.export_model(model, sample_spec, base, version=2)
+    with pytest.raises(exporter.ExportError, match="version"):
+        exporter.export_model(model, sample_spec, base, version=0)
+    assert exporter.list_versions(base) == [1, 2, 7, 8]
+    assert sorted(os.listdir(base)) == ["1", "2", "7", "8"]  # no temporary directory left
+    assert exporter.latest_version_dir(base) == os.path.join(base, "8")
+
+
+def test_failed_export_leaves_nothing(sample_spec, trained, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise exporter.ExportError("verification failed (simulated)")
+
+    monkeypatch.setattr(exporter, "_verify", broken)
+    base = tmp_path / "base"
+    with pytest.raises(exporter.ExportError, match="simulated"):
+        exporter.export_model(trained[1], sample_spec, str(base))
+    assert os.listdir(base) == []
+
+
+def test_rejects_a_model_of_another_spec(sample_spec, tmp_path):
+    x = keras.Input((), dtype="int64", name="some_other_id")
+    y = keras.layers.Reshape((), name="ctr")(keras.layers.Dense(1, activation="sigmoid")(
+        keras.ops.expand_dims(keras.ops.cast(x, "float32"), -1)))
+    with pytest.raises(exporter.ExportError, match="feature spec"):
+        exporter.export_model(keras.Model(x, y), sample_spec, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------
+# Signatures: names, dtypes, shapes, method
+# --------------------------------------------------------------------------
+
+
+def test_signature_defs_are_named_from_the_spec(sample_spec, exported):
+    defs, _ = read_signature_defs(exported[1])
+    assert set(defs) == {"serving_default", "predict_examples", "__saved_model_init_op"}
+    serving, examples = defs["serving_default"], defs["predict_examples"]
+    for sig in (serving, examples):
+        assert sig.method_name == "tensorflow/serving/predict"
+        assert list(sig.outputs) == ["ctr"]
+        assert sig.outputs["ctr"].dtype == types_pb2.DT_FLOAT
+        assert [d.size for d in sig.outputs["ctr"].tensor_shape.dim] == [-1]
+
+    assert sorted(serving.inputs) == sorted(sample_spec.model_feature_names)
+    for f in sample_spec.model_features:
+        info = serving.inputs[f.name]
+        assert info.dtype == types_pb2.DT_INT64
+        assert [d.size for d in info.tensor_shape.dim] == [-1, *f.shape]
+    assert [d.size for d in serving.inputs[sample_spec.sequence].tensor_shape.dim] == [-1, 16]
+
+    assert list(examples.inputs) == ["examples"]
+    assert examples.inputs["examples"].dtype == types_pb2.DT_STRING
+    assert [d.size for d in examples.inputs["examples"].tensor_shape.dim] == [-1]
+
+
+def test_inference_graph_has_no_training_branches(exported):
+    """No dropout (random ops) and no batch-norm statistics updates in the served graph."""
+    _, graph = read_signature_defs(exported[1])
+    ops = {n.op for n in graph.graph_def.node}
+    for fn in graph.graph_def.library.function:
+        ops |= {n.op for n in fn.node_def}
+    assert "ParseExampleV2" in ops and "MatMul" in ops
+    assert not [op for op in ops if "Random" in op], sorted(ops)
+    assert not ops & {"AssignSubVariableOp", "AssignAddVariableOp", "FusedBatchNormV3"}, sorted(ops)
+    # Nothing pinned to an accelerator: an export made on a GPU machine loads on a CPU-only server.
+    devices = {n.device for n in graph.graph_def.node}
+    for fn in graph.graph_def.library.function:
+        devices |= {n.device for n in fn.node_def}
+    assert not [d for d in devices if "GPU" in d.upper() or "TPU" in d.upper()], devices
+
+
+# --------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------
+
+
+def test_tf1_session_loader_matches_keras(exported, trained, test_rows):
+    """TF Serving's path: the C++/TF1 loader, a Session, signature tensors run by name."""
+    features, _, serialized = test_rows
+    want = keras_scores(trained[1], features)
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], exported[1])
+        sig = meta.signature_def["serving_default"]
+        got = sess.run(sig.outputs["ctr"].name, {sig.inputs[k].name: v for k, v in features.items()})
+        sig = meta.signature_def["predict_examples"]
+        got_examples = sess.run(sig.outputs["ctr"].name, {sig.inputs["examples"].name: serialized})
+    assert got.shape == got_examples.shape == (600,)
+    assert_scores_equal(got, want)
+    assert_scores_equal(got_examples, want)
+    assert np.std(want) > 1e-3  # the model does discriminate rows: the comparison means something
+
+
+def test_tf2_signatures_match_keras_any_batch(exported, trained, test_rows):
+    features, _, serialized = test_rows
+    want = keras_scores(trained[1], features)
+    loaded = tf.saved_model.load(exported[1])
+    serve, serve_examples = loaded.signatures["serving_default"], loaded.signatures["predict_examples"]
+    assert_scores_equal(serve(**{k: tf.constant(v) for k, v in features.items()})["ctr"], want)
+    for i in (0, 17, 599):  # batch of one == that row of the batch of 600
+        one = serve(**{k: tf.constant(v[i:i + 1]) for k, v in features.items()})["ctr"].numpy()
+        assert one.shape == (1,)
+        assert_scores_equal(one, want[i:i + 1])
+        assert_scores_equal(serve_examples(examples=tf.constant(serialized[i:i + 1]))["ctr"], want[i:i + 1])
+
+
+def test_qnn_rows_are_folded_at_export(sample_spec, exported, trained, test_rows, tmp_path):
+    """The served QNN reads [D, D] kernels (sum of the R rows); scores equal the unfolded model's."""
+    model = trained[1]
+    d = 8 * len(sample_spec.context) + 6 * 8  # QNN input: context embeddings | x_t | interest
+    trained_shapes = {v.path: tuple(v.shape) for v in model.weights if "quadratic" in v.path}
+    assert trained_shapes == {"qnn/quadratic_0/kernel": (d, 2 * d), "qnn/quadratic_0/bias": (2 * d,),
+                              "qnn/quadratic_1/kernel": (d, 2 * d), "qnn/quadratic_1/bias": (2 * d,)}
+    loaded = tf.saved_model.load(exported[1])
+    served = {v.name.split(":")[0]: tuple(v.shape) for v in loaded.model_variables if "quadratic" in v.name}
+    assert served == {"qnn/quadratic_0/kernel": (d, d), "qnn/quadratic_0/bias": (d,),
+                      "qnn/quadratic_1/kernel": (d, d), "qnn/quadratic_1/bias": (d,)}
+    unfolded = exporter.export_model(model, sample_spec, str(tmp_path), fold_qnn=False)
+    features = test_rows[0]
+    want = keras_scores(model, features)
+    for version_dir in (exported[1], unfolded):
+        sig = tf.saved_model.load(version_dir).signatures["serving_default"]
+        assert_scores_equal(sig(**{k: tf.constant(v) for k, v in features.items()})["ctr"], want)
+
+
+def test_unseen_ids_are_served_as_padding_and_oov(sample_spec, exported, trained, test_rows):
+    """Ids beyond the item table score as padding; context ids beyond the vocabulary as the OOV row."""
+    features = {k: v[:20].copy() for k, v in test_rows[0].items()}
+    serve = tf.saved_model.load(exported[1]).signatures["serving_default"]
+
+    def run(feats):
+        return serve(**{k: tf.constant(v) for k, v in feats.items()})["ctr"].numpy()
+
+    beyond = dict(features, **{sample_spec.target_item: np.full(20, sample_spec.num_items + 5, np.int64)})
+    padding = dict(features, **{sample_spec.target_item: np.zeros(20, np.int64)})
+    assert_scores_equal(run(beyond), run(padding))
+    ctx = sample_spec.context[0]
+    vocab = sample_spec.context_vocab_size(ctx)
+    assert_scores_equal(run(dict(features, **{ctx: np.full(20, vocab + 100, np.int64)})),
+                        run(dict(features, **{ctx: np.full(20, vocab, np.int64)})))
+    assert_scores_equal(run(features), keras_scores(trained[1], features))
+
+
+def test_din_exports_too(sample_spec, tmp_path, test_rows):
+    model = make_model_dir(sample_spec, str(tmp_path / "din"), TINY_DIN, seed=1)
+    version_dir = exporter.export_from_model_dir(str(tmp_path / "din"), str(tmp_path / "export"),
+                                                 data_dir=sample_spec.base_dir)
+    features, _, serialized = test_rows
+    loaded = tf.saved_model.load(version_dir)
+    want = keras_scores(model, features)
+    assert_scores_equal(loaded.signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in features.items()})["ctr"], want)
+    assert_scores_equal(loaded.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"], want)
+
+
+# --------------------------------------------------------------------------
+# Warmup
+# --------------------------------------------------------------------------
+
+
+def test_warmup_records_are_real_rows_for_both_signatures(sample_spec, exported, test_rows):
+    features, _, serialized = test_rows
+    path = os.path.join(exported[1], exporter.WARMUP_PATH)
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    n = exporter.DEFAULT_WARMUP_ROWS
+    assert [(log.predict_log.request.model_spec.signature_name,
+             log.predict_log.request.inputs[next(iter(log.predict_log.request.inputs))].tensor_shape.dim[0].size)
+            for log in logs] == [("serving_default", 1), ("predict_examples", 1),
+                                 ("serving_default", n), ("predict_examples", n)]
+    loaded = tf.saved_model.load(exported[1])
+    for log in logs:
+        req = log.predict_log.request
+        assert req.model_spec.name == "qin"
+        inputs = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
+        rows = len(next(iter(inputs.values())))
+        if req.model_spec.signature_name == "serving_default":
+            assert sorted(inputs) == sorted(sample_spec.model_feature_names)
+            for k, v in inputs.items():  # the first rows of the test split
+                np.testing.assert_array_equal(v, features[k][:rows])
+        else:
+            assert list(inputs["examples"]) == serialized[:rows]
+        # Each record is a valid request (TF Serving replays them at load time).
+        out = loaded.signatures[req.model_spec.signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
+        assert out["ctr"].shape == (rows,)
+
+
+def test_warmup_without_data_uses_valid_synthetic_rows(sample_spec, trained, tmp_path):
+    """A model_dir's spec copy has no TFRecords beside it: warmup rows are synthetic but valid."""
+    version_dir = exporter.export_from_model_dir(trained[0], str(tmp_path))
+    path = os.path.join(version_dir, exporter.WARMUP_PATH)
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    assert len(logs) == 4
+    req = logs[2].predict_log.request
+    seq = tf.make_ndarray(req.inputs[sample_spec.sequence])
+    target = tf.make_ndarray(req.inputs[sample_spec.target_item])
+    assert seq.shape == (exporter.DEFAULT_WARMUP_ROWS, 16)
+    assert (target >= 1).all() and (target < sample_spec.num_items).all()
+    assert (seq >= 0).all() and (seq < sample_spec.num_items).all() and (seq[:, -1] > 0).all()
+
+
+# --------------------------------------------------------------------------
+# Loading needs no project code
+# --------------------------------------------------------------------------
+
+_NO_PROJECT_CODE = textwrap.dedent("""
+    import importlib.abc, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import numpy as np
+    import tensorflow as tf   # TF itself imports Keras' core; nothing of ours
+    PRELOADED = set(sys.modules)
+    BLOCKED = ("qin_tf", "pipelines", "export", "keras", "tf_keras")
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in BLOCKED and name not in PRELOADED:
+                raise ImportError("blocked: " + name)
+            return None
+
+    sys.meta_path.insert(0, Block())
+    for name in ("qin_tf", "pipelines", "export", "keras.saving.custom_objects_for_qin_tf"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("project code is importable: " + name)
+    assert not [m for m in sys.modules if m.split(".")[0] in ("qin_tf", "pipelines", "export")]
+
+    version_dir, inputs_npz, out_npz = sys.argv[1:4]
+    loaded = tf.saved_model.load(version_dir)
+    data = np.load(inputs_npz, allow_pickle=True)
+    feats = {k: tf.constant(data[k]) for k in data.files if k != "examples"}
+    ctr = loaded.signatures["serving_default"](**feats)["ctr"].numpy()
+    ctr_ex = loaded.signatures["predict_examples"](examples=tf.constant(list(data["examples"])))["ctr"].numpy()
+    new = sorted(m for m in set(sys.modules) - PRELOADED if m.split(".")[0] in BLOCKED)
+    np.savez(out_npz, ctr=ctr, ctr_examples=ctr_ex, new_modules=np.array(new, dtype=object))
+""")
+
+
+def test_loads_and_scores_without_project_code(exported, trained, test_rows, tmp_path):
+    features, _, serialized = test_rows
+    np.savez(tmp_path / "inputs.npz", examples=np.array(serialized, dtype=object), **features)
+    script = tmp_path / "load.py"
+    script.write_text(_NO_PROJECT_CODE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run([sys.executable, "-I", str(script), exported[1], str(tmp_path / "inputs.npz"),
+                           str(tmp_path / "out.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz", allow_pickle=True)
+    assert list(out["new_modules"]) == []
+    want = keras_scores(trained[1], features)
+    assert_scores_equal(out["ctr"], want)
+    assert_scores_equal(out["ctr_examples"], want)
+
+
+# --------------------------------------------------------------------------
+# CLI and serving configuration files
+# --------------------------------------------------------------------------
+
+
+def test_cli_exports_a_given_version(sample_spec, trained, tmp_path):
+    base = tmp_path / "base"
+    proc = subprocess.run([sys.executable, "-m", "export.exporter", f"--model_dir={trained[0]}",
+                           f"--export_base={base}", "--version=3", f"--data_dir={sample_spec.base_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(base / "3")
+    assert sorted(os.listdir(base)) == ["3"]
+    defs, _ = read_signature_defs(str(base / "3"))
+    assert {"serving_default", "predict_examples"} <= set(defs)
+
+
+def test_models_config_parses_as_model_server_config():
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    with open(os.path.join(REPO, "export", "models.config")) as f:
+        config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("qin", "/models/qin", "tensorflow")
+    assert model.model_version_policy.latest.num_versions == 1
+
+
+def test_batching_parameters_parse():
+    """Parsed as TF Serving's BatchingParameters (its Int64Value fields, rebuilt here)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+    from google.protobuf import wrappers_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    fd = descriptor_pb2.FileDescriptorProto(name="batching.proto", package="t",
+                                            dependency=["google/protobuf/wrappers.proto"])
+    msg = fd.message_type.add(name="BatchingParameters")
+    for i, name in enumerate(("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
+                              "num_batch_threads"), start=1):
+        msg.field.add(name=name, number=i, type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+                      type_name=".google.protobuf.Int64Value",
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool.Add(fd)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("t.BatchingParameters"))
+    with open(os.path.join(REPO, "export", "batching_parameters.txt")) as f:
+        params = text_format.Parse(f.read(), cls())
+    from export.client import DEFAULT_BATCH_SIZE
+
+    assert params.max_batch_size.value >= DEFAULT_BATCH_SIZE
+    assert params.batch_timeout_micros.value == 2000
+    assert params.num_batch_threads.value >= 1 and params.max_enqueued_batches.value >= 1

@@ -1,0 +1,184 @@
+"""Batch scoring with the SavedModel alone: parquet and TFRecords, formats, metrics, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from export import exporter
+from pipelines.validation import PreprocessError
+from qin_tf import metrics, score
+from tests.test_export import REPO, SAMPLE_DIR, assert_scores_equal, keras_scores, make_model_dir, split_rows
+
+TEST_PARQUET = os.path.join(SAMPLE_DIR, "test.parquet")
+
+
+@pytest.fixture(scope="module")
+def scored(sample_spec, tmp_path_factory):
+    """(export base, expected scores of the test split, labels, user ids)."""
+    tmp = tmp_path_factory.mktemp("score")
+    model = make_model_dir(sample_spec, str(tmp / "model"), seed=5)
+    base = str(tmp / "export")
+    exporter.export_from_model_dir(str(tmp / "model"), base, data_dir=sample_spec.base_dir)
+    features, labels, _ = split_rows(sample_spec, "test")
+    users = pq.read_table(TEST_PARQUET, columns=["user_id"])["user_id"].to_numpy()
+    return base, keras_scores(model, features), labels, users
+
+
+def test_sequence_to_dense_golden():
+    lists = pa.array([[5, 0, 7, 8], [], None, [0, 3], [1, 2, 3, 4, 5, 6]], pa.list_(pa.int64()))
+    np.testing.assert_array_equal(score.sequence_to_dense(lists, 3),
+                                  [[5, 7, 8], [0, 0, 0], [0, 0, 0], [0, 0, 3], [4, 5, 6]])
+    # A slice (non-zero offset) of a list array, as iter_batches hands out.
+    np.testing.assert_array_equal(score.sequence_to_dense(lists.slice(3, 2), 2), [[0, 3], [5, 6]])
+
+
+def test_parquet_scores_equal_in_process_and_auc(scored, sample_spec, tmp_path):
+    base, want, labels, users = scored
+    out = tmp_path / "scores.parquet"
+    lines = []
+    result = score.score(base, TEST_PARQUET, str(out), fmt="parquet", batch_size=64, log=lines.append)
+    assert result["num_rows"] == 600 and result["saved_model"] == os.path.join(base, "1")
+    assert_scores_equal(result["scores"], want)
+    # The metrics of these scores; float rounding may reorder near-ties against Keras' own scores.
+    assert result["auc"] == metrics.auc(labels, result["scores"])
+    assert result["auc"] == pytest.approx(metrics.auc(labels, want), abs=1e-3)
+    assert result["gauc"] == metrics.gauc(labels, result["scores"], users)
+    assert result["logloss"] == pytest.approx(metrics.logloss(labels, want), rel=1e-5)
+    table = pq.read_table(out)
+    assert table.column_names == ["row", *sample_spec.meta, sample_spec.label, "ctr"]
+    np.testing.assert_array_equal(table["row"].to_numpy(), np.arange(600))
+    np.testing.assert_array_equal(table[sample_spec.meta[0]].to_numpy(), users)
+    np.testing.assert_array_equal(table[sample_spec.label].to_numpy(), labels)
+    assert_scores_equal(table["ctr"].to_numpy(), want)
+    assert "scored 600 rows" in lines[-1]
+    assert sorted(os.listdir(tmp_path)) == ["scores.parquet"]  # no temporary file left
+
+
+def test_tfrecord_glob_scores_equal_in_process(scored, sample_spec, tmp_path):
+    base, want, labels, _ = scored
+    pattern = os.path.join(sample_spec.base_dir, "test-*.tfrecord.gz")
+    result = score.score(os.path.join(base, "1"), pattern, str(tmp_path / "s.csv"), fmt="csv", batch_size=50,
+                         log=lambda line: None)
+    assert_scores_equal(result["scores"], want)
+    assert result["auc"] == metrics.auc(labels, result["scores"])
+    with open(tmp_path / "s.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["row", *sample_spec.meta, sample_spec.label, "ctr"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(600))
+    assert_scores_equal([float(r[3]) for r in rows[1:]], want)
+
+
+def test_challenge_format_and_batch_size_invariance(scored, tmp_path):
+    base, want, _, _ = scored
+    out = tmp_path / "submission.csv"
+    score.score(base, TEST_PARQUET, str(out), fmt="challenge", batch_size=7, log=lambda line: None)
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ID", "Task2"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(600))
+    assert_scores_equal([float(r[1]) for r in rows[1:]], want)
+
+
+def test_unlabelled_input_and_ids_across_files(scored, tmp_path):
+    """The challenge's test set has no label: no metrics; IDs continue across the files of a glob."""
+    base, want, _, _ = scored
+    table = pq.read_table(TEST_PARQUET).drop_columns(["label"])
+    pq.write_table(table.slice(0, 250), tmp_path / "part-0.parquet")
+    pq.write_table(table.slice(250), tmp_path / "part-1.parquet")
+    out = tmp_path / "out" / "submission.csv"
+    result = score.score(base, str(tmp_path / "part-*.parquet"), str(out), fmt="challenge",
+                         log=lambda line: None)
+    assert "auc" not in result and result["num_rows"] == 600
+    with open(out) as f:
+        rows = list(csv.reader(f))[1:]
+    assert [int(r[0]) for r in rows] == list(range(600))
+    assert_scores_equal([float(r[1]) for r in rows], want)
+
+
+def _corrupt(tmp_path, column, row, value):
+    table = pq.read_table(TEST_PARQUET)
+    values = table[column].to_pylist()
+    values[row] = value
+    table = table.set_column(table.column_names.index(column), column, pa.array(values, table[column].type))
+    path = tmp_path / "bad.parquet"
+    pq.write_table(table, path, row_group_size=100)
+    return str(path)
+
+
+@pytest.mark.parametrize("column,row,value,message", [
+    ("item_seq", 437, [3, None, 5], "row 437, column `item_seq`: null value at position 1 of the list"),
+    ("item_seq", 5, [3, -2], "row 5, column `item_seq`: negative item id -2 at position 1 of the list"),
+    ("item_id", 123, 10**6, "row 123, column `item_id`: item id 1000000 is beyond the item table"),
+    ("item_id", 0, 0, "row 0, column `item_id`: target item id is 0, the padding id"),
+    ("views_level", 599, None, "row 599, column `views_level`: null value"),
+    ("label", 77, 3, "row 77, column `label`: label must be 0 or 1, got 3"),
+])
+def test_bad_rows_name_file_row_and_column(scored, tmp_path, column, row, value, message):
+    path = _corrupt(tmp_path, column, row, value)
+    out = tmp_path / "scores.parquet"
+    with pytest.raises(PreprocessError) as err:
+        score.score(scored[0], path, str(out), batch_size=64, log=lambda line: None)
+    assert str(err.value).startswith(f"{path}: {message}")
+    assert (err.value.file, err.value.row, err.value.column) == (path, row, column)
+    assert sorted(os.listdir(tmp_path)) == ["bad.parquet"]  # no partial output
+
+
+def test_schema_problems(scored, tmp_path):
+    table = pq.read_table(TEST_PARQUET)
+    pq.write_table(table.drop_columns(["views_level"]), tmp_path / "a.parquet")
+    with pytest.raises(PreprocessError, match=r"a\.parquet: column `views_level`: missing column"):
+        score.score(scored[0], str(tmp_path / "a.parquet"), None, log=lambda line: None)
+    as_float = table.set_column(table.column_names.index("item_id"), "item_id", table["item_id"].cast(pa.float64()))
+    pq.write_table(as_float, tmp_path / "b.parquet")
+    with pytest.raises(PreprocessError, match=r"b\.parquet: column `item_id`: has type double"):
+        score.score(scored[0], str(tmp_path / "b.parquet"), None, log=lambda line: None)
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(PreprocessError, match="unknown input type"):
+        score.score(scored[0], str(tmp_path / "c.txt"), None, log=lambda line: None)
+    with pytest.raises(PreprocessError, match="no such file"):
+        score.score(scored[0], str(tmp_path / "none-*.parquet"), None, log=lambda line: None)
+
+
+def test_malformed_tfrecord_row_is_named(scored, sample_spec, tmp_path):
+    import tensorflow as tf
+
+    rows = exporter.read_examples(sample_spec, 30, ["test"])
+    example = tf.train.Example.FromString(rows[21])
+    del example.features.feature[sample_spec.sequence]
+    rows[21] = example.SerializeToString()
+    path = tmp_path / "bad.tfrecord.gz"
+    with tf.io.TFRecordWriter(str(path), options="GZIP") as w:
+        for r in rows:
+            w.write(r)
+    with pytest.raises(PreprocessError, match=rf"bad\.tfrecord\.gz: row 21: .*{sample_spec.sequence}"):
+        score.score(scored[0], str(path), None, batch_size=8, log=lambda line: None)
+
+
+def test_cli_prints_auc_and_writes_the_submission(scored, tmp_path):
+    base, want, labels, _ = scored
+    out = tmp_path / "submission.csv"
+    proc = subprocess.run([sys.executable, "-m", "qin_tf.score", f"--saved_model={base}", f"--input={TEST_PARQUET}",
+                           f"--output={out}", "--format=challenge", "--batch_size=100"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    auc = metrics.auc(labels, score.score(base, TEST_PARQUET, None, log=lambda line: None)["scores"])
+    assert f"AUC {auc:.4f}" in proc.stdout
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ID", "Task2"] and len(rows) == 601
+
+    bad = _corrupt(tmp_path, "item_seq", 9, None)
+    proc = subprocess.run([sys.executable, "-m", "qin_tf.score", f"--saved_model={base}", f"--input={bad}",
+                           f"--output={tmp_path / 'never.csv'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert f"{bad}: row 9, column `item_seq`: null value" in proc.stderr
+    assert not (tmp_path / "never.csv").exists()
