@@ -421,7 +421,7 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    logging.info("Exported version %d to %s", version, final)
+    logging.debug("Exported version %d to %s", version, final)
     return final
 
 

@@ -221,6 +221,7 @@ class ProgressLogger(keras.callbacks.Callback):
         logs = logs or {}
         secs = time.perf_counter() - self._t0 if self._t0 is not None else float("nan")
         keys = ["loss", "auc", "val_auc", "val_logloss", "val_gauc", "lr"]
+        keys += sorted(k for k in logs if k not in keys)  # e.g. test_auc from --monitor_splits
         parts = [f"{k} {_fmt(float(logs[k]))}" for k in keys if logs.get(k) is not None]
         self.print_fn(f"epoch {epoch + 1}/{self.epochs} done in {secs:.1f}s: " + "  ".join(parts))
 

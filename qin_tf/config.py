@@ -124,6 +124,9 @@ class TrainConfig:
     train_split: str = dataclasses.field(default="train", metadata=_help("Split to train on."))
     valid_split: str = dataclasses.field(default="valid", metadata=_help(
         "Labelled split for model selection (learning rate decay, early stopping, best epoch)."))
+    monitor_splits: tuple[str, ...] = dataclasses.field(default=(), metadata=_help(
+        "More labelled splits to evaluate after every epoch (e.g. test), reported in the "
+        "progress lines and metrics.json history only, never used for model selection."))
     log_every_steps: int = dataclasses.field(default=100, metadata=_help(
         "Print training progress every this many steps (0 = once per epoch)."))
     export_base: str | None = dataclasses.field(default=None, metadata=_help(

@@ -376,12 +376,13 @@ def _config_diff(a: dict, b: dict) -> list[str]:
 
 
 def _check_spec(spec: FeatureSpec, tc) -> None:
-    for split in (tc.train_split, tc.valid_split):
+    for split in (tc.train_split, tc.valid_split, *tc.monitor_splits):
         if split not in spec.splits:
             raise TrainingError(f"{tc.data_dir}: the feature spec has no split `{split}` "
                                 f"(it has {sorted(spec.splits)}).")
         if not spec.splits[split].labelled:
-            raise TrainingError(f"split `{split}` has no labels; --train_split and --valid_split need labels.")
+            raise TrainingError(f"split `{split}` has no labels; --train_split, --valid_split and "
+                                f"--monitor_splits need labels.")
         if spec.splits[split].num_rows < 1:
             raise TrainingError(f"split `{split}` of {tc.data_dir} has no rows.")
 
@@ -492,6 +493,7 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
         f"({sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} trainable)")
 
     evaluator = SplitEvaluator(spec, tc.valid_split, tc.resolved_eval_batch_size)
+    monitors = {split: SplitEvaluator(spec, split, tc.resolved_eval_batch_size) for split in tc.monitor_splits}
     ckpt_dir = os.path.join(write_dir, CHECKPOINT_DIR)
     plateau = qcb.PlateauSchedule(
         optimizer, monitor=MONITOR, min_delta=tc.min_delta, factor=tc.lr_decay_factor, min_lr=tc.min_lr,
@@ -561,6 +563,9 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
         val, _ = evaluator.evaluate(model)
         logs = {"loss": loss_sum / steps, "auc": float(loop.auc.result()), "lr": lr}
         logs.update({f"val_{k}": val[k] for k in ("auc", "logloss", "gauc") if k in val})
+        for split, monitor in monitors.items():
+            m, _ = monitor.evaluate(model)
+            logs.update({f"{split}_{k}": m[k] for k in ("auc", "logloss", "gauc") if k in m})
         callback_list.on_epoch_end(epoch, logs)
         epoch += 1
         if model.stop_training:

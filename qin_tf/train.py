@@ -55,8 +55,11 @@ class _OptionalParser(flags.ArgumentParser):
         return f"{self.type_name} or none"
 
 
-class _IntTupleParser(flags.ArgumentParser):
-    """``"512,256"`` -> ``(512, 256)``; ``""`` -> ``()``."""
+class _TupleParser(flags.ArgumentParser):
+    """``"512,256"`` -> ``(512, 256)`` (or strings, by ``item_type``); ``""`` -> ``()``."""
+
+    def __init__(self, item_type=int):
+        self.item_type = item_type
 
     def parse(self, argument):
         if isinstance(argument, (tuple, list)):
@@ -64,12 +67,12 @@ class _IntTupleParser(flags.ArgumentParser):
         else:
             values = [v for v in str(argument).replace(" ", "").split(",") if v]
         try:
-            return tuple(int(v) for v in values)
+            return tuple(self.item_type(v) for v in values)
         except ValueError:
-            raise ValueError(f"expected comma-separated integers, got {argument!r}") from None
+            raise ValueError(f"expected comma-separated {self.flag_type()[16:]}, got {argument!r}") from None
 
     def flag_type(self):
-        return "comma-separated ints"
+        return "comma-separated " + ("ints" if self.item_type is int else "strings")
 
 
 class _TupleSerializer(flags.ArgumentSerializer):
@@ -129,7 +132,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                 flags.DEFINE(_OptionalParser(parser, name), f.name, default, help_text,
                              flag_values=flag_values)
             elif origin is tuple:
-                flags.DEFINE(_IntTupleParser(), f.name, default, help_text, flag_values=flag_values,
+                flags.DEFINE(_TupleParser(args[0]), f.name, default, help_text, flag_values=flag_values,
                              serializer=_TupleSerializer())
             elif tp is bool:
                 flags.DEFINE_boolean(f.name, default, help_text, flag_values=flag_values)

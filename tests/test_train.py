@@ -210,6 +210,25 @@ def test_din_trains_without_test_labels_and_exports(sample_spec, tmp_path, capsy
     assert os.path.exists(os.path.join(export_base, "1", "saved_model.pb"))
 
 
+def test_monitor_splits_reports_test_metrics_every_epoch(sample_spec, tmp_path, capsys):
+    model_dir = str(tmp_path / "monitored")
+    rc = train.cli(["train", *sample_args(sample_spec, model_dir), "--epochs=3", "--monitor_splits=test"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    m = read_metrics(model_dir)
+    assert [set(r) >= {"test_auc", "test_logloss", "test_gauc", "val_auc"} for r in m["history"]] == [True] * 3
+    assert "test_auc" in out.out.splitlines()[2]
+    # the best weights are restored, so the final test evaluation is the best epoch's
+    best = m["history"][m["best_epoch"] - 1]
+    assert best["test_auc"] == pytest.approx(m["splits"]["test"]["auc"], abs=1e-9)
+    assert best["test_logloss"] == pytest.approx(m["splits"]["test"]["logloss"], rel=1e-5)
+
+
+def test_monitor_split_must_exist_and_be_labelled(sample_spec, tmp_path, capsys):
+    rc = train.cli(["train", *sample_args(sample_spec, str(tmp_path / "m")), "--monitor_splits=holdout"])
+    assert rc == 1 and "no split `holdout`" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------
 # Flags
 # --------------------------------------------------------------------------
@@ -218,7 +237,7 @@ def test_din_trains_without_test_labels_and_exports(sample_spec, tmp_path, capsy
 def test_flag_precedence_defaults_flagfile_explicit(tmp_path):
     flagfile = tmp_path / "exp.flags"
     flagfile.write_text("# a comment\n--learning_rate=0.01\n--embedding_dim=8\n--epochs=3\n"
-                        "--din_dnn_units=32,16\n--clipnorm=none\n")
+                        "--din_dnn_units=32,16\n--clipnorm=none\n--monitor_splits=test,valid\n")
     fv = flags.FlagValues()
     train.define_flags(fv)
     # the explicit --epochs stands BEFORE the flagfile and still wins
@@ -229,6 +248,7 @@ def test_flag_precedence_defaults_flagfile_explicit(tmp_path):
     assert cfg.train.learning_rate == 0.01            # flagfile > default
     assert cfg.model.embedding_dim == 8
     assert cfg.model.din_dnn_units == (32, 16)
+    assert cfg.train.monitor_splits == ("test", "valid")
     assert cfg.train.clipnorm is None
     assert cfg.model.attention_dim == 12
     assert cfg.model.batch_norm is False
