@@ -1,0 +1,5 @@
+"""Shim for tools that need a setup.py (Beam's --setup_file on Dataflow); metadata is in setup.cfg."""
+
+from setuptools import setup
+
+setup()
