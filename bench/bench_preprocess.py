@@ -4,9 +4,12 @@
         [--output_dir=/tmp/bench_pp] [--dataset_config=configs/datasets/microlens50k.json] \\
         [--max_len=64] [--num_shards=N] [Beam options, e.g. --direct_running_mode=multi_processing]
 
-Runs ``pipelines.preprocess.preprocess`` once, in this process, and prints the
-wall time of the call, rows per second and the peak resident set size (this
-process and, for ``multi_processing``, its worker processes). Then it checks,
+Runs ``pipelines.preprocess.preprocess`` once, in this process, and prints one
+JSON line (``bench/common.py``): the wall time of the call, rows per second
+and the peak resident set size (this process and, for ``multi_processing``,
+its worker processes; a worker's figure is at least this process's size when
+it started the worker, as Linux carries the high-water mark across fork).
+Then it checks,
 outside the timed part, that every split's rows in (parquet metadata) equal
 its rows out, counted in the TFRecord files themselves (gzip stream walked
 record by record, without TensorFlow) and in the feature spec. Without
@@ -15,10 +18,8 @@ record by record, without TensorFlow) and in the feature spec. Without
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import os
-import platform
 import resource
 import shutil
 import struct
@@ -29,6 +30,8 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input_dir", None, "Dataset directory in the MMCTR layout.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write (default: a temporary directory, removed).")
@@ -86,18 +89,18 @@ def main(argv):
         total = sum(rows_in.values())
         size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
                    if os.path.isfile(os.path.join(out, f)))
+        splits = {}
         for split in cfg.splits:
             in_files = sum(count_records(p) for p in spec.split_files(split))
             assert in_files == spec.splits[split].num_rows == rows_in[split], (
                 f"{split}: rows in {rows_in[split]}, spec {spec.splits[split].num_rows}, records {in_files}")
-            print(f"{split:>6}: {rows_in[split]:>9,} rows in = {in_files:,} records out "
-                  f"in {len(spec.splits[split].files)} shard(s)")
-        print(f"total : {total:,} rows in {wall:.2f} s = {total / wall:,.0f} rows/s; "
-              f"peak RSS {rss_self:,.0f} MB (worker processes {rss_children:,.0f} MB); "
-              f"output {size / 2**20:.1f} MB; max_len {spec.max_len}")
-        print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-              f"python {platform.python_version()}; beam args {beam_args or '(defaults)'}; "
-              f"{datetime.date.today().isoformat()}")
+            splits[split] = {"rows_in": rows_in[split], "records_out": in_files,
+                             "shards": len(spec.splits[split].files)}
+        common.emit({"bench": "preprocess", "input_dir": _INPUT.value, "max_len": spec.max_len,
+                     "beam_args": beam_args, "rows": total, "seconds": round(wall, 2),
+                     "rows_per_s": round(total / wall), "splits": splits,
+                     "output_mb": round(size / 2**20, 1), "peak_rss_mb": round(rss_self, 1),
+                     "workers_peak_rss_mb": round(rss_children, 1)})
     finally:
         if not _OUTPUT.value:
             shutil.rmtree(out, ignore_errors=True)

@@ -26,8 +26,10 @@ Signatures (every input and output is named; no ``inputs_1`` / ``output_0``):
 
 The graph is the model's inference branch (``training=False``: no dropout,
 batch normalisation from its moving statistics) with the QNN's R rows summed
-into one kernel (:func:`fold_quadratic_rows`); the item table is a frozen
-weight inside it; it needs no Python to load: no custom ops, no qin_tf, no
+into one kernel, ASTA's four projections multiplied out into two ``[D, D]``
+matrices and every item's vector precomputed into one ``[num_items, 3E]``
+table (:func:`fold_for_inference`), a frozen weight inside the graph; it
+needs no Python to load: no custom ops, no qin_tf, no
 Keras custom objects, and it loads through TF1's Session loader, the path
 TF Serving's C++ loader follows. Before a version is published, it is
 reloaded and both signatures are checked against the Keras model.
@@ -272,49 +274,91 @@ def write_warmup(path: str, logs: Iterable) -> None:
 # --------------------------------------------------------------------------
 
 
-def fold_quadratic_rows(model):
-    """An inference copy of ``model`` whose QNN layers hold the folded ``sum_r W_r``, ``sum_r b_r``.
+def fold_for_inference(model, *, qnn: bool = True, attention: bool = True, item_vectors: bool = True):
+    """An inference copy of ``model`` with weights folded ahead of time; same scores, less work.
 
-    A QIN quadratic layer computes ``h = x * sum_r (x W_r + b_r)`` over its R
-    rows; without dropout that is ``x * (x W_sum + b_sum)``. The layer folds
-    its kernel on every call at inference; this folds it once, at export, by
-    rebuilding the model with ``num_row=1`` and the summed weights, so a
-    served request reads a ``[D, D]`` kernel instead of reading and summing a
-    ``[D, R*D]`` one. The result is the same up to float rounding (the export
+    * ``qnn``: a QIN quadratic layer computes ``h = x * sum_r (x W_r + b_r)``
+      over its R rows; without dropout that is ``x * (x W_sum + b_sum)``. The
+      layer folds its kernel on every call at inference; this folds it once,
+      rebuilding the QNN with ``num_row=1`` and the summed weights, so a
+      served request reads a ``[D, D]`` kernel instead of reading and summing
+      a ``[D, R*D]`` one.
+    * ``attention``: ASTA's four ``[D, A]``/``[A, D]`` matrices become
+      ``W_qk = W_q W_k^T / sqrt(A)`` and ``W_vo = W_v W_o``, two ``[D, D]``
+      matrices (``AdaptiveSparseTargetAttention(folded=True)``), folded in
+      float64; done only where it saves work (``D < 2A``; the default
+      ``A = 2D`` saves 4x).
+    * ``item_vectors``: an item's vector ``[id | tags | multimodal]`` depends
+      only on the item, so every item's is computed once, here, into one
+      frozen ``[num_items, 3E]`` table (``ItemEmbedding(precomputed=True)``):
+      a request gathers rows instead of pooling tags and projecting the
+      multimodal vectors, and needs no ``tf.unique``.
+
+    The results equal the original model's up to float rounding (the export
     is verified against the original model before it is published).
 
-    Returns ``model`` itself when it has no QNN with R > 1 (e.g. DIN).
+    Returns ``model`` itself when there is nothing to fold (e.g. DIN).
     """
     import keras
     import numpy as np
 
+    from qin_tf.layers.attention import AdaptiveSparseTargetAttention
+    from qin_tf.layers.embedding import ItemEmbedding
     from qin_tf.layers.qnn import QuadraticNeuralNetwork
 
-    qnns = [layer for layer in model.layers if isinstance(layer, QuadraticNeuralNetwork) and layer.num_row > 1]
-    if not qnns:
+    qnns = [layer for layer in model.layers
+            if qnn and isinstance(layer, QuadraticNeuralNetwork) and layer.num_row > 1]
+    astas = [layer for layer in model.layers
+             if attention and isinstance(layer, AdaptiveSparseTargetAttention) and not layer.folded
+             and layer.input_dim < 2 * layer.W_q.shape[1]]
+    items = [layer for layer in model.layers
+             if item_vectors and isinstance(layer, ItemEmbedding) and not layer.precomputed]
+    if not qnns and not astas and not items:
         return model
     config = model.get_config()
-    names = {layer.name for layer in qnns}
+    qnn_names, asta_names = {layer.name for layer in qnns}, {layer.name for layer in astas}
+    item_names = {layer.name for layer in items}
     for layer_config in config["layers"]:
-        if layer_config["name"] in names:
+        if layer_config["name"] in qnn_names:
             layer_config["config"]["num_row"] = 1
-    folded = {}
-    for qnn in qnns:
-        for q in qnn.quadratic_layers:
+        if layer_config["name"] in asta_names:
+            layer_config["config"]["folded"] = True
+        if layer_config["name"] in item_names:
+            layer_config["config"]["precomputed"] = True
+    folded, dropped = {}, set()
+    for layer in qnns:
+        for q in layer.quadratic_layers:
             d, r = q.input_dim, q.num_row
             folded[q.kernel.path] = np.asarray(q.kernel).reshape(d, r, d).sum(axis=1)
             folded[q.bias.path] = np.asarray(q.bias).reshape(r, d).sum(axis=0)
+    for layer in astas:
+        prefix = layer.W_q.path.rsplit("/", 1)[0]
+        w_qk, w_vo = layer.folded_weights()
+        folded[f"{prefix}/W_qk"], folded[f"{prefix}/W_vo"] = w_qk, w_vo
+        dropped.update(w.path for w in (layer.W_q, layer.W_k, layer.W_v, layer.W_o))
+    for layer in items:
+        prefix = layer.id_embeddings.path.rsplit("/", 1)[0]
+        folded[f"{prefix}/precomputed_vectors"] = np.asarray(layer.all_item_vectors())
+        dropped.update(w.path for w in layer.weights)
     clone = keras.Model.from_config(config)
     source = {v.path: v for v in model.weights}
-    if sorted(source) != sorted(v.path for v in clone.weights):
-        raise ExportError("folding the QNN rows changed the model's variables; export with fold_qnn=False.")
+    expected = sorted((set(source) - dropped) | {p for p in folded if p not in source})
+    if expected != sorted(v.path for v in clone.weights):
+        raise ExportError("folding for inference changed the model's variables unexpectedly; "
+                          "export with fold_qnn=False, fold_attention=False, fold_item_vectors=False.")
     for v in clone.weights:
         value = folded[v.path] if v.path in folded else np.asarray(source[v.path])
         if tuple(value.shape) != tuple(v.shape):
-            raise ExportError(f"folding the QNN rows: `{v.path}` has shape {tuple(v.shape)}, "
-                              f"the folded value {tuple(value.shape)}; export with fold_qnn=False.")
-        v.assign(value)
+            raise ExportError(f"folding for inference: `{v.path}` has shape {tuple(v.shape)}, "
+                              f"the folded value {tuple(value.shape)}; export with fold_qnn=False, "
+                              "fold_attention=False, fold_item_vectors=False.")
+        v.assign(np.asarray(value, dtype=v.dtype))
     return clone
+
+
+def fold_quadratic_rows(model):
+    """``fold_for_inference`` with only the QNN rows summed."""
+    return fold_for_inference(model, qnn=True, attention=False, item_vectors=False)
 
 
 def _check_model(model, spec: FeatureSpec) -> None:
@@ -348,7 +392,8 @@ def _verify(export_dir: str, model, spec: FeatureSpec, examples: Sequence[bytes]
 
 def export_model(model, spec: FeatureSpec, export_base: str, version: int | None = None, *,
                  warmup_examples: Sequence[bytes] | None = None, num_warmup_rows: int = DEFAULT_WARMUP_ROWS,
-                 model_name: str = "qin", verify: bool = True, fold_qnn: bool = True) -> str:
+                 model_name: str = "qin", verify: bool = True, fold_qnn: bool = True,
+                 fold_attention: bool = True, fold_item_vectors: bool = True) -> str:
     """Writes ``model`` as version ``version`` of a TF Serving model in ``export_base``.
 
     Args:
@@ -367,7 +412,12 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         verify: reload the export before publishing it and check that both
             signatures give the Keras model's scores on the warmup rows.
         fold_qnn: serve QNN layers with their R rows summed into one
-            (:func:`fold_quadratic_rows`); same scores, fewer operations.
+            (:func:`fold_for_inference`); same scores, fewer operations.
+        fold_attention: serve ASTA with ``W_q W_k^T`` and ``W_v W_o``
+            multiplied out (:func:`fold_for_inference`); same scores, 4x fewer
+            attention weights and operations.
+        fold_item_vectors: serve every item's vector from one precomputed
+            ``[num_items, 3E]`` table (:func:`fold_for_inference`).
 
     Returns:
         The path of the new version directory.
@@ -403,7 +453,7 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         spec_file = os.path.join(scratch, SPEC_FILENAME)
         with open(spec_file, "w") as f:
             f.write(spec.to_json())
-        served = fold_quadratic_rows(model) if fold_qnn else model
+        served = fold_for_inference(model, qnn=fold_qnn, attention=fold_attention, item_vectors=fold_item_vectors)
         module = _serving_module(served, spec, spec_file)
         with _quiet_tf_logging():
             tf.saved_model.save(

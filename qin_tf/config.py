@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 
+#: Values of ``ModelConfig.dtype_policy`` (``None``: Keras' global policy).
+DTYPE_POLICIES = (None, "float32", "mixed_bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyperparameters of QIN and of the DIN baseline.
@@ -27,6 +31,11 @@ class ModelConfig:
             attend over the real (non-padding) history items only
             (``tf.unique``/``tf.where``: exact, several times faster, no XLA);
             ``False`` computes every slot densely (XLA-compatible).
+        dtype_policy: Keras dtype policy of the model's layers; ``None`` means
+            Keras' global policy (float32 unless set). ``"mixed_bfloat16"``
+            (opt-in) computes in bfloat16 with float32 weights and a float32
+            logit: faster on CPUs with AVX512-BF16 or AMX and on TPUs/GPUs,
+            at some cost in accuracy (see BENCHMARKS.md).
     """
 
     model: str = "qin"
@@ -41,6 +50,7 @@ class ModelConfig:
     embedding_l2: float = 2e-4
     din_attention_dropout: float = 0.1
     sparse_history: bool = True
+    dtype_policy: str | None = None
 
     def __post_init__(self):
         if self.model not in ("qin", "din"):
@@ -57,6 +67,9 @@ class ModelConfig:
                              f"Received: din_attention_dropout={self.din_attention_dropout}")
         if self.embedding_l2 < 0:
             raise ValueError(f"`embedding_l2` must be >= 0. Received: embedding_l2={self.embedding_l2}")
+        if self.dtype_policy not in DTYPE_POLICIES:
+            raise ValueError(f"`dtype_policy` must be one of {DTYPE_POLICIES}. "
+                             f"Received: dtype_policy={self.dtype_policy!r}")
 
 
 # --------------------------------------------------------------------------

@@ -22,9 +22,16 @@ The item table (tags, multimodal vectors) is loaded from
 time; a saved model carries it in its weights. L2 regularisation
 ``embedding_l2 / 2 * ||theta||^2`` (FuxiCTR's ``embedding_regularizer``) acts on the
 id, tag and context tables and on the multimodal projection.
+
+``ModelConfig.dtype_policy`` (e.g. ``"mixed_bfloat16"``, opt-in) sets the
+Keras dtype policy of every layer of the model; ``None`` leaves Keras' global
+policy in charge. The policy is part of each layer's saved config, so a
+reloaded model computes as it was trained.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import keras
 
@@ -34,6 +41,20 @@ from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, DINA
 from qin_tf.spec import PADDING_ID, FeatureSpec
 
 OUTPUT_NAME = "ctr"
+
+
+@contextlib.contextmanager
+def dtype_policy_scope(name: str | None):
+    """Layers created inside use the Keras dtype policy ``name`` (``None``: leave the global one)."""
+    if name is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def model_inputs(spec: FeatureSpec) -> dict:
@@ -107,15 +128,16 @@ def build_qin(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item
         ``spec.model_feature_names``, output ``ctr`` float32 ``[batch]``.
     """
     config = config or ModelConfig()
-    inputs = model_inputs(spec)
-    item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
-    interest = AdaptiveSparseTargetAttention(attention_dim=config.attention_dim, name="asta")(
-        target, history, mask, history_index)
-    parts = ([context] if context is not None else []) + [target, interest]
-    features = keras.layers.Concatenate(axis=-1, name="qnn_input")(parts)
-    logit = QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row, dropout=config.dropout,
-                                   batch_norm=config.batch_norm, name="qnn")(features)
-    model = keras.Model(inputs=inputs, outputs=_probability(logit), name="qin")
+    with dtype_policy_scope(config.dtype_policy):
+        inputs = model_inputs(spec)
+        item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
+        interest = AdaptiveSparseTargetAttention(attention_dim=config.attention_dim, name="asta")(
+            target, history, mask, history_index)
+        parts = ([context] if context is not None else []) + [target, interest]
+        features = keras.layers.Concatenate(axis=-1, name="qnn_input")(parts)
+        logit = QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
+                                       dropout=config.dropout, batch_norm=config.batch_norm, name="qnn")(features)
+        model = keras.Model(inputs=inputs, outputs=_probability(logit), name="qin")
     return _finish(model, item_embedding, spec, load_item_table)
 
 
@@ -130,17 +152,18 @@ def build_din(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item
     the model is named ``"din"``.
     """
     config = config or ModelConfig(model="din")
-    inputs = model_inputs(spec)
-    item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
-    pooled = DINAttention(attention_units=list(config.din_attention_units), activation="relu",
-                          dropout=config.din_attention_dropout, use_softmax=False,
-                          name="din_attention")(target, history, mask, history_index)
-    parts = ([context] if context is not None else []) + [target, pooled]
-    features = keras.layers.Concatenate(axis=-1, name="dnn_input")(parts)
-    logit = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
-                     batch_norm=config.batch_norm, output_units=1,
-                     output_dtype=keras.config.dtype_policy().variable_dtype, name="dnn")(features)
-    model = keras.Model(inputs=inputs, outputs=_probability(logit), name="din")
+    with dtype_policy_scope(config.dtype_policy):
+        inputs = model_inputs(spec)
+        item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
+        pooled = DINAttention(attention_units=list(config.din_attention_units), activation="relu",
+                              dropout=config.din_attention_dropout, use_softmax=False,
+                              name="din_attention")(target, history, mask, history_index)
+        parts = ([context] if context is not None else []) + [target, pooled]
+        features = keras.layers.Concatenate(axis=-1, name="dnn_input")(parts)
+        logit = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
+                         batch_norm=config.batch_norm, output_units=1,
+                         output_dtype=keras.config.dtype_policy().variable_dtype, name="dnn")(features)
+        model = keras.Model(inputs=inputs, outputs=_probability(logit), name="din")
     return _finish(model, item_embedding, spec, load_item_table)
 
 

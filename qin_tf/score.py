@@ -464,7 +464,7 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
             writer.abort()
         raise
     elapsed = time.monotonic() - start
-    log(f"scored {n:,} rows in {elapsed:.1f} s with {version_dir}")
+    log(f"scored {n:,} rows in {elapsed:.2f} s ({n / elapsed:,.0f} rows/s) with {version_dir}")
     result = {"num_rows": n, "saved_model": version_dir, "scores": np.concatenate(all_scores)}
     if labelled:
         y = np.concatenate(labels)

@@ -122,3 +122,60 @@ def test_unknown_split_is_a_clear_error(crafted):
 def test_model_inputs_drops_meta(crafted):
     x, _ = next(iter(data.make_dataset(crafted, "train", 4, training=False, with_meta=True)))
     assert set(data.model_inputs(crafted, x)) == set(crafted.model_feature_names)
+
+
+# --------------------------------------------------------------------------
+# Training in memory: a full random permutation per pass
+# --------------------------------------------------------------------------
+
+
+def _user_ids(ds, n=None):
+    ds = ds if n is None else ds.take(n)
+    return np.concatenate([x["user_id"].numpy() for x, _ in ds])
+
+
+def test_training_reads_in_memory_with_a_fresh_permutation_per_pass(crafted):
+    ds = data.make_dataset(crafted, "train", 16, training=True, seed=3, with_meta=True, repeat=True)
+    stream = _user_ids(ds, 13)                       # 208 records: passes 0, 1 and 8 of pass 2
+    first, second = stream[:100], stream[100:200]
+    assert sorted(first) == sorted(second) == list(range(100))       # each pass: every row once
+    assert list(first) != list(second) and list(first) != list(range(100))
+    again = _user_ids(data.make_dataset(crafted, "train", 16, training=True, seed=3, with_meta=True,
+                                        repeat=True), 13)
+    np.testing.assert_array_equal(stream, again)                      # the seed fixes the order
+    other = _user_ids(data.make_dataset(crafted, "train", 16, training=True, seed=4, with_meta=True))
+    assert sorted(other) == list(range(100)) and list(other) != list(first)
+    # values travel with their row
+    x, y = next(iter(data.make_dataset(crafted, "train", 100, training=True, seed=3, with_meta=True)))
+    rows = {r["user_id"]: r for r in _rows(0, 100)}
+    for i, u in enumerate(x["user_id"].numpy()):
+        assert x["item_id"][i] == rows[u]["item_id"] and y[i] == rows[u]["label"]
+        assert list(x["item_seq"][i].numpy()) == rows[u]["item_seq"]
+
+
+def test_training_in_memory_equals_streaming_in_content(crafted):
+    stream = data.make_dataset(crafted, "train", 7, training=True, seed=1, with_meta=True, cache=False)
+    memory = data.make_dataset(crafted, "train", 7, training=True, seed=1, with_meta=True, cache=True)
+    a, b = _user_ids(stream), _user_ids(memory)
+    assert sorted(a) == sorted(b) == list(range(100))
+    dropped = data.make_dataset(crafted, "train", 16, training=True, seed=1, with_meta=True, drop_remainder=True)
+    assert [x["user_id"].shape[0] for x, _ in dropped] == [16] * 6
+
+
+@pytest.mark.parametrize("num_pipelines", [2, 8])
+def test_training_in_memory_shards_without_loss_or_overlap(crafted, num_pipelines):
+    seen = []
+    for pid in range(num_pipelines):
+        ctx = tf.distribute.InputContext(num_input_pipelines=num_pipelines, input_pipeline_id=pid,
+                                         num_replicas_in_sync=num_pipelines)
+        seen.append(_user_ids(data.make_dataset(crafted, "train", 4 * num_pipelines, training=True, seed=5,
+                                                input_context=ctx, with_meta=True)))
+    assert sorted(np.concatenate(seen)) == list(range(100))
+
+
+def test_training_in_memory_rereads_files_that_changed(crafted, tmp_path):
+    before = _user_ids(data.make_dataset(crafted, "train", 50, training=True, seed=2, with_meta=True))
+    assert sorted(before) == list(range(100))
+    _write(tmp_path / "train-00000-of-00004.tfrecord.gz", _rows(500, 25))   # same file, new rows
+    after = _user_ids(data.make_dataset(crafted, "train", 50, training=True, seed=2, with_meta=True))
+    assert sorted(after) == list(range(25, 100)) + list(range(500, 525))

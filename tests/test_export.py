@@ -250,6 +250,37 @@ def test_qnn_rows_are_folded_at_export(sample_spec, exported, trained, test_rows
         assert_scores_equal(sig(**{k: tf.constant(v) for k, v in features.items()})["ctr"], want)
 
 
+def test_asta_and_item_vectors_are_folded_at_export(sample_spec, exported, trained, test_rows, tmp_path):
+    """The served ASTA holds W_q W_k^T / sqrt(A) and W_v W_o, [D, D] each, the item embedding one table of
+    every item's vector; scores equal the unfolded export's."""
+    model = trained[1]
+    d = 3 * 8  # item vector width 3E, attention_dim 2D
+    assert {v.path: tuple(v.shape) for v in model.weights if v.path.startswith("asta/")} == {
+        "asta/W_q": (d, 2 * d), "asta/W_k": (d, 2 * d), "asta/W_v": (d, 2 * d), "asta/W_o": (2 * d, d)}
+    loaded = tf.saved_model.load(exported[1])
+    served = {v.name.split(":")[0]: tuple(v.shape) for v in loaded.model_variables
+              if v.name.startswith(("asta/", "item_embedding/"))}
+    assert served == {"asta/W_qk": (d, d), "asta/W_vo": (d, d),
+                      "item_embedding/precomputed_vectors": (sample_spec.num_items, d)}
+    folded = exporter.fold_for_inference(model)
+    assert [v.path for v in folded.get_layer("item_embedding").weights] == ["item_embedding/precomputed_vectors"]
+    np.testing.assert_allclose(folded.get_layer("item_embedding").precomputed_vectors.numpy(),
+                               model.get_layer("item_embedding").all_item_vectors().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(folded.get_layer("asta").W_qk.numpy(),
+                               model.get_layer("asta").W_q.numpy() @ model.get_layer("asta").W_k.numpy().T
+                               / np.sqrt(2 * d), rtol=1e-4, atol=1e-6)
+    assert model.get_layer("asta").folded is False                    # the trained model is left as it was
+    unfolded = exporter.export_model(model, sample_spec, str(tmp_path), fold_qnn=False, fold_attention=False,
+                                     fold_item_vectors=False)
+    assert {v.name.split(":")[0] for v in tf.saved_model.load(unfolded).model_variables
+            if v.name.startswith("asta/")} == {"asta/W_q", "asta/W_k", "asta/W_v", "asta/W_o"}
+    features = test_rows[0]
+    want = keras_scores(model, features)
+    for version_dir in (exported[1], unfolded):
+        sig = tf.saved_model.load(version_dir).signatures["serving_default"]
+        assert_scores_equal(sig(**{k: tf.constant(v) for k, v in features.items()})["ctr"], want)
+
+
 def test_unseen_ids_are_served_as_padding_and_oov(sample_spec, exported, trained, test_rows):
     """Ids beyond the item table score as padding; context ids beyond the vocabulary as the OOV row."""
     features = {k: v[:20].copy() for k, v in test_rows[0].items()}

@@ -64,6 +64,31 @@ def test_asta_indexed_history_matches_original(dtype, case):
     np.testing.assert_allclose(out.numpy(), golden(case)["output"], **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["asta.npz", "asta_noisy_padding.npz"])
+def test_folded_asta_matches_original_dense_and_indexed(dtype, case):
+    """Inference form: W_q W_k^T / sqrt(A) and W_v W_o multiplied out, same outputs as the original."""
+    g, layer = golden_asta(dtype)
+    w_qk, w_vo = layer.folded_weights()
+    np.testing.assert_allclose(w_qk, g["W_q"].T @ g["W_k"] / np.sqrt(24), rtol=1e-6)   # A = 2D = 24
+    np.testing.assert_allclose(w_vo, g["W_v"].T @ g["W_o"].T, rtol=1e-6)
+    folded = AdaptiveSparseTargetAttention(folded=True, dtype=dtype)
+    folded.build((None, 12), (None, 7, 12))
+    assert [tuple(w.shape) for w in folded.weights] == [(12, 12), (12, 12)]
+    folded.set_weights([w_qk, w_vo])
+    history, expected = golden(case)["history"], golden(case)["output"]
+    out = folded(const(g["target"], dtype), const(history, dtype), const(g["mask"], dtype))
+    np.testing.assert_allclose(out.numpy(), expected, **TOL[dtype])
+    table = history.reshape(-1, 12)
+    index = np.arange(len(table)).reshape(5, 7)
+    out = folded(const(g["target"], dtype), const(table, dtype), const(g["mask"] > 0, "bool"), const(index, "int32"))
+    np.testing.assert_allclose(out.numpy(), expected, **TOL[dtype])
+    clone = AdaptiveSparseTargetAttention.from_config(folded.get_config())
+    assert clone.folded and clone.get_config() == folded.get_config()
+    with pytest.raises(ValueError, match="already folded"):
+        folded.folded_weights()
+
+
 def golden_qnn(dtype):
     g = golden("qnn.npz")
     qnn = QuadraticNeuralNetwork(num_layers=3, num_row=4, dropout=0.1, batch_norm=True, dtype=dtype)
@@ -170,6 +195,32 @@ def test_item_embedding_hand_computed(deduplicate):
     out = layer(const(ids, "int64")).numpy()
     assert out.shape == (2, 4, 6)
     np.testing.assert_allclose(out, EXPECTED_ITEMS[ids], rtol=1e-12)
+
+
+def test_precomputed_item_embedding_equals_the_computed_one():
+    """Inference form: one [num_items, 3E] table of every item's vector; same outputs, dense and indexed."""
+    layer = tiny_item_embedding()
+    table = layer.all_item_vectors().numpy()
+    np.testing.assert_allclose(table, EXPECTED_ITEMS, rtol=1e-12)
+    config = dict(layer.get_config(), precomputed=True)
+    for mode in ("dense", "indexed"):
+        pre = ItemEmbedding.from_config(dict(config, output_mode=mode))
+        pre.build()
+        assert [w.path for w in pre.weights] == [f"{pre.name}/precomputed_vectors"]
+        assert pre.supports_jit and not pre.trainable_weights
+        pre.precomputed_vectors.assign(table)
+        target, seq = np.array([1, 3]), np.array([[0, 2, 1], [3, 9, -4]])     # 9, -4: outside -> padding
+        if mode == "dense":
+            got_t, got_s = pre([const(target, "int64"), const(seq, "int64")])
+        else:
+            vectors, ti, si = pre([const(target, "int64"), const(seq, "int64")])
+            assert vectors.shape == (4, 6) and ti.dtype == tf.int32
+            got_t, got_s = tf.gather(vectors, ti), tf.gather(vectors, si)
+        np.testing.assert_allclose(got_t.numpy(), EXPECTED_ITEMS[target], rtol=1e-12)
+        np.testing.assert_allclose(got_s.numpy(), EXPECTED_ITEMS[np.where((seq >= 0) & (seq < 4), seq, 0)],
+                                   rtol=1e-12)
+    with pytest.raises(ValueError, match="holds item vectors"):
+        pre.set_item_table(np.zeros((4, 3)), np.zeros((4, 2)))
 
 
 def test_item_embedding_out_of_range_ids_are_padding():

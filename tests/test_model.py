@@ -283,3 +283,23 @@ def test_spec_without_context_features(spec):
     assert sorted(t.name for t in model.inputs) == ["item_id", "item_seq"]
     features = {k: v for k, v in batch(3).items() if k in ("item_id", "item_seq")}
     assert predict(model, features).shape == (3,)
+
+
+def test_dtype_policy_from_the_config_applies_to_this_model_only(spec):
+    keras.utils.set_random_seed(3)
+    model = build_qin(spec, dataclasses.replace(QIN_CONFIG, dtype_policy="mixed_bfloat16"))
+    assert keras.config.dtype_policy().name == "float32"           # the global policy is left alone
+    assert model.get_layer("qnn").compute_dtype == "bfloat16"
+    assert model.get_layer("asta").compute_dtype == "bfloat16"
+    assert all(w.dtype == "float32" for w in model.trainable_weights)
+    features = {k: tf.constant(v) for k, v in batch(16, seed=13).items()}
+    out = model(features, training=False)
+    assert out.dtype == tf.float32
+    reference = build_qin(spec, QIN_CONFIG)
+    reference.set_weights(model.get_weights())
+    assert reference.get_layer("qnn").compute_dtype == "float32"
+    np.testing.assert_allclose(out.numpy(), predict(reference, batch(16, seed=13)), atol=0.05)
+    clone = keras.Model.from_config(model.get_config())
+    assert clone.get_layer("qnn").compute_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="`dtype_policy` must be one of"):
+        ModelConfig(dtype_policy="float16x")

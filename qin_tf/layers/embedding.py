@@ -78,6 +78,13 @@ class ItemEmbedding(keras.layers.Layer):
             distinct ids ``[U, 3E]`` and, per input, int32 indices into them of
             the input's shape (``vectors[index]`` is the dense output). The
             attention layers take this form to touch only real history items.
+        precomputed: inference form: the layer holds one frozen weight
+            ``precomputed_vectors`` ``[num_items, 3E]``, every item's vector
+            computed ahead of time (:meth:`all_item_vectors`), instead of the
+            tables and the projection; a call is a gather (``"indexed"``: the
+            table itself with the ids as indices, no ``tf.unique``). The
+            exporter serves this form (``export.exporter.fold_for_inference``);
+            it cannot be trained.
 
     Call arguments:
         inputs: an int tensor of item ids of any shape ``S``, or a list/tuple
@@ -104,7 +111,7 @@ class ItemEmbedding(keras.layers.Layer):
                  embeddings_initializer=None,
                  kernel_initializer="glorot_normal",
                  embeddings_regularizer=None, kernel_regularizer=None,
-                 deduplicate=True, output_mode="dense", **kwargs):
+                 deduplicate=True, output_mode="dense", precomputed=False, **kwargs):
         super().__init__(**kwargs)
         if output_mode not in ("dense", "indexed"):
             raise ValueError(f"`output_mode` must be 'dense' or 'indexed'. Received: output_mode={output_mode!r}")
@@ -123,8 +130,9 @@ class ItemEmbedding(keras.layers.Layer):
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.deduplicate = bool(deduplicate)
         self.output_mode = output_mode
+        self.precomputed = bool(precomputed)
         # tf.unique has no XLA kernel: keep `jit_compile="auto"` off XLA.
-        self.supports_jit = not self.deduplicate
+        self.supports_jit = self.precomputed or not self.deduplicate
 
     @property
     def output_dim(self):
@@ -132,6 +140,13 @@ class ItemEmbedding(keras.layers.Layer):
         return 3 * self.embedding_dim
 
     def build(self, input_shape=None):
+        if self.precomputed:
+            # In the compute dtype: an "indexed" call hands the whole table on, uncast.
+            self.precomputed_vectors = self.add_weight(
+                name="precomputed_vectors", shape=(self.num_items, self.output_dim), dtype=self.compute_dtype,
+                initializer="zeros", trainable=False, autocast=False)
+            self.built = True
+            return
         # Tables are read without autocast and cast after the gather, so mixed
         # precision never casts a whole table per step.
         self.id_embeddings = self.add_weight(
@@ -157,6 +172,9 @@ class ItemEmbedding(keras.layers.Layer):
         """Loads the frozen item table: ``tags`` [num_items, num_tags], ``embedding`` [num_items, mm_dim]."""
         if not self.built:
             self.build()
+        if self.precomputed:
+            raise ValueError("a precomputed ItemEmbedding holds item vectors, not the item table; "
+                             "assign `precomputed_vectors` instead.")
         expected = ((self.num_items, self.num_tags), (self.num_items, self.mm_dim))
         if tuple(tags.shape) != expected[0] or tuple(embedding.shape) != expected[1]:
             raise ValueError(
@@ -183,6 +201,14 @@ class ItemEmbedding(keras.layers.Layer):
         not_padding = ops.cast(ops.not_equal(ids, 0), dtype)
         return vectors * ops.expand_dims(not_padding, -1)
 
+    def all_item_vectors(self, batch_size: int = 65_536):
+        """The vector of every item, ``[num_items, 3E]`` in the compute dtype (row 0, padding, is zero)."""
+        if self.precomputed:
+            return ops.convert_to_tensor(self.precomputed_vectors)
+        parts = [self.item_vectors(tf.range(start, min(start + batch_size, self.num_items), dtype=tf.int64))
+                 for start in range(0, self.num_items, batch_size)]
+        return ops.concatenate(parts, axis=0)
+
     def call(self, inputs):
         is_list = isinstance(inputs, (list, tuple))
         id_tensors = [tf.convert_to_tensor(x) for x in (inputs if is_list else [inputs])]
@@ -192,11 +218,14 @@ class ItemEmbedding(keras.layers.Layer):
         flat = tf.concat([tf.reshape(tf.cast(x, "int64"), [-1]) for x in id_tensors], axis=0)
         in_table = tf.logical_and(flat >= 0, flat < self.num_items)
         flat = tf.where(in_table, flat, tf.zeros_like(flat))
-        if self.deduplicate:
+        if self.precomputed:
+            vectors, index = self.precomputed_vectors, tf.cast(flat, tf.int32)   # the ids index the table
+        elif self.deduplicate:
             row_ids, index = tf.unique(flat, out_idx=tf.int32)
+            vectors = self.item_vectors(row_ids)
         else:
             row_ids, index = flat, tf.range(tf.size(flat, out_type=tf.int32))
-        vectors = self.item_vectors(row_ids)
+            vectors = self.item_vectors(row_ids)
         sizes = [tf.size(x, out_type=tf.int32) for x in id_tensors]
         parts = tf.split(index, sizes) if len(sizes) > 1 else [index]
         indices = [tf.ensure_shape(tf.reshape(part, tf.shape(x)), x.shape) for x, part in zip(id_tensors, parts)]
@@ -224,6 +253,7 @@ class ItemEmbedding(keras.layers.Layer):
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             deduplicate=self.deduplicate,
             output_mode=self.output_mode,
+            precomputed=self.precomputed,
         )
         return config
 

@@ -1,0 +1,161 @@
+"""What every benchmark of bench/ shares: the machine, the date, peak memory, one JSON line.
+
+Each benchmark is a CLI that prints exactly one JSON line on stdout (progress,
+if any, goes to stderr)::
+
+    {"bench": "...", ..., "peak_rss_mb": ..., "machine": {...}, "date": "...", "command": "..."}
+
+``peak_rss_mb`` is the peak resident set size of the benchmark's process
+(``getrusage(RUSAGE_SELF).ru_maxrss``), TensorFlow's runtime included; where a
+benchmark starts other processes their peak is reported separately.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak RSS in MiB of this process (``RUSAGE_SELF``) or of its waited-for children."""
+    return round(resource.getrusage(who).ru_maxrss / 1024.0, 1)  # ru_maxrss is KiB on Linux
+
+
+def current_rss_mb() -> float:
+    """RSS now, MiB (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+def machine() -> dict:
+    """CPU model, cores, RAM, load and software versions of this machine."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu"] = fields.get("Model name", info["cpu"])
+        flags = fields.get("Flags", "").split()
+        info["avx512_bf16"] = "avx512_bf16" in flags
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        info["ram_gib"] = round(kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    info["load_1m_at_start"] = round(os.getloadavg()[0], 2)
+    info["python"] = platform.python_version()
+    try:
+        from qin_tf.runtime import silenced_stderr
+
+        with silenced_stderr():
+            import tensorflow as tf
+        info["tensorflow"] = tf.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def command() -> str:
+    """The command line that ran this benchmark, as a shell would take it."""
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def emit(record: dict) -> dict:
+    """Adds peak RSS, machine, date and command to ``record`` and prints it as one JSON line."""
+    out = dict(record)
+    out.setdefault("peak_rss_mb", peak_rss_mb())
+    out["machine"] = machine()
+    out["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out["command"] = command()
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout carries only the JSON line)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentiles_ms(seconds, qs=(50, 90, 99)) -> dict:
+    """``{"p50_ms": ..., ...}`` of a list of durations in seconds."""
+    import numpy as np
+
+    a = np.asarray(seconds, dtype=np.float64) * 1e3
+    out = {f"p{q}_ms": round(float(np.percentile(a, q)), 3) for q in qs}
+    out["mean_ms"] = round(float(a.mean()), 3)
+    out["calls"] = int(a.size)
+    return out
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak RSS so far of a running process (``VmHWM`` of ``/proc/<pid>/status``), MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        return None
+    return None
+
+
+def run_measured(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float | None]:
+    """Runs ``cmd`` to completion; returns ``(completed process, wall seconds, peak RSS MiB)``.
+
+    The peak RSS comes from GNU ``/usr/bin/time`` wrapped around the command
+    (``getrusage`` of a child forked from this large process would report
+    this process's size: Linux carries the high-water mark across fork and
+    exec); ``None`` when ``/usr/bin/time`` is missing.
+    """
+    import tempfile
+
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    timer = "/usr/bin/time"
+    rss_file = None
+    if os.path.exists(timer):
+        fd, rss_file = tempfile.mkstemp(prefix="bench_rss_")
+        os.close(fd)
+        cmd = [timer, "-o", rss_file, "-f", "%M", *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, **kwargs)
+    wall = time.perf_counter() - t0
+    peak = None
+    if rss_file:
+        try:
+            with open(rss_file) as f:
+                values = [line.strip() for line in f if line.strip().isdigit()]
+            peak = round(int(values[-1]) / 1024.0, 1) if values else None
+        finally:
+            os.remove(rss_file)
+    return proc, wall, peak
+
+
+def configure_threads(intra_op: int, inter_op: int) -> None:
+    """Sets TensorFlow's thread pools (0 = TensorFlow's default: one thread per core each).
+
+    Call it before anything starts TensorFlow's runtime; it imports TensorFlow quietly.
+    """
+    from qin_tf.runtime import silenced_stderr
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with silenced_stderr():
+        import tensorflow as tf
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
