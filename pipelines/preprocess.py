@@ -65,11 +65,25 @@ import time
 import uuid
 from typing import Any, Iterator, Sequence
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
+
+
+class _DropBeamImportNoise(logging.Filter):
+    """Beam without its [gcp] extra logs 'apitools not found ...' on import: not a user's concern."""
+
+    def filter(self, record):
+        return "apitools not found" not in record.getMessage()
+
+
+_noise = _DropBeamImportNoise()
+logging.getLogger().addFilter(_noise)
+try:
+    import apache_beam as beam
+finally:
+    logging.getLogger().removeFilter(_noise)
+from apache_beam.io.filesystem import CompressionTypes  # noqa: E402
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
