@@ -3,7 +3,12 @@
 Each benchmark is a CLI that prints exactly one JSON line on stdout (progress,
 if any, goes to stderr)::
 
-    {"bench": "...", ..., "peak_rss_mb": ..., "machine": {...}, "date": "...", "command": "..."}
+    {"bench": "...", ..., "peak_rss_mb": ..., "wall_s": ..., "other_cpu_s": ...,
+     "machine": {...}, "date": "...", "command": "..."}
+
+``other_cpu_s`` is the CPU time used by other processes while the benchmark
+ran: a run where it is more than a small fraction of ``wall_s`` shared the
+cores with something else and its rates are low; run it again.
 
 ``peak_rss_mb`` is the peak resident set size of the benchmark's process
 (``getrusage(RUSAGE_SELF).ru_maxrss``), TensorFlow's runtime included; where a
@@ -23,6 +28,26 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes of the machine have used since boot (``/proc/stat``, not idle or iowait)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+#: At import: wall clock, the machine's busy CPU time and this process's own.
+_START = (time.monotonic(), _busy_cpu_s(), _own_cpu_s())
 
 
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
@@ -73,10 +98,28 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
 
 
+def other_processes_cpu_s() -> float | None:
+    """CPU seconds that processes other than this one (and its waited-for children) used since import.
+
+    A benchmark's figures are valid only if this is small compared with its
+    wall time: anything else running on the machine shares its cores.
+    """
+    busy = _busy_cpu_s()
+    if busy is None or _START[1] is None:
+        return None
+    return round(max(0.0, (busy - _START[1]) - (_own_cpu_s() - _START[2])), 1)
+
+
 def emit(record: dict) -> dict:
-    """Adds peak RSS, machine, date and command to ``record`` and prints it as one JSON line."""
+    """Adds peak RSS, machine, date, command and interference to ``record``; prints it as one JSON line.
+
+    ``wall_s`` is the benchmark process's run time and ``other_cpu_s`` the CPU
+    time other processes used meanwhile (:func:`other_processes_cpu_s`).
+    """
     out = dict(record)
     out.setdefault("peak_rss_mb", peak_rss_mb())
+    out["wall_s"] = round(time.monotonic() - _START[0], 1)
+    out["other_cpu_s"] = other_processes_cpu_s()
     out["machine"] = machine()
     out["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out["command"] = command()

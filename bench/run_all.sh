@@ -27,7 +27,22 @@ else
   STEPS=(--steps=10 --warmup_steps=2); EPOCH=(--epoch); SLOW=(--steps=3 --warmup_steps=1); CALLS=()
 fi
 
+# Waits until the machine is idle (under 10% of one core busy over 3 s), so
+# that nothing else shares the cores when a benchmark starts.
+wait_idle() {
+  local a b busy total
+  while true; do
+    a=($(head -1 /proc/stat)); sleep 3; b=($(head -1 /proc/stat))
+    busy=$(( (b[1]+b[2]+b[3]+b[6]+b[7]+b[8]) - (a[1]+a[2]+a[3]+a[6]+a[7]+a[8]) ))
+    total=$(( busy + (b[4]+b[5]) - (a[4]+a[5]) ))
+    (( total > 0 && busy * 100 / total < 5 )) && return 0
+    echo "  (waiting: the machine is busy)" >&2
+    sleep 20
+  done
+}
+
 run() {
+  wait_idle
   echo "+ $*" >&2
   "$@" | tail -n 1 >> "$OUT"
 }
@@ -61,9 +76,9 @@ run $PY bench/bench_train.py --data_dir="$DATA" --intra_op_threads=2 --inter_op_
 run $PY bench/bench_train.py --data_dir="$DATA" --intra_op_threads=1 --inter_op_threads=2 "${STEPS[@]}"
 
 # Batch scoring over the 80k test rows (TFRecords and parquet), and the folds off.
-run $PY bench/bench_score.py --data_dir="$DATA" "${MODEL_FLAG[@]}" --parquet="$RAW/test.parquet" \
+run $PY bench/bench_score.py --data_dir="$DATA" "${MODEL_FLAG[@]}" --parquet="$RAW/test.parquet" --repeats=3 \
     --batch_sizes=1024,8192,32768
-run $PY bench/bench_score.py --data_dir="$DATA" "${MODEL_FLAG[@]}" --batch_sizes=1024 --nofold
+run $PY bench/bench_score.py --data_dir="$DATA" "${MODEL_FLAG[@]}" --batch_sizes=1024 --repeats=3 --nofold
 
 # Serving latency: the production export alone (in-process and gRPC), then the levers.
 run $PY bench/bench_latency.py --data_dir="$DATA" "${MODEL_FLAG[@]}" "${CALLS[@]}" --nounfolded
