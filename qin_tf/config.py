@@ -27,6 +27,13 @@ class ModelConfig:
             baseline: 0.1); DIN's DNN uses ``dropout`` and ``batch_norm``.
         embedding_l2: L2 weight (``weight / 2 * ||theta||^2``) on the embedding
             tables and the multimodal projection.
+        id_dropout: training-time dropout of whole item-id embeddings (each
+            item then counts by its tags and multimodal vector alone), see
+            ``ItemEmbedding``; 0 (default, the original) turns it off.
+        net_l2: L2 weight (``weight / 2 * ||W||^2``) on the kernels of the
+            network: QNN's quadratic layers and ASTA's matrices (QIN), the
+            attention and DNN MLPs (DIN). FuxiCTR's ``net_regularizer``; the
+            released QIN config has 0.
         sparse_history: compute each distinct item's vector once per batch and
             attend over the real (non-padding) history items only
             (``tf.unique``/``tf.where``: exact, several times faster, no XLA);
@@ -49,6 +56,8 @@ class ModelConfig:
     din_dnn_units: tuple[int, ...] = (1024, 512, 256)
     embedding_l2: float = 2e-4
     din_attention_dropout: float = 0.1
+    net_l2: float = 0.0
+    id_dropout: float = 0.0
     sparse_history: bool = True
     dtype_policy: str | None = None
 
@@ -67,6 +76,10 @@ class ModelConfig:
                              f"Received: din_attention_dropout={self.din_attention_dropout}")
         if self.embedding_l2 < 0:
             raise ValueError(f"`embedding_l2` must be >= 0. Received: embedding_l2={self.embedding_l2}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"`id_dropout` must be in [0, 1). Received: id_dropout={self.id_dropout}")
+        if self.net_l2 < 0:
+            raise ValueError(f"`net_l2` must be >= 0. Received: net_l2={self.net_l2}")
         if self.dtype_policy not in DTYPE_POLICIES:
             raise ValueError(f"`dtype_policy` must be one of {DTYPE_POLICIES}. "
                              f"Received: dtype_policy={self.dtype_policy!r}")

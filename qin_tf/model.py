@@ -66,12 +66,16 @@ def _embedding_regularizer(config: ModelConfig):
     return keras.regularizers.L2(config.embedding_l2 / 2.0) if config.embedding_l2 > 0 else None
 
 
+def _net_regularizer(config: ModelConfig):
+    return keras.regularizers.L2(config.net_l2 / 2.0) if config.net_l2 > 0 else None
+
+
 def _item_embedding(spec: FeatureSpec, config: ModelConfig) -> ItemEmbedding:
     reg = _embedding_regularizer(config)
     return ItemEmbedding(num_items=spec.num_items, num_tags=spec.num_tags, tag_vocab_size=spec.tag_vocab_size,
                          mm_dim=spec.mm_dim, embedding_dim=config.embedding_dim,
                          embeddings_regularizer=reg, kernel_regularizer=reg,
-                         deduplicate=config.sparse_history,
+                         deduplicate=config.sparse_history, id_dropout=config.id_dropout,
                          output_mode="indexed" if config.sparse_history else "dense", name="item_embedding")
 
 
@@ -131,12 +135,14 @@ def build_qin(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item
     with dtype_policy_scope(config.dtype_policy):
         inputs = model_inputs(spec)
         item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
-        interest = AdaptiveSparseTargetAttention(attention_dim=config.attention_dim, name="asta")(
+        interest = AdaptiveSparseTargetAttention(attention_dim=config.attention_dim,
+                                                 kernel_regularizer=_net_regularizer(config), name="asta")(
             target, history, mask, history_index)
         parts = ([context] if context is not None else []) + [target, interest]
         features = keras.layers.Concatenate(axis=-1, name="qnn_input")(parts)
         logit = QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
-                                       dropout=config.dropout, batch_norm=config.batch_norm, name="qnn")(features)
+                                       dropout=config.dropout, batch_norm=config.batch_norm,
+                                       kernel_regularizer=_net_regularizer(config), name="qnn")(features)
         model = keras.Model(inputs=inputs, outputs=_probability(logit), name="qin")
     return _finish(model, item_embedding, spec, load_item_table)
 
@@ -157,11 +163,13 @@ def build_din(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item
         item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
         pooled = DINAttention(attention_units=list(config.din_attention_units), activation="relu",
                               dropout=config.din_attention_dropout, use_softmax=False,
+                              kernel_regularizer=_net_regularizer(config),
                               name="din_attention")(target, history, mask, history_index)
         parts = ([context] if context is not None else []) + [target, pooled]
         features = keras.layers.Concatenate(axis=-1, name="dnn_input")(parts)
         logit = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
                          batch_norm=config.batch_norm, output_units=1,
+                         kernel_regularizer=_net_regularizer(config),
                          output_dtype=keras.config.dtype_policy().variable_dtype, name="dnn")(features)
         model = keras.Model(inputs=inputs, outputs=_probability(logit), name="din")
     return _finish(model, item_embedding, spec, load_item_table)

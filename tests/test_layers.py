@@ -243,6 +243,28 @@ def test_item_embedding_lists_and_indexed_mode_agree():
     np.testing.assert_allclose(h_dense.numpy(), EXPECTED_ITEMS[[[0, 0, 2, 3], [0, 1, 1, 2]]])
 
 
+@pytest.mark.parametrize("deduplicate", [True, False])
+def test_item_id_dropout_drops_whole_id_parts_in_training_only(deduplicate):
+    keras.utils.set_random_seed(3)
+    layer = tiny_item_embedding(id_dropout=0.5, deduplicate=deduplicate)
+    ids = np.tile(np.array([[1, 2, 3, 1]]), (64, 1))
+    np.testing.assert_allclose(layer(const(ids, "int64")).numpy(), EXPECTED_ITEMS[ids], rtol=1e-12)
+    out = layer(const(ids, "int64"), training=True).numpy()
+    want = EXPECTED_ITEMS[ids]
+    np.testing.assert_allclose(out[..., 2:], want[..., 2:], rtol=1e-12)       # tags and multimodal kept
+    scale = out[..., :2] / want[..., :2]                                          # 0 (dropped) or 2 (kept, 1/(1-p))
+    assert set(np.unique(np.round(scale, 12))) == {0.0, 2.0}
+    assert np.all(scale[..., 0] == scale[..., 1])                                 # the whole id part at once
+    if deduplicate:   # one draw per distinct item of the call, wherever it occurs
+        for item in (1, 2, 3):
+            assert len(np.unique(scale[..., 0][ids == item])) == 1
+    else:             # one draw per position
+        assert 0.4 < float(np.mean(scale[..., 0] == 0.0)) < 0.6
+    with pytest.raises(ValueError, match="id_dropout"):
+        tiny_item_embedding(id_dropout=1.0)
+    assert ItemEmbedding.from_config(layer.get_config()).id_dropout == 0.5
+
+
 def test_item_embedding_frozen_table_and_validation():
     layer = tiny_item_embedding()
     assert {w.name for w in layer.non_trainable_weights} == {"item_tags", "item_multimodal"}

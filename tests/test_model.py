@@ -122,6 +122,25 @@ def test_l2_regularisation_on_embeddings_and_projection(spec):
     assert build_qin(spec, ModelConfig(embedding_dim=4, num_layers=1, embedding_l2=0.0)).losses == []
 
 
+@pytest.mark.parametrize("model", ["qin", "din"])
+def test_net_l2_regularises_every_network_kernel_and_nothing_else(spec, model):
+    config = ModelConfig(model=model, embedding_dim=4, num_layers=2, din_attention_units=(3, 2),
+                         din_dnn_units=(5,), embedding_l2=0.0, net_l2=0.4)
+    built = build_model(spec, config)
+    net_layers = ["asta", "qnn"] if model == "qin" else ["din_attention", "dnn"]
+    kernels = [w for name in net_layers for w in built.get_layer(name).trainable_weights
+               if w.path.endswith(("kernel", "W_q", "W_k", "W_v", "W_o"))]
+    expected = 0.4 / 2 * sum(float(np.sum(w.numpy().astype("float64") ** 2)) for w in kernels)
+    # QIN: 4 ASTA matrices + 2 quadratic kernels + logit; DIN: 3 attention kernels + 2 DNN kernels
+    assert len(built.losses) == (7 if model == "qin" else 5)
+    assert float(sum(built.losses)) == pytest.approx(expected, rel=1e-5)
+    # embeddings stay out of it, and net_l2 = 0 adds nothing
+    assert not any("embedding" in w.path for w in kernels)
+    assert build_model(spec, dataclasses.replace(config, net_l2=0.0)).losses == []
+    with pytest.raises(ValueError, match="net_l2"):
+        ModelConfig(net_l2=-1.0)
+
+
 def test_build_model_dispatches_on_config(spec):
     assert build_model(spec, ModelConfig(model="din", embedding_dim=2, din_attention_units=(2,),
                                          din_dnn_units=(2,))).name == "din"

@@ -235,6 +235,7 @@ class DINAttention(keras.layers.Layer):
         dropout: dropout after each hidden layer (challenge: 0.1).
         use_softmax: see above.
         kernel_initializer: Glorot normal, as FuxiCTR.
+        kernel_regularizer: optional, on every kernel of the MLP.
 
     Call arguments:
         target ``[batch, D]``, history ``[batch, L, D]`` (or ``[U, D]`` with
@@ -257,7 +258,7 @@ class DINAttention(keras.layers.Layer):
     """
 
     def __init__(self, attention_units=(512, 256), activation="relu", dropout=0.0, use_softmax=False,
-                 kernel_initializer="glorot_normal", **kwargs):
+                 kernel_initializer="glorot_normal", kernel_regularizer=None, **kwargs):
         super().__init__(**kwargs)
         attention_units = [int(u) for u in attention_units]
         if not attention_units or min(attention_units) < 1:
@@ -270,13 +271,15 @@ class DINAttention(keras.layers.Layer):
         self.dropout = float(dropout)
         self.use_softmax = bool(use_softmax)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         first = attention_units[0]
         self.first_dense = keras.layers.Dense(first, kernel_initializer=self.kernel_initializer,
+                                              kernel_regularizer=self.kernel_regularizer,
                                               dtype=self.dtype_policy, name="dense_0")
         self.first_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name="dropout_0")
         self.rest = MLPBlock(attention_units[1:], activation=activation, dropout=self.dropout,
                              batch_norm=False, output_units=1, kernel_initializer=self.kernel_initializer,
-                             dtype=self.dtype_policy, name="mlp")
+                             kernel_regularizer=self.kernel_regularizer, dtype=self.dtype_policy, name="mlp")
 
     def build(self, target_shape, history_shape=None, history_mask_shape=None, history_index_shape=None):
         dim = target_shape[-1]
@@ -329,5 +332,6 @@ class DINAttention(keras.layers.Layer):
             dropout=self.dropout,
             use_softmax=self.use_softmax,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
         )
         return config

@@ -73,6 +73,13 @@ class ItemEmbedding(keras.layers.Layer):
         embeddings_regularizer, kernel_regularizer: optional regularisers of
             the tables and of ``W_mm``.
         deduplicate: compute each distinct id once per call (see above).
+        id_dropout: in training only, the probability that an item's id part
+            ``E_id[i]`` is dropped (zeroed, the kept ones scaled by
+            ``1 / (1 - id_dropout)``): the item then counts by its tags and
+            multimodal vector alone, as a cold item would. One draw per
+            distinct item of the call with ``deduplicate`` (the target and its
+            occurrences in the history share it), per position otherwise.
+            ``0`` (default) turns it off; inference is unaffected.
         output_mode: ``"dense"`` returns the item vectors of every input;
             ``"indexed"`` returns ``(vectors, *indices)``: the vectors of the
             distinct ids ``[U, 3E]`` and, per input, int32 indices into them of
@@ -111,8 +118,10 @@ class ItemEmbedding(keras.layers.Layer):
                  embeddings_initializer=None,
                  kernel_initializer="glorot_normal",
                  embeddings_regularizer=None, kernel_regularizer=None,
-                 deduplicate=True, output_mode="dense", precomputed=False, **kwargs):
+                 deduplicate=True, output_mode="dense", precomputed=False, id_dropout=0.0, **kwargs):
         super().__init__(**kwargs)
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"`id_dropout` must be in [0, 1). Received: id_dropout={id_dropout}")
         if output_mode not in ("dense", "indexed"):
             raise ValueError(f"`output_mode` must be 'dense' or 'indexed'. Received: output_mode={output_mode!r}")
         for name, value in (("num_items", num_items), ("num_tags", num_tags),
@@ -131,6 +140,8 @@ class ItemEmbedding(keras.layers.Layer):
         self.deduplicate = bool(deduplicate)
         self.output_mode = output_mode
         self.precomputed = bool(precomputed)
+        self.id_dropout = float(id_dropout)
+        self._id_dropout_seed = keras.random.SeedGenerator() if self.id_dropout > 0 else None
         # tf.unique has no XLA kernel: keep `jit_compile="auto"` off XLA.
         self.supports_jit = self.precomputed or not self.deduplicate
 
@@ -183,10 +194,17 @@ class ItemEmbedding(keras.layers.Layer):
         self.item_tags.assign(ops.cast(tags, "int32"))
         self.item_multimodal.assign(ops.cast(embedding, self.item_multimodal.dtype))
 
-    def item_vectors(self, ids):
-        """Item vectors ``[n, 3E]`` of a 1-D tensor of ids already in ``[0, num_items)``."""
+    def item_vectors(self, ids, training=False):
+        """Item vectors ``[n, 3E]`` of a 1-D tensor of ids already in ``[0, num_items)``.
+
+        ``training=True`` applies ``id_dropout`` (one draw per row of ``ids``).
+        """
         dtype = self.compute_dtype
         id_part = ops.cast(ops.take(self.id_embeddings, ids, axis=0), dtype)
+        if training and self.id_dropout > 0:
+            keep = keras.random.uniform(ops.shape(ids), seed=self._id_dropout_seed) >= self.id_dropout
+            scale = ops.convert_to_tensor(1.0 / (1.0 - self.id_dropout), dtype=dtype)
+            id_part = id_part * ops.expand_dims(ops.cast(keep, dtype) * scale, -1)
         tags = ops.take(self.item_tags, ids, axis=0)                              # [n, T]
         has_tag = ops.logical_and(tags > 0, tags < self.tag_vocab_size)
         tags = ops.where(has_tag, tags, ops.zeros_like(tags))
@@ -209,7 +227,7 @@ class ItemEmbedding(keras.layers.Layer):
                  for start in range(0, self.num_items, batch_size)]
         return ops.concatenate(parts, axis=0)
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         is_list = isinstance(inputs, (list, tuple))
         id_tensors = [tf.convert_to_tensor(x) for x in (inputs if is_list else [inputs])]
         for x in id_tensors:
@@ -222,10 +240,10 @@ class ItemEmbedding(keras.layers.Layer):
             vectors, index = self.precomputed_vectors, tf.cast(flat, tf.int32)   # the ids index the table
         elif self.deduplicate:
             row_ids, index = tf.unique(flat, out_idx=tf.int32)
-            vectors = self.item_vectors(row_ids)
+            vectors = self.item_vectors(row_ids, training=bool(training))
         else:
             row_ids, index = flat, tf.range(tf.size(flat, out_type=tf.int32))
-            vectors = self.item_vectors(row_ids)
+            vectors = self.item_vectors(row_ids, training=bool(training))
         sizes = [tf.size(x, out_type=tf.int32) for x in id_tensors]
         parts = tf.split(index, sizes) if len(sizes) > 1 else [index]
         indices = [tf.ensure_shape(tf.reshape(part, tf.shape(x)), x.shape) for x, part in zip(id_tensors, parts)]
@@ -254,6 +272,7 @@ class ItemEmbedding(keras.layers.Layer):
             deduplicate=self.deduplicate,
             output_mode=self.output_mode,
             precomputed=self.precomputed,
+            id_dropout=self.id_dropout,
         )
         return config
 

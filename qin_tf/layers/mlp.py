@@ -27,6 +27,7 @@ class MLPBlock(keras.layers.Layer):
             block's. ``"float32"`` keeps a logit in full precision under mixed
             precision.
         kernel_initializer: Glorot normal, as FuxiCTR.
+        kernel_regularizer: optional, on every Dense kernel (hidden and output).
 
     Input ``[..., D]`` -> output ``[..., output_units or hidden_units[-1]]``.
 
@@ -39,7 +40,7 @@ class MLPBlock(keras.layers.Layer):
     """
 
     def __init__(self, hidden_units, activation="relu", dropout=0.0, batch_norm=False, output_units=None,
-                 output_dtype=None, kernel_initializer="glorot_normal", **kwargs):
+                 output_dtype=None, kernel_initializer="glorot_normal", kernel_regularizer=None, **kwargs):
         super().__init__(**kwargs)
         hidden_units = [int(u) for u in hidden_units]
         if hidden_units and min(hidden_units) < 1:
@@ -57,8 +58,10 @@ class MLPBlock(keras.layers.Layer):
         self.output_units = output_units
         self.output_dtype = output_dtype
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         policy = self.dtype_policy
-        self.dense_layers = [keras.layers.Dense(u, kernel_initializer=self.kernel_initializer, dtype=policy,
+        self.dense_layers = [keras.layers.Dense(u, kernel_initializer=self.kernel_initializer,
+                                                kernel_regularizer=self.kernel_regularizer, dtype=policy,
                                                 name=f"dense_{i}") for i, u in enumerate(hidden_units)]
         self.norm_layers = [keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
                                                             # batch statistics over all replicas:
@@ -70,6 +73,7 @@ class MLPBlock(keras.layers.Layer):
         self.output_layer = None
         if output_units is not None:
             self.output_layer = keras.layers.Dense(output_units, kernel_initializer=self.kernel_initializer,
+                                                   kernel_regularizer=self.kernel_regularizer,
                                                    dtype=output_dtype or policy, name="output")
 
     def build(self, input_shape):
@@ -112,5 +116,6 @@ class MLPBlock(keras.layers.Layer):
             output_units=self.output_units,
             output_dtype=self.output_dtype,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
         )
         return config

@@ -124,7 +124,7 @@ class QuadraticNeuralNetwork(keras.layers.Layer):
         dropout: rate (released QIN: 0.1).
         batch_norm: batch norm after each quadratic layer (released QIN: on).
         kernel_initializer: Glorot normal, as FuxiCTR.
-        kernel_regularizer: optional, on the quadratic kernels.
+        kernel_regularizer: optional, on the quadratic kernels and the output kernel.
         seed: optional dropout seed.
 
     Input ``[batch, D]`` -> logit ``[batch, 1]``.
@@ -176,6 +176,7 @@ class QuadraticNeuralNetwork(keras.layers.Layer):
                                                     name=f"dropout_{i}")
                                for i in range(num_layers)] if self.dropout > 0 else []
         self.output_layer = keras.layers.Dense(1, kernel_initializer=self.kernel_initializer,
+                                               kernel_regularizer=self.kernel_regularizer,
                                                dtype=policy.variable_dtype, name="logit")
 
     def build(self, input_shape):
