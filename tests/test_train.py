@@ -390,3 +390,48 @@ def test_nan_loss_stops_with_a_clear_message(sample_spec, tmp_path, capsys):
     assert "training diverged. Lower --learning_rate (now 1e+30)" in err
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
     assert not os.path.exists(os.path.join(model_dir, "best.keras"))
+
+
+@pytest.mark.parametrize("variant, swapped, kept", [
+    ("qin_din_attention", "DINAttention", "QuadraticNeuralNetwork"),
+    ("asta_mlp_head", "MLPBlock", "AdaptiveSparseTargetAttention"),
+    ("qnn_input_bn", "BatchNormalization", "QuadraticNeuralNetwork"),
+])
+def test_ablation_script_swaps_one_part_and_trains(sample_spec, tmp_path, variant, swapped, kept):
+    """scripts/ablate.py (RESULTS.md's ablations) trains through the CLI with one part of QIN replaced."""
+    import keras
+
+    import qin_tf.layers  # noqa: F401  (registers the layers)
+
+    model_dir = tmp_path / "model"
+    proc = subprocess.run([sys.executable, os.path.join("scripts", "ablate.py"), variant,
+                           *sample_args(sample_spec, model_dir, "--epochs=1", "--steps_per_epoch=2")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert read_metrics(model_dir)["epochs_run"] == 1
+    classes = {type(layer).__name__ for layer in
+               keras.saving.load_model(model_dir / "best.keras", compile=False).layers}
+    assert {swapped, kept} <= classes
+    if variant == "qin_din_attention":
+        assert "AdaptiveSparseTargetAttention" not in classes
+    if variant == "asta_mlp_head":
+        assert "QuadraticNeuralNetwork" not in classes
+
+
+def test_ablation_script_rejects_an_unknown_variant():
+    proc = subprocess.run([sys.executable, os.path.join("scripts", "ablate.py"), "nope"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "usage: python scripts/ablate.py" in proc.stderr
+
+
+def test_auc_by_history_length_script_buckets_the_split(sample_run, sample_spec):
+    """scripts/auc_by_history_length.py (RESULTS.md): bucket rows add up and the overall AUC is training's."""
+    model_dir, _ = sample_run
+    proc = subprocess.run([sys.executable, os.path.join("scripts", "auc_by_history_length.py"),
+                           f"--data_dir={sample_spec.base_dir}", "--split=valid", f"--model_dirs={model_dir}",
+                           "--edges=2,4"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(b["min"], b["max"]) for b in out["buckets"]] == [(0, 2), (3, 4), (5, None)]
+    assert sum(b["rows"] for b in out["buckets"]) == out["all"]["rows"]
+    assert out["all"]["auc"] == pytest.approx(read_metrics(model_dir)["splits"]["valid"]["auc"], abs=1e-4)
