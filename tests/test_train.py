@@ -7,6 +7,7 @@ The end-to-end run is the command a user runs (``python -m qin_tf.train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -255,6 +256,22 @@ def test_flag_precedence_defaults_flagfile_explicit(tmp_path):
     assert cfg.model.num_layers == 4                  # default
     assert cfg.train.global_batch_size == 8192
     assert cfg.train.patience == 8
+
+
+def test_tuned_flagfile_is_the_released_one_plus_its_overrides(monkeypatch):
+    monkeypatch.chdir(REPO)                             # the flagfiles name paths from the repository root
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", "--flagfile=configs/microlens50k_tuned.flags", "--epochs=2"], fv)
+    cfg = train.config_from_flags(fv)
+    released = flags.FlagValues()
+    train.define_flags(released)
+    train.parse_flags(["train", "--flagfile=configs/microlens50k.flags"], released)
+    base = train.config_from_flags(released)
+    assert (cfg.model.dropout, cfg.model.id_dropout) == (0.5, 0.3)
+    assert cfg.train.epochs == 2                        # explicit flags still win
+    assert dataclasses.replace(cfg.model, dropout=base.model.dropout, id_dropout=0.0) == base.model
+    assert dataclasses.replace(cfg.train, epochs=base.train.epochs) == base.train
 
 
 def test_every_config_field_is_a_flag():
