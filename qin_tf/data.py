@@ -151,6 +151,13 @@ def make_dataset(spec: FeatureSpec, split: str, batch_size: int, *, training: bo
         # Sharding is done above, by hand; do not let tf.distribute shard again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
 
+    def records_in_order():
+        """The pipeline's records, file after file in the split's order (its shard of them)."""
+        ds = files_ds.flat_map(lambda f: tf.data.TFRecordDataset(f, compression_type=compression))
+        if shard_records:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        return ds
+
     if training and cache is None:
         cache = (split in spec.splits and tf.executing_eagerly()
                  and _parsed_bytes(spec, split, features, input_context) <= IN_MEMORY_LIMIT_BYTES)
@@ -158,10 +165,8 @@ def make_dataset(spec: FeatureSpec, split: str, batch_size: int, *, training: bo
         key = _memory_key(files, input_context, shard_records, compression, features, labelled)
         columns = _LOADED.get(key)
         if columns is None:
-            read = files_ds.flat_map(lambda f: tf.data.TFRecordDataset(f, compression_type=compression))
-            if shard_records:
-                read = read.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-            read = read.batch(65_536).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            read = records_in_order().batch(65_536).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                                        deterministic=True)
             columns = _load(read)
             _LOADED.clear()  # keep one split's records at most
             _LOADED[key] = columns
@@ -174,12 +179,11 @@ def make_dataset(spec: FeatureSpec, split: str, batch_size: int, *, training: bo
             lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
             cycle_length=min(len(files), 4), block_length=16,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None)
-    else:
-        ds = files_ds.flat_map(lambda f: tf.data.TFRecordDataset(f, compression_type=compression))
-    if shard_records:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    if training:
+        if shard_records:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        ds = records_in_order()
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(per_pipeline_batch, drop_remainder=drop_remainder)

@@ -62,16 +62,13 @@ def model_inputs(spec: FeatureSpec) -> dict:
     return {f.name: keras.Input(shape=f.shape, dtype="int64", name=f.name) for f in spec.model_features}
 
 
-def _embedding_regularizer(config: ModelConfig):
-    return keras.regularizers.L2(config.embedding_l2 / 2.0) if config.embedding_l2 > 0 else None
-
-
-def _net_regularizer(config: ModelConfig):
-    return keras.regularizers.L2(config.net_l2 / 2.0) if config.net_l2 > 0 else None
+def _l2(weight: float):
+    """FuxiCTR's ``weight / 2 * ||theta||^2`` as a Keras regulariser; ``None`` for weight 0."""
+    return keras.regularizers.L2(weight / 2.0) if weight > 0 else None
 
 
 def _item_embedding(spec: FeatureSpec, config: ModelConfig) -> ItemEmbedding:
-    reg = _embedding_regularizer(config)
+    reg = _l2(config.embedding_l2)
     return ItemEmbedding(num_items=spec.num_items, num_tags=spec.num_tags, tag_vocab_size=spec.tag_vocab_size,
                          mm_dim=spec.mm_dim, embedding_dim=config.embedding_dim,
                          embeddings_regularizer=reg, kernel_regularizer=reg,
@@ -99,7 +96,7 @@ def _embed(spec: FeatureSpec, config: ModelConfig, inputs: dict):
     context = None
     if spec.context:
         context = ContextEmbedding(vocab_sizes=list(spec.context_vocab_sizes), embedding_dim=config.embedding_dim,
-                                   embeddings_regularizer=_embedding_regularizer(config),
+                                   embeddings_regularizer=_l2(config.embedding_l2),
                                    name="context_embedding")([inputs[n] for n in spec.context])
     return item_embedding, target, history, mask, history_index, context
 
@@ -136,13 +133,13 @@ def build_qin(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item
         inputs = model_inputs(spec)
         item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
         interest = AdaptiveSparseTargetAttention(attention_dim=config.attention_dim,
-                                                 kernel_regularizer=_net_regularizer(config), name="asta")(
+                                                 kernel_regularizer=_l2(config.net_l2), name="asta")(
             target, history, mask, history_index)
         parts = ([context] if context is not None else []) + [target, interest]
         features = keras.layers.Concatenate(axis=-1, name="qnn_input")(parts)
         logit = QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
                                        dropout=config.dropout, batch_norm=config.batch_norm,
-                                       kernel_regularizer=_net_regularizer(config), name="qnn")(features)
+                                       kernel_regularizer=_l2(config.net_l2), name="qnn")(features)
         model = keras.Model(inputs=inputs, outputs=_probability(logit), name="qin")
     return _finish(model, item_embedding, spec, load_item_table)
 
@@ -163,13 +160,13 @@ def build_din(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item
         item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
         pooled = DINAttention(attention_units=list(config.din_attention_units), activation="relu",
                               dropout=config.din_attention_dropout, use_softmax=False,
-                              kernel_regularizer=_net_regularizer(config),
+                              kernel_regularizer=_l2(config.net_l2),
                               name="din_attention")(target, history, mask, history_index)
         parts = ([context] if context is not None else []) + [target, pooled]
         features = keras.layers.Concatenate(axis=-1, name="dnn_input")(parts)
         logit = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
                          batch_norm=config.batch_norm, output_units=1,
-                         kernel_regularizer=_net_regularizer(config),
+                         kernel_regularizer=_l2(config.net_l2),
                          output_dtype=keras.config.dtype_policy().variable_dtype, name="dnn")(features)
         model = keras.Model(inputs=inputs, outputs=_probability(logit), name="din")
     return _finish(model, item_embedding, spec, load_item_table)

@@ -238,11 +238,11 @@ class ItemEmbedding(keras.layers.Layer):
         flat = tf.where(in_table, flat, tf.zeros_like(flat))
         if self.precomputed:
             vectors, index = self.precomputed_vectors, tf.cast(flat, tf.int32)   # the ids index the table
-        elif self.deduplicate:
-            row_ids, index = tf.unique(flat, out_idx=tf.int32)
-            vectors = self.item_vectors(row_ids, training=bool(training))
         else:
-            row_ids, index = flat, tf.range(tf.size(flat, out_type=tf.int32))
+            if self.deduplicate:
+                row_ids, index = tf.unique(flat, out_idx=tf.int32)
+            else:
+                row_ids, index = flat, tf.range(tf.size(flat, out_type=tf.int32))
             vectors = self.item_vectors(row_ids, training=bool(training))
         sizes = [tf.size(x, out_type=tf.int32) for x in id_tensors]
         parts = tf.split(index, sizes) if len(sizes) > 1 else [index]
