@@ -142,6 +142,7 @@ def _xla_lever(model, spec, features, sizes) -> dict:
     import tensorflow as tf
 
     import qin_tf.model as qm
+    from bench.variants import patched
     from export.exporter import fold_for_inference
     from qin_tf.config import ModelConfig
     from qin_tf.layers import AdaptiveSparseTargetAttention
@@ -151,12 +152,9 @@ def _xla_lever(model, spec, features, sizes) -> dict:
     config = ModelConfig(embedding_dim=model.get_layer("item_embedding").embedding_dim,
                          attention_dim=model.get_layer("asta").attention_dim, num_layers=qnn["num_layers"],
                          num_row=1, dropout=qnn["dropout"], batch_norm=qnn["batch_norm"], sparse_history=False)
-    original, qm.AdaptiveSparseTargetAttention = qm.AdaptiveSparseTargetAttention, functools.partial(
-        AdaptiveSparseTargetAttention, folded=folded.get_layer("asta").folded)
-    try:
+    folded_asta = functools.partial(AdaptiveSparseTargetAttention, folded=folded.get_layer("asta").folded)
+    with patched(qm, "AdaptiveSparseTargetAttention", folded_asta):
         dense = qm.build_model(spec, config, load_item_table=False)
-    finally:
-        qm.AdaptiveSparseTargetAttention = original
     dense.set_weights(folded.get_weights())
     fns = {"sparse_graph": tf.function(lambda x: folded(x, training=False)),
            "dense_xla": tf.function(lambda x: dense(x, training=False), jit_compile=True)}

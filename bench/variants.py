@@ -67,7 +67,8 @@ class ProjectedASTA(AdaptiveSparseTargetAttention):
 
 
 @contextlib.contextmanager
-def _patched(module, name, value):
+def patched(module, name, value):
+    """``module.name`` is ``value`` inside the block (e.g. a layer class of ``qin_tf.model``), then restored."""
     old = getattr(module, name)
     setattr(module, name, value)
     try:
@@ -94,7 +95,7 @@ def build_variant(spec, config, *, asta: str = "reassociated", deduplicate: bool
                          "sparse_history=False.")
     with contextlib.ExitStack() as stack:
         if asta == "projected":
-            stack.enter_context(_patched(qm, "AdaptiveSparseTargetAttention", ProjectedASTA))
+            stack.enter_context(patched(qm, "AdaptiveSparseTargetAttention", ProjectedASTA))
         if deduplicate is not None and not config.sparse_history:
             base = qm.ItemEmbedding
 
@@ -102,7 +103,7 @@ def build_variant(spec, config, *, asta: str = "reassociated", deduplicate: bool
                 kwargs["deduplicate"] = deduplicate
                 return base(**kwargs)
 
-            stack.enter_context(_patched(qm, "ItemEmbedding", item_embedding))
+            stack.enter_context(patched(qm, "ItemEmbedding", item_embedding))
         return qm.build_model(spec, config)
 
 

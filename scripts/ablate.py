@@ -29,7 +29,6 @@ import keras  # noqa: E402
 
 import qin_tf.model as qin_model  # noqa: E402
 from qin_tf import train  # noqa: E402
-from qin_tf.config import ModelConfig  # noqa: E402
 from qin_tf.layers import DINAttention, MLPBlock, QuadraticNeuralNetwork  # noqa: E402
 
 VARIANTS = ("qin_din_attention", "asta_mlp_head", "qnn_input_bn")
@@ -40,10 +39,9 @@ def _patch(variant: str, argv: list[str]) -> None:
     fv = train.flags.FlagValues()
     train.define_flags(fv)
     train.parse_flags(argv, fv)
-    defaults = ModelConfig()
-    att_units = list(fv["din_attention_units"].value or defaults.din_attention_units)
-    dnn_units = list(fv["din_dnn_units"].value or defaults.din_dnn_units)
-    att_dropout = fv["din_attention_dropout"].value
+    config = train.config_from_flags(fv).model
+    att_units, dnn_units = list(config.din_attention_units), list(config.din_dnn_units)
+    att_dropout = config.din_attention_dropout
 
     if variant == "qin_din_attention":
         def attention(attention_dim=None, kernel_regularizer=None, name=None):
@@ -69,7 +67,10 @@ def main(argv: list[str]) -> int:
         print(f"usage: python scripts/ablate.py {{{'|'.join(VARIANTS)}}} [train flags...]", file=sys.stderr)
         return 2
     variant, rest = argv[1], [argv[0], *argv[2:]]
-    _patch(variant, rest)
+    try:
+        _patch(variant, rest)
+    except (ValueError, train.flags.Error):
+        pass  # bad flags: train.cli reports them as the training CLI does
     return train.cli(rest)
 
 

@@ -50,35 +50,32 @@ def main(argv):
     import keras
 
     import qin_tf.layers  # noqa: F401  (registers the layers)
-    from qin_tf.data import make_dataset
     from qin_tf.metrics import auc
     from qin_tf.spec import PADDING_ID, FeatureSpec
+    from qin_tf.task import SplitEvaluator
 
     edges = sorted(int(e) for e in _EDGES.value)
     spec = FeatureSpec.load(os.path.join(_DATA.value, "feature_spec.json"))
-    features, labels = {n: [] for n in spec.model_feature_names}, []
-    for feats, label in make_dataset(spec, _SPLIT.value, _BATCH.value, training=False):
-        for n in features:
-            features[n].append(feats[n].numpy())
-        labels.append(label.numpy())
-    features = {n: np.concatenate(v) for n, v in features.items()}
-    labels = np.concatenate(labels)
-    lengths = np.sum(features[spec.sequence] != PADDING_ID, axis=1)
-
-    def safe_auc(mask):
-        y = labels[mask]
-        return round(auc(y, scores[mask]), 4) if 0 < y.sum() < len(y) else None
+    # Training's own evaluation of the split (row order, parsed batches cached).
+    evaluator = SplitEvaluator(spec, _SPLIT.value, _BATCH.value)
+    lengths = np.concatenate([np.sum(features[spec.sequence].numpy() != PADDING_ID, axis=1)
+                              for features, _ in evaluator.dataset])
 
     for model_dir in _MODELS.value:
         model = keras.saving.load_model(os.path.join(model_dir, "best.keras"), compile=False)
-        scores = np.asarray(model.predict(features, batch_size=_BATCH.value, verbose=0)).reshape(-1)
-        every = np.ones(len(labels), dtype=bool)
+        labels, scores, _ = evaluator.predict(model)
+
+        def safe_auc(mask):
+            y = labels[mask]
+            return round(auc(y, scores[mask]), 4) if 0 < y.sum() < len(y) else None
+
         rows = []
         for low, high in buckets(edges):
             mask = (lengths >= low) & (lengths <= (high if high is not None else np.inf))
             rows.append({"min": low, "max": high, "rows": int(mask.sum()), "auc": safe_auc(mask)})
         print(json.dumps({"model_dir": model_dir, "split": _SPLIT.value,
-                          "all": {"rows": int(len(labels)), "auc": safe_auc(every)}, "buckets": rows}), flush=True)
+                          "all": {"rows": int(len(labels)), "auc": safe_auc(np.ones(len(labels), dtype=bool))},
+                          "buckets": rows}), flush=True)
 
 
 if __name__ == "__main__":
