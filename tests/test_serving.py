@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from export import exporter
 from export.client import ServingClient, ServingError, score_file
@@ -217,11 +219,33 @@ def test_malformed_request_is_refused_and_serving_goes_on(case, server, served, 
         assert_scores_equal(client.predict(_rows(features, 5, 10)), served[3][10:15])
 
 
+class _UnansweringPredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Holds every Predict until the client gives up (at most 30 s): slower than any deadline."""
+
+    def Predict(self, request, context):
+        give_up = time.monotonic() + 30.0
+        while context.is_active() and time.monotonic() < give_up:
+            time.sleep(0.005)
+        return predict_pb2.PredictResponse()
+
+
 def test_deadline_is_applied(server, served):
+    """The client's deadline ends a request the server is too slow for; the client goes on working.
+
+    The slow side is a stand-in that never answers: gRPC keeps deadlines to
+    the millisecond, so a tiny deadline against a fast server is a race.
+    """
     features = served[2][0]
-    with ServingClient(server[1], "qin", deadline_s=1e-6) as hasty:
-        with pytest.raises(ServingError) as err:
-            hasty.predict(_rows(features, 600))
+    slow = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_UnansweringPredictionService(), slow)
+    port = slow.add_insecure_port("127.0.0.1:0")
+    slow.start()
+    try:
+        with ServingClient(f"127.0.0.1:{port}", "qin", deadline_s=0.05) as hasty:
+            with pytest.raises(ServingError) as err:
+                hasty.predict(_rows(features, 600))
+    finally:
+        slow.stop(grace=None)
     assert err.value.code == CODE.DEADLINE_EXCEEDED
     with ServingClient(server[1], "qin") as client:
         assert_scores_equal(client.predict(_rows(features, 4)), served[3][:4])
