@@ -140,6 +140,35 @@ def test_crc32c_check_value():
     assert int(crc32c_rows(np.frombuffer(b"123456789", np.uint8)[None, :])[0]) == 0xE3069283
 
 
+def _import_codec_with(google_crc32c_stub: str) -> subprocess.CompletedProcess:
+    """Imports pipelines.example_codec in a fresh interpreter where ``google_crc32c`` is the stub."""
+    code = f"import sys, types\n{google_crc32c_stub}\nimport pipelines.example_codec\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
+
+
+def test_record_checksums_use_the_c_crc32c():
+    import google_crc32c
+
+    from pipelines import example_codec
+
+    assert google_crc32c.implementation == "c"
+    assert example_codec._crc32c_bytes is google_crc32c.value
+
+
+@pytest.mark.parametrize("stub, message", [
+    ("sys.modules['google_crc32c'] = None", "needs google-crc32c (a dependency of qin-tf)"),
+    ("m = types.ModuleType('google_crc32c'); m.implementation = 'python'; m.value = len\n"
+     "sys.modules['google_crc32c'] = m", "is its pure-Python fallback"),
+])
+def test_codec_refuses_to_run_without_the_c_crc32c(stub, message):
+    # no silent numpy fallback: it made preprocessing about 60 times slower
+    proc = _import_codec_with(stub)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: pipelines.example_codec needs google-crc32c") and message in last, proc.stderr
+
+
 def test_encoded_examples_are_byte_compatible_with_tf():
     rng = np.random.default_rng(0)
     n = 257
