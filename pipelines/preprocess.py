@@ -18,12 +18,17 @@ item table, and writes into ``output_dir``:
 * ``item_table.npz``: ``tags`` int32 ``[num_items, num_tags]`` and
   ``embedding`` float32 ``[num_items, mm_dim]``, row ``i`` = item ``i``, row 0
   = padding (zeros). See :mod:`pipelines.validation` for the table's rules.
-* ``feature_spec.json`` (:class:`qin_tf.spec.FeatureSpec`): context vocabulary
-  sizes are ``max + 1`` over the good rows of the ``train`` split (of all
-  splits if none is called ``train``); ``tag_vocab_size = max tag + 1``.
+* ``feature_spec.json`` (:class:`qin_tf.spec.FeatureSpec`): a context
+  vocabulary size is ``1 +`` the largest value seen at least ``min_count``
+  times in the good rows of the ``train`` split (of all splits if none is
+  called ``train``), at most ``max_size`` (the dataset config's
+  ``context_vocab``, :class:`qin_tf.spec.ContextVocabConfig`); other values
+  use the model's OOV row. ``tag_vocab_size = max tag + 1``.
 * ``stats.json``: rows in/out/quarantined (with reasons) per split, positive
   rate, history length histogram (before truncation), truncated histories,
-  vocabulary sizes and context values beyond the vocabulary per split.
+  vocabulary sizes, each context vocabulary's bound with the train values it
+  sent to the OOV row (``context_vocab``: counts and the most frequent
+  values), and context rows and values beyond the vocabulary per split.
 * ``quarantine/{split}.jsonl`` (``--on_bad_row=quarantine`` and only for splits
   with rejected rows): one JSON object per rejected row with ``file``, ``row``
   (0-based index in the file), ``column``, ``reason``, ``message`` and the
@@ -100,6 +105,8 @@ DEFAULT_ROWS_PER_SHARD = 100_000
 #: Rows per Arrow batch inside a work item (bounds a worker's memory).
 DEFAULT_BATCH_ROWS = 32_768
 ON_BAD_ROW = ("fail", "quarantine")
+#: stats.json lists at most this many context values sent to the OOV row, per feature and split.
+MAX_REPORTED_OOV_VALUES = 20
 QUARANTINE_DIR = "quarantine"
 _PARTS_DIR = "_parts"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -471,22 +478,38 @@ def _merge_stats(cfg: DatasetConfig, work: list[WorkItem], work_dir: str) -> dic
     return per_split
 
 
+def _out_of_vocab(counts: dict, vocab_size: int) -> dict[str, Any]:
+    """Rows and values of ``{value: rows}`` at or beyond ``vocab_size`` (the OOV row's share).
+
+    ``oov_values`` maps the most frequent of them (at most
+    ``MAX_REPORTED_OOV_VALUES``, ties by value) to their row counts.
+    """
+    oov = sorted(((int(v), n) for v, n in counts.items() if not 0 <= int(v) < vocab_size),
+                 key=lambda vn: (-vn[1], vn[0]))
+    return {"oov_distinct_values": len(oov), "oov_rows": int(sum(n for _, n in oov)),
+            "oov_values": {str(v): n for v, n in oov[:MAX_REPORTED_OOV_VALUES]}}
+
+
 def _stats_and_spec(cfg: DatasetConfig, per_split: dict[str, dict[str, Any]], items, input_dir: str,
                     on_bad_row: str) -> tuple[dict[str, Any], FeatureSpec]:
     vocab_splits = ["train"] if "train" in cfg.splits else list(cfg.splits)
-    vocab = {}
+    vocab, vocab_report = {}, {}
     for c in cfg.context:
-        top = -1
+        counts: dict[int, int] = {}
         for s in vocab_splits:
-            values = [int(v) for v in per_split[s]["context_counts"].get(c, {})]
-            top = max([top, *values])
-        vocab[c] = top + 1 if top >= 0 else 1
+            for v, n in per_split[s]["context_counts"].get(c, {}).items():
+                counts[int(v)] = counts.get(int(v), 0) + n
+        bound = cfg.context_vocab_config(c)
+        vocab[c] = bound.vocab_size(counts)
+        vocab_report[c] = {"max_size": bound.max_size, "min_count": bound.min_count, "vocab_size": vocab[c],
+                           "distinct_values": len(counts), **_out_of_vocab(counts, vocab[c])}
     splits_out = {}
     for split, sc in cfg.splits.items():
         m = per_split[split]
         hist = m["seq_len_hist"]
         lengths = np.arange(len(hist))
         total = int(sum(hist))
+        oov = {c: _out_of_vocab(m["context_counts"].get(c, {}), vocab[c]) for c in cfg.context}
         entry = {
             "file": _join(input_dir, sc.file),
             "labelled": sc.labelled,
@@ -501,8 +524,8 @@ def _stats_and_spec(cfg: DatasetConfig, per_split: dict[str, dict[str, Any]], it
             "sequence_length_mean": float((lengths * hist).sum() / total) if total else 0.0,
             "sequence_length_max": int(lengths[np.flatnonzero(hist)[-1]]) if total else 0,
             "truncated_sequences": m["truncated"],
-            "context_out_of_vocab": {c: int(sum(n for v, n in m["context_counts"].get(c, {}).items()
-                                                if int(v) >= vocab[c])) for c in cfg.context},
+            "context_out_of_vocab": {c: o["oov_rows"] for c, o in oov.items()},
+            "context_out_of_vocab_values": {c: o["oov_values"] for c, o in oov.items()},
             "shards": len(m["shards"]),
         }
         splits_out[split] = entry
@@ -528,6 +551,7 @@ def _stats_and_spec(cfg: DatasetConfig, per_split: dict[str, dict[str, Any]], it
                        "padding_row_added": items.padding_row_added,
                        "padding_row_zeroed": items.padding_row_zeroed},
         "context_vocab_from": vocab_splits,
+        "context_vocab": vocab_report,
         "splits": splits_out,
     }
     return stats, spec
@@ -705,6 +729,14 @@ def _define_flags():
     return flags.FLAGS
 
 
+def _oov_note(stats: dict[str, Any]) -> str:
+    """``"; context values beyond the vocabulary bound (OOV row): ..."`` or ``""``."""
+    sent = [f"{c} {r['oov_distinct_values']:,} value{'s' if r['oov_distinct_values'] > 1 else ''} "
+            f"({r['oov_rows']:,} row{'s' if r['oov_rows'] > 1 else ''})"
+            for c, r in stats.get("context_vocab", {}).items() if r["oov_rows"]]
+    return f"; train context values sent to the OOV row (see stats.json): {', '.join(sent)}" if sent else ""
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
@@ -729,7 +761,7 @@ def main(argv):
                      + (f", {v['rows_quarantined']:,} quarantined" if v["rows_quarantined"] else "") + ")"
                      for s, v in stats["splits"].items())
     print(f"preprocess: {rows}; {spec.num_items:,} items; max_len {spec.max_len}; "
-          f"wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s")
+          f"wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s{_oov_note(stats)}")
 
 
 def _parse_flags(argv):

@@ -21,10 +21,13 @@ Conventions every stage shares (and tests check):
   in the item table (row 0 is all zeros) and in the tag lists.
 * The behaviour sequence holds the most recent ``max_len`` non-zero items,
   oldest first, **left**-padded with 0 to exactly ``max_len``.
-* Context features are categorical ids in ``[0, vocab_size)``; ``vocab_size``
-  is ``max(train values) + 1``. A value at or beyond ``vocab_size`` (seen in
-  valid/test or at serving time only) maps to one extra out-of-vocabulary
-  row, index ``vocab_size``, inside the model.
+* Context features are categorical ids in ``[0, vocab_size)``, used as they
+  are (no vocabulary file): ``vocab_size`` is ``1 +`` the largest train value
+  seen at least ``min_count`` times, at most ``max_size``
+  (:class:`ContextVocabConfig`; defaults 1 and 100,000), so one outlier
+  value cannot size the table. A value at or beyond ``vocab_size`` (a value
+  past the bound, or one seen in valid/test or at serving time only) maps to
+  one extra out-of-vocabulary row, index ``vocab_size``, inside the model.
 * Item ids (target and sequence) index the item table: ``[0, num_items)``.
   Preprocessing rejects ids beyond the table; at serving time the model maps
   them to the padding row 0.
@@ -46,6 +49,8 @@ ITEM_TABLE_FILENAME = "item_table.npz"
 SPEC_VERSION = 1
 DEFAULT_MAX_LEN = 64
 PADDING_ID = 0
+#: Default bound of a context feature's vocabulary (:class:`ContextVocabConfig`).
+DEFAULT_CONTEXT_MAX_VOCAB_SIZE = 100_000
 #: Keys of the arrays inside ``item_table.npz``.
 ITEM_TABLE_TAGS_KEY = "tags"
 ITEM_TABLE_EMBEDDING_KEY = "embedding"
@@ -91,6 +96,37 @@ class ItemTableConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextVocabConfig:
+    """How preprocessing bounds a context feature's vocabulary ``[0, vocab_size)``.
+
+    ``vocab_size = min(max_size, 1 + max{v : count_train(v) >= min_count})``
+    (1 if no value qualifies). Every other value, in train as at serving time,
+    uses the out-of-vocabulary row; ``stats.json`` lists the train values sent
+    there. Values are ids used as they are, so a rare value *below* the bound
+    keeps its own row: ``min_count`` trims the top of the range, which is where
+    outliers (``views_level = 10**12``) land.
+
+    Example (``context_vocab`` in a dataset configuration)::
+
+        "context_vocab": {"views_level": {"max_size": 1000, "min_count": 5}}
+    """
+
+    max_size: int = DEFAULT_CONTEXT_MAX_VOCAB_SIZE
+    min_count: int = 1
+
+    def __post_init__(self):
+        for name in ("max_size", "min_count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpecError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+
+    def vocab_size(self, counts: Mapping[int, int]) -> int:
+        """The vocabulary size from ``{value: train rows}``."""
+        kept = [v for v, n in counts.items() if n >= self.min_count and 0 <= v < self.max_size]
+        return max(kept) + 1 if kept else 1
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetConfig:
     """The roles of the columns of a dataset in the MMCTR layout.
 
@@ -109,6 +145,8 @@ class DatasetConfig:
     context: tuple[str, ...] = ()
     item_table: ItemTableConfig = ItemTableConfig()
     max_len: int = DEFAULT_MAX_LEN
+    #: Context feature -> its vocabulary bound; a feature not named gets the defaults.
+    context_vocab: Mapping[str, ContextVocabConfig] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.max_len, int) or self.max_len < 1:
@@ -121,6 +159,13 @@ class DatasetConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SpecError(f"a column may play one role only; repeated: {dup}")
+        stray = sorted(set(self.context_vocab) - set(self.context))
+        if stray:
+            raise SpecError(f"`context_vocab` names {stray}, which are not context features {list(self.context)}.")
+
+    def context_vocab_config(self, name: str) -> ContextVocabConfig:
+        """The vocabulary bound of context feature ``name`` (the defaults unless configured)."""
+        return self.context_vocab.get(name, ContextVocabConfig())
 
     @property
     def example_columns(self) -> tuple[str, ...]:
@@ -149,6 +194,19 @@ class DatasetConfig:
                                                          f"{where}: splits.{split}.file"),
                                         labelled=bool(s.get("labelled", True)))
         table = ItemTableConfig(**d.get("item_table", {}))
+        vocab_raw = d.get("context_vocab", {})
+        if not isinstance(vocab_raw, Mapping):
+            raise SpecError(f"{where}: `context_vocab` must map context features to {{max_size, min_count}}.")
+        context_vocab = {}
+        for feature, v in vocab_raw.items():
+            known_v = {f.name for f in dataclasses.fields(ContextVocabConfig)}
+            if not isinstance(v, Mapping) or set(v) - known_v:
+                raise SpecError(f"{where}: context_vocab.{feature} must be an object with keys "
+                                f"{sorted(known_v)}. Received: {v!r}")
+            try:
+                context_vocab[feature] = ContextVocabConfig(**v)
+            except SpecError as e:
+                raise SpecError(f"{where}: context_vocab.{feature}: {e}") from None
         kwargs = dict(d)
         kwargs.update(
             splits=splits,
@@ -156,8 +214,12 @@ class DatasetConfig:
             context=tuple(d.get("context", ())),
             item_table=table,
             name=_check_name(_require(d, "name", where), f"{where}: name"),
+            context_vocab=context_vocab,
         )
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
 
     @classmethod
     def load(cls, path: str) -> "DatasetConfig":

@@ -300,6 +300,55 @@ def test_crafted_rows_round_trip(tmp_path):
     assert stats["max_len"] == 4 and stats["context_vocab_from"] == ["train"]
 
 
+def test_an_outlier_context_value_does_not_size_the_vocabulary(tmp_path):
+    # one train row with views_level 10**12 once gave context_vocab_sizes [10**12 + 1] and an OOM
+    outlier = 10**12
+    train = good_rows(6) + [row(user=50, seq=[1], item=2, label=1, likes=0, views=outlier)]
+    input_dir, config = write_dataset(tmp_path, {"train": train, "valid": good_rows(3, 100),
+                                                 "test": good_rows(2, 200)})
+    out = str(tmp_path / "out")
+    spec = pp.preprocess(input_dir, out, config, num_shards=1)
+    # views_level 0..4 plus the outlier: the default bound (100,000) sends the outlier to the OOV row
+    assert dict(zip(spec.context, spec.context_vocab_sizes)) == {"likes_level": 3, "views_level": 5}
+    assert read_split(spec, "train")["views_level"].tolist() == [0, 1, 2, 3, 4, 0, outlier]  # the model maps it
+    with open(os.path.join(out, "stats.json")) as f:
+        stats = json.load(f)
+    assert stats["context_vocab"]["views_level"] == {
+        "max_size": 100_000, "min_count": 1, "vocab_size": 5, "distinct_values": 6,
+        "oov_distinct_values": 1, "oov_rows": 1, "oov_values": {str(outlier): 1}}
+    assert stats["context_vocab"]["likes_level"]["oov_rows"] == 0
+    assert stats["splits"]["train"]["context_out_of_vocab"] == {"likes_level": 0, "views_level": 1}
+    assert stats["splits"]["train"]["context_out_of_vocab_values"] == {"likes_level": {},
+                                                                       "views_level": {str(outlier): 1}}
+    assert stats["vocab_sizes"]["views_level"] == 5
+    # and the CLI's summary line says so
+    assert pp._oov_note(stats) == ("; train context values sent to the OOV row (see stats.json): "
+                                   "views_level 1 value (1 row)")
+
+
+def test_context_vocab_bounds_come_from_the_dataset_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(pp, "MAX_REPORTED_OOV_VALUES", 2)
+    config = dict(CONFIG, context_vocab={"likes_level": {"max_size": 2},
+                                         "views_level": {"min_count": 2}})
+    # views_level: 0 x3, 1 x2, 2 x1, 5 x1, 7 x1 -> vocabulary [0, 2): 2, 5 and 7 go to the OOV row
+    views = [0, 0, 0, 1, 1, 2, 5, 7]
+    train = [row(user=i + 1, seq=[1], item=2, label=i % 2, likes=i % 3, views=v) for i, v in enumerate(views)]
+    input_dir, config_path = write_dataset(tmp_path, {"train": train, "valid": good_rows(3, 100),
+                                                      "test": good_rows(2, 200)}, config=config)
+    out = str(tmp_path / "out")
+    spec = pp.preprocess(input_dir, out, config_path, num_shards=2)
+    assert dict(zip(spec.context, spec.context_vocab_sizes)) == {"likes_level": 2, "views_level": 2}
+    with open(os.path.join(out, "stats.json")) as f:
+        stats = json.load(f)
+    views_report = stats["context_vocab"]["views_level"]
+    assert (views_report["min_count"], views_report["oov_distinct_values"], views_report["oov_rows"]) == (2, 3, 3)
+    assert views_report["oov_values"] == {"2": 1, "5": 1}  # capped at 2, most frequent first, ties by value
+    likes_report = stats["context_vocab"]["likes_level"]
+    assert (likes_report["max_size"], likes_report["oov_rows"], likes_report["oov_values"]) == (2, 2, {"2": 2})
+    # valid: good_rows gives views 0, 1, 2 and likes 0, 1, 2
+    assert stats["splits"]["valid"]["context_out_of_vocab"] == {"likes_level": 1, "views_level": 1}
+
+
 def test_bundled_sample_converts_row_for_row(tmp_path):
     out = str(tmp_path / "sample")
     spec = pp.preprocess(SAMPLE, out, max_len=16, num_shards=3)
@@ -439,6 +488,7 @@ def test_cli_converts_the_sample(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("\n") == 1
     assert "train 2,622 rows (2 shards)" in proc.stdout and out in proc.stdout
+    assert "OOV" not in proc.stdout  # views_level 0..10: nothing beyond the bound
     assert proc.stderr.strip() == ""
     spec = FeatureSpec.load(out)
     assert spec.max_len == 8 and spec.dataset == "microlens50k_mmctr"

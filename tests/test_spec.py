@@ -39,6 +39,11 @@ def test_challenge_config_has_both_context_features_and_unlabelled_test():
     ({"context": ["item_id"]}, "one role only"),
     ({"colour": "red"}, "unknown keys"),
     ({"splits": {}}, "at least one split"),
+    ({"context_vocab": {"likes_level": {"max_size": 5}}}, "not context features"),
+    ({"context_vocab": {"views_level": {"max_size": 0}}}, "context_vocab.views_level: `max_size` must be"),
+    ({"context_vocab": {"views_level": {"min_count": 1.5}}}, "`min_count` must be an integer >= 1"),
+    ({"context_vocab": {"views_level": {"size": 5}}}, "must be an object with keys"),
+    ({"context_vocab": ["views_level"]}, "`context_vocab` must map"),
 ])
 def test_dataset_config_validation(tmp_path, change, message):
     d = json.loads(open(f"{REPO}/configs/datasets/microlens50k.json").read())
@@ -47,6 +52,20 @@ def test_dataset_config_validation(tmp_path, change, message):
     p.write_text(json.dumps(d))
     with pytest.raises(SpecError, match=message):
         DatasetConfig.load(str(p))
+
+
+def test_context_vocab_bound_round_trips_and_sizes_the_vocabulary():
+    d = json.loads(open(f"{REPO}/configs/datasets/microlens50k.json").read())
+    cfg = DatasetConfig.from_dict({**d, "context_vocab": {"views_level": {"max_size": 8, "min_count": 2}}})
+    assert DatasetConfig.from_dict(cfg.to_dict()) == cfg
+    bound = cfg.context_vocab_config("views_level")
+    assert (bound.max_size, bound.min_count) == (8, 2)
+    # 1 + the largest value seen >= min_count times and below max_size
+    assert bound.vocab_size({0: 5, 3: 2, 6: 1, 9: 40, 10**12: 3}) == 4
+    assert bound.vocab_size({7: 1}) == 1  # nothing qualifies: only the OOV row is used
+    default = DatasetConfig.from_dict(d).context_vocab_config("views_level")
+    assert (default.max_size, default.min_count) == (100_000, 1)
+    assert default.vocab_size({0: 1, 10: 1, 10**12: 1}) == 11
 
 
 def test_dataset_config_bad_json_names_the_file(tmp_path):

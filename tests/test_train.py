@@ -211,6 +211,35 @@ def test_din_trains_without_test_labels_and_exports(sample_spec, tmp_path, capsy
     assert os.path.exists(os.path.join(export_base, "1", "saved_model.pb"))
 
 
+def test_training_works_with_an_outlier_context_value(tmp_path, capsys):
+    # the sample plus one train row with views_level 10**12, which once sized the context
+    # table at 10**12 + 1 rows and ran out of memory: the bound sends it to the OOV row
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.preprocess import preprocess
+    from tests.conftest import SAMPLE_DATASET_CONFIG, SAMPLE_DIR, SAMPLE_MAX_LEN
+
+    raw = tmp_path / "raw"
+    shutil.copytree(SAMPLE_DIR, raw)
+    table = pq.read_table(raw / "train.parquet")
+    outlier = table.slice(0, 1).to_pylist()
+    outlier[0]["views_level"] = 10**12
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist(outlier, schema=table.schema)]),
+                   raw / "train.parquet")
+    spec = preprocess(str(raw), str(tmp_path / "data"), SAMPLE_DATASET_CONFIG, max_len=SAMPLE_MAX_LEN)
+    assert spec.context_vocab_sizes == (11,)  # views_level 0..10; the outlier uses the OOV row
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["context_vocab"]["views_level"]["oov_values"] == {str(10**12): 1}
+
+    model_dir = str(tmp_path / "model")
+    rc = train.cli(["train", *sample_args(spec, model_dir), "--epochs=1"])
+    assert rc == 0, capsys.readouterr().err
+    m = read_metrics(model_dir)
+    assert len(m["history"]) == 1 and np.isfinite(m["history"][-1]["loss"])
+    assert m["splits"]["valid"]["auc"] > 0.55
+
+
 def test_monitor_splits_reports_test_metrics_every_epoch(sample_spec, tmp_path, capsys):
     model_dir = str(tmp_path / "monitored")
     rc = train.cli(["train", *sample_args(sample_spec, model_dir), "--epochs=3", "--monitor_splits=test"])
