@@ -109,6 +109,25 @@ def test_cli_writes_every_artefact_with_a_clean_console(sample_run):
     assert "epoch 1/" in proc.stdout and "done: best epoch" in proc.stdout
 
 
+def test_tensorboard_is_installed_and_reads_the_logs(sample_run):
+    # README: `tensorboard --logdir MODEL_DIR/logs`; tensorboard is a dependency, so the viewer is there
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    assert os.access(os.path.join(os.path.dirname(sys.executable), "tensorboard"), os.X_OK)
+    model_dir, _ = sample_run
+    history = read_metrics(model_dir)["history"]
+    for run, tag, key in (("train", "loss", "loss"), ("train", "auc", "auc"), ("valid", "auc", "val_auc")):
+        acc = event_accumulator.EventAccumulator(os.path.join(model_dir, "logs", run),
+                                                 size_guidance={event_accumulator.TENSORS: 0})
+        acc.Reload()
+        assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+        events = acc.Tensors(tag)
+        assert [e.step for e in events] == list(range(1, len(history) + 1))
+        np.testing.assert_allclose([float(tensor_util.make_ndarray(e.tensor_proto)) for e in events],
+                                   [r[key] for r in history], rtol=1e-6)
+
+
 def test_resolved_config_json_is_flagfile_plus_overrides(sample_run, sample_spec):
     model_dir, _ = sample_run
     with open(os.path.join(model_dir, "config.json")) as f:
