@@ -1,7 +1,7 @@
 """Benchmark: the preprocessing pipeline end to end on a whole dataset.
 
     python bench/bench_preprocess.py --input_dir=../shared/data/microlens50k_mmctr \\
-        [--output_dir=/tmp/bench_pp] [--dataset_config=configs/datasets/microlens50k.json] \\
+        [--output_dir=/tmp/bench_pp] [--dataset_config=microlens50k|PATH.json] \\
         [--max_len=64] [--num_shards=N] [Beam options, e.g. --direct_running_mode=multi_processing]
 
 Runs ``pipelines.preprocess.preprocess`` once, in this process, and prints one
@@ -35,7 +35,7 @@ from bench import common  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input_dir", None, "Dataset directory in the MMCTR layout.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write (default: a temporary directory, removed).")
-_CONFIG = flags.DEFINE_string("dataset_config", "configs/datasets/microlens50k.json", "Dataset config JSON.")
+_CONFIG = flags.DEFINE_string("dataset_config", "microlens50k", "Dataset config: a JSON path or a bundled name.")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "History length (default: the config's).")
 _SHARDS = flags.DEFINE_integer("num_shards", None, "Shards per split (default: automatic).")
 flags.mark_flag_as_required("input_dir")

@@ -1,7 +1,7 @@
 """Raw logs (parquet, MMCTR layout) -> GZIP TFRecords, item table and feature spec, with Apache Beam.
 
     python -m pipelines.preprocess --input_dir=../shared/data/microlens50k_mmctr \\
-        --output_dir=/tmp/ml50k [--dataset_config=configs/datasets/microlens50k.json] \\
+        --output_dir=/tmp/ml50k [--dataset_config=microlens50k|mmctr_challenge|PATH.json] \\
         [--max_len=64] [--num_shards=N] [--on_bad_row=fail|quarantine] \\
         [Beam options, e.g. --runner=DataflowRunner --project=... --setup_file=./setup.py]
 
@@ -99,7 +99,11 @@ from qin_tf.spec import (ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME, ITEM_TAB
                          SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
                          SplitInfo)
 
-DEFAULT_DATASET_CONFIG = "configs/datasets/microlens50k.json"
+#: The dataset configurations shipped inside the package, ``NAME.json`` (package data;
+#: ``configs/datasets`` in a checkout links here).
+BUNDLED_DATASET_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")
+#: A bundled config's name, so the default works without the repository.
+DEFAULT_DATASET_CONFIG = "microlens50k"
 #: With ``num_shards=None`` a split gets ceil(rows / this) shards.
 DEFAULT_ROWS_PER_SHARD = 100_000
 #: Rows per Arrow batch inside a work item (bounds a worker's memory).
@@ -617,19 +621,40 @@ def _commit(work_dir: str, output_dir: str):
 # --------------------------------------------------------------------------
 
 
+def bundled_dataset_configs() -> list[str]:
+    """Names of the dataset configurations shipped with the package (``microlens50k``, ...)."""
+    return sorted(n[:-len(".json")] for n in os.listdir(BUNDLED_DATASET_CONFIGS) if n.endswith(".json"))
+
+
+def dataset_config_path(name_or_path: str) -> str:
+    """The JSON file of a dataset config given as a path or as a bundled config's name.
+
+    A path that exists wins; then a name without a directory (``microlens50k``
+    or ``microlens50k.json``) is looked up among the bundled configs; then a
+    relative path is tried against the repository root, so
+    ``configs/datasets/NAME.json`` works from any directory of a checkout.
+    """
+    path = str(name_or_path)
+    if os.path.exists(path):
+        return path
+    if path and os.sep not in path:
+        bundled = os.path.join(BUNDLED_DATASET_CONFIGS, path if path.endswith(".json") else f"{path}.json")
+        if os.path.exists(bundled):
+            return bundled
+    if not os.path.isabs(path) and os.path.exists(os.path.join(_REPO_ROOT, path)):
+        return os.path.join(_REPO_ROOT, path)
+    raise PreprocessError(f"{path}: dataset config not found (give a JSON path or a bundled config: "
+                          f"{', '.join(bundled_dataset_configs())})")
+
+
 def resolve_dataset_config(dataset_config) -> DatasetConfig:
-    """A :class:`DatasetConfig` from itself, a dict or a JSON path (relative paths also tried
-    against the repository root, so the default works from any directory)."""
+    """A :class:`DatasetConfig` from itself, a dict, a JSON path or a bundled config's name
+    (:func:`dataset_config_path`)."""
     if isinstance(dataset_config, DatasetConfig):
         return dataset_config
     if isinstance(dataset_config, dict):
         return DatasetConfig.from_dict(dataset_config)
-    path = str(dataset_config)
-    if not os.path.exists(path) and not os.path.isabs(path) and os.path.exists(os.path.join(_REPO_ROOT, path)):
-        path = os.path.join(_REPO_ROOT, path)
-    if not os.path.exists(path):
-        raise PreprocessError(f"{path}: dataset config not found")
-    return DatasetConfig.load(path)
+    return DatasetConfig.load(dataset_config_path(dataset_config))
 
 
 def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_CONFIG, *,
@@ -641,7 +666,8 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
     Args:
         input_dir: directory of the split files and the item table (MMCTR layout).
         output_dir: where to write; replaced as a whole on success only.
-        dataset_config: a :class:`DatasetConfig`, a dict, or the path of its JSON.
+        dataset_config: a :class:`DatasetConfig`, a dict, the path of its JSON, or the
+            name of a bundled one (``microlens50k``, ``mmctr_challenge``).
         max_len: history length; defaults to the config's ``max_len``.
         num_shards: shards per split; ``None``: ``ceil(rows / 100,000)`` per split.
         on_bad_row: ``"fail"`` (stop at the first bad row) or ``"quarantine"``
@@ -720,7 +746,9 @@ def _define_flags():
 
     flags.DEFINE_string("input_dir", None, "Directory of the split parquet files and the item table.")
     flags.DEFINE_string("output_dir", None, "Where to write TFRecords, item table, feature_spec.json, stats.json.")
-    flags.DEFINE_string("dataset_config", DEFAULT_DATASET_CONFIG, "Dataset config JSON (roles of the columns).")
+    flags.DEFINE_string("dataset_config", DEFAULT_DATASET_CONFIG,
+                        "Dataset config (roles of the columns): a JSON path, or the name of a bundled one "
+                        "(microlens50k, mmctr_challenge).")
     flags.DEFINE_integer("max_len", None, "History length (default: the config's max_len).", lower_bound=1)
     flags.DEFINE_integer("num_shards", None, "Shards per split (default: ceil(rows / 100,000)).", lower_bound=1)
     flags.DEFINE_enum("on_bad_row", "fail", list(ON_BAD_ROW),
