@@ -13,11 +13,22 @@ cores with something else and its rates are low; run it again.
 ``peak_rss_mb`` is the peak resident set size of the benchmark's process
 (``getrusage(RUSAGE_SELF).ru_maxrss``), TensorFlow's runtime included; where a
 benchmark starts other processes their peak is reported separately.
+
+Every figure must be one a user reproduces from a fresh virtual environment
+made by the README's command (``pip install -e .``). So importing this module
+checks the environment (:func:`environment_problems`): qin-tf installed,
+every ``install_requires`` of ``setup.cfg`` installed at a declared version,
+and the compiled CRC-32C of the TFRecord writer active. A difference stops
+the benchmark (exit 1) with one line per problem; with
+``QIN_BENCH_ALLOW_ENV_MISMATCH=1`` it runs, says so on stderr, and the JSON
+line's ``environment`` records ``"fresh_install": false`` and the problems.
 """
 
 from __future__ import annotations
 
+import configparser
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -28,6 +39,72 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Set to 1 to benchmark in an environment that differs from a fresh install (recorded in the output).
+ALLOW_MISMATCH_ENV = "QIN_BENCH_ALLOW_ENV_MISMATCH"
+
+
+def install_requires(setup_cfg: str = os.path.join(REPO, "setup.cfg")) -> list[str]:
+    """The ``install_requires`` lines of ``setup.cfg``: what a fresh ``pip install -e .`` installs."""
+    cfg = configparser.ConfigParser()
+    cfg.read(setup_cfg)
+    return [line.strip() for line in cfg.get("options", "install_requires").splitlines() if line.strip()]
+
+
+def environment_problems(requirements: list[str] | None = None) -> list[str]:
+    """How this Python environment differs from a fresh install of this checkout; ``[]`` if it does not.
+
+    Checks that qin-tf is installed, that every requirement is installed at a
+    version it allows, and that ``pipelines.example_codec`` gets google-crc32c's
+    C implementation (a missing accelerator is a failure, not a fallback).
+    """
+    from packaging.requirements import Requirement
+
+    problems = []
+    try:
+        importlib.metadata.version("qin-tf")
+    except importlib.metadata.PackageNotFoundError:
+        problems.append("qin-tf is not installed (the README installs it with `pip install -e .`)")
+    for line in install_requires() if requirements is None else requirements:
+        req = Requirement(line)
+        try:
+            version = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"{req.name} is not installed; setup.cfg requires {req}")
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            problems.append(f"{req.name} {version} is installed; setup.cfg requires {req}")
+    try:
+        from pipelines import example_codec  # its ImportError says what is missing
+
+        import google_crc32c
+
+        if example_codec._crc32c_bytes is not google_crc32c.value:
+            problems.append("pipelines.example_codec does not use google-crc32c's C implementation")
+    except ImportError as e:
+        problems.append(" ".join(str(e).split()))
+    return problems
+
+
+def check_environment() -> dict:
+    """Stops (exit 1) on :func:`environment_problems`, unless ``QIN_BENCH_ALLOW_ENV_MISMATCH=1``.
+
+    Returns the ``environment`` record of the JSON line.
+    """
+    problems = environment_problems()
+    record = {"fresh_install": not problems, "problems": problems, "python": sys.executable}
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
+            raise SystemExit(f"bench: error: this environment ({sys.prefix}) differs from a fresh install of "
+                             f"{REPO} (python3 -m venv .venv && .venv/bin/pip install -e .):\n{lines}\n"
+                             f"Its figures would not be reproducible; fix it, or set {ALLOW_MISMATCH_ENV}=1 "
+                             f"to run anyway (the output records the differences).")
+        print(f"bench: WARNING: {ALLOW_MISMATCH_ENV}=1: benchmarking in an environment that differs from a "
+              f"fresh install; these figures are not the README's:\n{lines}", file=sys.stderr, flush=True)
+    return record
+
+
+ENVIRONMENT = check_environment()
 
 
 def _busy_cpu_s() -> float | None:
@@ -121,6 +198,7 @@ def emit(record: dict) -> dict:
     out["wall_s"] = round(time.monotonic() - _START[0], 1)
     out["other_cpu_s"] = other_processes_cpu_s()
     out["machine"] = machine()
+    out["environment"] = ENVIRONMENT
     out["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out["command"] = command()
     print(json.dumps(out), flush=True)

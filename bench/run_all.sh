@@ -11,6 +11,8 @@
 # MODEL: a training run's model_dir (best.keras) for scoring and latency; empty:
 #       an untrained QIN with the released hyperparameters (same speed).
 # QUICK=1 runs every command with small settings (a smoke test of the scripts).
+# PYTHON: the interpreter of a fresh venv made by the README's command; bench/common.py
+#       stops a benchmark whose environment differs from such an install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-runs/microlens50k/data}

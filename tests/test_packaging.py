@@ -1,4 +1,5 @@
-"""The built wheel: package data (dataset configs, TF Serving configs) found without the repository."""
+"""Installation: the built wheel's package data (dataset configs, TF Serving configs) found without the
+repository, and bench/'s check that it runs in what a fresh ``pip install -e .`` provides."""
 
 from __future__ import annotations
 
@@ -70,3 +71,43 @@ def test_wheel_ships_the_configs_and_the_default_resolves_without_the_repo(tmp_p
     assert module.startswith(str(tmp_path / "site"))
     assert config == "microlens50k_mmctr ('views_level',)"
     assert {"models.config", "batching_parameters.txt"} <= set(ast.literal_eval(server_configs))
+
+
+def _import_bench_common(prelude: str = "", **env) -> subprocess.CompletedProcess:
+    code = f"import sys\n{prelude}\nsys.path.insert(0, {REPO!r})\nfrom bench import common\nprint(common.ENVIRONMENT)\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+def test_bench_environment_check_names_every_difference():
+    sys.path.insert(0, REPO)
+    try:
+        from bench import common
+    finally:
+        sys.path.remove(REPO)
+    assert "google-crc32c>=1.5,<2" in common.install_requires()
+    assert common.environment_problems() == []  # the test environment is a fresh install's
+    assert common.environment_problems(["numpy<1", "no-such-package-qin>=1", "absl-py>=2.1,<3"]) == [
+        f"numpy {np_version()} is installed; setup.cfg requires numpy<1",
+        "no-such-package-qin is not installed; setup.cfg requires no-such-package-qin>=1"]
+
+
+def np_version() -> str:
+    import numpy
+
+    return numpy.__version__
+
+
+def test_bench_refuses_an_environment_without_the_compiled_crc32c():
+    # a missing accelerator module is a failure, not a fallback
+    no_crc = "sys.modules['google_crc32c'] = None"
+    proc = _import_bench_common(no_crc)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "differs from a fresh install" in proc.stderr
+    assert "  - pipelines.example_codec needs google-crc32c (a dependency of qin-tf)" in proc.stderr
+    # run anyway on request: loudly, and the record says so
+    proc = _import_bench_common(no_crc, QIN_BENCH_ALLOW_ENV_MISMATCH="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("bench: WARNING: QIN_BENCH_ALLOW_ENV_MISMATCH=1")
+    record = ast.literal_eval(proc.stdout)
+    assert record["fresh_install"] is False and "google-crc32c" in record["problems"][0]
