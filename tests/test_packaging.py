@@ -74,7 +74,8 @@ def test_wheel_ships_the_configs_and_the_default_resolves_without_the_repo(tmp_p
 
 
 def _import_bench_common(prelude: str = "", **env) -> subprocess.CompletedProcess:
-    code = f"import sys\n{prelude}\nsys.path.insert(0, {REPO!r})\nfrom bench import common\nprint(common.ENVIRONMENT)\n"
+    code = (f"import sys\n{prelude}\nsys.path.insert(0, {REPO!r})\n"
+            "from bench import common\nprint(common.ENVIRONMENT)\n")
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})
 
