@@ -124,6 +124,17 @@ def listing(directory) -> dict[str, bytes]:
     return out
 
 
+def corrupt_row_group(path, group: int, column: int = 1) -> None:
+    """Flips 16 bytes in the middle of a column chunk of one row group of a parquet file."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    data = bytearray(open(path, "rb").read())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    for i in range(middle, middle + 16):
+        data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
 def siblings(output_dir) -> list[str]:
     parent, base = os.path.split(str(output_dir).rstrip("/"))
     return sorted(n for n in os.listdir(parent) if n.startswith(base + ".tmp-") or n.startswith(base + ".old-"))
