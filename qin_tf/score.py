@@ -57,6 +57,7 @@ import numpy as np
 from pipelines.validation import (INT, INT_LIST, Columns, PreprocessError, check_columns, convert_batch, fail,
                                   is_int_list_type, is_int_type, iter_row_groups, left_pad_recent, one_line,
                                   split_columns)
+from qin_tf.runtime import process_alive
 from qin_tf.spec import SPEC_FILENAME, Feature, FeatureSpec
 
 #: Rows per batch by default.
@@ -252,7 +253,7 @@ def iter_parquet(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> It
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            fail(path, None, None, f"not a readable parquet file: {e}")
+            fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
         schema = pf.schema_arrow
         cols = parquet_columns(spec, schema.names)
         expected = split_columns(cols, labelled=cols.label is not None)
@@ -350,16 +351,6 @@ def _temp_pattern(path: str) -> re.Pattern:
     return re.compile(rf"\.{re.escape(os.path.basename(path))}\.score-(\d+)-[0-9a-f]{{8}}\.tmp")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_stale_temp_files(path: str) -> list[str]:
     """Removes the temporary files of killed runs that wrote ``path``; returns their paths.
 
@@ -370,7 +361,7 @@ def remove_stale_temp_files(path: str) -> list[str]:
     pattern, removed = _temp_pattern(path), []
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
         m = pattern.fullmatch(name)
-        if m and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))):
             try:
                 os.remove(os.path.join(directory, name))
                 removed.append(os.path.join(directory, name))
