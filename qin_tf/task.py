@@ -429,11 +429,13 @@ def _check_same_data(model_dir: str, spec: FeatureSpec, data_dir: str) -> None:
     now = data_fingerprint(spec)
     if saved.get("fingerprint", now["fingerprint"]) == now["fingerprint"] and saved["spec"] == now["spec"]:
         return
+    def differing(a: dict, b: dict) -> list[str]:
+        return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
     if saved["spec"] != now["spec"]:
-        keys = sorted(k for k in set(saved["spec"]) | set(now["spec"]) if saved["spec"].get(k) != now["spec"].get(k))
-        what = f"the feature specs differ in {', '.join(keys)}"
+        what = f"the feature specs differ in {', '.join(differing(saved['spec'], now['spec']))}"
     else:
-        names = sorted(n for n in set(saved["files"]) | set(now["files"]) if saved["files"].get(n) != now["files"].get(n))
+        names = differing(saved["files"], now["files"])
         what = f"the shards differ: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     raise TrainingError(f"{model_dir} holds an unfinished run that started on other data than --data_dir="
                         f"{data_dir} ({what}; it started on {saved['data_dir']}). Resume it with the data it "
