@@ -16,6 +16,19 @@ each request with a deadline of ``--deadline_s`` seconds.
   non-zero items, oldest first, left-padded with 0).
 * TFRecord input (``*.tfrecord.gz`` as the pipeline writes it, or
   ``*.tfrecord``) goes, record by record unchanged, to ``predict_examples``.
+* JSON-lines input (``*.jsonl``, ``*.json``, or ``-`` for stdin) goes to
+  ``serving_default``: one JSON object per line, one key per model input,
+  the history **unpadded** (a list of any length, oldest first), padded or
+  cut by the spec's sequence rule (:func:`qin_tf.spec.pad_sequence`); other
+  keys (a label, a user id) are ignored::
+
+      {"item_id": 1523, "item_seq": [88, 4021, 17], "views_level": 3}
+
+``--saved_model=DIR`` (an export base or version directory) scores in
+process instead of over gRPC, with the same inputs and the same scores. Ids
+follow the spec's id rule (:data:`qin_tf.spec.ID_RULE`): a negative id is
+refused before anything is sent, with ``INVALID_ARGUMENT`` as the server
+would.
 
 Scores are printed one per line, or written to ``--output`` (``.parquet``, or
 CSV otherwise) with the columns ``row`` and ``ctr``.
@@ -29,7 +42,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from qin_tf.spec import Feature, FeatureSpec
+from qin_tf.spec import ID_RULE, Feature, FeatureSpec, first_negative_id, left_pad_recent
 
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_DEADLINE_S = 10.0
@@ -39,6 +52,9 @@ SERVING_SIGNATURE = "serving_default"
 EXAMPLES_SIGNATURE = "predict_examples"
 EXAMPLES_INPUT = "examples"
 OUTPUT = "ctr"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+#: ``--input`` value that reads JSON lines from stdin.
+STDIN = "-"
 
 
 class ServingError(RuntimeError):
@@ -54,6 +70,36 @@ def _tensor_proto(value: np.ndarray):
     import tensorflow as tf
 
     return tf.make_tensor_proto(value)
+
+
+def check_ids(inputs: Mapping[str, np.ndarray]) -> None:
+    """The spec's id rule on integer inputs, before anything is sent.
+
+    Raises:
+        ServingError: ``INVALID_ARGUMENT`` (the server's answer) naming the input and row.
+    """
+    import grpc
+
+    for name, value in inputs.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "iu":
+            bad = first_negative_id(value)
+            if bad is not None:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input `{name}`, row {bad[0][0]}: negative id {bad[1]}; {ID_RULE}.")
+
+
+def signature_features(signature_def) -> tuple[Feature, ...]:
+    """A SignatureDef's inputs as :class:`~qin_tf.spec.Feature` s (name, dtype, per-row shape), by name."""
+    import tensorflow as tf
+
+    out = []
+    for name, info in sorted(signature_def.inputs.items()):
+        dims = tuple(d.size for d in info.tensor_shape.dim)[1:]
+        if any(d < 0 for d in dims):
+            raise ServingError(None, f"input `{name}` has an unknown per-row shape {dims}.")
+        out.append(Feature(name, "sequence" if dims else "scalar", tf.dtypes.as_dtype(info.dtype).name, dims))
+    return tuple(out)
 
 
 class ServingClient:
@@ -148,26 +194,22 @@ class ServingClient:
 
     def features(self, signature_name: str = SERVING_SIGNATURE) -> tuple[Feature, ...]:
         """The signature's inputs as :class:`~qin_tf.spec.Feature` s (name, dtype, per-row shape)."""
-        import tensorflow as tf
-
         defs = self.signature_defs()
         if signature_name not in defs:
             raise ServingError(None, f"the served model has no signature `{signature_name}`; it has "
                                f"{sorted(k for k in defs if not k.startswith('__'))}.")
-        out = []
-        for name, info in sorted(defs[signature_name].inputs.items()):
-            dims = tuple(d.size for d in info.tensor_shape.dim)[1:]
-            if any(d < 0 for d in dims):
-                raise ServingError(None, f"input `{name}` has an unknown per-row shape {dims}.")
-            out.append(Feature(name, "sequence" if dims else "scalar", tf.dtypes.as_dtype(info.dtype).name, dims))
-        return tuple(out)
+        return signature_features(defs[signature_name])
 
     def predict(self, inputs: Mapping[str, np.ndarray], signature_name: str = SERVING_SIGNATURE,
                 output: str = OUTPUT) -> np.ndarray:
-        """One ``Predict`` call; returns the ``output`` tensor as a numpy array."""
+        """One ``Predict`` call; returns the ``output`` tensor as a numpy array.
+
+        Integer inputs are checked against the spec's id rule first (:func:`check_ids`).
+        """
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
+        check_ids(inputs)
         req = predict_pb2.PredictRequest()
         self._spec(req.model_spec, signature_name)
         for name, value in inputs.items():
@@ -183,9 +225,146 @@ class ServingClient:
         return self.predict({EXAMPLES_INPUT: np.asarray(list(examples), dtype=object)}, signature_name)
 
 
+class InProcessModel:
+    """The :class:`ServingClient` interface over a SavedModel loaded in this process (no server).
+
+    Args:
+        saved_model: an export base (its newest version) or a version directory.
+    """
+
+    def __init__(self, saved_model: str):
+        import tensorflow as tf
+
+        from export.exporter import SERVE_TAG
+        from export.local_server import read_signature_defs
+        from qin_tf.score import resolve_saved_model
+
+        self.path = resolve_saved_model(saved_model)
+        self._signature_defs = read_signature_defs(self.path)
+        self._loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])
+
+    def signature_defs(self) -> dict:
+        return self._signature_defs
+
+    features = ServingClient.features
+
+    def predict(self, inputs: Mapping[str, np.ndarray], signature_name: str = SERVING_SIGNATURE,
+                output: str = OUTPUT) -> np.ndarray:
+        import grpc
+        import tensorflow as tf
+
+        check_ids(inputs)
+        if signature_name not in self._loaded.signatures:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"no signature `{signature_name}`; the model "
+                               f"has {sorted(self._loaded.signatures)}.")
+        try:
+            out = self._loaded.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
+        except (tf.errors.InvalidArgumentError, TypeError, ValueError, UnicodeDecodeError) as e:
+            from export.local_server import _tf_error_line
+
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _tf_error_line(e)) from None
+        return out[output].numpy()
+
+    predict_examples = ServingClient.predict_examples
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "InProcessModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------
 # Files -> requests
 # --------------------------------------------------------------------------
+
+
+def _jsonl_value(value, feature: Feature, source: str, row: int):
+    """One JSON value of a model input -> an int, or for the history a list of ints (unpadded)."""
+    from pipelines.validation import fail
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if feature.shape:
+        if not isinstance(value, list) or not all(is_int(v) for v in value):
+            fail(source, row, feature.name, f"expected a list of integer ids (the history, oldest first, "
+                                            f"unpadded), got {json_snippet(value)}")
+        bad = first_negative_id(value) if value else None
+        if bad is not None:
+            fail(source, row, feature.name, f"negative item id {bad[1]} at position {bad[0][0]} of the list; "
+                                            f"{ID_RULE}")
+        return value
+    if not is_int(value):
+        fail(source, row, feature.name, f"expected an integer id, got {json_snippet(value)}")
+    if value < 0:
+        fail(source, row, feature.name, f"negative id {value}; {ID_RULE}")
+    return value
+
+
+def json_snippet(value, limit: int = 60) -> str:
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int, stream=None) -> Iterator[dict]:
+    """Batches of model inputs from JSON lines (``path``, or ``stream`` when given; ``-``: stdin).
+
+    Each line is one JSON object with a key per feature; the history is a
+    list of any length, padded or cut by the spec's sequence rule. Keys that
+    are not model inputs are ignored. Errors name the source, the row (the
+    0-based line number) and the key.
+    """
+    import json
+
+    from pipelines.validation import fail
+
+    source = "<stdin>" if path == STDIN else path
+    if stream is None:
+        stream = sys.stdin if path == STDIN else open(path, encoding="utf-8")
+    rows: list[dict] = []
+
+    def flush():
+        out = {}
+        for f in features:
+            values = [r[f.name] for r in rows]
+            if f.shape:
+                flat = np.asarray([v for seq in values for v in seq], dtype=np.int64)
+                parent = np.repeat(np.arange(len(values), dtype=np.int64), [len(seq) for seq in values])
+                out[f.name] = left_pad_recent(flat, parent, len(values), f.shape[0])[0]
+            else:
+                out[f.name] = np.asarray(values, dtype=np.dtype(f.dtype))
+        rows.clear()
+        return out
+
+    try:
+        for row, line in enumerate(stream):
+            if not line.strip():
+                fail(source, row, None, "empty line; every line is one JSON object")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(source, row, None, f"not valid JSON: {e}")
+            if not isinstance(obj, dict):
+                fail(source, row, None, f"expected a JSON object, got {json_snippet(obj)}")
+            values = {}
+            for f in features:
+                if f.name not in obj:
+                    fail(source, row, f.name, f"missing key; the model's inputs are {[g.name for g in features]}")
+                values[f.name] = _jsonl_value(obj[f.name], f, source, row)
+            rows.append(values)
+            if len(rows) == batch_size:
+                yield flush()
+        if rows:
+            yield flush()
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
 
 
 def iter_parquet_requests(path: str, features: Sequence[Feature], batch_size: int) -> Iterator[dict]:
@@ -222,9 +401,10 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
 
     Args:
         client: a :class:`ServingClient`.
-        path: ``*.parquet`` (MMCTR layout) or ``*.tfrecord[.gz]``.
-        signature_name: default ``serving_default`` for parquet,
-            ``predict_examples`` for TFRecords.
+        path: ``*.parquet`` (MMCTR layout), ``*.tfrecord[.gz]``, or JSON
+            lines (``*.jsonl``, ``-`` for stdin).
+        signature_name: default ``serving_default`` for parquet and JSON
+            lines, ``predict_examples`` for TFRecords.
         batch_size: rows per request.
         feature_spec: take the inputs from this spec instead of the server's metadata.
         progress: optional callable ``(rows_done)`` after each request.
@@ -237,10 +417,18 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
-    if not os.path.isfile(path):
+    if path != STDIN and not os.path.isfile(path):
         fail(path, None, None, "no such file")
     scores, done = [], 0
-    if path.endswith(PARQUET_SUFFIXES):
+    if path == STDIN or path.endswith(JSONL_SUFFIXES):
+        signature_name = signature_name or SERVING_SIGNATURE
+        features = feature_spec.model_features if feature_spec is not None else client.features(signature_name)
+        for inputs in iter_jsonl_requests(path, features, batch_size):
+            scores.append(np.asarray(client.predict(inputs, signature_name), dtype=np.float32).reshape(-1))
+            done += scores[-1].shape[0]
+            if progress:
+                progress(done)
+    elif path.endswith(PARQUET_SUFFIXES):
         signature_name = signature_name or SERVING_SIGNATURE
         if feature_spec is not None:  # preprocessing's own checks, item ids against the table included
             batches = (b.features for b in iter_parquet([path], feature_spec, batch_size))
@@ -260,8 +448,9 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
             if progress:
                 progress(done)
     else:
-        fail(path, None, None, f"unknown input type; expected parquet ({', '.join(PARQUET_SUFFIXES)}) "
-                               f"or TFRecord ({', '.join(TFRECORD_SUFFIXES)})")
+        fail(path, None, None, f"unknown input type; expected parquet ({', '.join(PARQUET_SUFFIXES)}), "
+                               f"TFRecord ({', '.join(TFRECORD_SUFFIXES)}) or JSON lines "
+                               f"({', '.join(JSONL_SUFFIXES)}, or - for stdin)")
     return np.concatenate(scores) if scores else np.zeros([0], np.float32)
 
 
@@ -284,13 +473,19 @@ def main(argv):
 
     from qin_tf.score import InputError
 
+    from qin_tf.spec import SpecError
+
     FLAGS = flags.FLAGS
-    spec = FeatureSpec.load(FLAGS.feature_spec) if FLAGS.feature_spec else None
     try:
-        with ServingClient(FLAGS.server, FLAGS.model_name, deadline_s=FLAGS.deadline_s) as client:
+        spec = FeatureSpec.load(FLAGS.feature_spec) if FLAGS.feature_spec else None
+        if FLAGS.saved_model:
+            client = InProcessModel(FLAGS.saved_model)
+        else:
+            client = ServingClient(FLAGS.server, FLAGS.model_name, deadline_s=FLAGS.deadline_s)
+        with client:
             scores = score_file(client, FLAGS.input, signature_name=FLAGS.signature_name,
                                 batch_size=FLAGS.batch_size, feature_spec=spec)
-    except (ServingError, InputError) as e:
+    except (ServingError, InputError, SpecError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if FLAGS.output:
         write_scores(FLAGS.output, scores)
@@ -304,9 +499,12 @@ def _define_flags():
 
     flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of the gRPC endpoint.")
     flags.DEFINE_string("model_name", "qin", "Served model name.")
-    flags.DEFINE_string("signature_name", None, "Signature; default serving_default for parquet, "
-                        "predict_examples for TFRecords.")
-    flags.DEFINE_string("input", None, "Parquet (MMCTR layout) or TFRecord file.", required=True)
+    flags.DEFINE_string("signature_name", None, "Signature; default serving_default for parquet and JSON "
+                        "lines, predict_examples for TFRecords.")
+    flags.DEFINE_string("input", None, "Parquet (MMCTR layout), TFRecord or JSON-lines file (`-`: JSON "
+                        "lines on stdin).", required=True)
+    flags.DEFINE_string("saved_model", None, "Score in process with this export (base or version "
+                        "directory) instead of asking --server.")
     flags.DEFINE_string("output", None, "Write `row,ctr` here (.parquet or CSV); default: print scores.")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per request.", lower_bound=1)
     flags.DEFINE_float("deadline_s", DEFAULT_DEADLINE_S, "Deadline of each request, seconds.", lower_bound=0.001)

@@ -36,7 +36,9 @@ reloaded and both signatures are checked against the Keras model.
 
 Ids the model has never seen are handled inside the graph as in training:
 context ids at or beyond the vocabulary map to the out-of-vocabulary row,
-item ids beyond the table to padding.
+item ids beyond the table to padding. A negative id breaks the spec's id
+rule (:data:`qin_tf.spec.ID_RULE`): an assertion in both signatures refuses
+the request (``INVALID_ARGUMENT`` from TF Serving).
 
 A version is written to a hidden temporary directory inside ``export_base``
 (TF Serving only loads directories named by a number) and renamed into
@@ -48,13 +50,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from typing import Iterable, Mapping, Sequence
 
 from absl import logging
 
-from qin_tf.spec import SPEC_FILENAME, FeatureSpec
+from qin_tf.spec import ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError
 
 #: Name of the per-feature signature (TF Serving's default).
 SERVING_SIGNATURE = "serving_default"
@@ -112,12 +115,34 @@ def list_versions(export_base: str) -> list[int]:
     return sorted(out)
 
 
-def latest_version_dir(export_base: str) -> str:
-    """The directory of the newest version in ``export_base`` (TF Serving's default policy)."""
-    versions = list_versions(export_base)
+def servable_versions(export_base: str, log=None) -> list[int]:
+    """The versions in ``export_base`` that hold a ``saved_model.pb``, ascending.
+
+    A numbered directory without one (empty, or not a SavedModel) is skipped
+    and, with ``log`` (a callable taking one line), reported.
+    """
+    out = []
+    for v in list_versions(export_base):
+        if os.path.exists(os.path.join(export_base, str(v), "saved_model.pb")):
+            out.append(v)
+        elif log is not None:
+            log(f"{os.path.join(export_base, str(v))}: skipped, no saved_model.pb in this version directory.")
+    return out
+
+
+def latest_version_dir(export_base: str, log=None) -> str:
+    """The directory of the newest servable version in ``export_base`` (TF Serving's default policy).
+
+    Numbered directories without a ``saved_model.pb`` are skipped (see
+    :func:`servable_versions`).
+    """
+    if not os.path.isdir(export_base):
+        raise ExportError(f"{export_base}: no such directory; pass the export base that "
+                          "`python -m export.exporter --export_base=...` wrote.")
+    versions = servable_versions(export_base, log)
     if not versions:
-        raise ExportError(f"{export_base}: no SavedModel version here (no directory named by a number); "
-                          "run `python -m export.exporter` first.")
+        raise ExportError(f"{export_base}: no SavedModel version here (no directory named by a number "
+                          "holding a saved_model.pb); run `python -m export.exporter` first.")
     return os.path.join(export_base, str(versions[-1]))
 
 
@@ -149,7 +174,11 @@ def _serving_module(model, spec: FeatureSpec, spec_asset_file: str):
     parse_spec = example_parse_spec(spec)
 
     def ctr(features):
-        y = model({n: features[n] for n in names}, training=False)
+        # The spec's id rule, inside the graph: TF Serving refuses a negative id
+        # (INVALID_ARGUMENT) instead of scoring it as padding.
+        checks = [tf.debugging.assert_non_negative(features[n], message=f"`{n}`: {ID_RULE}") for n in names]
+        with tf.control_dependencies(checks):
+            y = model({n: tf.identity(features[n]) for n in names}, training=False)
         if isinstance(y, Mapping):
             y = y[OUTPUT]
         # [batch] or [batch, 1] -> [batch]; reshape, never an axis-less squeeze.
@@ -500,6 +529,12 @@ def export_from_model_dir(model_dir: str, export_base: str, version: int | None 
             spec in ``model_dir`` if its split files resolve there.
         **kwargs: passed to :func:`export_model`.
     """
+    if not os.path.isdir(model_dir):
+        raise ExportError(f"{model_dir}: no such directory; --model_dir is the directory "
+                          "`python -m qin_tf.train --model_dir=...` wrote.")
+    if not os.path.exists(os.path.join(model_dir, SPEC_FILENAME)):
+        raise ExportError(f"{model_dir}: no {SPEC_FILENAME} here, so not a training run's directory; "
+                          "--model_dir is the directory `python -m qin_tf.train --model_dir=...` wrote.")
     spec = FeatureSpec.load(model_dir)
     model = load_keras_model(model_dir)
     if data_dir is not None and "warmup_examples" not in kwargs:
@@ -523,8 +558,11 @@ def main(argv):
     from absl import flags
 
     FLAGS = flags.FLAGS
-    path = export_from_model_dir(FLAGS.model_dir, FLAGS.export_base, FLAGS.version,
-                                 data_dir=FLAGS.data_dir, model_name=FLAGS.model_name)
+    try:
+        path = export_from_model_dir(FLAGS.model_dir, FLAGS.export_base, FLAGS.version,
+                                     data_dir=FLAGS.data_dir, model_name=FLAGS.model_name)
+    except (ExportError, SpecError, OSError) as e:  # bad paths or inputs: one line, no traceback
+        sys.exit(f"error: {e}")
     print(path)
 
 

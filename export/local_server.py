@@ -29,12 +29,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
 from typing import Mapping
 
 from absl import logging
 
+from qin_tf.spec import ID_RULE, first_negative_id
+
+#: The input of the serialized-example signature (export.exporter.EXAMPLES_INPUT).
+EXAMPLES_INPUT = "examples"
 #: Default largest batch one request may carry.
 DEFAULT_MAX_BATCH_SIZE = 4096
 #: gRPC message size limit (both directions), bytes.
@@ -49,6 +54,21 @@ class RequestError(Exception):
         self.code = code
 
 
+def read_signature_defs(version_dir: str) -> dict:
+    """name -> SignatureDef of the ``serve`` MetaGraph in ``version_dir/saved_model.pb`` (what TF Serving reports)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from export.exporter import SERVE_TAG
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    graphs = [g for g in proto.meta_graphs if SERVE_TAG in g.meta_info_def.tags]
+    if not graphs:
+        raise ValueError(f"{version_dir}: no MetaGraph tagged `{SERVE_TAG}`.")
+    return dict(graphs[0].signature_def)
+
+
 class ServedModel:
     """One SavedModel version: its signatures (callables) and SignatureDefs (protos).
 
@@ -61,24 +81,21 @@ class ServedModel:
     def __init__(self, model_base_path: str, model_name: str = "qin",
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         import tensorflow as tf
-        from tensorflow.core.protobuf import saved_model_pb2
 
-        from export.exporter import SERVE_TAG, latest_version_dir
+        from export.exporter import SERVE_TAG, SPEC_ASSET_PATH, latest_version_dir
+        from qin_tf.spec import FeatureSpec
 
         if max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
         self.model_name = model_name
         self.max_batch_size = max_batch_size
-        self.path = latest_version_dir(model_base_path)
+        self.path = latest_version_dir(model_base_path, log=logging.warning)
         self.version = int(os.path.basename(self.path))
-        proto = saved_model_pb2.SavedModel()
-        with open(os.path.join(self.path, "saved_model.pb"), "rb") as f:
-            proto.ParseFromString(f.read())
-        graphs = [g for g in proto.meta_graphs if SERVE_TAG in g.meta_info_def.tags]
-        if not graphs:
-            raise ValueError(f"{self.path}: no MetaGraph tagged `{SERVE_TAG}`.")
+        spec_file = os.path.join(self.path, SPEC_ASSET_PATH)
+        #: The export's feature spec (None for a SavedModel without one): names a bad example's fault.
+        self.spec = FeatureSpec.load(spec_file) if os.path.exists(spec_file) else None
         #: name -> SignatureDef, as in the SavedModel (what TF Serving reports).
-        self.signature_defs = dict(graphs[0].signature_def)
+        self.signature_defs = read_signature_defs(self.path)
         self._loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])
         #: name -> concrete function, for the servable signatures (not `__saved_model_init_op`).
         self.signatures = {k: self._loaded.signatures[k] for k in self._loaded.signatures}
@@ -116,6 +133,10 @@ class ServedModel:
         out, batch = {}, None
         for name in sorted(expected):
             info, tensor = sig.inputs[name], inputs[name]
+            dims = [d.size for d in tensor.tensor_shape.dim]
+            if tensor.tensor_shape.unknown_rank or any(d < 0 for d in dims):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input `{name}` has an invalid shape {dims}: every dimension must be >= 0.")
             if tensor.dtype != info.dtype:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"input `{name}` must be {tf.dtypes.as_dtype(info.dtype).name}; "
@@ -135,11 +156,37 @@ class ServedModel:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"inputs disagree on the batch size: `{name}` has {value.shape[0]} rows, "
                                    f"the others {batch}.")
+            if value.dtype.kind in "iu":
+                bad = first_negative_id(value)
+                if bad is not None:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"input `{name}`, row {bad[0][0]}: negative id {bad[1]}; {ID_RULE}.")
             out[name] = value
         if batch is not None and batch > self.max_batch_size:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"batch of {batch} rows exceeds the server's max_batch_size {self.max_batch_size}.")
         return out
+
+    def _explain(self, inputs: Mapping, error: Exception) -> str:
+        """One line for a request the graph refused: the first bad example and why, when it can tell."""
+        import tensorflow as tf
+
+        from qin_tf.data import example_parse_spec
+
+        examples = inputs.get(EXAMPLES_INPUT)
+        if self.spec is not None and examples is not None and examples.ndim == 1:
+            parse_spec = example_parse_spec(self.spec, labelled=False, with_meta=False)
+            for i, record in enumerate(examples.tolist()):
+                try:
+                    parsed = tf.io.parse_example(tf.constant([record], tf.string), parse_spec)
+                except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
+                    return (f"{EXAMPLES_INPUT}[{i}] is not a tf.train.Example of this model's features: "
+                            f"{_tf_error_line(e)}")
+                for name in self.spec.model_feature_names:
+                    bad = first_negative_id(parsed[name].numpy())
+                    if bad is not None:
+                        return f"{EXAMPLES_INPUT}[{i}], feature `{name}`: negative id {bad[1]}; {ID_RULE}."
+        return _tf_error_line(error)
 
     # ---- RPCs ----------------------------------------------------------------
 
@@ -164,8 +211,10 @@ class ServedModel:
         inputs = self._decode_inputs(signature_name, request.inputs)
         try:
             result = self.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
-        except tf.errors.InvalidArgumentError as e:  # e.g. undecodable or incomplete tf.train.Example
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, e.message) from None
+        except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
+            # e.g. an undecodable or incomplete tf.train.Example, or an id the graph refuses
+            # (TF raises UnicodeDecodeError when its message quotes undecodable bytes).
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, self._explain(inputs, e)) from None
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.model_name
         response.model_spec.version.value = self.version
@@ -206,6 +255,16 @@ class ServedModel:
         status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
         status.status.error_code = 0  # OK
         return response
+
+
+def _tf_error_line(error: Exception) -> str:
+    """The one meaningful line of a TensorFlow op error (not its Python traceback)."""
+    if isinstance(error, UnicodeDecodeError):
+        return "the input holds bytes that are not a serialized tf.train.Example."
+    lines = [line.strip() for line in getattr(error, "message", str(error)).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(
+        ("Graph execution error", "Detected at node", "File ", "[[", "return ", "Traceback"))]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _dtype_name(enum_value: int) -> str:
@@ -307,9 +366,6 @@ class LocalServer:
             self.port = port
             server.start()
             self._server = server
-        logging.info("Serving model `%s` version %d from %s on %s (development server; "
-                     "production serving is TF Serving).", self.model.model_name, self.model.version,
-                     self.model.path, self.address)
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:
@@ -332,10 +388,17 @@ def main(argv):
     del argv
     from absl import flags
 
+    from export.exporter import ExportError
+    from qin_tf.spec import SpecError
+
     FLAGS = flags.FLAGS
-    server = LocalServer(FLAGS.model_base_path, host=FLAGS.host, port=FLAGS.port,
-                         model_name=FLAGS.model_name, max_batch_size=FLAGS.max_batch_size,
-                         max_workers=FLAGS.max_workers).start()
+    try:
+        server = LocalServer(FLAGS.model_base_path, host=FLAGS.host, port=FLAGS.port,
+                             model_name=FLAGS.model_name, max_batch_size=FLAGS.max_batch_size,
+                             max_workers=FLAGS.max_workers).start()
+    except (ExportError, SpecError, OSError) as e:  # a wrong path, a port in use: one line, no traceback
+        sys.exit(f"error: {e}")
+    # The one ready line (stdout): scripts wait for it.
     # SIGTERM (docker stop, kill) and SIGINT (Ctrl-C) stop it gracefully.
     signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.stop).start())
     print(f"Serving `{server.model.model_name}` version {server.model.version} on {server.address} "

@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qin_tf.spec import left_pad_recent, negative_ids  # noqa: F401  (the spec's rules; re-exported)
+
 #: Row-level rejection reasons (the keys counted in ``stats.json``).
 NULL = "null"
 #: Not a row's fault but the file's: bytes that do not decode (always an error).
@@ -245,7 +247,7 @@ def read_item_table(file: str, table: pa.Table, cfg) -> ItemTable:
         fail(file, None, None, "the item table has no items besides the padding row 0")
 
     tags, _ = _fixed_width(file, cfg.tags, table[cfg.tags].combine_chunks(), "tags")
-    neg = np.flatnonzero((tags < 0).any(axis=1))
+    neg = np.flatnonzero(negative_ids(tags).any(axis=1))
     if neg.size:
         row = int(neg[0])
         fail(file, row, cfg.tags, f"negative tag id {int(tags[row].min())}", NEGATIVE_ID)
@@ -324,30 +326,6 @@ def _ints(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
     return arr.cast(pa.int64()).to_numpy(zero_copy_only=False), nulls
 
 
-def left_pad_recent(values: np.ndarray, parent: np.ndarray, n: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Builds the ``[n, max_len]`` history matrix from flattened lists.
-
-    Zeros are padding and dropped first; each row keeps its most recent
-    ``max_len`` non-zero items (the last ones of its list), oldest first,
-    left-padded with 0. Returns the matrix and each row's non-zero count
-    (its length before truncation).
-
-    >>> m, c = left_pad_recent(np.array([0, 0, 7, 8, 9]), np.array([0, 0, 0, 0, 0]), 1, 2)
-    >>> m.tolist(), c.tolist()
-    ([[8, 9]], [3])
-    """
-    keep = values != 0
-    v, r = values[keep], parent[keep]
-    counts = np.bincount(r, minlength=n).astype(np.int64)
-    starts = np.cumsum(counts) - counts
-    pos = np.arange(v.size, dtype=np.int64) - starts[r]  # position among the row's non-zeros
-    col = max_len - counts[r] + pos
-    ok = col >= 0
-    out = np.zeros((n, max_len), dtype=np.int64)
-    out[r[ok], col[ok]] = v[ok]
-    return out, counts
-
-
 def convert_batch(batch: pa.RecordBatch, first_row: int, cols: Columns, num_items: int,
                   max_len: int) -> Converted:
     """Checks a batch of rows and returns the good ones as id arrays.
@@ -379,7 +357,7 @@ def convert_batch(batch: pa.RecordBatch, first_row: int, cols: Columns, num_item
         if label:
             flag((v != 0) & (v != 1), column, BAD_LABEL, lambda i: f"label must be 0 or 1, got {v[i]}")
             return
-        flag(v < 0, column, NEGATIVE_ID, lambda i: f"negative id {v[i]}")
+        flag(negative_ids(v), column, NEGATIVE_ID, lambda i: f"negative id {v[i]}")
         if target:
             flag(v == 0, column, PADDING_TARGET, lambda i: "target item id is 0, the padding id")
             flag(v >= num_items, column, ITEM_OUT_OF_RANGE,
@@ -414,7 +392,7 @@ def convert_batch(batch: pa.RecordBatch, first_row: int, cols: Columns, num_item
 
     if elem_nulls is not None:
         element_check(elem_nulls, NULL, lambda p, x: f"null value at position {p} of the list")
-    element_check(flat < 0, NEGATIVE_ID, lambda p, x: f"negative item id {x} at position {p} of the list")
+    element_check(negative_ids(flat), NEGATIVE_ID, lambda p, x: f"negative item id {x} at position {p} of the list")
     element_check(flat >= num_items, ITEM_OUT_OF_RANGE,
                   lambda p, x: f"item id {x} at position {p} of the list is beyond the item table "
                                f"(num_items={num_items})")

@@ -58,7 +58,7 @@ from pipelines.validation import (INT, INT_LIST, Columns, PreprocessError, check
                                   is_int_list_type, is_int_type, iter_row_groups, left_pad_recent, one_line,
                                   split_columns)
 from qin_tf.runtime import process_alive
-from qin_tf.spec import SPEC_FILENAME, Feature, FeatureSpec
+from qin_tf.spec import SPEC_FILENAME, Feature, FeatureSpec, negative_ids
 
 #: Rows per batch by default.
 DEFAULT_BATCH_SIZE = 1024
@@ -154,9 +154,9 @@ def column_to_ids(column, feature: Feature, *, source: str, first_row: int = 0) 
         if not is_int_list_type(column.type):
             fail(source, None, name, f"has type {column.type}; expected {INT_LIST}")
         flat = pc.list_flatten(column)
-        if flat.null_count or (len(flat) and pc.min(flat).as_py() < 0):
-            bad = flat.is_null().to_numpy(zero_copy_only=False) | (
-                flat.fill_null(0).cast("int64").to_numpy(zero_copy_only=False) < 0)
+        flat_ids = flat.fill_null(0).cast("int64").to_numpy(zero_copy_only=False)
+        if flat.null_count or negative_ids(flat_ids).any():
+            bad = flat.is_null().to_numpy(zero_copy_only=False) | negative_ids(flat_ids)
             i = _first(bad)
             lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
             ends = np.cumsum(lengths)
@@ -169,8 +169,8 @@ def column_to_ids(column, feature: Feature, *, source: str, first_row: int = 0) 
     if not is_int_type(column.type):
         fail(source, None, name, f"has type {column.type}; expected {INT}")
     ids = column.cast("int64").to_numpy(zero_copy_only=False)
-    if ids.size and ids.min() < 0:
-        row = _first(ids < 0)
+    if negative_ids(ids).any():
+        row = _first(negative_ids(ids))
         fail(source, first_row + row, name, f"negative id {int(ids[row])}")
     return ids
 

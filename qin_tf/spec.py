@@ -19,8 +19,15 @@ Conventions every stage shares (and tests check):
 
 * Ids are int64. Id ``0`` is padding everywhere: in the behaviour sequence,
   in the item table (row 0 is all zeros) and in the tag lists.
-* The behaviour sequence holds the most recent ``max_len`` non-zero items,
-  oldest first, **left**-padded with 0 to exactly ``max_len``.
+* **The id rule** (:func:`negative_ids`): an id is ``>= 0``. Every boundary
+  rejects a negative id, in the same words: preprocessing and scoring (a bad
+  row), the serving client (before it sends), the local server
+  (``INVALID_ARGUMENT``) and the exported graph itself (an assertion, so TF
+  Serving refuses it too).
+* **The sequence rule** (:func:`left_pad_recent`, :func:`pad_sequence`): the
+  behaviour sequence holds the most recent ``max_len`` non-zero items, oldest
+  first, **left**-padded with 0 to exactly ``max_len``. A history given
+  unpadded (a JSON line, a raw-id request) is padded or cut by this rule.
 * Context features are categorical ids in ``[0, vocab_size)``, used as they
   are (no vocabulary file): ``vocab_size`` is ``1 +`` the largest train value
   seen at least ``min_count`` times, at most ``max_size``
@@ -58,6 +65,77 @@ ITEM_TABLE_EMBEDDING_KEY = "embedding"
 
 class SpecError(ValueError):
     """A dataset configuration or feature spec is malformed."""
+
+
+# --------------------------------------------------------------------------
+# The id rule and the sequence rule (one place for every boundary)
+# --------------------------------------------------------------------------
+
+#: What :func:`negative_ids` enforces, in the words every boundary uses.
+ID_RULE = "ids must be >= 0 (0 is padding)"
+
+
+def negative_ids(values):
+    """The id rule: a boolean mask of the ids of ``values`` (any shape) that break it (``< 0``)."""
+    import numpy as np
+
+    return np.asarray(values) < PADDING_ID
+
+
+def first_negative_id(values) -> tuple[tuple[int, ...], int] | None:
+    """``(index, value)`` of the first id of ``values`` breaking the id rule, or None.
+
+    >>> first_negative_id([[1, 2], [3, -4]])
+    ((1, 1), -4)
+    """
+    import numpy as np
+
+    bad = negative_ids(values)
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return index, int(np.asarray(values)[index])
+
+
+def left_pad_recent(values, parent, n: int, max_len: int):
+    """The sequence rule, vectorised: the ``[n, max_len]`` history matrix from flattened lists.
+
+    ``values[i]`` belongs to row ``parent[i]`` (rows in order, each row's
+    items oldest first). Zeros are padding and dropped first; each row keeps
+    its most recent ``max_len`` non-zero items (the last ones of its list),
+    oldest first, left-padded with 0. Returns the int64 matrix and each row's
+    non-zero count (its length before truncation).
+
+    >>> import numpy as np
+    >>> m, c = left_pad_recent(np.array([0, 0, 7, 8, 9]), np.array([0, 0, 0, 0, 0]), 1, 2)
+    >>> m.tolist(), c.tolist()
+    ([[8, 9]], [3])
+    """
+    import numpy as np
+
+    values, parent = np.asarray(values), np.asarray(parent, dtype=np.int64)
+    keep = values != PADDING_ID
+    v, r = values[keep], parent[keep]
+    counts = np.bincount(r, minlength=n).astype(np.int64)
+    starts = np.cumsum(counts) - counts
+    pos = np.arange(v.size, dtype=np.int64) - starts[r]  # position among the row's non-zeros
+    col = max_len - counts[r] + pos
+    ok = col >= 0
+    out = np.zeros((n, max_len), dtype=np.int64)
+    out[r[ok], col[ok]] = v[ok]
+    return out, counts
+
+
+def pad_sequence(items, max_len: int):
+    """The sequence rule for one history (oldest first, any length): int64 ``[max_len]``.
+
+    >>> pad_sequence([5, 0, 7, 8], 3).tolist(), pad_sequence([4], 3).tolist()
+    ([5, 7, 8], [0, 0, 4])
+    """
+    import numpy as np
+
+    items = np.asarray(items, dtype=np.int64).reshape(-1)
+    return left_pad_recent(items, np.zeros(items.size, np.int64), 1, max_len)[0][0]
 
 
 def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:
@@ -407,6 +485,8 @@ class FeatureSpec:
     @classmethod
     def load(cls, path: str) -> "FeatureSpec":
         """Loads ``feature_spec.json`` from a file or from the directory holding it."""
+        if not os.path.exists(path):
+            raise SpecError(f"{path}: no such file or directory.")
         if os.path.isdir(path):
             path = os.path.join(path, SPEC_FILENAME)
         try:

@@ -464,3 +464,49 @@ def test_batching_parameters_parse():
     assert params.max_batch_size.value >= DEFAULT_BATCH_SIZE
     assert params.batch_timeout_micros.value == 2000
     assert params.num_batch_threads.value >= 1 and params.max_enqueued_batches.value >= 1
+
+
+@pytest.mark.parametrize("case", ["missing_model_dir", "not_a_model_dir", "missing_data_dir"])
+def test_cli_bad_paths_are_one_line_with_the_right_hint(case, trained, tmp_path):
+    args = {"missing_model_dir": [f"--model_dir={tmp_path / 'typo'}"],
+            "not_a_model_dir": [f"--model_dir={tmp_path}"],
+            "missing_data_dir": [f"--model_dir={trained[0]}", f"--data_dir={tmp_path / 'typo'}"]}[case]
+    proc = subprocess.run([sys.executable, "-m", "export.exporter", f"--export_base={tmp_path / 'base'}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    want = {"missing_model_dir": f"{tmp_path / 'typo'}: no such directory",
+            "not_a_model_dir": "not a training run's directory",
+            "missing_data_dir": f"{tmp_path / 'typo'}: no such file or directory"}[case]
+    assert want in proc.stderr and "preprocess" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "base").exists() or os.listdir(tmp_path / "base") == []
+
+
+def test_negative_ids_are_refused_inside_the_graph(sample_spec, exported, test_rows):
+    """The spec's id rule is in both signatures, so TF Serving refuses a negative id too."""
+    from qin_tf.spec import ID_RULE
+
+    features, _, serialized = test_rows
+    loaded = tf.saved_model.load(exported[1])
+    bad = {k: tf.constant(v[:3]) for k, v in features.items()}
+    seq = features[sample_spec.sequence][:3].copy()
+    seq[1, -1] = -4
+    with pytest.raises(tf.errors.InvalidArgumentError, match=ID_RULE.replace("(", r"\(").replace(")", r"\)")):
+        loaded.signatures["serving_default"](**dict(bad, **{sample_spec.sequence: tf.constant(seq)}))
+    example = tf.train.Example.FromString(serialized[0])
+    example.features.feature[sample_spec.target_item].int64_list.value[:] = [-2]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="ids must be >= 0"):
+        loaded.signatures["predict_examples"](examples=tf.constant([example.SerializeToString()]))
+
+
+def test_latest_version_skips_a_version_without_a_saved_model(exported, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(exported[1], base / "3")
+    (base / "4").mkdir()
+    lines = []
+    assert exporter.latest_version_dir(str(base), log=lines.append) == str(base / "3")
+    assert lines == [f"{base / '4'}: skipped, no saved_model.pb in this version directory."]
+    with pytest.raises(exporter.ExportError, match="no such directory"):
+        exporter.latest_version_dir(str(tmp_path / "typo"))

@@ -219,6 +219,72 @@ def test_malformed_request_is_refused_and_serving_goes_on(case, server, served, 
         assert_scores_equal(client.predict(_rows(features, 5, 10)), served[3][10:15])
 
 
+def _raw_request(signature: str, tensors: dict) -> predict_pb2.PredictRequest:
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = "qin"
+    req.model_spec.signature_name = signature
+    for name, proto in tensors.items():
+        req.inputs[name].CopyFrom(proto)
+    return req
+
+
+def _server_side_malformed(case: str, spec, features, serialized) -> predict_pb2.PredictRequest:
+    """Requests the client would refuse to send (or cannot build): sent through a bare stub."""
+    protos = {k: tf.make_tensor_proto(v) for k, v in _rows(features, 3).items()}
+    if case == "undecodable_examples":
+        return _raw_request("predict_examples", {"examples": tf.make_tensor_proto([b"\xff\xff\xff"], tf.string)})
+    if case == "negative_dimension":
+        protos[spec.target_item].tensor_shape.dim[0].size = -1
+        return _raw_request("serving_default", protos)
+    if case == "negative_id":
+        seq = _rows(features, 3)[spec.sequence].copy()  # never the fixture's rows
+        seq[2, -1] = -5
+        protos[spec.sequence] = tf.make_tensor_proto(seq)
+        return _raw_request("serving_default", protos)
+    if case == "negative_id_example":
+        example = tf.train.Example.FromString(serialized[4])
+        example.features.feature[spec.target_item].int64_list.value[:] = [-1]
+        return _raw_request("predict_examples", {"examples": tf.make_tensor_proto(
+            [serialized[3], example.SerializeToString()], tf.string)})
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("undecodable_examples", "examples[0] is not a tf.train.Example"),
+    ("negative_dimension", "every dimension must be >= 0"),
+    ("negative_id", "input `item_seq`, row 2: negative id -5; ids must be >= 0"),
+    ("negative_id_example", "examples[1], feature `item_id`: negative id -1; ids must be >= 0"),
+])
+def test_server_refuses_bad_tensors_as_invalid_argument(case, words, server, served, sample_spec, monkeypatch):
+    """Undecodable examples, a -1 dimension, negative ids: INVALID_ARGUMENT in one line, no traceback logged."""
+    from export import local_server
+
+    logged = []
+    monkeypatch.setattr(local_server.logging, "exception", lambda *a, **k: logged.append(a))
+    features, _, serialized = served[2]
+    request = _server_side_malformed(case, sample_spec, features, serialized)
+    with grpc.insecure_channel(server[1]) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(request, timeout=30)
+    assert err.value.code() == CODE.INVALID_ARGUMENT, err.value.details()
+    if server[0] == "local":
+        assert words in err.value.details() and "\n" not in err.value.details(), err.value.details()
+        assert logged == []
+    with ServingClient(server[1], "qin") as client:
+        assert_scores_equal(client.predict(_rows(features, 5, 10)), served[3][10:15])
+
+
+def test_client_refuses_negative_ids_before_sending(served, sample_spec):
+    features = {k: v.copy() for k, v in _rows(served[2][0], 2).items()}  # never the fixture's rows
+    features[sample_spec.target_item][1] = -3
+    with ServingClient(f"127.0.0.1:{_free_port()}", "qin", deadline_s=2.0) as client:  # nobody listens
+        with pytest.raises(ServingError) as err:
+            client.predict(features)
+    assert err.value.code == CODE.INVALID_ARGUMENT
+    assert "input `item_id`, row 1: negative id -3; ids must be >= 0" in str(err.value)
+
+
 class _UnansweringPredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Holds every Predict until the client gives up (at most 30 s): slower than any deadline."""
 
@@ -335,8 +401,72 @@ def test_local_server_cli(served):
             assert_scores_equal(client.predict(_rows(served[2][0], 3)), served[3][:3])
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
+    assert (line + out + err).count(f" on {address}") == 1, line + out + err  # one ready line
+
+
+@pytest.mark.parametrize("case", ["typo", "empty"])
+def test_local_server_cli_bad_base_path_is_one_line(case, tmp_path):
+    base = tmp_path / "typo" if case == "typo" else tmp_path
+    proc = subprocess.run([sys.executable, "-m", "export.local_server", f"--model_base_path={base}", "--port=0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (f"{base}: no such directory" if case == "typo" else "no SavedModel version here") in proc.stderr
+
+
+def test_local_server_skips_an_empty_version_next_to_a_good_one(served, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(os.path.join(served[0], "1"), base / "1")
+    (base / "2").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "export.local_server", f"--model_base_path={base}", "--port=0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "Serving `qin` version 1 on " in line, line + (proc.stderr.read()[-3000:] if proc.poll() else "")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert f"{base / '2'}: skipped, no saved_model.pb" in err and "Traceback" not in err, err
+
+
+def _jsonl_rows(n=None):
+    """The sample's test rows as JSON lines, histories unpadded as the log has them (some beyond max_len)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(os.path.join(SAMPLE_DIR, "test.parquet")).to_pylist()[:n]
+    return "".join(json.dumps({"item_id": r["item_id"], "item_seq": [i for i in r["item_seq"] if i],
+                               "views_level": r["views_level"],
+                               "user_id": r["user_id"]}) + "\n" for r in rows)
+
+
+def test_client_cli_scores_json_lines_from_stdin_over_grpc_and_in_process(server, served):
+    text = _jsonl_rows()
+    assert max(len(__import__("json").loads(line)["item_seq"]) for line in text.splitlines()) > 16
+    for where in (f"--server={server[1]}", f"--saved_model={served[0]}"):
+        proc = subprocess.run([sys.executable, "-m", "export.client", where, "--input=-", "--batch_size=64"],
+                              input=text, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_scores_equal(np.array(proc.stdout.split(), dtype=np.float64), served[3])
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"item_id": 5, "item_seq": [1, -2], "views_level": 1}',
+     "<stdin>: row 1, column `item_seq`: negative item id -2 at position 1 of the list; ids must be >= 0"),
+    ('{"item_id": 5, "item_seq": [1]}', "<stdin>: row 1, column `views_level`: missing key"),
+    ('{"item_id": "5", "item_seq": [1], "views_level": 1}',
+     "<stdin>: row 1, column `item_id`: expected an integer id"),
+    ("[1, 2]", "<stdin>: row 1: expected a JSON object"),
+])
+def test_client_cli_json_lines_errors_name_row_and_key(line, words, served):
+    text = _jsonl_rows(1) + line + "\n"
+    proc = subprocess.run([sys.executable, "-m", "export.client", f"--saved_model={served[0]}", "--input=-"],
+                          input=text, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"error: {words}"), proc.stderr
 
 
 def test_local_server_serves_the_newest_version(served, sample_spec, tmp_path):

@@ -113,3 +113,29 @@ def test_item_table_shapes_are_checked(tmp_path):
     np.savez(tmp_path / "item_table.npz", tags=np.zeros((4, 2)), embedding=np.zeros((5, 3)))
     with pytest.raises(SpecError, match="do not match the spec"):
         s.load_item_table()
+
+
+def test_the_sequence_rule_pads_and_cuts_one_history():
+    from qin_tf.spec import left_pad_recent, pad_sequence
+
+    assert pad_sequence([5, 0, 7, 8], 3).tolist() == [5, 7, 8]        # zeros dropped, most recent kept
+    assert pad_sequence([4], 3).tolist() == [0, 0, 4]                 # left-padded
+    assert pad_sequence([], 2).tolist() == [0, 0]
+    m, c = left_pad_recent(np.array([1, 2, 3, 0, 9]), np.array([0, 0, 0, 2, 2]), 3, 2)
+    assert m.tolist() == [[2, 3], [0, 0], [0, 9]] and c.tolist() == [3, 0, 1]
+
+
+def test_the_id_rule_is_one_function():
+    from pipelines import validation
+    from qin_tf.spec import first_negative_id, negative_ids
+
+    assert negative_ids([[0, 3], [-1, 2]]).tolist() == [[False, False], [True, False]]
+    assert first_negative_id([[0, 3], [2, -7]]) == ((1, 1), -7)
+    assert first_negative_id(np.zeros([0], np.int64)) is None
+    assert validation.negative_ids is negative_ids and validation.left_pad_recent.__module__ == "qin_tf.spec"
+
+
+def test_a_missing_path_is_named_without_a_misleading_hint(tmp_path):
+    with pytest.raises(SpecError, match="no such file or directory") as err:
+        FeatureSpec.load(str(tmp_path / "typo"))
+    assert "preprocess" not in str(err.value)
