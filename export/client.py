@@ -24,6 +24,13 @@ each request with a deadline of ``--deadline_s`` seconds.
 
       {"item_id": 1523, "item_seq": [88, 4021, 17], "views_level": 3}
 
+With ``--raw_ids`` JSON lines hold ids as the log had them (strings, or
+int64s, as the export's vocabularies say) and go to ``serving_raw``: the
+export maps them to dense ids (unknown ids to the OOV id) and pads or cuts
+the history itself::
+
+      {"item_id": "v1523", "item_seq": ["v88", "v4021"], "views_level": 3}
+
 ``--saved_model=DIR`` (an export base or version directory) scores in
 process instead of over gRPC, with the same inputs and the same scores. Ids
 follow the spec's id rule (:data:`qin_tf.spec.ID_RULE`): a negative id is
@@ -50,6 +57,8 @@ DEFAULT_DEADLINE_S = 10.0
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVING_SIGNATURE = "serving_default"
 EXAMPLES_SIGNATURE = "predict_examples"
+#: The raw-id signature (exports whose spec has vocabularies).
+RAW_SIGNATURE = "serving_raw"
 EXAMPLES_INPUT = "examples"
 OUTPUT = "ctr"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -96,7 +105,7 @@ def signature_features(signature_def) -> tuple[Feature, ...]:
     out = []
     for name, info in sorted(signature_def.inputs.items()):
         dims = tuple(d.size for d in info.tensor_shape.dim)[1:]
-        if any(d < 0 for d in dims):
+        if any(d < 0 for d in dims[:-1]):  # a last dimension of any width: a raw history
             raise ServingError(None, f"input `{name}` has an unknown per-row shape {dims}.")
         out.append(Feature(name, "sequence" if dims else "scalar", tf.dtypes.as_dtype(info.dtype).name, dims))
     return tuple(out)
@@ -289,6 +298,14 @@ def _jsonl_value(value, feature: Feature, source: str, row: int):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
+    if feature.dtype == "string":  # raw ids as the log had them (the raw-id signature)
+        ok = (lambda v: isinstance(v, str))
+        if feature.shape and not (isinstance(value, list) and all(ok(v) for v in value)):
+            fail(source, row, feature.name, f"expected a list of raw string ids (the history, oldest first, "
+                                            f"unpadded), got {json_snippet(value)}")
+        if not feature.shape and not ok(value):
+            fail(source, row, feature.name, f"expected a raw string id, got {json_snippet(value)}")
+        return value
     if feature.shape:
         if not isinstance(value, list) or not all(is_int(v) for v in value):
             fail(source, row, feature.name, f"expected a list of integer ids (the history, oldest first, "
@@ -333,12 +350,17 @@ def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int,
         out = {}
         for f in features:
             values = [r[f.name] for r in rows]
-            if f.shape:
+            if f.shape and f.shape[-1] < 0:  # a raw history: any width, padded to the batch's longest
+                pad = "" if f.dtype == "string" else 0  # the raw padding value; the graph pads or cuts
+                width = max(1, max(len(seq) for seq in values))
+                out[f.name] = np.asarray([[pad] * (width - len(seq)) + list(seq) for seq in values],
+                                         dtype=object if f.dtype == "string" else np.int64)
+            elif f.shape:
                 flat = np.asarray([v for seq in values for v in seq], dtype=np.int64)
                 parent = np.repeat(np.arange(len(values), dtype=np.int64), [len(seq) for seq in values])
                 out[f.name] = left_pad_recent(flat, parent, len(values), f.shape[0])[0]
             else:
-                out[f.name] = np.asarray(values, dtype=np.dtype(f.dtype))
+                out[f.name] = np.asarray(values, dtype=object if f.dtype == "string" else np.dtype(f.dtype))
         rows.clear()
         return out
 
@@ -483,7 +505,8 @@ def main(argv):
         else:
             client = ServingClient(FLAGS.server, FLAGS.model_name, deadline_s=FLAGS.deadline_s)
         with client:
-            scores = score_file(client, FLAGS.input, signature_name=FLAGS.signature_name,
+            signature = FLAGS.signature_name or (RAW_SIGNATURE if FLAGS.raw_ids else None)
+            scores = score_file(client, FLAGS.input, signature_name=signature,
                                 batch_size=FLAGS.batch_size, feature_spec=spec)
     except (ServingError, InputError, SpecError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -491,7 +514,7 @@ def main(argv):
         write_scores(FLAGS.output, scores)
         print(f"wrote {scores.shape[0]:,} scores to {FLAGS.output}", file=sys.stderr)
     else:
-        sys.stdout.write("".join(f"{s:.8g}\n" for s in scores.tolist()))
+        sys.stdout.write("".join(f"{s:.9g}\n" for s in scores.tolist()))  # 9 digits: float32 exactly
 
 
 def _define_flags():
@@ -503,6 +526,8 @@ def _define_flags():
                         "lines, predict_examples for TFRecords.")
     flags.DEFINE_string("input", None, "Parquet (MMCTR layout), TFRecord or JSON-lines file (`-`: JSON "
                         "lines on stdin).", required=True)
+    flags.DEFINE_bool("raw_ids", False, "JSON lines hold ids as the log had them (strings or int64s, "
+                      "mapped by the export's vocabularies): send them to the `serving_raw` signature.")
     flags.DEFINE_string("saved_model", None, "Score in process with this export (base or version "
                         "directory) instead of asking --server.")
     flags.DEFINE_string("output", None, "Write `row,ctr` here (.parquet or CSV); default: print scores.")

@@ -65,7 +65,10 @@ SERVING_SIGNATURE = "serving_default"
 EXAMPLES_SIGNATURE = "predict_examples"
 #: Input of :data:`EXAMPLES_SIGNATURE`.
 EXAMPLES_INPUT = "examples"
-#: The one output of both signatures.
+#: The raw-id signatures (only when the spec has vocabularies): ids as the log had them.
+RAW_SIGNATURE = "serving_raw"
+RAW_EXAMPLES_SIGNATURE = "predict_raw_examples"
+#: The one output of every signature.
 OUTPUT = "ctr"
 #: TF Serving's method name for Predict signatures.
 PREDICT_METHOD_NAME = "tensorflow/serving/predict"
@@ -166,8 +169,91 @@ def example_parse_spec(spec: FeatureSpec) -> dict:
     return data_parse_spec(spec, labelled=False, with_meta=False)
 
 
+def raw_dtype(spec: FeatureSpec, name: str) -> str:
+    """The dtype of model feature ``name`` in the raw-id signatures: its vocabulary's, else int64 (dense)."""
+    key = spec.vocabulary_key(name)
+    return spec.vocabularies[key].get("dtype", "string") if key else "int64"
+
+
+def raw_padding(dtype: str):
+    """The padding value of a raw history: ``""`` for string ids, 0 for int64 ids (0 is padding, as everywhere)."""
+    return "" if dtype == "string" else 0
+
+
+def raw_input_signature(spec: FeatureSpec) -> dict:
+    """``tf.TensorSpec`` of each raw input: ``[batch]``, the history ``[batch, any width]``."""
+    import tensorflow as tf
+
+    return {f.name: tf.TensorSpec([None] + ([None] if f.shape else []), tf.dtypes.as_dtype(raw_dtype(spec, f.name)),
+                                  name=f.name)
+            for f in spec.model_features}
+
+
+def raw_example_parse_spec(spec: FeatureSpec) -> dict:
+    """``tf.io.parse_example`` features of raw-id examples: the history a list of any length."""
+    import tensorflow as tf
+
+    out = {}
+    for f in spec.model_features:
+        dtype = tf.dtypes.as_dtype(raw_dtype(spec, f.name))
+        out[f.name] = tf.io.VarLenFeature(dtype) if f.shape else tf.io.FixedLenFeature([], dtype)
+    return out
+
+
+def pad_recent_graph(ids, max_len: int):
+    """The spec's sequence rule (:func:`qin_tf.spec.left_pad_recent`) in the graph: ``[B, W]`` -> ``[B, max_len]``.
+
+    Zeros (padding) are dropped wherever they are, the most recent ``max_len``
+    non-zero ids (the last ones) are kept, oldest first, left-padded with 0.
+    """
+    import tensorflow as tf
+
+    order = tf.argsort(tf.cast(tf.not_equal(ids, 0), tf.int32), axis=1, stable=True)
+    packed = tf.gather(ids, order, batch_dims=1)  # zeros first, the ids in their order after them
+    padded = tf.concat([tf.zeros([tf.shape(ids)[0], max_len], ids.dtype), packed], axis=1)
+    return padded[:, -max_len:]
+
+
+class RawIdLookup:
+    """The raw -> dense maps of a spec's vocabularies, as ``tf.lookup`` tables (assets of the export).
+
+    Line n (1-based) of a vocabulary file is dense id n + 1; an unknown raw id
+    is the vocabulary's ``oov_id`` (1); in a history, the raw padding value
+    (:func:`raw_padding`) is dense 0. Features without a vocabulary pass through.
+    """
+
+    def __init__(self, spec: FeatureSpec):
+        import tensorflow as tf
+
+        self.spec = spec
+        self.tables = {}
+        for key, v in sorted(spec.vocabularies.items()):
+            init = tf.lookup.TextFileInitializer(spec.path(v["path"]), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                                 tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
+            self.tables[key] = tf.lookup.StaticHashTable(init, default_value=-1, name=f"vocab_{key}")
+
+    def dense(self, name: str, raw):
+        import tensorflow as tf
+
+        key = self.spec.vocabulary_key(name)
+        if key is None:
+            return raw
+        v = self.spec.vocabularies[key]
+        text = raw if raw.dtype == tf.string else tf.strings.as_string(raw)
+        line = self.tables[key].lookup(text)
+        ids = tf.where(line >= 0, line + 2, tf.constant(int(v.get("oov_id", 1)), tf.int64))
+        if name == self.spec.sequence:
+            ids = tf.where(tf.equal(raw, raw_padding(v.get("dtype", "string"))), tf.zeros_like(ids), ids)
+        return ids
+
+    def features(self, raw: Mapping) -> dict:
+        out = {name: self.dense(name, raw[name]) for name in self.spec.model_feature_names}
+        out[self.spec.sequence] = pad_recent_graph(out[self.spec.sequence], self.spec.max_len)
+        return out
+
+
 def _serving_module(model, spec: FeatureSpec, spec_asset_file: str):
-    """A ``tf.Module`` holding the model, the spec asset and the two signature functions."""
+    """A ``tf.Module`` holding the model, the spec asset and the signature functions."""
     import tensorflow as tf
 
     names = spec.model_feature_names
@@ -200,8 +286,27 @@ def _serving_module(model, spec: FeatureSpec, spec_asset_file: str):
     module = tf.Module(name="qin_serving")
     module.serve = serve
     module.serve_examples = serve_examples
+    functions = [serve, serve_examples]
+    if spec.vocabularies:
+        lookup = RawIdLookup(spec)
+        raw_parse_spec = raw_example_parse_spec(spec)
+
+        @tf.function(input_signature=[raw_input_signature(spec)])
+        def serve_raw(features):
+            return {OUTPUT: ctr(lookup.features(features))}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+        def serve_raw_examples(examples):
+            parsed = tf.io.parse_example(examples, raw_parse_spec)
+            seq = parsed[spec.sequence]
+            parsed[spec.sequence] = tf.sparse.to_dense(seq, default_value=raw_padding(raw_dtype(spec, spec.sequence)))
+            return {OUTPUT: ctr(lookup.features(parsed))}
+
+        module.vocabulary_tables = list(lookup.tables.values())
+        module.serve_raw, module.serve_raw_examples = serve_raw, serve_raw_examples
+        functions += [serve_raw, serve_raw_examples]
     seen, variables = set(), []
-    for fn in (serve.get_concrete_function(), serve_examples.get_concrete_function()):
+    for fn in (f.get_concrete_function() for f in functions):
         for v in fn.variables:
             if id(v) not in seen:
                 seen.add(id(v))
@@ -246,23 +351,83 @@ def parse_examples(spec: FeatureSpec, examples: Sequence[bytes]) -> dict:
     return {n: parsed[n].numpy() for n in spec.model_feature_names}
 
 
+def raw_rows(spec: FeatureSpec, features: Mapping) -> tuple[dict, dict]:
+    """Dense-id rows -> the same rows with raw ids, and the dense ids the raw-id signatures make of them.
+
+    Dense id d >= 2 becomes line d - 1 of its vocabulary; the OOV id and ids
+    beyond the vocabulary become a raw id the vocabulary lacks (so they map
+    to OOV); history padding becomes the raw padding value. For warmup
+    requests, the export's own check and tests.
+    """
+    import numpy as np
+
+    vocabs = {key: spec.read_vocabulary(key) for key in spec.vocabularies}
+    raw, dense = {}, {}
+    for f in spec.model_features:
+        value = np.asarray(features[f.name], dtype=np.int64)
+        key = spec.vocabulary_key(f.name)
+        if key is None:
+            raw[f.name], dense[f.name] = value, value
+            continue
+        v, words = spec.vocabularies[key], vocabs[key]
+        as_int = v.get("dtype", "string") == "int64"
+        unknown = str(max((int(w) for w in words), default=0) + 1) if as_int else "\x00unknown"
+        table = np.asarray(["", unknown] + words, dtype=object)
+        known = (value >= 2) & (value < len(table))
+        text = np.where(known, table[np.where(known, value, 0)], unknown)
+        mapped = np.where(known, value, int(v.get("oov_id", 1)))
+        if f.shape:
+            text = np.where(value == 0, "", text)
+            mapped = np.where(value == 0, 0, mapped)
+        raw[f.name] = np.where(text == "", "0", text).astype(np.int64) if as_int else text.astype(object)
+        dense[f.name] = mapped
+    return raw, dense
+
+
+def raw_examples(spec: FeatureSpec, raw: Mapping) -> list[bytes]:
+    """Raw-id rows -> serialized ``tf.train.Example`` s for ``predict_raw_examples``, histories unpadded."""
+    import numpy as np
+    import tensorflow as tf
+
+    n = len(next(iter(raw.values())))
+    out = []
+    for i in range(n):
+        feats = {}
+        for f in spec.model_features:
+            dtype = raw_dtype(spec, f.name)
+            values = np.asarray(raw[f.name][i]).reshape(-1).tolist()
+            if f.shape:
+                values = [x for x in values if x != raw_padding(dtype)]
+            feats[f.name] = (tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(x).encode() for x in values]))
+                             if dtype == "string" else
+                             tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in values])))
+        out.append(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    return out
+
+
 def warmup_requests(spec: FeatureSpec, examples: Sequence[bytes], model_name: str = "qin") -> list:
-    """PredictionLogs for both signatures: the first row alone, then all rows as one batch."""
+    """PredictionLogs for every signature: the first row alone, then all rows as one batch."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     features = parse_examples(spec, examples)
+    signatures = [SERVING_SIGNATURE, EXAMPLES_SIGNATURE]
+    if spec.vocabularies:
+        raw = raw_rows(spec, features)[0]
+        raw_serialized = raw_examples(spec, raw)
+        signatures += [RAW_SIGNATURE, RAW_EXAMPLES_SIGNATURE]
     logs = []
     for n in sorted({1, len(examples)}):
-        for signature in (SERVING_SIGNATURE, EXAMPLES_SIGNATURE):
+        for signature in signatures:
             req = predict_pb2.PredictRequest()
             req.model_spec.name = model_name
             req.model_spec.signature_name = signature
-            if signature == SERVING_SIGNATURE:
-                for name, value in features.items():
+            if signature in (SERVING_SIGNATURE, RAW_SIGNATURE):
+                for name, value in (features if signature == SERVING_SIGNATURE else raw).items():
                     req.inputs[name].CopyFrom(tf.make_tensor_proto(value[:n]))
             else:
-                req.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(list(examples[:n]), dtype=tf.string))
+                rows = examples if signature == EXAMPLES_SIGNATURE else raw_serialized
+                req.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(list(rows[:n]), dtype=tf.string))
             logs.append(prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=req)))
     return logs
@@ -417,6 +582,15 @@ def _verify(export_dir: str, model, spec: FeatureSpec, examples: Sequence[bytes]
         if not np.allclose(out.numpy(), want, rtol=1e-5, atol=1e-6):
             raise ExportError(f"the exported `{sig}` disagrees with the Keras model: "
                               f"max |diff| {np.max(np.abs(out.numpy() - want)):.3g}.")
+    if spec.vocabularies:  # raw ids in == the dense ids they stand for, bit for bit
+        raw, dense = raw_rows(spec, features)
+        want = loaded.signatures[SERVING_SIGNATURE](**{n: tf.constant(v) for n, v in dense.items()})[OUTPUT].numpy()
+        outs = {RAW_SIGNATURE: loaded.signatures[RAW_SIGNATURE](**{n: tf.constant(v) for n, v in raw.items()}),
+                RAW_EXAMPLES_SIGNATURE: loaded.signatures[RAW_EXAMPLES_SIGNATURE](
+                    **{EXAMPLES_INPUT: tf.constant(raw_examples(spec, raw), tf.string)})}
+        for sig, out in outs.items():
+            if not np.array_equal(out[OUTPUT].numpy(), want):
+                raise ExportError(f"the exported `{sig}` disagrees with `{SERVING_SIGNATURE}` on the same rows.")
 
 
 def export_model(model, spec: FeatureSpec, export_base: str, version: int | None = None, *,
@@ -485,9 +659,10 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         served = fold_for_inference(model, qnn=fold_qnn, attention=fold_attention, item_vectors=fold_item_vectors)
         module = _serving_module(served, spec, spec_file)
         with _quiet_tf_logging():
-            tf.saved_model.save(
-                module, tmp,
-                signatures={SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples})
+            signatures = {SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples}
+            if spec.vocabularies:
+                signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
+            tf.saved_model.save(module, tmp, signatures=signatures)
         write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
         if verify:
             _verify(tmp, model, spec, warmup_examples)

@@ -109,7 +109,7 @@ from pipelines.validation import (CORRUPT, Columns, PreprocessError, check_colum
                                   item_table_columns, iter_row_groups, one_line, read_item_table,
                                   split_columns)
 from qin_tf.runtime import process_alive
-from qin_tf.spec import (ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME, ITEM_TABLE_TAGS_KEY,
+from qin_tf.spec import (OOV_ID, VOCAB_DIR, ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME, ITEM_TABLE_TAGS_KEY,
                          SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
                          SplitInfo)
 
@@ -763,6 +763,47 @@ def dataset_config_path(name_or_path: str) -> str:
         return os.path.join(_REPO_ROOT, path)
     raise PreprocessError(f"{path}: dataset config not found (give a JSON path or a bundled config: "
                           f"{', '.join(bundled_dataset_configs())})")
+def _dataset_config_dir(dataset_config, input_dir: str) -> str:
+    """Where a dataset config's relative vocabulary paths resolve: its file's directory, else ``input_dir``."""
+    if isinstance(dataset_config, (DatasetConfig, dict)):
+        return input_dir
+    return os.path.dirname(dataset_config_path(str(dataset_config))) or "."
+
+
+def _copy_vocabularies(cfg: DatasetConfig, config_dir: str, work_dir: str) -> dict:
+    """Checks the config's vocabulary files and copies them to ``work_dir/vocab/``; returns the spec's entries.
+
+    A vocabulary file is UTF-8 text, one raw id a line (line n is dense id
+    n + 1), no empty line, no repeated id, decimal integers for dtype int64.
+    """
+    out = {}
+    for key, v in sorted(cfg.vocabularies.items()):
+        src = v["path"] if os.path.isabs(v["path"]) or "://" in v["path"] else _join(config_dir, v["path"])
+        if not _exists(src):
+            raise PreprocessError(f"{src}: vocabulary file of `{key}` not found (the dataset config's "
+                                  f"vocabularies.{key}.path)")
+        try:
+            text = _read_text(src)
+        except UnicodeDecodeError as e:
+            raise PreprocessError(f"{src}: not UTF-8 text: {e}") from None
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        seen: dict[str, int] = {}
+        dtype = v.get("dtype", "string")
+        for row, raw in enumerate(lines):
+            if not raw:
+                fail(src, row, None, "empty line; one raw id a line")
+            if raw in seen:
+                fail(src, row, None, f"raw id {raw!r} repeats line {seen[raw]}; a vocabulary lists each id once")
+            if dtype == "int64" and not (raw.lstrip("-").isdigit() and str(int(raw)) == raw):
+                fail(src, row, None, f"{raw!r} is not a decimal int64 (vocabularies.{key}.dtype is int64)")
+            seen[raw] = row
+        rel = f"{VOCAB_DIR}/{key}.txt"
+        _makedirs(_join(work_dir, VOCAB_DIR))
+        _write_text(_join(work_dir, rel), "".join(f"{x}\n" for x in lines))
+        out[key] = {"path": rel, "dtype": dtype, "oov_id": int(v.get("oov_id", OOV_ID)), "size": len(lines) + 2}
+    return out
 
 
 def resolve_dataset_config(dataset_config) -> DatasetConfig:
@@ -847,6 +888,8 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
         _run_pipeline(work, job, opts)
         per_split = _merge_stats(cfg, work, work_dir)
         stats, spec = _stats_and_spec(cfg, per_split, items, input_dir, on_bad_row)
+        spec = dataclasses.replace(spec, vocabularies=_copy_vocabularies(
+            cfg, _dataset_config_dir(dataset_config, input_dir), work_dir))
         _merge_quarantine(work, work_dir)
         _delete(_join(work_dir, _PARTS_DIR))
         _write_text(_join(work_dir, SPEC_FILENAME), spec.to_json())

@@ -58,6 +58,12 @@ DEFAULT_MAX_LEN = 64
 PADDING_ID = 0
 #: Default bound of a context feature's vocabulary (:class:`ContextVocabConfig`).
 DEFAULT_CONTEXT_MAX_VOCAB_SIZE = 100_000
+#: The key of the item vocabulary in ``vocabularies`` (the target item and the history share it).
+ITEM_VOCABULARY = "item_id"
+#: Where preprocessing puts the vocabulary files, relative to the data directory.
+VOCAB_DIR = "vocab"
+#: Dense id of an unknown raw id (dense id n + 1 is line n of a vocabulary file).
+OOV_ID = 1
 #: Keys of the arrays inside ``item_table.npz``.
 ITEM_TABLE_TAGS_KEY = "tags"
 ITEM_TABLE_EMBEDDING_KEY = "embedding"
@@ -225,6 +231,10 @@ class DatasetConfig:
     max_len: int = DEFAULT_MAX_LEN
     #: Context feature -> its vocabulary bound; a feature not named gets the defaults.
     context_vocab: Mapping[str, ContextVocabConfig] = dataclasses.field(default_factory=dict)
+    #: Optional, written by ``pipelines.build_examples``: feature name -> ``{"path": vocabulary file
+    #: (one raw id a line, line n = dense id n + 1; relative to the config file), "dtype": "string" |
+    #: "int64", "oov_id": 1}``. Preprocessing ignores it; later stages map raw ids with it.
+    vocabularies: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.max_len, int) or self.max_len < 1:
@@ -285,12 +295,25 @@ class DatasetConfig:
                 context_vocab[feature] = ContextVocabConfig(**v)
             except SpecError as e:
                 raise SpecError(f"{where}: context_vocab.{feature}: {e}") from None
+        vocabs = d.get("vocabularies", {}) or {}
+        if not isinstance(vocabs, Mapping):
+            raise SpecError(f"{where}: `vocabularies` must map feature names to {{path, dtype, oov_id}}.")
+        for name, v in vocabs.items():
+            if not isinstance(v, Mapping):
+                raise SpecError(f"{where}: vocabularies.{name} must be an object {{path, dtype, oov_id}}.")
+            _check_name(v.get("path"), f"{where}: vocabularies.{name}.path")
+            if v.get("dtype", "string") not in ("string", "int64"):
+                raise SpecError(f"{where}: vocabularies.{name}.dtype must be `string` or `int64`. "
+                                f"Received: {v.get('dtype')!r}")
+            if not isinstance(v.get("oov_id", 1), int):
+                raise SpecError(f"{where}: vocabularies.{name}.oov_id must be an integer.")
         kwargs = dict(d)
         kwargs.update(
             splits=splits,
             meta=tuple(d.get("meta", ("user_id",))),
             context=tuple(d.get("context", ())),
             item_table=table,
+            vocabularies={k: dict(v) for k, v in vocabs.items()},
             name=_check_name(_require(d, "name", where), f"{where}: name"),
             context_vocab=context_vocab,
         )
@@ -384,6 +407,11 @@ class FeatureSpec:
     item_embedding_name: str = "item_emb_d128"
     splits: Mapping[str, SplitInfo] = dataclasses.field(default_factory=dict)
     compression: str = "GZIP"
+    #: Raw-id vocabularies carried from the dataset config by preprocessing: key (``item_id``
+    #: for the items, a context feature's name, ``tags``) -> ``{"path": file relative to the
+    #: spec's directory (one raw id a line; line n is dense id n + 1), "dtype": "string" |
+    #: "int64", "oov_id": 1, "size": dense ids incl. padding and OOV}``. Empty: dense ids only.
+    vocabularies: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     version: int = SPEC_VERSION
     #: Directory the spec was loaded from; relative file names resolve here.
     base_dir: str = dataclasses.field(default="", compare=False)
@@ -425,6 +453,22 @@ class FeatureSpec:
     def context_vocab_size(self, name: str) -> int:
         return self.context_vocab_sizes[self.context.index(name)]
 
+    # ---- raw ids ------------------------------------------------------------
+
+    def vocabulary_key(self, name: str) -> str | None:
+        """The key in :attr:`vocabularies` of model feature ``name`` (items share one), or None."""
+        if name in (self.target_item, self.sequence):
+            for key in (self.target_item, ITEM_VOCABULARY):
+                if key in self.vocabularies:
+                    return key
+            return None
+        return name if name in self.vocabularies else None
+
+    def read_vocabulary(self, key: str) -> list[str]:
+        """The raw ids of vocabulary ``key``, as text, in file order (line n is dense id n + 1)."""
+        with open(self.path(self.vocabularies[key]["path"]), encoding="utf-8") as f:
+            return f.read().split("\n")[:-1]
+
     # ---- files --------------------------------------------------------------
 
     def path(self, relative: str) -> str:
@@ -461,7 +505,15 @@ class FeatureSpec:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save(self, directory: str) -> str:
+        """Writes ``feature_spec.json`` to ``directory``, with copies of the vocabulary files it names."""
+        import shutil
+
         path = os.path.join(directory, SPEC_FILENAME)
+        for v in self.vocabularies.values():
+            src, dst = self.path(v["path"]), os.path.join(directory, v["path"])
+            if os.path.abspath(src) != os.path.abspath(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(src, dst)
         with open(path, "w") as f:
             f.write(self.to_json())
         return path

@@ -510,3 +510,107 @@ def test_latest_version_skips_a_version_without_a_saved_model(exported, tmp_path
     assert lines == [f"{base / '4'}: skipped, no saved_model.pb in this version directory."]
     with pytest.raises(exporter.ExportError, match="no such directory"):
         exporter.latest_version_dir(str(tmp_path / "typo"))
+
+
+# --------------------------------------------------------------------------
+# Raw ids at the serving boundary (vocabularies in the export)
+# --------------------------------------------------------------------------
+
+
+def make_raw_spec(spec: FeatureSpec, directory: str) -> FeatureSpec:
+    """The sample's spec with vocabularies: items as strings ``item-<d>``, ``views_level`` as int64 ``10 d + 3``.
+
+    Line n of a vocabulary is dense id n + 1, so dense 1 (here a real item of
+    the sample) has no raw id: raw ids the vocabulary lacks map to it.
+    """
+    import dataclasses
+
+    from qin_tf.spec import SplitInfo
+
+    os.makedirs(os.path.join(directory, "vocab"), exist_ok=True)
+    ctx = spec.context[0]
+    with open(os.path.join(directory, "vocab", "item_id.txt"), "w") as f:
+        f.write("".join(f"item-{d}\n" for d in range(2, spec.num_items)))
+    with open(os.path.join(directory, "vocab", f"{ctx}.txt"), "w") as f:
+        f.write("".join(f"{10 * d + 3}\n" for d in range(2, spec.context_vocab_size(ctx))))
+    raw = dataclasses.replace(
+        spec, base_dir=directory, item_table_file=spec.path(spec.item_table_file),
+        splits={k: SplitInfo(tuple(spec.split_files(k)), v.num_rows, v.labelled) for k, v in spec.splits.items()},
+        vocabularies={"item_id": {"path": "vocab/item_id.txt", "dtype": "string", "oov_id": 1,
+                                  "size": spec.num_items},
+                      ctx: {"path": f"vocab/{ctx}.txt", "dtype": "int64", "oov_id": 1,
+                            "size": spec.context_vocab_size(ctx)}})
+    raw.save(directory)
+    return FeatureSpec.load(directory)
+
+
+@pytest.fixture(scope="module")
+def raw_exported(sample_spec, trained, tmp_path_factory):
+    """(raw-id spec, version dir) of the tiny QIN exported with vocabularies."""
+    spec = make_raw_spec(sample_spec, str(tmp_path_factory.mktemp("raw_data")))
+    base = str(tmp_path_factory.mktemp("raw_export") / "qin")
+    return spec, exporter.export_model(trained[1], spec, base)
+
+
+def test_raw_signatures_are_named_typed_and_shaped(raw_exported):
+    spec, version_dir = raw_exported
+    defs, _ = read_signature_defs(version_dir)
+    assert set(defs) == {"serving_default", "predict_examples", "serving_raw", "predict_raw_examples",
+                         "__saved_model_init_op"}
+    raw = defs["serving_raw"]
+    assert raw.method_name == "tensorflow/serving/predict" and list(raw.outputs) == ["ctr"]
+    got = {k: (v.dtype, [d.size for d in v.tensor_shape.dim]) for k, v in raw.inputs.items()}
+    assert got == {"item_id": (types_pb2.DT_STRING, [-1]), "item_seq": (types_pb2.DT_STRING, [-1, -1]),
+                   "views_level": (types_pb2.DT_INT64, [-1])}
+    assert {k: v.dtype for k, v in defs["predict_raw_examples"].inputs.items()} == {"examples": types_pb2.DT_STRING}
+    assert sorted(os.listdir(os.path.join(version_dir, "assets"))) == ["feature_spec.json", "item_id.txt",
+                                                                        "views_level.txt"]
+    # The dense-id signatures stay as they are.
+    assert sorted(defs["serving_default"].inputs) == sorted(spec.model_feature_names)
+
+
+def test_raw_and_dense_requests_of_the_same_rows_score_bitwise_equal(raw_exported, test_rows):
+    spec, version_dir = raw_exported
+    features = {k: v.copy() for k, v in test_rows[0].items()}
+    features[spec.target_item][:5] = 1                      # the OOV item: an unknown raw id
+    features[spec.sequence][5, 0] = spec.num_items + 3      # beyond the vocabulary: OOV too
+    raw, dense = exporter.raw_rows(spec, features)
+    assert raw[spec.target_item][7] == f"item-{features[spec.target_item][7]}"
+    assert (dense[spec.target_item][:5] == 1).all() and dense[spec.sequence][5, 0] == 1
+    loaded = tf.saved_model.load(version_dir)
+    want = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in dense.items()})["ctr"].numpy()
+    got = loaded.signatures["serving_raw"](**{k: tf.constant(v) for k, v in raw.items()})["ctr"].numpy()
+    np.testing.assert_array_equal(got, want)
+    got = loaded.signatures["predict_raw_examples"](examples=tf.constant(exporter.raw_examples(spec, raw)))["ctr"]
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert np.std(want) > 1e-3
+
+
+def test_raw_history_is_padded_or_cut_by_the_spec_rule(raw_exported):
+    """Unpadded, over-long (cut to the most recent max_len) and zero-holed histories score as their dense rows."""
+    from qin_tf.spec import pad_sequence
+
+    spec, version_dir = raw_exported
+    serve = tf.saved_model.load(version_dir).signatures["serving_raw"]
+    dense_serve = tf.saved_model.load(version_dir).signatures["serving_default"]
+    items = [[f"item-{d}" for d in range(2, 2 + n)] for n in (1, 3, spec.max_len + 5)]
+    items[1].insert(1, "")                                   # padding inside: dropped
+    width = max(len(x) for x in items)
+    seq = np.array([[""] * (width - len(x)) + x for x in items], dtype=object)
+    got = serve(**{spec.target_item: tf.constant(np.array(["item-9"] * 3, dtype=object)), spec.sequence: tf.constant(seq),
+                   spec.context[0]: tf.constant(np.array([23, 33, 43]))})["ctr"].numpy()
+    dense_seq = np.stack([pad_sequence([int(x[5:]) if x else 0 for x in r], spec.max_len) for r in items])
+    want = dense_serve(**{spec.target_item: tf.constant(np.full(3, 9)), spec.sequence: tf.constant(dense_seq),
+                          spec.context[0]: tf.constant(np.array([2, 3, 4]))})["ctr"].numpy()
+    np.testing.assert_array_equal(got, want)
+    assert len(set(want.tolist())) == 3  # the three histories score differently
+
+
+def test_raw_warmup_covers_the_raw_signatures(raw_exported):
+    _, version_dir = raw_exported
+    sigs = []
+    for record in tf.data.TFRecordDataset(os.path.join(version_dir, exporter.WARMUP_PATH)):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        sigs.append(log.predict_log.request.model_spec.signature_name)
+    assert sorted(set(sigs)) == ["predict_examples", "predict_raw_examples", "serving_default", "serving_raw"]
+    assert len(sigs) == 8

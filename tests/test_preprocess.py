@@ -572,3 +572,24 @@ def test_cli_converts_the_sample(tmp_path):
     spec = FeatureSpec.load(out)
     assert spec.max_len == 8 and spec.dataset == "microlens50k_mmctr"
     assert [spec.splits[s].num_rows for s in ("train", "valid", "test")] == [2622, 600, 600]
+
+
+def test_vocabularies_travel_into_the_data_dir_and_spec(tmp_path):
+    """The dataset config's vocabularies (paths relative to it) are checked, copied to vocab/ and named in the spec."""
+    config = dict(CONFIG, vocabularies={"item_id": {"path": "vocab/item_id.txt", "dtype": "string", "oov_id": 1}})
+    os.makedirs(tmp_path / "vocab")
+    (tmp_path / "vocab" / "item_id.txt").write_text("".join(f"v{i}\n" for i in range(2, NUM_ITEMS)))
+    input_dir, config_path = write_dataset(tmp_path, config=config)
+    spec = pp.preprocess(input_dir, str(tmp_path / "out"), config_path)
+    assert spec.vocabularies == {"item_id": {"path": "vocab/item_id.txt", "dtype": "string", "oov_id": 1,
+                                             "size": NUM_ITEMS}}
+    assert spec.read_vocabulary("item_id") == [f"v{i}" for i in range(2, NUM_ITEMS)]
+    assert FeatureSpec.load(str(tmp_path / "out")).vocabulary_key(spec.sequence) == "item_id"
+    # A spec saved elsewhere (a training run's model_dir) takes its vocabularies with it.
+    spec.save(str(tmp_path / "model"))
+    assert (tmp_path / "model" / "vocab" / "item_id.txt").read_text() == (tmp_path / "vocab" / "item_id.txt").read_text()
+
+    (tmp_path / "vocab" / "item_id.txt").write_text("v2\nv3\nv2\n")
+    with pytest.raises(pp.PreprocessError, match=r"item_id\.txt: row 2: raw id 'v2' repeats line 0"):
+        pp.preprocess(input_dir, str(tmp_path / "out2"), config_path)
+    assert not (tmp_path / "out2").exists()
