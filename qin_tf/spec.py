@@ -109,6 +109,10 @@ class DatasetConfig:
     context: tuple[str, ...] = ()
     item_table: ItemTableConfig = ItemTableConfig()
     max_len: int = DEFAULT_MAX_LEN
+    #: Optional, written by ``pipelines.build_examples``: feature name -> ``{"path": vocabulary file
+    #: (one raw id a line, line n = dense id n + 1; relative to the config file), "dtype": "string" |
+    #: "int64", "oov_id": 1}``. Preprocessing ignores it; later stages map raw ids with it.
+    vocabularies: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.max_len, int) or self.max_len < 1:
@@ -149,12 +153,25 @@ class DatasetConfig:
                                                          f"{where}: splits.{split}.file"),
                                         labelled=bool(s.get("labelled", True)))
         table = ItemTableConfig(**d.get("item_table", {}))
+        vocabs = d.get("vocabularies", {}) or {}
+        if not isinstance(vocabs, Mapping):
+            raise SpecError(f"{where}: `vocabularies` must map feature names to {{path, dtype, oov_id}}.")
+        for name, v in vocabs.items():
+            if not isinstance(v, Mapping):
+                raise SpecError(f"{where}: vocabularies.{name} must be an object {{path, dtype, oov_id}}.")
+            _check_name(v.get("path"), f"{where}: vocabularies.{name}.path")
+            if v.get("dtype", "string") not in ("string", "int64"):
+                raise SpecError(f"{where}: vocabularies.{name}.dtype must be `string` or `int64`. "
+                                f"Received: {v.get('dtype')!r}")
+            if not isinstance(v.get("oov_id", 1), int):
+                raise SpecError(f"{where}: vocabularies.{name}.oov_id must be an integer.")
         kwargs = dict(d)
         kwargs.update(
             splits=splits,
             meta=tuple(d.get("meta", ("user_id",))),
             context=tuple(d.get("context", ())),
             item_table=table,
+            vocabularies={k: dict(v) for k, v in vocabs.items()},
             name=_check_name(_require(d, "name", where), f"{where}: name"),
         )
         return cls(**kwargs)
