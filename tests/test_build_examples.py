@@ -260,8 +260,9 @@ def test_config_errors_name_the_key(tmp_path):
         LogsConfig.from_dict({"name": "x", "events": {"files": "a", "user": "u", "item": "i"}, "hist": {}})
 
 
-def test_microlens_sample_positives_equal_the_bundled_sample(tmp_path):
-    """The sample users' raw MicroLens events give the bundled sample's positive rows exactly."""
+def test_microlens_sample_logs_to_scores(tmp_path, capsys):
+    """The sample users' raw MicroLens events give the bundled sample's positive rows exactly, and run
+    on: logs -> examples -> TFRecords -> train -> export -> score (scripts/run_sample_from_logs.sh)."""
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     from check_microlens_build import compare, raw_rows, reference_rows
 
@@ -274,3 +275,16 @@ def test_microlens_sample_positives_equal_the_bundled_sample(tmp_path):
     for split in ("train", "valid", "test"):
         r = compare(raw_rows(out, split), reference_rows(SAMPLE_DIR, split))
         assert r["positives_equal"] and r["rows"] == r["reference_rows"], (split, r)
+
+    from pipelines.preprocess import preprocess
+    from qin_tf import score, train
+
+    spec = preprocess(out, str(tmp_path / "data"), os.path.join(out, DATASET_CONFIG_FILENAME), max_len=16)
+    export = str(tmp_path / "export")
+    rc = train.cli(["train", f"--flagfile={os.path.join(REPO, 'configs', 'sample.flags')}",
+                    f"--data_dir={spec.base_dir}", f"--model_dir={tmp_path / 'model'}", "--epochs=1",
+                    f"--export_base={export}"])
+    assert rc == 0, capsys.readouterr().err
+    result = score.score(export, os.path.join(out, "test.parquet"), str(tmp_path / "scores.csv"), fmt="csv",
+                         log=lambda *_: None)
+    assert result["num_rows"] == 600 and 0.0 <= result["auc"] <= 1.0
