@@ -288,3 +288,21 @@ def test_microlens_sample_logs_to_scores(tmp_path, capsys):
     result = score.score(export, os.path.join(out, "test.parquet"), str(tmp_path / "scores.csv"), fmt="csv",
                          log=lambda *_: None)
     assert result["num_rows"] == 600 and 0.0 <= result["auc"] <= 1.0
+
+
+def test_counts_that_do_not_add_up_are_refused(tmp_path):
+    """A runner that loses elements (as FnApiRunner's multi_threading mode did here) fails the build."""
+    from pipelines.build_examples import RunnerError, _check_counts
+
+    raw = {"events_in": 10, "events_out": 6, "events_dropped": {"empty_history": 3}, "events_bad": {"null": 1},
+           "splits": {"train": {"rows": 8, "sampled_negatives": 4}, "valid": {"rows": 2, "sampled_negatives": 0}}}
+    pq.write_table(pa.table({"label": [1] * 8}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"label": [1] * 2}), tmp_path / "valid.parquet")
+    _check_counts(raw, str(tmp_path))
+    with pytest.raises(RunnerError, match="lost events"):
+        _check_counts({**raw, "events_in": 11}, str(tmp_path))
+    with pytest.raises(RunnerError, match="lost users"):
+        _check_counts({**raw, "splits": {**raw["splits"], "valid": {"rows": 1}}}, str(tmp_path))
+    pq.write_table(pa.table({"label": [1] * 7}), tmp_path / "train.parquet")
+    with pytest.raises(RunnerError, match="lost rows"):
+        _check_counts(raw, str(tmp_path))
