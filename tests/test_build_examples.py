@@ -306,3 +306,14 @@ def test_counts_that_do_not_add_up_are_refused(tmp_path):
     pq.write_table(pa.table({"label": [1] * 7}), tmp_path / "train.parquet")
     with pytest.raises(RunnerError, match="lost rows"):
         _check_counts(raw, str(tmp_path))
+
+
+def test_dataset_config_vocabularies_field():
+    base = {"name": "x", "splits": {"train": "train.parquet"}}
+    vocabs = {"item_id": {"path": "vocab/item_id.txt", "dtype": "int64", "oov_id": 1}}
+    assert DatasetConfig.from_dict({**base, "vocabularies": vocabs}).vocabularies == vocabs
+    assert DatasetConfig.from_dict(base).vocabularies == {}
+    from qin_tf.spec import SpecError
+
+    with pytest.raises(SpecError, match="vocabularies.item_id.dtype"):
+        DatasetConfig.from_dict({**base, "vocabularies": {"item_id": {"path": "v.txt", "dtype": "float"}}})
