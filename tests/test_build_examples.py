@@ -317,3 +317,22 @@ def test_dataset_config_vocabularies_field():
 
     with pytest.raises(SpecError, match="vocabularies.item_id.dtype"):
         DatasetConfig.from_dict({**base, "vocabularies": {"item_id": {"path": "v.txt", "dtype": "float"}}})
+
+
+@pytest.mark.parametrize("rule", ["drop", "fail"])
+def test_items_without_a_catalog_row(tmp_path, rule):
+    """unknown_items: drop counts the events of items without a catalog row; fail names the first one."""
+    (tmp_path / "events.csv").write_text("user,item\n1,10\n1,11\n1,77\n1,12\n1,13\n")
+    (tmp_path / "items.csv").write_text("item\n10\n11\n12\n13\n")
+    cfg = {"name": "unknown", "unknown_items": rule, "negatives": {"per_positive": 0},
+           "events": {"files": "events.csv", "user": "user", "item": "item"},
+           "catalog": {"files": "items.csv", "item": "item"}}
+    (tmp_path / "logs.json").write_text(json.dumps(cfg))
+    if rule == "fail":
+        with pytest.raises(PreprocessError, match=r"events.csv: row 2, column `item`: item 77 has no catalog row"):
+            build_examples(str(tmp_path / "logs.json"), str(tmp_path / "out"))
+        assert not os.path.exists(tmp_path / "out")
+        return
+    stats = build_examples(str(tmp_path / "logs.json"), str(tmp_path / "out"))
+    assert stats["events_dropped"] == {"unknown_item": 1, "empty_history": 1}
+    assert rows_raw(str(tmp_path / "out"), "test")[0]["seq"] == [10, 11, 12]
