@@ -336,3 +336,14 @@ def test_items_without_a_catalog_row(tmp_path, rule):
     stats = build_examples(str(tmp_path / "logs.json"), str(tmp_path / "out"))
     assert stats["events_dropped"] == {"unknown_item": 1, "empty_history": 1}
     assert rows_raw(str(tmp_path / "out"), "test")[0]["seq"] == [10, 11, 12]
+
+
+def test_cli_bad_input_is_one_line_and_exit_1(tmp_path):
+    (tmp_path / "logs.json").write_text(json.dumps({"name": "x", "events": {"files": "none*.csv", "user": "u",
+                                                                             "item": "i"}}))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build_examples", f"--config={tmp_path / 'logs.json'}",
+                           f"--output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("build_examples: error: ") and "no files match (the event log)" in proc.stderr
