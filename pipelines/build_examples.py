@@ -660,6 +660,11 @@ def vocabulary(counts: dict, min_count: int, always=()) -> list:
     return sorted(set(keep), key=lambda x: (-counts.get(x, 0), _raw_key(x)))
 
 
+def _indexed(order: list) -> dict:
+    """``{"order": raw ids, "dense": raw id -> dense id}`` (line n of the file = dense id n + 1)."""
+    return {"order": order, "dense": {x: i + 2 for i, x in enumerate(order)}}
+
+
 def popularity_levels(counts: np.ndarray) -> np.ndarray:
     """Decile 1..10 of each count among the positive counts (by the items' count quantiles); 0 where 0."""
     out = np.zeros(len(counts), np.int64)
@@ -688,13 +693,8 @@ def build_contexts(ctx_counts: list, cfg: LogsConfig) -> dict:
         per[name][v] = per[name].get(v, 0) + n
     out = {}
     for name, counts in per.items():
-        order = vocabulary(counts, cfg.context_min_count)
-        out[name] = {"order": order, "dense": {x: i + 2 for i, x in enumerate(order)}}
+        out[name] = _indexed(vocabulary(counts, cfg.context_min_count))
     return out
-
-
-def _dtype_of(order) -> str:
-    return "int64" if all(isinstance(x, int) for x in order) else "string"
 
 
 def write_vocab(path: str, order):
@@ -808,7 +808,8 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
     catalog = p | "NoCatalog" >> beam.Create([])
     if cfg.catalog is not None:
         cat = cfg.catalog
-        cols = ([cat.tags.column] if cat.tags else []) + ([cat.vector.column] if cat.vector and not cat.vector.source else [])
+        cols = [cat.tags.column] if cat.tags else []
+        cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
         c = (p | "CatalogFiles" >> beam.Create(list(enumerate(files["catalog"])))
              | "ReadCatalog" >> beam.ParDo(ReadTable(cat.source, cat.item, cols, cfg.id_dtype, "catalog"))
              .with_outputs("bad", "stats", main="rows"))
@@ -845,14 +846,12 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
     users = p | "NoUserVocab" >> beam.Create([None])
     if cfg.id_dtype == "string":  # string user ids: the output's user_id is a dense id (meta only)
         users = (per_user.records | "UserKeys" >> beam.Keys() | "UserList" >> beam.combiners.ToList()
-                 | "UserVocab" >> beam.Map(lambda us: {"order": sorted(us, key=_raw_key),
-                                                       "dense": {u: i + 2 for i, u in enumerate(sorted(us, key=_raw_key))}}))
+                 | "UserVocab" >> beam.Map(lambda us: _indexed(sorted(us, key=_raw_key))))
     tag_vocab = p | "NoTags" >> beam.Create([{"order": [], "dense": {}}])
     if cfg.catalog is not None and cfg.catalog.tags is not None:
         tag_vocab = (catalog | "TagsOfItems" >> beam.FlatMap(lambda kv: [(t, 1) for t in kv[1][0]])
                      | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
-                     | "TagVocab" >> beam.Map(lambda c: (lambda o: {"order": o, "dense": {t: i + 2 for i, t in enumerate(o)}})(
-                         vocabulary(dict(c), cfg.catalog.tags.min_count))))
+                     | "TagVocab" >> beam.Map(lambda c: _indexed(vocabulary(dict(c), cfg.catalog.tags.min_count))))
 
     made = (per_user.records
             | "MakeExamples" >> beam.ParDo(MakeExamples(cfg), items=beam.pvalue.AsSingleton(items),

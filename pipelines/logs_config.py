@@ -303,7 +303,8 @@ class LogsConfig:
         if d.get("users") is not None:
             u = _known(d["users"], {"files", "format", "delimiter", "header", "user", "context"}, f"{where}: users")
             users = Users(source=Source.parse(u, f"{where}: users", base), user=_get(u, "user", f"{where}: users"),
-                          context=tuple(ContextColumn.parse(x, f"{where}: users.context") for x in u.get("context", ())))
+                          context=tuple(ContextColumn.parse(x, f"{where}: users.context")
+                                        for x in u.get("context", ())))
         h = _known(d.get("history", {}), {"events", "max_len", "duplicates", "min_len"}, f"{where}: history")
         n = _known(d.get("negatives", {}), {"per_positive", "sampling", "seed"}, f"{where}: negatives")
         s = _known(d.get("split", {}), {"method", "valid_from", "test_from"}, f"{where}: split")
