@@ -687,17 +687,19 @@ def _remove_stale_siblings(output_dir: str):
         _delete(path)
 
 
-def _commit(work_dir: str, output_dir: str, owned: set[str] | None):
+def _commit(work_dir: str, output_dir: str, owned: set[str] | None, marker: str = SPEC_FILENAME):
     """Puts the finished ``work_dir`` in place of the earlier run's entries (``owned``) of ``output_dir``.
 
     When ``output_dir`` holds nothing else, a directory rename (the old
     output is removed after). Otherwise entry by entry, keeping the rest;
     meanwhile the output's manifest names the earlier and the new entries,
-    so a rerun after a kill still knows them all.
+    so a rerun after a kill still knows them all. ``marker`` is the entry that
+    makes the directory an output (the feature spec here; ``pipelines.build_examples``
+    passes its dataset config): it goes out first and comes back last.
     """
     kept = sorted(set(_list(output_dir)) - (owned or set())) if _exists(output_dir) else []
     if kept:
-        _swap_entries(work_dir, output_dir, owned or set(), kept)
+        _swap_entries(work_dir, output_dir, owned or set(), kept, marker)
         return
     old = None
     if _exists(output_dir):
@@ -713,23 +715,28 @@ def _commit(work_dir: str, output_dir: str, owned: set[str] | None):
         _delete(old)
 
 
-def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequence[str]):
+def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequence[str], marker: str):
     new = [n for n in _list(work_dir) if n != MANIFEST_FILENAME]
+    has_manifest = _exists(_join(work_dir, MANIFEST_FILENAME))
     clash = sorted(set(new) & set(kept))
     if clash:
-        fail(output_dir, None, None, f"holds {clash}, which preprocessing did not write and would replace; "
-                                     f"move them away or choose another --output_dir")
+        fail(output_dir, None, None, f"holds {clash}, which this tool did not write and would replace; "
+                                     f"move them away or choose another output directory")
     present = set(_list(output_dir))
     old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
     _makedirs(old)
     _write_manifest(old, None)  # marked: removed by the next run if this one is killed
     _write_manifest(output_dir, (owned | set(new)) - {MANIFEST_FILENAME})
-    # The spec goes first and comes back last: a half-swapped directory is no loadable dataset.
-    for name in [SPEC_FILENAME] + sorted(owned - {SPEC_FILENAME, MANIFEST_FILENAME}):
+    # The marker goes first and comes back last: a half-swapped directory is no loadable output.
+    for name in [marker] + sorted(owned - {marker, MANIFEST_FILENAME}):
         if name in present:
             FileSystems.rename([_join(output_dir, name)], [_join(old, name)])
-    for name in sorted(set(new) - {SPEC_FILENAME}) + [SPEC_FILENAME, MANIFEST_FILENAME]:
+    for name in sorted(set(new) - {marker}) + [marker]:
         FileSystems.rename([_join(work_dir, name)], [_join(output_dir, name)])
+    if has_manifest:
+        FileSystems.rename([_join(work_dir, MANIFEST_FILENAME)], [_join(output_dir, MANIFEST_FILENAME)])
+    else:
+        _delete(_join(output_dir, MANIFEST_FILENAME))
     _delete(old)
     _delete(work_dir)
 

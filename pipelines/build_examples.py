@@ -1,0 +1,1148 @@
+"""Event logs + item catalog -> leakage-free examples, vocabularies and the challenge layout, with Beam.
+
+    python -m pipelines.build_examples --config=configs/logs/microlens50k.json \\
+        --output_dir=/tmp/ml50k_built [Beam options]
+    python -m pipelines.preprocess --input_dir=/tmp/ml50k_built --output_dir=/tmp/ml50k_data \\
+        --dataset_config=/tmp/ml50k_built/dataset_config.json
+
+The log configuration (:mod:`pipelines.logs_config`, documented field by
+field there) names the event log, the item catalog, an optional user table
+and the rules below. The output directory holds:
+
+* ``train.parquet``, ``valid.parquet``, ``test.parquet``: the MMCTR challenge
+  layout: ``user_id`` int64, ``item_seq`` list<int64> (the history, oldest
+  first, not padded), the context columns (int64), ``item_id`` int64,
+  ``label`` int64. Item and context values are dense ids; ``user_id`` is the
+  raw user id (int64 ids) or its dense id in ``vocab/user_id.txt`` (string
+  ids). Rows are ordered by user (raw id), then time, positives before their
+  negatives; readers shuffle.
+* ``item_info.parquet``: row ``i`` = dense item ``i``: ``item_id``,
+  ``item_tags`` (``max_tags`` dense tag ids, left-padded with 0) and
+  ``item_emb_d128`` (the catalog's vector; a one-wide zero when the catalog
+  has none: the item is then its id and tags). Row 0 is padding, row 1 the
+  OOV item (no tags, zero vector), as are items without a catalog row.
+* ``vocab/item_id.txt``, ``vocab/tags.txt``, ``vocab/<context>.txt``: one raw
+  id per line; line ``n`` (1-based) is dense id ``n + 1``. Dense id 0 is
+  padding, 1 the OOV id. Order: frequency descending, ties by raw id.
+* ``dataset_config.json``: the :class:`qin_tf.spec.DatasetConfig` that
+  ``pipelines.preprocess`` reads unchanged, with ``vocabularies`` naming the
+  vocabulary files (paths relative to it).
+* ``stats.json``: events in and out, events dropped by reason, users, items,
+  vocabulary sizes, history lengths and rows and positive rate per split.
+
+The rules (each tested in ``tests/test_build_examples.py``):
+
+* **Order and time.** A user's events are ordered by (time, file, row,
+  position in the row). Without a time column the order in the files is the
+  time. **Equal timestamps**: an event's history holds only events with a
+  strictly earlier time, so events with the same timestamp never see each
+  other; leave-last-out's "last" breaks ties by file order.
+* **Duplicates.** With a time column, a second event with the same user,
+  item and time is dropped (``duplicate_event``). ``history.duplicates``:
+  ``keep`` (default: repeats stay, as in the challenge) or ``last`` (only
+  an item's most recent occurrence).
+* **Splits.** ``leave_last_out``: a user's last positive -> test, the one
+  before -> valid, and every event at or after those (labelled negatives
+  too) with it; earlier events -> train. ``time``: by ``valid_from`` /
+  ``test_from``. Every example needs a history of at least ``history.min_len``
+  (default 1) events; other events are counted as ``empty_history`` (so a
+  user with one event yields nothing).
+* **History.** Positives (``history.events: positives``, default) or every
+  event (``all``) strictly before the target, the most recent ``max_len``
+  (100), oldest first.
+* **Negatives** (logs without a label): ``per_positive`` items per positive,
+  uniform (or weighted by training-period popularity) over the item
+  vocabulary minus every item the user has in the whole log, with the
+  positive's history and context; drawn from a generator seeded by
+  ``(seed, user)``, so the same seed gives the same bytes on any runner.
+* **Vocabularies** count the **training period** only (events of the train
+  split, including those without a history). Items get a dense id if they
+  have a catalog row (the catalog is not time-bound: a test-period item
+  keeps its content) or a training count >= ``item_min_count``; other items
+  (seen only later, or rare, without a catalog row) map to OOV 1. Context
+  values: training count >= ``context_min_count``. Tags: the number of
+  catalog items carrying the tag >= ``tag_min_count``; rarer tags are
+  dropped from the item's list; at most ``max_tags`` per item, in order.
+* **Popularity level** (``views_level``): decile 1..10 of the target item's
+  training-period interaction count among items with a count, 0 when unseen.
+* **Items without a catalog row** (``unknown_items``): ``keep`` (default: no
+  tags, zero vector), ``drop`` (their events are dropped, counted as
+  ``unknown_item``) or ``fail``. **Catalog rows never in the log** keep their
+  dense id (after every item with a training count): they can be negatives.
+* **Bad rows** (a null or unparseable user, item, time or label, a label
+  column other than 0/1, a duplicate catalog row, an unknown item under
+  ``fail``): ``on_bad_row: fail`` (default) stops with one line naming file,
+  row (0-based, in the file) and column; ``drop`` counts them by reason. An
+  empty log is an error.
+
+How it scales: the launching process only expands the globs. The Beam
+pipeline reads every file in a worker (streaming), groups events by user
+(``CoGroupByKey`` with the user table), works on one user's events at a time,
+computes the vocabularies and the popularity levels with combiners, and
+writes each split as sorted parts that one worker streams into the split's
+file. The vocabularies reach the workers as side inputs, so a worker holds
+one user's events plus the vocabularies (and the item-table writer holds the
+item table). Nothing is half written: the output is built in
+``{output_dir}.tmp-*`` and renamed into place (:mod:`pipelines.preprocess`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import preprocess as pp  # Beam import (quietly), file helpers, options, atomic commit
+from pipelines.logs_config import LogsConfig, LogsConfigError, Source
+from pipelines.validation import PreprocessError, where
+from qin_tf.spec import SpecError
+
+beam = pp.beam
+
+SPLITS = ("train", "valid", "test")
+VOCAB_DIR = "vocab"
+DATASET_CONFIG_FILENAME = "dataset_config.json"
+ITEM_INFO_FILENAME = "item_info.parquet"
+PADDING_ID, OOV_ID = 0, 1
+EMBEDDING_COLUMN = "item_emb_d128"
+_ERROR_FILE = "_error.json"
+_STATS_PART = "_stats.json"
+_PARTS_DIR = "_parts"
+#: Every entry a run may write into its output directory: a rerun replaces these and keeps the rest.
+_OWNED = {*(f"{s}.parquet" for s in ("train", "valid", "test")), "item_info.parquet", "vocab",
+          "dataset_config.json", "stats.json", "_vocab.json", "_bad.json", _ERROR_FILE, _STATS_PART, _PARTS_DIR}
+
+
+# --------------------------------------------------------------------------
+# Reading rows (in workers)
+# --------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    def __init__(self, column, reason, text):
+        super().__init__(text)
+        self.column, self.reason, self.text = column, reason, text
+
+
+def _bad_record(path, fidx, row, column, reason, text):
+    return {"order": [fidx, -1 if row is None else row], "file": path, "row": row, "column": column,
+            "reason": reason, "message": f"{where(path, row, column)}: {text}"}
+
+
+def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int, dict]]:
+    """Yields ``(0-based row, {column: value})``; raises _Bad(column, 'missing_column') for a missing column."""
+    if src.format == "parquet":
+        pf = pq.ParquetFile(path if pp._is_local(path) else pp._open(path))
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise _Bad(missing[0], "missing_column", f"no such column (the file has {pf.schema_arrow.names})")
+        row = 0
+        for batch in pf.iter_batches(batch_size=8192, columns=columns, use_threads=False):
+            cols = {c: batch.column(c).to_pylist() for c in columns}
+            for i in range(batch.num_rows):
+                yield row + i, {c: cols[c][i] for c in columns}
+            row += batch.num_rows
+        return
+    with pp._open(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        if src.format == "jsonl":
+            for row, line in enumerate(text):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield row, _Bad(None, "unparseable_row", f"not a JSON object: {e}")
+                    continue
+                yield row, {c: obj.get(c) if isinstance(obj, dict) else None for c in columns}
+            return
+        reader = csv.reader(text, delimiter=src.delimiter)
+        names = next(reader, None) if src.header else None
+        if src.header:
+            names = names or []
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise _Bad(missing[0], "missing_column", f"no such column (the header has {names})")
+            index = {c: names.index(c) for c in columns}
+        else:
+            index = {c: int(c) for c in columns}
+        for row, fields in enumerate(reader):
+            if not fields:
+                continue
+            yield row, {c: (fields[i] if i < len(fields) and fields[i] != "" else None) for c, i in index.items()}
+
+
+def _parse_id(value, dtype: str, column: str):
+    if value is None or (isinstance(value, float) and value != value):
+        raise _Bad(column, "null", "null value")
+    if dtype == "string":
+        return str(value)
+    if isinstance(value, bool):
+        raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return int(str(value).strip())
+    except ValueError:
+        raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r} (set \"id_dtype\": \"string\" "
+                                             "for string ids)") from None
+
+
+def _parse_time(value, column: str) -> float:
+    if value is None or (isinstance(value, float) and value != value):
+        raise _Bad(column, "null", "null value")
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    s = str(value).strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    try:
+        t = datetime.datetime.fromisoformat(s)
+    except ValueError:
+        raise _Bad(column, "unparseable_time", f"unparseable time {value!r} (a number or an ISO 8601 "
+                                               "date-time)") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return t.timestamp()
+
+
+_OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
+        "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+
+
+def _parse_label(value, rule) -> int:
+    if value is None or (isinstance(value, float) and value != value):
+        raise _Bad(rule.column, "null", "null value")
+    if rule.binary:
+        v = str(value).strip().lower()
+        if v in ("1", "true", "1.0"):
+            return 1
+        if v in ("0", "false", "0.0"):
+            return 0
+        raise _Bad(rule.column, "bad_label", f"label must be 0 or 1, got {value!r}")
+    try:
+        x = float(value) if isinstance(rule.value, (int, float)) else str(value)
+    except ValueError:
+        raise _Bad(rule.column, "bad_label", f"not a number: {value!r}") from None
+    return int(_OPS[rule.op](x, rule.value))
+
+
+def _context_value(value, c) -> str | None:
+    """A context value as its raw string (None: missing); bucketed columns give the bucket index."""
+    if value is None or (isinstance(value, float) and value != value) or value == "":
+        return None
+    if c.buckets is not None:
+        try:
+            x = float(value)
+        except ValueError:
+            raise _Bad(c.column, "unparseable_value", f"not a number for the buckets: {value!r}") from None
+        return str(bisect.bisect_right(c.buckets, x))
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+class ReadEvents(beam.DoFn):
+    """(file index, path) -> (user, [event, ...]) per batch of rows; bad rows and counts on side outputs.
+
+    An event is ``(t, file, row, pos, item, label, (context values...))``.
+    """
+
+    BATCH = 4096
+
+    def __init__(self, cfg: LogsConfig):
+        self.cfg = cfg
+
+    def process(self, element):
+        fidx, path = element
+        cfg, ev = self.cfg, self.cfg.events
+        pending: dict[Any, list] = {}
+        n_in = 0
+        bad_counts: Counter = Counter()
+
+        def bad(row, column, reason, text):
+            bad_counts[reason] += 1
+            return beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, column, reason, text))
+
+        try:
+            if ev.source.format == "sequences":
+                rows = self._sequence_rows(path)
+            else:
+                cols = [ev.user, ev.item] + ([ev.time] if ev.time else []) \
+                    + ([ev.label.column] if ev.label else []) + [c.column for c in ev.context]
+                rows = _read_rows(path, ev.source, list(dict.fromkeys(cols)))
+            for row, values in rows:
+                if isinstance(values, _Bad):
+                    n_in += 1
+                    yield bad(row, values.column, values.reason, values.text)
+                    continue
+                for pos, v in (values if isinstance(values, list) else [(0, values)]):
+                    n_in += 1
+                    try:
+                        user = _parse_id(v[ev.user], cfg.id_dtype, ev.user)
+                        item = _parse_id(v[ev.item], cfg.id_dtype, ev.item)
+                        t = _parse_time(v[ev.time], ev.time) if ev.time else 0.0
+                        label = _parse_label(v[ev.label.column], ev.label) if ev.label else 1
+                        ctx = tuple(_context_value(v[c.column], c) for c in ev.context)
+                    except _Bad as b:
+                        yield bad(row, b.column, b.reason, b.text)
+                        continue
+                    pending.setdefault(user, []).append((t, fidx, row, pos, item, label, ctx))
+                if len(pending) >= self.BATCH:
+                    yield from pending.items()
+                    pending = {}
+        except _Bad as b:  # schema-level: a missing column
+            yield bad(None, b.column, b.reason, b.text)
+        yield from pending.items()
+        yield beam.pvalue.TaggedOutput("stats", {"events_in": n_in, "events_bad": dict(bad_counts)})
+
+    def _sequence_rows(self, path):
+        ev = self.cfg.events
+        with pp._open(path) as raw:
+            for row, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8")):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                user, sep, rest = line.partition(ev.source.delimiter)
+                items = rest.split(ev.source.item_delimiter) if ev.source.item_delimiter.strip() else rest.split()
+                items = [x for x in items if x.strip()]
+                if not items:  # a user line without items: one bad event (no item)
+                    yield row, [(0, {ev.user: user or None, ev.item: None})]
+                    continue
+                yield row, [(pos, {ev.user: user or None, ev.item: x}) for pos, x in enumerate(items)]
+
+
+class ReadTable(beam.DoFn):
+    """(file index, path) -> (key, (file, row, values)) for the catalog, the vector file or the user table."""
+
+    def __init__(self, src: Source, key: str, columns: list[str], id_dtype: str, what: str):
+        self.src, self.key, self.columns, self.id_dtype, self.what = src, key, columns, id_dtype, what
+
+    def process(self, element):
+        fidx, path = element
+        n = 0
+        try:
+            for row, values in _read_rows(path, self.src, list(dict.fromkeys([self.key, *self.columns]))):
+                n += 1
+                if isinstance(values, _Bad):
+                    yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, values.column,
+                                                                      values.reason, values.text))
+                    continue
+                try:
+                    key = _parse_id(values[self.key], self.id_dtype, self.key)
+                except _Bad as b:
+                    yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, b.column, b.reason, b.text))
+                    continue
+                yield key, (path, fidx, row, values)
+        except _Bad as b:
+            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, None, b.column, b.reason, b.text))
+        yield beam.pvalue.TaggedOutput("stats", {f"{self.what}_rows_in": n})
+
+
+def _tags_of(value, t) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        parts = [str(x) for x in value if x is not None]
+    elif t.hashtags:
+        parts = str(value).split("#")[1:]
+    elif t.delimiter:
+        parts = str(value).split(t.delimiter)
+    else:
+        parts = [str(value)]
+    parts = [p.strip().lower() if t.lowercase else p.strip() for p in parts]
+    return list(dict.fromkeys(p for p in parts if p))
+
+
+class JoinCatalog(beam.DoFn):
+    """(item, {catalog: rows, vector: rows}) -> (item, (tags, vector)); duplicates are bad rows."""
+
+    def __init__(self, cfg: LogsConfig):
+        self.cfg = cfg
+
+    def process(self, element):
+        yield from self._process(element)
+
+    def _process(self, element):
+        item, groups = element
+        cat = self.cfg.catalog
+        rows = sorted(groups["catalog"], key=lambda r: (r[1], r[2]))
+        vecs = sorted(groups["vector"], key=lambda r: (r[1], r[2]))
+        for kind, found, col in (("catalog", rows, cat.item), ("vector", vecs, cat.vector and cat.vector.item)):
+            for path, fidx, row, _ in found[1:]:
+                yield beam.pvalue.TaggedOutput("bad", _bad_record(
+                    path, fidx, row, col, "duplicate_catalog_row",
+                    f"duplicate item id {item!r} (also at row {found[0][2]} of {found[0][0]})"))
+        if not rows:
+            return
+        path, fidx, row, values = rows[0]
+        tags = _tags_of(values.get(cat.tags.column), cat.tags) if cat.tags else []
+        vec = None
+        if cat.vector is not None:
+            vrow = vecs[0] if cat.vector.source is not None and vecs else (None if cat.vector.source else rows[0])
+            if vrow is not None:
+                raw = vrow[3].get(cat.vector.column)
+                if raw is not None:
+                    if isinstance(raw, str):
+                        raw = json.loads(raw)
+                    vec = np.asarray(raw, dtype=np.float32)
+                    if vec.ndim != 1 or not np.isfinite(vec).all():
+                        yield beam.pvalue.TaggedOutput("bad", _bad_record(
+                            vrow[0], vrow[1], vrow[2], cat.vector.column, "bad_vector",
+                            "the vector must be a list of finite floats"))
+                        vec = None
+        yield item, (tags, vec)
+
+
+# --------------------------------------------------------------------------
+# Per user (in workers)
+# --------------------------------------------------------------------------
+
+
+class UserEvents(beam.DoFn):
+    """(user, {events: [[event...]...], user: [values]}) -> (user, record) after sorting, deduplication,
+    the split and the histories; training-period counts on side outputs.
+
+    A record is ``{"examples": [(split, t, item, label, history, context)], "items": set of raw items}``.
+    """
+
+    def __init__(self, cfg: LogsConfig, files: dict[int, str]):
+        self.cfg, self._files = cfg, files
+
+    def process(self, element, catalog_ids=None):
+        yield from self._process(element, catalog_ids)
+
+    def _process(self, element, catalog_ids):
+        user, groups = element
+        cfg = self.cfg
+        events = [e for part in groups["events"] for e in part]
+        if not events:
+            return  # a user-table row without events
+        stats = Counter()
+        drops = Counter()
+        events.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
+        if cfg.events.time:
+            seen, kept = set(), []
+            for e in events:
+                if (e[4], e[0]) in seen:
+                    drops["duplicate_event"] += 1
+                    continue
+                seen.add((e[4], e[0]))
+                kept.append(e)
+            events = kept
+        if catalog_ids is not None:
+            kept = []
+            for e in events:
+                if e[4] in catalog_ids:
+                    kept.append(e)
+                elif cfg.unknown_items == "drop":
+                    drops["unknown_item"] += 1
+                else:  # fail
+                    yield beam.pvalue.TaggedOutput("bad", _bad_record(
+                        self._files[e[1]], e[1], e[2], cfg.events.item, "unknown_item",
+                        f"item {e[4]!r} has no catalog row (\"unknown_items\": \"fail\")"))
+            events = kept
+        user_ctx = ()
+        if cfg.users is not None:
+            rows = sorted(groups["user"], key=lambda r: (r[1], r[2]))
+            if rows:
+                try:
+                    user_ctx = tuple(_context_value(rows[0][3].get(c.column), c) for c in cfg.users.context)
+                except _Bad as b:
+                    yield beam.pvalue.TaggedOutput("bad", _bad_record(rows[0][0], rows[0][1], rows[0][2], b.column,
+                                                                      b.reason, b.text))
+                    user_ctx = (None,) * len(cfg.users.context)
+            else:
+                stats["users_without_user_row"] += 1
+                user_ctx = (None,) * len(cfg.users.context)
+        if not events:
+            yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
+            return
+        keys = [(e[0], e[1], e[2], e[3]) for e in events]
+        if cfg.split == "leave_last_out":
+            pos_keys = [k for k, e in zip(keys, events) if e[5] == 1]
+            test_from = pos_keys[-1] if pos_keys else None
+            valid_from = pos_keys[-2] if len(pos_keys) > 1 else None
+
+            def split_of(k):
+                if test_from is not None and k >= test_from:
+                    return "test"
+                if valid_from is not None and k >= valid_from:
+                    return "valid"
+                return "train"
+        else:
+            def split_of(k):
+                return "test" if k[0] >= cfg.test_from else "valid" if k[0] >= cfg.valid_from else "train"
+
+        in_history = [e for e in events if e[5] == 1 or cfg.history_events == "all"]
+        # Strictly earlier: by time when the log has one (equal timestamps never see each other), else by order.
+        hkeys = [e[0] for e in in_history] if cfg.events.time else [(e[0], e[1], e[2], e[3]) for e in in_history]
+        examples = []
+        train_items = Counter()
+        train_ctx = Counter()
+        for k, e in zip(keys, events):
+            split = split_of(k)
+            ctx = e[6] + user_ctx
+            if split == "train":
+                train_items[e[4]] += 1
+                for name, v in zip(cfg.categorical_context, ctx):
+                    if v is not None:
+                        train_ctx[(name, v)] += 1
+            n = bisect.bisect_left(hkeys, e[0] if cfg.events.time else k)
+            hist = [h[4] for h in in_history[:n]]
+            if cfg.history_duplicates == "last":
+                hist = list(reversed(list(dict.fromkeys(reversed(hist)))))
+            hist = hist[-cfg.history_max_len:]
+            if len(hist) < cfg.history_min_len:
+                drops["empty_history"] += 1
+                continue
+            examples.append((split, e[0], e[4], e[5], hist, ctx))
+        stats["events_out"] += len(examples)
+        stats["users_in"] += 1
+        stats["users_out"] += int(bool(examples))
+        yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
+        yield beam.pvalue.TaggedOutput("item_counts", list(train_items.items()))
+        yield beam.pvalue.TaggedOutput("ctx_counts", list(train_ctx.items()))
+        if examples:
+            yield user, {"examples": examples, "items": sorted({e[4] for e in events}, key=_raw_key)}
+
+
+def _raw_key(x):
+    return (0, x, "") if isinstance(x, int) else (1, 0, str(x))
+
+
+def _stable_seed(seed: int, user) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x00{user!r}".encode(), digest_size=8).digest(), "little")
+
+
+def _shard_of(user, shards: int) -> int:
+    return _stable_seed(0, user) % shards
+
+
+class MakeExamples(beam.DoFn):
+    """(user, record) -> ((split, shard), (sort key, row)) with dense ids, levels and sampled negatives."""
+
+    def __init__(self, cfg: LogsConfig):
+        self.cfg = cfg
+
+    def process(self, element, items, contexts, users):
+        user, rec = element
+        cfg = self.cfg
+        dense = items["dense"]
+        level = items["level"]
+        uid = user if users is None else users["dense"].get(user, OOV_ID)
+        n_ids = len(items["order"]) + 2
+        stats = {s: Counter() for s in SPLITS}
+        hist_len = {s: Counter() for s in SPLITS}
+        own = {dense.get(x, OOV_ID) for x in rec["items"]}
+        rng = np.random.default_rng(_stable_seed(cfg.seed, user)) if cfg.sample_negatives else None
+        shard = _shard_of(user, cfg.shards)
+        for i, (split, t, item, label, hist, ctx) in enumerate(rec["examples"]):
+            target = dense.get(item, OOV_ID)
+            seq = [dense.get(h, OOV_ID) for h in hist]
+            cvals = [contexts[name]["dense"].get(v, OOV_ID) if v is not None else PADDING_ID
+                     for name, v in zip(cfg.categorical_context, ctx)]
+            rows = [(target, label)]
+            if rng is not None and label == 1:
+                for neg in self._negatives(rng, own, n_ids, items):
+                    rows.append((neg, 0))
+                if len(rows) - 1 < cfg.negatives_per_positive:
+                    stats[split]["negatives_unavailable"] += cfg.negatives_per_positive - (len(rows) - 1)
+            for j, (tgt, lab) in enumerate(rows):
+                row = {"user_id": uid, "item_seq": seq}
+                if cfg.popularity_level:
+                    row[cfg.popularity_level] = int(level[tgt])
+                row.update(zip(cfg.categorical_context, cvals))
+                row["item_id"] = tgt
+                row["label"] = lab
+                stats[split]["rows"] += 1
+                stats[split]["positives"] += lab
+                stats[split]["sampled_negatives"] += int(j > 0)
+                stats[split]["target_oov"] += int(tgt == OOV_ID)
+                hist_len[split][str(len(seq))] += 1
+                yield (split, shard), (_raw_key(user), i, j, row)
+        yield beam.pvalue.TaggedOutput("stats", {"splits": {s: {**dict(stats[s]), "history_lengths": dict(hist_len[s])}
+                                                            for s in SPLITS}})
+
+    def _negatives(self, rng, own, n_ids, items):
+        k = self.cfg.negatives_per_positive
+        candidates = n_ids - 2 - len([x for x in own if x >= 2])
+        if candidates <= 0:
+            return []
+        out = []
+        if self.cfg.negative_sampling == "popularity":
+            p = items["weights"]
+            while len(out) < min(k, candidates):
+                x = int(rng.choice(len(p), p=p)) + 2
+                if x not in own and x not in out:
+                    out.append(x)
+            return out
+        while len(out) < min(k, candidates):
+            x = int(rng.integers(2, n_ids))
+            if x not in own and x not in out:
+                out.append(x)
+        return out
+
+
+# --------------------------------------------------------------------------
+# Global statistics (combiners' results -> vocabularies)
+# --------------------------------------------------------------------------
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict):
+            out[k] = _merge(out.get(k, {}), v)
+        else:
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+class MergeDicts(beam.CombineFn):
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, x):
+        return _merge(acc, x)
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for a in accs:
+            out = _merge(out, a)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+class FirstError(beam.CombineFn):
+    """The first bad row in file order (schema-level problems, row None, first)."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, x):
+        return x if acc is None or x["order"] < acc["order"] else acc
+
+    def merge_accumulators(self, accs):
+        out = None
+        for a in accs:
+            if a is not None:
+                out = self.add_input(out, a)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def vocabulary(counts: dict, min_count: int, always=()) -> list:
+    """Raw ids by count descending, ties by raw id: those with ``count >= min_count`` or in ``always``."""
+    always = set(always)
+    keep = [x for x, n in counts.items() if n >= min_count or x in always]
+    keep += [x for x in always if x not in counts]
+    return sorted(set(keep), key=lambda x: (-counts.get(x, 0), _raw_key(x)))
+
+
+def _indexed(order: list) -> dict:
+    """``{"order": raw ids, "dense": raw id -> dense id}`` (line n of the file = dense id n + 1)."""
+    return {"order": order, "dense": {x: i + 2 for i, x in enumerate(order)}}
+
+
+def popularity_levels(counts: np.ndarray) -> np.ndarray:
+    """Decile 1..10 of each count among the positive counts (by the items' count quantiles); 0 where 0."""
+    out = np.zeros(len(counts), np.int64)
+    seen = counts > 0
+    if seen.any():
+        edges = np.quantile(counts[seen], np.linspace(0.1, 0.9, 9))
+        out[seen] = 1 + np.searchsorted(edges, counts[seen], side="left")
+    return out
+
+
+def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig) -> dict:
+    counts = dict(item_counts)
+    order = vocabulary(counts, cfg.item_min_count, always=catalog_ids)
+    dense = {x: i + 2 for i, x in enumerate(order)}
+    c = np.zeros(len(order) + 2, np.float64)
+    for x, i in dense.items():
+        c[i] = counts.get(x, 0)
+    weights = c[2:] + 1.0  # popularity sampling: training count + 1 (unseen items stay drawable)
+    return {"order": order, "dense": dense, "counts": c.astype(np.int64).tolist(),
+            "level": popularity_levels(c).tolist(), "weights": weights / weights.sum() if len(order) else weights}
+
+
+def build_contexts(ctx_counts: list, cfg: LogsConfig) -> dict:
+    per: dict[str, dict] = {n: {} for n in cfg.categorical_context}
+    for (name, v), n in ctx_counts:
+        per[name][v] = per[name].get(v, 0) + n
+    out = {}
+    for name, counts in per.items():
+        out[name] = _indexed(vocabulary(counts, cfg.context_min_count))
+    return out
+
+
+def write_vocab(path: str, order):
+    pp._write_text(path, "".join(f"{x}\n" for x in order))
+
+
+def read_vocab(path: str, dtype: str = "string") -> list:
+    """The raw ids of a vocabulary file (line n = dense id n + 1)."""
+    lines = pp._read_text(path).split("\n")[:-1]
+    return [int(x) for x in lines] if dtype == "int64" else lines
+
+
+# --------------------------------------------------------------------------
+# Writers (in workers)
+# --------------------------------------------------------------------------
+
+
+def _examples_schema(cfg: LogsConfig) -> pa.Schema:
+    fields = [pa.field("user_id", pa.int64()), pa.field("item_seq", pa.list_(pa.int64()))]
+    fields += [pa.field(n, pa.int64()) for n in cfg.context_names]
+    fields += [pa.field("item_id", pa.int64()), pa.field("label", pa.int64())]
+    return pa.schema(fields)
+
+
+class WriteShard(beam.DoFn):
+    """((split, shard), rows) -> (split, (shard, part path)): the shard's rows sorted by user, time."""
+
+    def __init__(self, cfg: LogsConfig, work_dir: str):
+        self.cfg, self.work_dir = cfg, work_dir
+
+    def process(self, element):
+        (split, shard), rows = element
+        rows = sorted(rows, key=lambda r: r[:3])
+        schema = _examples_schema(self.cfg)
+        table = pa.Table.from_pylist([r[3] for r in rows], schema=schema)
+        path = pp._join(self.work_dir, _PARTS_DIR, f"{split}-{shard:05d}.parquet")
+        with pp._create(path) as f:
+            pq.write_table(table, f, compression="zstd")
+        yield split, (shard, path)
+
+
+class ConcatSplit(beam.DoFn):
+    """(split, parts) -> the split's one parquet file, the parts streamed in shard order."""
+
+    def __init__(self, cfg: LogsConfig, work_dir: str):
+        self.cfg, self.work_dir = cfg, work_dir
+
+    def process(self, element):
+        split, parts = element
+        schema = _examples_schema(self.cfg)
+        with pp._create(pp._join(self.work_dir, f"{split}.parquet")) as f:
+            with pq.ParquetWriter(f, schema, compression="zstd") as w:
+                for _, path in sorted(parts):
+                    with pp._open(path) as src:
+                        for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
+                            w.write_batch(batch)
+        for _, path in parts:
+            pp._delete(path)
+        yield split
+
+
+def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
+    """Item table: row i = dense item i; rows not given (padding, OOV, no catalog row) are empty."""
+    dim = next((len(v) for _, _, v in rows if v is not None), 1)
+    tags = np.zeros((n_ids, tag_width), np.int64)
+    emb = np.zeros((n_ids, dim), np.float32)
+    for i, t, v in rows:
+        if i < 2:
+            continue  # OOV / unmapped items carry nothing
+        if t:
+            tags[i, tag_width - len(t):] = t
+        if v is not None:
+            if len(v) != dim:
+                raise PreprocessError(f"item vectors differ in width ({len(v)} and {dim}); every vector "
+                                      "must have the same width")
+            emb[i] = v
+    table = pa.table({
+        "item_id": pa.array(np.arange(n_ids, dtype=np.int64)),
+        "item_tags": pa.FixedSizeListArray.from_arrays(pa.array(tags.ravel()), tag_width).cast(pa.list_(pa.int64())),
+        EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim).cast(pa.list_(pa.float32())),
+    })
+    with pp._create(path) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+# --------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------
+
+
+def _files(src: Source, what: str) -> list[str]:
+    found = src.match()
+    if not found:
+        raise PreprocessError(f"{', '.join(src.files)}: no files match ({what})")
+    return found
+
+
+def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: str):
+    ev_files = list(enumerate(files["events"]))
+    read = (p | "EventFiles" >> beam.Create(ev_files) | "Spread" >> beam.Reshuffle()
+            | "ReadEvents" >> beam.ParDo(ReadEvents(cfg)).with_outputs("bad", "stats", main="events"))
+    bads = [read.bad]
+    stats = [read.stats]
+    user_rows = p | "NoUsers" >> beam.Create([])
+    if cfg.users is not None:
+        u = (p | "UserFiles" >> beam.Create(list(enumerate(files["users"])))
+             | "ReadUsers" >> beam.ParDo(ReadTable(cfg.users.source, cfg.users.user,
+                                                   [c.column for c in cfg.users.context], cfg.id_dtype, "user_table"))
+             .with_outputs("bad", "stats", main="rows"))
+        user_rows, bads, stats = u.rows, bads + [u.bad], stats + [u.stats]
+    catalog = p | "NoCatalog" >> beam.Create([])
+    if cfg.catalog is not None:
+        cat = cfg.catalog
+        cols = [cat.tags.column] if cat.tags else []
+        cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
+        c = (p | "CatalogFiles" >> beam.Create(list(enumerate(files["catalog"])))
+             | "ReadCatalog" >> beam.ParDo(ReadTable(cat.source, cat.item, cols, cfg.id_dtype, "catalog"))
+             .with_outputs("bad", "stats", main="rows"))
+        bads, stats = bads + [c.bad], stats + [c.stats]
+        vec_rows = p | "NoVectors" >> beam.Create([])
+        if cat.vector is not None and cat.vector.source is not None:
+            v = (p | "VectorFiles" >> beam.Create(list(enumerate(files["vectors"])))
+                 | "ReadVectors" >> beam.ParDo(ReadTable(cat.vector.source, cat.vector.item, [cat.vector.column],
+                                                         cfg.id_dtype, "vector_file"))
+                 .with_outputs("bad", "stats", main="rows"))
+            vec_rows, bads, stats = v.rows, bads + [v.bad], stats + [v.stats]
+        joined = ({"catalog": c.rows, "vector": vec_rows} | "JoinCatalog" >> beam.CoGroupByKey()
+                  | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg)).with_outputs("bad", main="rows"))
+        catalog, bads = joined.rows, bads + [joined.bad]
+    catalog_ids = catalog | "CatalogIds" >> beam.Keys()
+    catalog_list = catalog_ids | "CatalogIdList" >> beam.combiners.ToList()
+
+    user_fn = UserEvents(cfg, dict(ev_files))
+    side = {}
+    if cfg.catalog is not None and cfg.unknown_items != "keep":
+        side["catalog_ids"] = beam.pvalue.AsSingleton(catalog_list | "CatalogSet" >> beam.Map(set))
+    per_user = ({"events": read.events, "user": user_rows} | "GroupByUser" >> beam.CoGroupByKey()
+                | "UserEvents" >> beam.ParDo(user_fn, **side).with_outputs("bad", "stats", "item_counts", "ctx_counts",
+                                                                           main="records"))
+    bads, stats = bads + [per_user.bad], stats + [per_user.stats]
+
+    item_counts = (per_user.item_counts | "FlatItemCounts" >> beam.FlatMap(lambda x: x)
+                   | "SumItems" >> beam.CombinePerKey(sum) | "ItemCountList" >> beam.combiners.ToList())
+    items = (item_counts | "ItemVocab" >> beam.Map(lambda c, ids: build_items(c, ids, cfg),
+                                                   ids=beam.pvalue.AsSingleton(catalog_list)))
+    ctx_counts = (per_user.ctx_counts | "FlatCtxCounts" >> beam.FlatMap(lambda x: x)
+                  | "SumCtx" >> beam.CombinePerKey(sum) | "CtxCountList" >> beam.combiners.ToList())
+    contexts = ctx_counts | "CtxVocab" >> beam.Map(lambda c: build_contexts(c, cfg))
+    users = p | "NoUserVocab" >> beam.Create([None])
+    if cfg.id_dtype == "string":  # string user ids: the output's user_id is a dense id (meta only)
+        users = (per_user.records | "UserKeys" >> beam.Keys() | "UserList" >> beam.combiners.ToList()
+                 | "UserVocab" >> beam.Map(lambda us: _indexed(sorted(us, key=_raw_key))))
+    tag_vocab = p | "NoTags" >> beam.Create([{"order": [], "dense": {}}])
+    if cfg.catalog is not None and cfg.catalog.tags is not None:
+        tag_vocab = (catalog | "TagsOfItems" >> beam.FlatMap(lambda kv: [(t, 1) for t in kv[1][0]])
+                     | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
+                     | "TagVocab" >> beam.Map(lambda c: _indexed(vocabulary(dict(c), cfg.catalog.tags.min_count))))
+
+    made = (per_user.records
+            | "MakeExamples" >> beam.ParDo(MakeExamples(cfg), items=beam.pvalue.AsSingleton(items),
+                                           contexts=beam.pvalue.AsSingleton(contexts),
+                                           users=beam.pvalue.AsSingleton(users)).with_outputs("stats", main="rows"))
+    stats.append(made.stats)
+    _ = (made.rows | "GroupShards" >> beam.GroupByKey() | "WriteShards" >> beam.ParDo(WriteShard(cfg, work_dir))
+         | "GroupParts" >> beam.GroupByKey() | "ConcatSplits" >> beam.ParDo(ConcatSplit(cfg, work_dir)))
+
+    max_tags = cfg.catalog.tags.max_tags if cfg.catalog is not None and cfg.catalog.tags else 1
+
+    def item_row(kv, items, tags):
+        item, (tag_list, vec) = kv
+        ids = [tags["dense"][t] for t in tag_list if t in tags["dense"]][:max_tags]
+        return (items["dense"].get(item, OOV_ID), ids, None if vec is None else vec.tolist())
+
+    def write_items(rows, items):
+        write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
+        return True
+
+    _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(items),
+                                          tags=beam.pvalue.AsSingleton(tag_vocab))
+         | "ItemRowList" >> beam.combiners.ToList()
+         | "WriteItemInfo" >> beam.Map(write_items, items=beam.pvalue.AsSingleton(items)))
+
+    def write_vocabs(items, contexts, tags, users):
+        vdir = pp._join(work_dir, VOCAB_DIR)
+        pp._makedirs(vdir)
+        info = {"item_id": (items["order"], cfg.id_dtype)}
+        if cfg.catalog is not None and cfg.catalog.tags is not None:
+            info["tags"] = (tags["order"], "string")
+        for name in cfg.categorical_context:
+            info[name] = (contexts[name]["order"], "string")
+        if users is not None:
+            info["user_id"] = (users["order"], "string")
+        out = {}
+        for name, (order, dtype) in info.items():
+            write_vocab(pp._join(vdir, f"{name}.txt"), order)
+            out[name] = {"path": f"{VOCAB_DIR}/{name}.txt", "dtype": dtype, "oov_id": OOV_ID, "size": len(order) + 2}
+        out_stats = {"vocabularies": out,
+                     "items": {"vocabulary": len(items["order"]),
+                               "with_training_count": int(sum(1 for c in items["counts"][2:] if c > 0)),
+                               "catalog_only": int(sum(1 for c in items["counts"][2:] if c == 0))}}
+        pp._write_text(pp._join(work_dir, "_vocab.json"), json.dumps(out_stats))
+        return True
+
+    _ = (p | "VocabTrigger" >> beam.Create([None])
+         | "WriteVocabs" >> beam.Map(lambda _, i, c, t, u: write_vocabs(i, c, t, u),
+                                     i=beam.pvalue.AsSingleton(items), c=beam.pvalue.AsSingleton(contexts),
+                                     t=beam.pvalue.AsSingleton(tag_vocab), u=beam.pvalue.AsSingleton(users)))
+    _ = (stats | "FlattenStats" >> beam.Flatten() | "MergeStats" >> beam.CombineGlobally(MergeDicts())
+         | "WriteStats" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, _STATS_PART), json.dumps(s))))
+    bad_all = bads | "FlattenBad" >> beam.Flatten()
+    if cfg.on_bad_row == "fail":
+        _ = (bad_all | "FirstError" >> beam.CombineGlobally(FirstError())
+             | "WriteError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE), json.dumps(e))))
+    else:  # drop: count by reason (rows of the event log, the catalog and the user table alike)
+        _ = (bad_all | "BadReasons" >> beam.Map(lambda e: {"bad_rows": {e["reason"]: 1}})
+             | "MergeBad" >> beam.CombineGlobally(MergeDicts())
+             | "WriteBad" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, "_bad.json"), json.dumps(s))))
+
+
+def _check_output_dir(output_dir: str, inputs: list[str]) -> str:
+    out = output_dir.rstrip("/") or output_dir
+    if pp._is_local(out):
+        real = os.path.realpath(out)
+        for f in inputs:
+            rf = os.path.realpath(f)
+            if rf == real or rf.startswith(real + os.sep):
+                raise PreprocessError(f"{out}: the output directory holds an input file ({f}); refusing to replace it")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise PreprocessError(f"{out}: the output path exists and is not a directory")
+    if pp._exists(out):
+        names = pp._list(out)
+        if names and DATASET_CONFIG_FILENAME not in names:
+            raise PreprocessError(f"{out}: the output directory exists and is not a build_examples output "
+                                  f"(no {DATASET_CONFIG_FILENAME}); refusing to replace it")
+    return out
+
+
+def _dataset_config(cfg: LogsConfig, vocabs: dict) -> dict:
+    return {
+        "name": cfg.name,
+        "splits": {s: {"file": f"{s}.parquet", "labelled": True} for s in SPLITS},
+        "label": "label", "meta": ["user_id"], "target_item": "item_id", "sequence": "item_seq",
+        "context": list(cfg.context_names),
+        "item_table": {"file": ITEM_INFO_FILENAME, "id": "item_id", "tags": "item_tags",
+                       "embedding": EMBEDDING_COLUMN},
+        "max_len": cfg.max_len,
+        "vocabularies": {k: {"path": v["path"], "dtype": v["dtype"], "oov_id": v["oov_id"]}
+                         for k, v in vocabs.items()},
+    }
+
+
+def _local_defaults(beam_options):
+    """The local runner in ``in_memory`` mode unless told otherwise.
+
+    With Beam 2.77's FnApiRunner in ``multi_threading`` mode (preprocess's
+    default) this pipeline lost a varying share of the events after its
+    group-by-user on MovieLens-100k (users or rows short, from run to run);
+    ``in_memory`` gave the same, complete answer every time. Whatever the
+    runner, :func:`_check_counts` refuses an output whose counts do not add up.
+    """
+    if isinstance(beam_options, pp.PipelineOptions):
+        return beam_options
+    args = list(beam_options or [])
+    if not any(a.lstrip("-").startswith(("direct_running_mode", "runner")) for a in args):
+        args += ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+    return args
+
+
+class RunnerError(RuntimeError):
+    """The runner's counts do not add up (elements lost); nothing was written."""
+
+
+def _check_counts(raw: dict, work_dir: str):
+    """Every event read is either in an example or dropped with a reason, and every row is written."""
+    dropped = sum(raw.get("events_dropped", {}).values()) + sum(raw.get("events_bad", {}).values())
+    if raw.get("events_in", 0) != raw.get("events_out", 0) + dropped:
+        raise RunnerError(f"the Beam runner lost events: {raw.get('events_in', 0)} read, "
+                           f"{raw.get('events_out', 0)} used and {dropped} dropped")
+    made = sum(v.get("rows", 0) - v.get("sampled_negatives", 0) for v in raw.get("splits", {}).values())
+    if made != raw.get("events_out", 0):
+        raise RunnerError(f"the Beam runner lost users: {raw.get('events_out', 0)} examples made, "
+                           f"{made} turned into rows")
+    for s in SPLITS:
+        path = pp._join(work_dir, f"{s}.parquet")
+        want = raw.get("splits", {}).get(s, {}).get("rows", 0)
+        got = pq.ParquetFile(path if pp._is_local(path) else pp._open(path)).metadata.num_rows \
+            if pp._exists(path) else 0
+        if got != want:
+            raise RunnerError(f"the Beam runner lost rows: {want} {s} rows made, {got} written")
+
+
+def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
+    """Builds examples, item table, vocabularies, dataset config and stats from raw logs.
+
+    Args:
+        config: a :class:`LogsConfig` or the path of its JSON.
+        output_dir: where to write; replaced as a whole on success only.
+        beam_options: as :func:`pipelines.preprocess.pipeline_options`.
+
+    Returns:
+        The stats (as written to ``stats.json``).
+
+    Raises:
+        PreprocessError: bad input (the message names file, row and column).
+        LogsConfigError: a malformed log config.
+    """
+    cfg = config if isinstance(config, LogsConfig) else LogsConfig.load(config)
+    files = {"events": _files(cfg.events.source, "the event log")}
+    if cfg.catalog is not None:
+        files["catalog"] = _files(cfg.catalog.source, "the item catalog")
+        if cfg.catalog.vector is not None and cfg.catalog.vector.source is not None:
+            files["vectors"] = _files(cfg.catalog.vector.source, "the item vectors")
+    if cfg.users is not None:
+        files["users"] = _files(cfg.users.source, "the user table")
+    output_dir = _check_output_dir(output_dir, [f for fs in files.values() for f in fs])
+    opts = pp.pipeline_options(_local_defaults(beam_options))
+    work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
+    pp._makedirs(work_dir)
+    try:
+        pp._makedirs(pp._join(work_dir, _PARTS_DIR))
+        p = beam.Pipeline(options=opts)
+        _build_pipeline(p, cfg, files, work_dir)
+        state = p.run().wait_until_finish()
+        if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+            raise RuntimeError(f"the Beam pipeline ended in state {state}")
+        if pp._exists(pp._join(work_dir, _ERROR_FILE)):
+            e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
+            raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
+        raw = json.loads(pp._read_text(pp._join(work_dir, _STATS_PART)))
+        if not raw.get("events_in"):
+            raise PreprocessError(f"{', '.join(files['events'])}: the event log has no events")
+        if not raw.get("events_out"):
+            raise PreprocessError(f"{', '.join(files['events'])}: no event yields an example "
+                                  f"(dropped: {raw.get('events_dropped', {})})")
+        _check_counts(raw, work_dir)
+        vocab = json.loads(pp._read_text(pp._join(work_dir, "_vocab.json")))
+        bad = json.loads(pp._read_text(pp._join(work_dir, "_bad.json"))) if pp._exists(
+            pp._join(work_dir, "_bad.json")) else {}
+        for s in SPLITS:  # a split without rows still gets its (empty) file
+            path = pp._join(work_dir, f"{s}.parquet")
+            if not pp._exists(path):
+                with pp._create(path) as f:
+                    pq.write_table(_examples_schema(cfg).empty_table(), f)
+        if not pp._exists(pp._join(work_dir, ITEM_INFO_FILENAME)):  # no catalog: ids only
+            write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), vocab["items"]["vocabulary"] + 2, [],
+                            cfg.catalog.tags.max_tags if cfg.catalog and cfg.catalog.tags else 1)
+        stats = _final_stats(cfg, files, raw, vocab, bad)
+        pp._delete(pp._join(work_dir, _PARTS_DIR))
+        for name in (_STATS_PART, "_vocab.json", "_bad.json"):
+            pp._delete(pp._join(work_dir, name))
+        pp._write_text(pp._join(work_dir, DATASET_CONFIG_FILENAME),
+                       json.dumps(_dataset_config(cfg, vocab["vocabularies"]), indent=2) + "\n")
+        pp._write_text(pp._join(work_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
+        # A rerun replaces only what a run of this tool writes; anything else the user keeps there stays.
+        pp._commit(work_dir, output_dir, set(pp._list(work_dir)) | _OWNED, marker=DATASET_CONFIG_FILENAME)
+    except BaseException:
+        pp._delete(work_dir)
+        raise
+    return stats
+
+
+def _final_stats(cfg, files, raw, vocab, bad) -> dict:
+    splits = {}
+    for s in SPLITS:
+        m = raw.get("splits", {}).get(s, {})
+        hist = {int(k): v for k, v in m.get("history_lengths", {}).items()}
+        n = sum(hist.values())
+        splits[s] = {"rows": m.get("rows", 0), "positives": m.get("positives", 0),
+                     "positive_rate": m.get("positives", 0) / m["rows"] if m.get("rows") else None,
+                     "sampled_negatives": m.get("sampled_negatives", 0),
+                     "negatives_unavailable": m.get("negatives_unavailable", 0),
+                     "target_oov": m.get("target_oov", 0),
+                     "history_length_mean": sum(k * v for k, v in hist.items()) / n if n else 0.0,
+                     "history_length_max": max(hist) if hist else 0,
+                     "history_length_histogram": {str(k): hist[k] for k in sorted(hist)}}
+    dropped = dict(raw.get("events_dropped", {}))
+    for reason, n in raw.get("events_bad", {}).items():
+        dropped[f"bad_row:{reason}"] = dropped.get(f"bad_row:{reason}", 0) + n
+    return {
+        "dataset": cfg.name, "config": cfg.path, "files": files,
+        "events_in": raw.get("events_in", 0), "events_out": raw.get("events_out", 0),
+        "events_dropped": dict(sorted(dropped.items())),
+        "bad_rows": bad.get("bad_rows", {}),
+        "users_in": raw.get("users_in", 0), "users_out": raw.get("users_out", 0),
+        "users_without_user_row": raw.get("users_without_user_row", 0),
+        "catalog_rows_in": raw.get("catalog_rows_in", 0),
+        "items": vocab["items"],
+        "vocab_sizes": {k: v["size"] for k, v in vocab["vocabularies"].items()},
+        "splits": splits,
+    }
+
+
+# --------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("config", None, "Log config JSON (see pipelines/logs_config.py).")
+    flags.DEFINE_string("output_dir", None, "Where to write examples, item table, vocabularies, configs, stats.")
+    flags.DEFINE_string("preprocess_dir", None, "If set, also run pipelines.preprocess on the output into here.")
+    flags.mark_flags_as_required(["config", "output_dir"])
+    return flags.FLAGS
+
+
+def main(argv):
+    from absl import flags
+
+    from absl import logging as absl_logging
+
+    FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    t0 = time.time()
+    try:
+        stats = build_examples(FLAGS.config, FLAGS.output_dir, beam_options=argv[1:])
+        rows = ", ".join(f"{s} {v['rows']:,} rows" for s, v in stats["splits"].items())
+        print(f"build_examples: {stats['events_in']:,} events -> {rows}; {stats['users_out']:,} users; "
+              f"{stats['items']['vocabulary']:,} items; wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s")
+        if FLAGS.preprocess_dir:
+            out = FLAGS.output_dir.rstrip("/")
+            spec = pp.preprocess(out, FLAGS.preprocess_dir, os.path.join(out, DATASET_CONFIG_FILENAME))
+            print(f"preprocess: {spec.num_items:,} items; max_len {spec.max_len}; wrote {FLAGS.preprocess_dir}")
+    except (PreprocessError, LogsConfigError, SpecError, RunnerError, OSError) as e:
+        raise SystemExit(f"build_examples: error: {pp._one_line(e)}") from None
+
+
+def _parse_flags(argv):
+    _define_flags()
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv, known_only=True)
+    except flags.Error as e:
+        raise SystemExit(f"build_examples: error: {pp._one_line(e)}") from None
+
+
+def run():
+    from absl import app
+
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
