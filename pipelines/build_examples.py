@@ -1052,7 +1052,8 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
                        json.dumps(_dataset_config(cfg, vocab["vocabularies"]), indent=2) + "\n")
         pp._write_text(pp._join(work_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
         # A rerun replaces only what a run of this tool writes; anything else the user keeps there stays.
-        pp._commit(work_dir, output_dir, set(pp._list(work_dir)) | _OWNED, marker=DATASET_CONFIG_FILENAME)
+        pp._commit(work_dir, output_dir, set(pp._list(work_dir)) | _OWNED, marker=DATASET_CONFIG_FILENAME,
+                   tool="build_examples")
     except BaseException:
         pp._delete(work_dir)
         raise

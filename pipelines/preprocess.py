@@ -687,7 +687,8 @@ def _remove_stale_siblings(output_dir: str):
         _delete(path)
 
 
-def _commit(work_dir: str, output_dir: str, owned: set[str] | None, marker: str = SPEC_FILENAME):
+def _commit(work_dir: str, output_dir: str, owned: set[str] | None, marker: str = SPEC_FILENAME,
+            tool: str = "preprocessing"):
     """Puts the finished ``work_dir`` in place of the earlier run's entries (``owned``) of ``output_dir``.
 
     When ``output_dir`` holds nothing else, a directory rename (the old
@@ -699,7 +700,7 @@ def _commit(work_dir: str, output_dir: str, owned: set[str] | None, marker: str 
     """
     kept = sorted(set(_list(output_dir)) - (owned or set())) if _exists(output_dir) else []
     if kept:
-        _swap_entries(work_dir, output_dir, owned or set(), kept, marker)
+        _swap_entries(work_dir, output_dir, owned or set(), kept, marker, tool)
         return
     old = None
     if _exists(output_dir):
@@ -715,13 +716,13 @@ def _commit(work_dir: str, output_dir: str, owned: set[str] | None, marker: str 
         _delete(old)
 
 
-def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequence[str], marker: str):
+def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequence[str], marker: str, tool: str):
     new = [n for n in _list(work_dir) if n != MANIFEST_FILENAME]
     has_manifest = _exists(_join(work_dir, MANIFEST_FILENAME))
     clash = sorted(set(new) & set(kept))
     if clash:
-        fail(output_dir, None, None, f"holds {clash}, which this tool did not write and would replace; "
-                                     f"move them away or choose another output directory")
+        fail(output_dir, None, None, f"holds {clash}, which {tool} did not write and would replace; "
+                                     f"move them away or choose another --output_dir")
     present = set(_list(output_dir))
     old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
     _makedirs(old)
