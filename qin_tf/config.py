@@ -153,9 +153,9 @@ class ModelConfig:
 
     @property
     def name(self) -> str:
-        """The preset's name if the parts are the preset's, else ``"<extractor>__<head>"``."""
+        """The name of the preset whose parts these are, else ``"<extractor>__<head>"``."""
         parts = (self.resolved_extractor, self.resolved_head)
-        return self.model if parts == PRESETS[self.model] else "__".join(parts)
+        return next((name for name, pair in PRESETS.items() if pair == parts), "__".join(parts))
 
 
 # --------------------------------------------------------------------------

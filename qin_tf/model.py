@@ -101,7 +101,14 @@ def _embed(spec: FeatureSpec, config: ModelConfig, inputs: dict):
         target = keras.ops.take(history, target_index, axis=0)
     else:
         (target, history), history_index = item_embedding(ids), None
-    mask = keras.ops.not_equal(inputs[spec.sequence], PADDING_ID)
+    sequence = inputs[spec.sequence]
+    if config.resolved_extractor == "transformer":
+        # Ids outside the table embed as padding; the transformer must not attend to them either
+        # (the target attentions give a zero vector no weight, so their mask stays `!= 0`).
+        mask = keras.ops.logical_and(keras.ops.greater(sequence, PADDING_ID),
+                                     keras.ops.less(sequence, spec.num_items))
+    else:
+        mask = keras.ops.not_equal(sequence, PADDING_ID)
     context = None
     if spec.context:
         context = ContextEmbedding(vocab_sizes=list(spec.context_vocab_sizes), embedding_dim=config.embedding_dim,

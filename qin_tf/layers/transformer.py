@@ -144,13 +144,13 @@ class TargetTransformer(keras.layers.Layer):
     def call(self, target, history, history_mask=None, history_index=None, training=None):
         if history_index is not None:
             history = ops.take(history, history_index, axis=0)                  # [B, L, D]
-        mask = _as_mask(history_mask, history_index if history_index is not None else history)
-        # A row without real items counts its last slot as real (the winner's adjust_mask).
-        empty = ops.logical_not(ops.any(mask, axis=1, keepdims=True))          # [B, 1]
-        last = ops.equal(ops.arange(ops.shape(mask)[1]), ops.shape(mask)[1] - 1)
-        mask = ops.logical_or(mask, ops.logical_and(empty, ops.expand_dims(last, 0)))
+        real = _as_mask(history_mask, history_index if history_index is not None else history)
+        history = ops.where(ops.expand_dims(real, -1), history, ops.zeros_like(history))
+        # A row without real items counts its last slot, [0 | t], as real (the winner's adjust_mask).
+        empty = ops.logical_not(ops.any(real, axis=1, keepdims=True))          # [B, 1]
+        last = ops.equal(ops.arange(ops.shape(real)[1]), ops.shape(real)[1] - 1)
+        mask = ops.logical_or(real, ops.logical_and(empty, ops.expand_dims(last, 0)))
         slot = ops.expand_dims(mask, -1)                                        # [B, L, 1]
-        history = ops.where(slot, history, ops.zeros_like(history))
         targets = ops.broadcast_to(ops.expand_dims(target, 1), ops.shape(history))
         z = ops.concatenate([history, targets], axis=-1)                        # [B, L, W]
         attention_mask = ops.expand_dims(mask, 1)                               # [B, 1, L]: keys
