@@ -458,12 +458,18 @@ def test_cross_network_hand_computed():
 def test_cross_network_low_rank_and_batch_rows():
     """projection_dim P: W = U V; the output of a row does not depend on the other rows."""
     rng = np.random.default_rng(11)
-    layer = CrossNetwork(num_layers=3, projection_dim=2, dtype="float64")
+    layer = CrossNetwork(num_layers=3, projection_dim=2, dtype="float64", name="crosses")
     x0 = rng.normal(size=(5, 4))
     layer.build((None, 4))
     weights = [rng.normal(size=w.shape) for w in layer.weights]
     layer.set_weights(weights)
     assert [tuple(w.shape) for w in layer.weights] == [(4, 2), (2, 4), (4,)] * 3
+    # stable paths (keras-rs leaves FeatureCross's Dense layers unnamed; a clone must match by path)
+    assert [w.path for w in layer.weights[:3]] == [
+        "crosses/cross_0/down_projection/kernel", "crosses/cross_0/dense/kernel", "crosses/cross_0/dense/bias"]
+    clone = CrossNetwork.from_config(layer.get_config())
+    clone.build((None, 4))
+    assert [w.path for w in clone.weights] == [w.path for w in layer.weights]
     x = x0
     for u, v, b in zip(weights[0::3], weights[1::3], weights[2::3]):
         x = x0 * (x @ u @ v + b) + x

@@ -60,13 +60,21 @@ class CrossNetwork(keras.layers.Layer):
             raise ValueError(f"the last dimension of the input must be known. Received: {shape}")
         for layer in self.cross_layers:
             layer.build(shape)
-            # FeatureCross.build creates its Dense sublayers without building them;
-            # build them here so the weights exist before a saved model's are loaded.
-            if layer.projection_dim is not None:
-                layer.down_proj_dense.build(shape)
-                layer.dense.build(shape[:-1] + (layer.projection_dim,))
-            else:
-                layer.dense.build(shape)
+            # FeatureCross.build creates its Dense sublayers unnamed and unbuilt. Unnamed, their
+            # variable paths would carry Keras' process-wide counter ("cross_network/dense_7/kernel")
+            # and differ between a model and its clone or reload, which breaks matching weights by
+            # path (export.exporter.fold_for_inference). Name and build them here, in the cross
+            # layer's scope: "cross_network/cross_0/dense/kernel", and the weights exist before a
+            # saved model's are loaded.
+            with keras.name_scope(layer.name):
+                if layer.projection_dim is not None:
+                    layer.down_proj_dense.name = "down_projection"
+                    layer.down_proj_dense.build(shape)
+                    layer.dense.name = "dense"
+                    layer.dense.build(shape[:-1] + (layer.projection_dim,))
+                else:
+                    layer.dense.name = "dense"
+                    layer.dense.build(shape)
         self.built = True
 
     def call(self, inputs):
