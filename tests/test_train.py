@@ -274,6 +274,23 @@ def test_tuned_flagfile_is_the_released_one_plus_its_overrides(monkeypatch):
     assert dataclasses.replace(cfg.train, epochs=base.train.epochs) == base.train
 
 
+def test_transformer_dcn_flagfile_holds_the_winners_released_values(monkeypatch):
+    """configs/transformer_dcn.flags: the challenge winner's model sizes and released training values."""
+    monkeypatch.chdir(REPO)
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", "--flagfile=configs/transformer_dcn.flags"], fv)
+    cfg = train.config_from_flags(fv)
+    m, t = cfg.model, cfg.train
+    assert (m.name, m.resolved_extractor, m.resolved_head) == ("transformer_dcn", "transformer", "dcn_v2")
+    assert (m.transformer_layers, m.transformer_heads, m.transformer_ff_units, m.transformer_dropout,
+            m.transformer_last_k) == (2, 1, 256, 0.2, 16)
+    assert (m.cross_layers, m.cross_projection_dim, m.din_dnn_units, m.head_mlp_units) == (
+        3, None, (1024, 512, 256), (64, 32))
+    assert (m.dropout, m.batch_norm, m.embedding_dim, m.embedding_l2, m.net_l2) == (0.2, False, 64, 0.0, 0.0)
+    assert (t.learning_rate, t.global_batch_size, t.patience) == (5e-4, 128, 5)
+
+
 def test_every_config_field_is_a_flag():
     import dataclasses
 
