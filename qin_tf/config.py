@@ -16,6 +16,8 @@ DTYPE_POLICIES = (None, "float32", "mixed_bfloat16")
 EXTRACTORS = ("asta", "din_attention", "transformer")
 #: Interaction heads: what turns [context | target | interest] into the logit.
 HEADS = ("qnn", "dnn", "dcn_v2")
+#: Values of ``ModelConfig.asta_form`` (see ``AdaptiveSparseTargetAttention``).
+ASTA_FORMS = ("reassociated", "projected", "folded")
 #: ``ModelConfig.model`` presets: the (extractor, head) pair each names.
 PRESETS = {"qin": ("asta", "qnn"), "din": ("din_attention", "dnn"), "transformer_dcn": ("transformer", "dcn_v2")}
 
@@ -96,6 +98,13 @@ class ModelConfig:
         "these widths.")})
     head_input_batch_norm: bool = dataclasses.field(default=False, metadata={"help": (
         "A batch norm normalises the head's input [context | target | interest] when this is set.")})
+    asta_form: str = dataclasses.field(default="reassociated", metadata={"help": (
+        "ASTA computes re-associated (reassociated, the production form), projects every history item "
+        "first as the original does (projected, same outputs, for benchmarks), or holds its inference "
+        "form W_q W_k^T and W_v W_o (folded, as the exporter serves it).")})
+    deduplicate_items: bool | None = dataclasses.field(default=None, metadata={"help": (
+        "The item embedding computes each distinct item of a batch once when true and every slot when "
+        "false, where none follows sparse_history (false needs --nosparse_history).")})
 
     def __post_init__(self):
         if self.model not in PRESETS:
@@ -136,6 +145,11 @@ class ModelConfig:
         if self.dtype_policy not in DTYPE_POLICIES:
             raise ValueError(f"`dtype_policy` must be one of {DTYPE_POLICIES}. "
                              f"Received: dtype_policy={self.dtype_policy!r}")
+        if self.asta_form not in ASTA_FORMS:
+            raise ValueError(f"`asta_form` must be one of {ASTA_FORMS}. Received: asta_form={self.asta_form!r}")
+        if self.sparse_history and self.deduplicate_items is False:
+            raise ValueError("the sparse history path always deduplicates; `deduplicate_items=False` needs "
+                             "sparse_history=False.")
         dim = 6 * self.embedding_dim
         if self.resolved_extractor == "transformer" and dim % self.transformer_heads:
             raise ValueError(f"`transformer_heads` must divide 6 * embedding_dim = {dim}. "

@@ -81,7 +81,8 @@ def _item_embedding(spec: FeatureSpec, config: ModelConfig) -> ItemEmbedding:
     return ItemEmbedding(num_items=spec.num_items, num_tags=spec.num_tags, tag_vocab_size=spec.tag_vocab_size,
                          mm_dim=spec.mm_dim, embedding_dim=config.embedding_dim,
                          embeddings_regularizer=reg, kernel_regularizer=reg,
-                         deduplicate=config.sparse_history, id_dropout=config.id_dropout,
+                         deduplicate=config.sparse_history if config.deduplicate_items is None
+                         else config.deduplicate_items, id_dropout=config.id_dropout,
                          output_mode="indexed" if config.sparse_history else "dense", name="item_embedding")
 
 
@@ -134,7 +135,9 @@ def _extractor(config: ModelConfig) -> keras.layers.Layer:
     """The interest extractor ``config`` names, a layer called as ``(target, history, mask, history_index)``."""
     name, reg = config.resolved_extractor, _l2(config.net_l2)
     if name == "asta":
-        return AdaptiveSparseTargetAttention(attention_dim=config.attention_dim, kernel_regularizer=reg, name="asta")
+        return AdaptiveSparseTargetAttention(attention_dim=config.attention_dim, kernel_regularizer=reg,
+                                             folded=config.asta_form == "folded",
+                                             projected=config.asta_form == "projected", name="asta")
     if name == "din_attention":
         return DINAttention(attention_units=list(config.din_attention_units), activation="relu",
                             dropout=config.din_attention_dropout, use_softmax=False, kernel_regularizer=reg,

@@ -89,6 +89,27 @@ def test_folded_asta_matches_original_dense_and_indexed(dtype, case):
         folded.folded_weights()
 
 
+@pytest.mark.parametrize("case", ["asta.npz", "asta_noisy_padding.npz"])
+def test_projected_asta_matches_original_dense_and_indexed(case):
+    """The original's order of operations (benchmark form, --asta_form=projected): same outputs."""
+    g, _ = golden_asta("float64")
+    layer = AdaptiveSparseTargetAttention(projected=True, dtype="float64")
+    layer.build((None, 12), (None, 7, 12))
+    layer.set_weights([g["W_q"].T, g["W_k"].T, g["W_v"].T, g["W_o"].T])
+    history, expected = golden(case)["history"], golden(case)["output"]
+    out = layer(const(g["target"], "float64"), const(history, "float64"), const(g["mask"], "float64"))
+    np.testing.assert_allclose(out.numpy(), expected, **TOL["float64"])
+    table = history.reshape(-1, 12)
+    index = np.arange(len(table)).reshape(5, 7)
+    out = layer(const(g["target"], "float64"), const(table, "float64"), const(g["mask"] > 0, "bool"),
+                const(index, "int32"))
+    np.testing.assert_allclose(out.numpy(), expected, **TOL["float64"])
+    assert AdaptiveSparseTargetAttention.from_config(layer.get_config()).projected
+    assert "projected" not in AdaptiveSparseTargetAttention().get_config()   # production configs unchanged
+    with pytest.raises(ValueError, match="choose one"):
+        AdaptiveSparseTargetAttention(folded=True, projected=True)
+
+
 def golden_qnn(dtype):
     g = golden("qnn.npz")
     qnn = QuadraticNeuralNetwork(num_layers=3, num_row=4, dropout=0.1, batch_norm=True, dtype=dtype)

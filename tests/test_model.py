@@ -227,7 +227,7 @@ def test_preset_flags_and_overrides(spec):
         "din_attention", "dnn")
     assert ModelConfig(extractor="asta", head="qnn").name == "qin"
     for field in ("extractor", "head", "transformer_layers", "cross_layers", "cross_projection_dim",
-                  "head_mlp_units", "head_input_batch_norm"):
+                  "head_mlp_units", "head_input_batch_norm", "asta_form", "deduplicate_items"):
         help_text = fv[field].help.removeprefix("[model] ")
         assert help_text[0].isupper() and help_text.endswith(".") and help_text.count(". ") == 0, help_text
     with pytest.raises(ValueError, match="`model` must be one of"):
@@ -236,6 +236,34 @@ def test_preset_flags_and_overrides(spec):
         ModelConfig(head="mlp")
     with pytest.raises(ValueError, match="`transformer_heads` must divide 6 \\* embedding_dim = 24"):
         ModelConfig(model="transformer_dcn", embedding_dim=4, transformer_heads=5)
+
+
+@pytest.mark.parametrize("sparse, asta, deduplicate", [(True, "projected", None), (False, "projected", False),
+                                                   (False, "reassociated", True), (False, "folded", None)])
+def test_benchmark_variants_are_flags_with_the_production_outputs(spec, sparse, asta, deduplicate):
+    """bench.variants builds its variants from ModelConfig fields (--asta_form, --deduplicate_items)."""
+    from bench import variants
+    from export.exporter import fold_for_inference
+
+    config = dataclasses.replace(QIN_CONFIG, sparse_history=sparse)
+    reference = build_qin(spec, config)
+    features = {k: tf.constant(v) for k, v in batch(16, seed=15).items()}
+    if asta == "folded":
+        model = build_model(spec, dataclasses.replace(config, asta_form="folded"), load_item_table=False)
+        model.set_weights(fold_for_inference(reference, qnn=False, item_vectors=False).get_weights())
+        assert model.get_layer("asta").folded
+    else:
+        model = variants.build_variant(spec, config, asta=asta, deduplicate=deduplicate)
+        assert model.get_layer("asta").projected == (asta == "projected")
+        assert model.get_layer("item_embedding").deduplicate == (sparse if deduplicate is None else deduplicate)
+        assert variants.check_same_outputs(model, spec, config, features) <= 1e-4
+        model.set_weights(reference.get_weights())
+    np.testing.assert_allclose(model(features, training=False).numpy(), reference(features, training=False).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="`deduplicate_items=False` needs sparse_history=False"):
+        ModelConfig(deduplicate_items=False)
+    with pytest.raises(ValueError, match="`asta_form` must be one of"):
+        ModelConfig(asta_form="fast")
 
 
 def test_head_input_batch_norm_normalises_the_head_input(spec):
