@@ -74,3 +74,36 @@ def test_bad_input_is_a_one_line_error_and_overwrites_nothing(sample_spec, tmp_p
     assert again.returncode == 1 and "already holds a feature_spec.json" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     assert (tmp_path / "b" / "feature_spec.json").read_text() == before
+
+
+def _fake_run(directory, rows, val_aucs, test_aucs, finished=True):
+    os.makedirs(directory)
+    with open(os.path.join(directory, "feature_spec.json"), "w") as f:
+        json.dump({"splits": {"train": {"num_rows": rows}}}, f)
+    history = [{"epoch": i + 1, "val_auc": v, "test_auc": t} for i, (v, t) in enumerate(zip(val_aucs, test_aucs))]
+    metrics = {"history": history}
+    if finished:
+        best = max(history, key=lambda h: h["val_auc"])
+        metrics.update(best_epoch=best["epoch"], splits={"valid": {"auc": best["val_auc"]},
+                                                         "test": {"auc": best["test_auc"]}})
+    with open(os.path.join(directory, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+
+def test_scaling_table_selects_on_valid_and_measures_the_gap(tmp_path):
+    _fake_run(tmp_path / "din_a", 100, [0.70, 0.75, 0.74], [0.60, 0.66, 0.67])
+    _fake_run(tmp_path / "qin_a", 100, [0.72, 0.71], [0.65, 0.70])
+    _fake_run(tmp_path / "din_b", 200, [0.80], [0.71], finished=False)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "scaling_table.py"),
+                           f"--runs=din:{tmp_path / 'din_a'},qin:{tmp_path / 'qin_a'},din:{tmp_path / 'din_b'}",
+                           f"--plot={tmp_path / 'plot.png'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[2] == "| din | 100 | 2 / 3 | 0.7500 | 0.6600 | – |"          # valid picks epoch 2, not test
+    assert lines[3] == "| din | 200 | 1 / 1 (running) | 0.8000 | 0.7100 | – |"
+    assert lines[4] == "| qin | 100 | 1 / 2 | 0.7200 | 0.6500 | -0.0100 |"
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "scaling_table.py"),
+                          f"--runs=qin:{tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "missing/feature_spec.json" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
