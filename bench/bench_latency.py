@@ -136,25 +136,21 @@ def _grpc(export_base: str, batches: dict, want: dict, calls_for, warmup: int) -
 
 def _xla_lever(model, spec, features, sizes) -> dict:
     """Keras-level tf.functions: the QNN- and ASTA-folded model vs its dense-history form under XLA."""
-    import functools
 
     import numpy as np
     import tensorflow as tf
 
     import qin_tf.model as qm
-    from bench.variants import patched
     from export.exporter import fold_for_inference
     from qin_tf.config import ModelConfig
-    from qin_tf.layers import AdaptiveSparseTargetAttention
 
     folded = fold_for_inference(model, item_vectors=False)
     qnn = model.get_layer("qnn").get_config()
     config = ModelConfig(embedding_dim=model.get_layer("item_embedding").embedding_dim,
                          attention_dim=model.get_layer("asta").attention_dim, num_layers=qnn["num_layers"],
-                         num_row=1, dropout=qnn["dropout"], batch_norm=qnn["batch_norm"], sparse_history=False)
-    folded_asta = functools.partial(AdaptiveSparseTargetAttention, folded=folded.get_layer("asta").folded)
-    with patched(qm, "AdaptiveSparseTargetAttention", folded_asta):
-        dense = qm.build_model(spec, config, load_item_table=False)
+                         num_row=1, dropout=qnn["dropout"], batch_norm=qnn["batch_norm"], sparse_history=False,
+                         asta_form="folded" if folded.get_layer("asta").folded else "reassociated")
+    dense = qm.build_model(spec, config, load_item_table=False)
     dense.set_weights(folded.get_weights())
     fns = {"sparse_graph": tf.function(lambda x: folded(x, training=False)),
            "dense_xla": tf.function(lambda x: dense(x, training=False), jit_compile=True)}

@@ -12,13 +12,22 @@ import dataclasses
 #: Values of ``ModelConfig.dtype_policy`` (``None``: Keras' global policy).
 DTYPE_POLICIES = (None, "float32", "mixed_bfloat16")
 
+#: Interest extractors: what turns the target and the history into an interest vector.
+EXTRACTORS = ("asta", "din_attention", "transformer")
+#: Interaction heads: what turns [context | target | interest] into the logit.
+HEADS = ("qnn", "dnn", "dcn_v2")
+#: Values of ``ModelConfig.asta_form`` (see ``AdaptiveSparseTargetAttention``).
+ASTA_FORMS = ("reassociated", "projected", "folded")
+#: ``ModelConfig.model`` presets: the (extractor, head) pair each names.
+PRESETS = {"qin": ("asta", "qnn"), "din": ("din_attention", "dnn"), "transformer_dcn": ("transformer", "dcn_v2")}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyperparameters of QIN and of the DIN baseline.
 
     Attributes:
-        model: ``"qin"`` or ``"din"``.
+        model: ``"qin"``, ``"din"`` or ``"transformer_dcn"``, a preset naming an extractor and a head.
         embedding_dim: E; an item vector is 3E (id | tags | multimodal).
         num_layers, num_row, dropout, batch_norm: QNN.
         attention_dim: ASTA's q/k/v width; ``None`` means 2 * 3E, the original's.
@@ -60,10 +69,63 @@ class ModelConfig:
     id_dropout: float = 0.0
     sparse_history: bool = True
     dtype_policy: str | None = None
+    # Models from parts (qin_tf.model): the preset `model` names an extractor and a head;
+    # these fields override either and size the parts that are not QIN's or DIN's.
+    extractor: str | None = dataclasses.field(default=None, metadata={"help": (
+        "The interest extractor (asta, din_attention or transformer), where none takes the one the "
+        "--model preset names.")})
+    head: str | None = dataclasses.field(default=None, metadata={"help": (
+        "The interaction head (qnn, dnn or dcn_v2), where none takes the one the --model preset names.")})
+    transformer_layers: int = dataclasses.field(default=2, metadata={"help": (
+        "The transformer extractor stacks this many post-norm encoder layers.")})
+    transformer_heads: int = dataclasses.field(default=1, metadata={"help": (
+        "Each encoder layer of the transformer extractor has this many attention heads, which must "
+        "divide the width 6E of a [history item | target] pair.")})
+    transformer_ff_units: int = dataclasses.field(default=256, metadata={"help": (
+        "Each encoder layer of the transformer extractor has a ReLU feed-forward block this wide.")})
+    transformer_dropout: float = dataclasses.field(default=0.2, metadata={"help": (
+        "The transformer extractor drops out attention weights and both residual branches at this rate.")})
+    transformer_last_k: int = dataclasses.field(default=16, metadata={"help": (
+        "The transformer extractor outputs its last this many positions flattened, beside a linear "
+        "map of its max-pool over the real positions.")})
+    cross_layers: int = dataclasses.field(default=3, metadata={"help": (
+        "The dcn_v2 head stacks this many DCNv2 cross layers beside its DNN tower of din_dnn_units.")})
+    cross_projection_dim: int | None = dataclasses.field(default=None, metadata={"help": (
+        "Each cross layer of the dcn_v2 head uses a low-rank kernel of this rank, where none keeps the "
+        "full-rank kernel of DCNv2 and the challenge winner.")})
+    head_mlp_units: tuple[int, ...] = dataclasses.field(default=(64, 32), metadata={"help": (
+        "The dcn_v2 head maps its concatenated cross and DNN outputs to the logit through an MLP of "
+        "these widths.")})
+    head_input_batch_norm: bool = dataclasses.field(default=False, metadata={"help": (
+        "A batch norm normalises the head's input [context | target | interest] when this is set.")})
+    asta_form: str = dataclasses.field(default="reassociated", metadata={"help": (
+        "ASTA computes re-associated (reassociated, the production form), projects every history item "
+        "first as the original does (projected, same outputs, for benchmarks), or holds its inference "
+        "form W_q W_k^T and W_v W_o (folded, as the exporter serves it).")})
+    deduplicate_items: bool | None = dataclasses.field(default=None, metadata={"help": (
+        "The item embedding computes each distinct item of a batch once when true and every slot when "
+        "false, where none follows sparse_history (false needs --nosparse_history).")})
 
     def __post_init__(self):
-        if self.model not in ("qin", "din"):
-            raise ValueError(f"`model` must be 'qin' or 'din'. Received: model={self.model!r}")
+        if self.model not in PRESETS:
+            raise ValueError(f"`model` must be one of {tuple(PRESETS)}. Received: model={self.model!r}")
+        if self.extractor is not None and self.extractor not in EXTRACTORS:
+            raise ValueError(f"`extractor` must be one of {EXTRACTORS} or None. Received: extractor={self.extractor!r}")
+        if self.head is not None and self.head not in HEADS:
+            raise ValueError(f"`head` must be one of {HEADS} or None. Received: head={self.head!r}")
+        for name in ("transformer_layers", "transformer_heads", "transformer_ff_units", "transformer_last_k",
+                     "cross_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
+        if not 0.0 <= self.transformer_dropout < 1.0:
+            raise ValueError("`transformer_dropout` must be in [0, 1). "
+                             f"Received: transformer_dropout={self.transformer_dropout}")
+        if self.cross_projection_dim is not None and self.cross_projection_dim < 1:
+            raise ValueError("`cross_projection_dim` must be >= 1 or None. "
+                             f"Received: cross_projection_dim={self.cross_projection_dim}")
+        if not self.head_mlp_units or min(self.head_mlp_units) < 1:
+            raise ValueError(f"`head_mlp_units` must be a non-empty list of integers >= 1. "
+                             f"Received: head_mlp_units={self.head_mlp_units}")
         for name in ("embedding_dim", "num_layers", "num_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1. Received: {name}={getattr(self, name)}")
@@ -83,6 +145,31 @@ class ModelConfig:
         if self.dtype_policy not in DTYPE_POLICIES:
             raise ValueError(f"`dtype_policy` must be one of {DTYPE_POLICIES}. "
                              f"Received: dtype_policy={self.dtype_policy!r}")
+        if self.asta_form not in ASTA_FORMS:
+            raise ValueError(f"`asta_form` must be one of {ASTA_FORMS}. Received: asta_form={self.asta_form!r}")
+        if self.sparse_history and self.deduplicate_items is False:
+            raise ValueError("the sparse history path always deduplicates; `deduplicate_items=False` needs "
+                             "sparse_history=False.")
+        dim = 6 * self.embedding_dim
+        if self.resolved_extractor == "transformer" and dim % self.transformer_heads:
+            raise ValueError(f"`transformer_heads` must divide 6 * embedding_dim = {dim}. "
+                             f"Received: transformer_heads={self.transformer_heads}")
+
+    @property
+    def resolved_extractor(self) -> str:
+        """The interest extractor: ``extractor``, or the one the ``model`` preset names."""
+        return self.extractor or PRESETS[self.model][0]
+
+    @property
+    def resolved_head(self) -> str:
+        """The interaction head: ``head``, or the one the ``model`` preset names."""
+        return self.head or PRESETS[self.model][1]
+
+    @property
+    def name(self) -> str:
+        """The name of the preset whose parts these are, else ``"<extractor>__<head>"``."""
+        parts = (self.resolved_extractor, self.resolved_head)
+        return next((name for name, pair in PRESETS.items() if pair == parts), "__".join(parts))
 
 
 # --------------------------------------------------------------------------

@@ -1,27 +1,35 @@
-"""QIN and the DIN baseline as functional Keras models, built from the feature spec.
+"""The model family: item embedding, interest extractor, interaction head, as functional Keras models.
 
-Both models take the spec's model features as inputs -- one ``keras.Input``
+Every model takes the spec's model features as inputs -- one ``keras.Input``
 per :attr:`FeatureSpec.model_features`, named after the feature, int64, shape
-``()`` or ``(max_len,)`` -- and output ``ctr``: the click probability, float32,
-shape ``[batch]`` (also under a mixed-precision policy).
+``()`` or ``(max_len,)`` -- and outputs ``ctr``: the click probability, float32,
+shape ``[batch]`` (also under a mixed-precision policy). It is three named
+parts joined in :func:`build_model`::
 
-QIN (salmon1802/QIN, ``src/QIN_variety_v9.py``)::
+    x_t = item(target), h_j = item(sequence_j)          ItemEmbedding, 3E each (shared by all models)
+    o   = EXTRACTOR(x_t, h, mask = sequence != 0)       config.extractor
+    ctr = sigmoid(HEAD([context embeddings | x_t | o])) config.head
 
-    x_t = item(target), h_j = item(sequence_j)          ItemEmbedding, 3E each
-    o   = ASTA(x_t, h, mask = sequence != 0)            AdaptiveSparseTargetAttention
-    X   = [context embeddings | x_t | o]                C*E + 6E
-    ctr = sigmoid(QNN(X))                               QuadraticNeuralNetwork
+Extractors: ``asta`` (QIN's :class:`AdaptiveSparseTargetAttention`, 3E),
+``din_attention`` (:class:`DINAttention`, MLP weights, no softmax, 3E),
+``transformer`` (the challenge winner's :class:`TargetTransformer` over
+``[h_j | x_t]`` pairs, ``(last_k + 1) * 6E``). Heads: ``qnn`` (QIN's
+:class:`QuadraticNeuralNetwork`), ``dnn`` (DIN's :class:`MLPBlock`
+``din_dnn_units`` with ``batch_norm``, ReLU, ``dropout``), ``dcn_v2`` (a
+:class:`CrossNetwork` of ``cross_layers`` keras-rs ``FeatureCross`` layers
+beside a DNN ``din_dnn_units``; their outputs concatenated go through an MLP
+``head_mlp_units`` to the logit). Presets (``config.model``)::
 
-DIN (the WWW 2025 MMCTR challenge baseline, FuxiCTR ``DIN``)::
-
-    p   = DINAttention(x_t, h, mask)                    no softmax
-    ctr = sigmoid(MLP([context | x_t | p]))             din_dnn_units, BN, ReLU, dropout
+    qin              asta + qnn            salmon1802/QIN, src/QIN_variety_v9.py (the default)
+    din              din_attention + dnn   the WWW 2025 MMCTR challenge baseline, FuxiCTR DIN
+    transformer_dcn  transformer + dcn_v2  the challenge winner, pinskyrobin/WWW2025_MMCTR
 
 The item table (tags, multimodal vectors) is loaded from
 ``spec.load_item_table()`` into the item embedding's frozen weights at build
 time; a saved model carries it in its weights. L2 regularisation
 ``embedding_l2 / 2 * ||theta||^2`` (FuxiCTR's ``embedding_regularizer``) acts on the
-id, tag and context tables and on the multimodal projection.
+id, tag and context tables and on the multimodal projection; ``net_l2`` on
+the kernels of the extractor and the head.
 
 ``ModelConfig.dtype_policy`` (e.g. ``"mixed_bfloat16"``, opt-in) sets the
 Keras dtype policy of every layer of the model; ``None`` leaves Keras' global
@@ -32,12 +40,13 @@ reloaded model computes as it was trained.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 
 from qin_tf.config import ModelConfig
-from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, DINAttention, ItemEmbedding,
-                           MLPBlock, QuadraticNeuralNetwork)
+from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, CrossNetwork, DINAttention,
+                           ItemEmbedding, MLPBlock, QuadraticNeuralNetwork, TargetTransformer)
 from qin_tf.spec import PADDING_ID, FeatureSpec
 
 OUTPUT_NAME = "ctr"
@@ -72,7 +81,8 @@ def _item_embedding(spec: FeatureSpec, config: ModelConfig) -> ItemEmbedding:
     return ItemEmbedding(num_items=spec.num_items, num_tags=spec.num_tags, tag_vocab_size=spec.tag_vocab_size,
                          mm_dim=spec.mm_dim, embedding_dim=config.embedding_dim,
                          embeddings_regularizer=reg, kernel_regularizer=reg,
-                         deduplicate=config.sparse_history, id_dropout=config.id_dropout,
+                         deduplicate=config.sparse_history if config.deduplicate_items is None
+                         else config.deduplicate_items, id_dropout=config.id_dropout,
                          output_mode="indexed" if config.sparse_history else "dense", name="item_embedding")
 
 
@@ -92,7 +102,14 @@ def _embed(spec: FeatureSpec, config: ModelConfig, inputs: dict):
         target = keras.ops.take(history, target_index, axis=0)
     else:
         (target, history), history_index = item_embedding(ids), None
-    mask = keras.ops.not_equal(inputs[spec.sequence], PADDING_ID)
+    sequence = inputs[spec.sequence]
+    if config.resolved_extractor == "transformer":
+        # Ids outside the table embed as padding; the transformer must not attend to them either
+        # (the target attentions give a zero vector no weight, so their mask stays `!= 0`).
+        mask = keras.ops.logical_and(keras.ops.greater(sequence, PADDING_ID),
+                                     keras.ops.less(sequence, spec.num_items))
+    else:
+        mask = keras.ops.not_equal(sequence, PADDING_ID)
     context = None
     if spec.context:
         context = ContextEmbedding(vocab_sizes=list(spec.context_vocab_sizes), embedding_dim=config.embedding_dim,
@@ -114,66 +131,94 @@ def _finish(model: keras.Model, item_embedding: ItemEmbedding, spec: FeatureSpec
     return model
 
 
-def build_qin(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item_table: bool = True) -> keras.Model:
-    """Builds QIN for ``spec``.
+def _extractor(config: ModelConfig) -> keras.layers.Layer:
+    """The interest extractor ``config`` names, a layer called as ``(target, history, mask, history_index)``."""
+    name, reg = config.resolved_extractor, _l2(config.net_l2)
+    if name == "asta":
+        return AdaptiveSparseTargetAttention(attention_dim=config.attention_dim, kernel_regularizer=reg,
+                                             folded=config.asta_form == "folded",
+                                             projected=config.asta_form == "projected", name="asta")
+    if name == "din_attention":
+        return DINAttention(attention_units=list(config.din_attention_units), activation="relu",
+                            dropout=config.din_attention_dropout, use_softmax=False, kernel_regularizer=reg,
+                            name="din_attention")
+    return TargetTransformer(num_layers=config.transformer_layers, num_heads=config.transformer_heads,
+                             ff_units=config.transformer_ff_units, dropout=config.transformer_dropout,
+                             last_k=config.transformer_last_k, kernel_regularizer=reg, name="transformer")
+
+
+def _head(config: ModelConfig, parts: list):
+    """The interaction head ``config`` names on ``[context | x_t | interest]``: the ``[batch, 1]`` logit."""
+    name, reg = config.resolved_head, _l2(config.net_l2)
+    logit_dtype = keras.config.dtype_policy().variable_dtype
+    features = keras.layers.Concatenate(axis=-1, name=f"{name}_input")(parts)
+    if config.head_input_batch_norm:
+        features = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True,
+                                                   name=f"{name}_input_bn")(features)
+    if name == "qnn":
+        return QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
+                                      dropout=config.dropout, batch_norm=config.batch_norm,
+                                      kernel_regularizer=reg, name="qnn")(features)
+    if name == "dnn":
+        return MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
+                        batch_norm=config.batch_norm, output_units=1, kernel_regularizer=reg,
+                        output_dtype=logit_dtype, name="dnn")(features)
+    # dcn_v2: a cross network beside a DNN, both on the same input, then an MLP to the logit.
+    cross = CrossNetwork(num_layers=config.cross_layers, projection_dim=config.cross_projection_dim,
+                         kernel_regularizer=reg, name="cross_network")(features)
+    deep = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
+                    batch_norm=config.batch_norm, kernel_regularizer=reg, name="dcn_dnn")(features)
+    both = keras.layers.Concatenate(axis=-1, name="dcn_mlp_input")([cross, deep])
+    return MLPBlock(list(config.head_mlp_units), activation="relu", dropout=config.dropout,
+                    batch_norm=config.batch_norm, output_units=1, kernel_regularizer=reg,
+                    output_dtype=logit_dtype, name="dcn_mlp")(both)
+
+
+def build_model(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item_table: bool = True) -> keras.Model:
+    """Builds the model ``config`` names: item embedding, interest extractor, interaction head.
+
+    ``config.model`` is a preset (``qin``, ``din``, ``transformer_dcn``) that
+    names an (extractor, head) pair; ``config.extractor`` and ``config.head``
+    override either (see the module docstring).
 
     Args:
         spec: the feature spec (inputs, vocabulary sizes, item table).
-        config: hyperparameters; ``None`` means the released defaults.
+        config: hyperparameters; ``None`` means the released QIN.
         load_item_table: load ``spec.load_item_table()`` into the frozen
             weights (``False`` leaves zeros, for a model whose weights are
             loaded next).
 
     Returns:
-        A functional ``keras.Model`` named ``"qin"``: inputs
-        ``spec.model_feature_names``, output ``ctr`` float32 ``[batch]``.
+        A functional ``keras.Model`` named ``config.name`` (the preset's name,
+        or ``"<extractor>__<head>"``): inputs ``spec.model_feature_names``,
+        output ``ctr`` float32 ``[batch]``.
     """
     config = config or ModelConfig()
     with dtype_policy_scope(config.dtype_policy):
         inputs = model_inputs(spec)
         item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
-        interest = AdaptiveSparseTargetAttention(attention_dim=config.attention_dim,
-                                                 kernel_regularizer=_l2(config.net_l2), name="asta")(
-            target, history, mask, history_index)
+        interest = _extractor(config)(target, history, mask, history_index)
         parts = ([context] if context is not None else []) + [target, interest]
-        features = keras.layers.Concatenate(axis=-1, name="qnn_input")(parts)
-        logit = QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
-                                       dropout=config.dropout, batch_norm=config.batch_norm,
-                                       kernel_regularizer=_l2(config.net_l2), name="qnn")(features)
-        model = keras.Model(inputs=inputs, outputs=_probability(logit), name="qin")
+        logit = _head(config, parts)
+        model = keras.Model(inputs=inputs, outputs=_probability(logit), name=config.name)
     return _finish(model, item_embedding, spec, load_item_table)
+
+
+def _preset(config: ModelConfig | None, name: str) -> ModelConfig:
+    return dataclasses.replace(config or ModelConfig(), model=name, extractor=None, head=None)
+
+
+def build_qin(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item_table: bool = True) -> keras.Model:
+    """QIN (ASTA + QNN) with ``config``'s hyperparameters, whatever its model/extractor/head say."""
+    return build_model(spec, _preset(config, "qin"), load_item_table=load_item_table)
 
 
 def build_din(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item_table: bool = True) -> keras.Model:
-    """Builds the DIN baseline for ``spec`` with the same item embedding as QIN.
-
-    Attention MLP ``config.din_attention_units`` with ReLU and dropout
-    ``config.din_attention_dropout``, no softmax (the MMCTR challenge's
-    ``DIN_default``); DNN ``config.din_dnn_units`` with batch norm
-    (``config.batch_norm``), ReLU and dropout ``config.dropout``; then
-    Dense(1) and a sigmoid. Same arguments and output as :func:`build_qin`;
-    the model is named ``"din"``.
-    """
-    config = config or ModelConfig(model="din")
-    with dtype_policy_scope(config.dtype_policy):
-        inputs = model_inputs(spec)
-        item_embedding, target, history, mask, history_index, context = _embed(spec, config, inputs)
-        pooled = DINAttention(attention_units=list(config.din_attention_units), activation="relu",
-                              dropout=config.din_attention_dropout, use_softmax=False,
-                              kernel_regularizer=_l2(config.net_l2),
-                              name="din_attention")(target, history, mask, history_index)
-        parts = ([context] if context is not None else []) + [target, pooled]
-        features = keras.layers.Concatenate(axis=-1, name="dnn_input")(parts)
-        logit = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
-                         batch_norm=config.batch_norm, output_units=1,
-                         kernel_regularizer=_l2(config.net_l2),
-                         output_dtype=keras.config.dtype_policy().variable_dtype, name="dnn")(features)
-        model = keras.Model(inputs=inputs, outputs=_probability(logit), name="din")
-    return _finish(model, item_embedding, spec, load_item_table)
+    """The DIN baseline (DIN attention + DNN) with ``config``'s hyperparameters."""
+    return build_model(spec, _preset(config, "din"), load_item_table=load_item_table)
 
 
-def build_model(spec: FeatureSpec, config: ModelConfig | None = None, *, load_item_table: bool = True) -> keras.Model:
-    """``build_qin`` or ``build_din`` as ``config.model`` says."""
-    config = config or ModelConfig()
-    builder = build_qin if config.model == "qin" else build_din
-    return builder(spec, config, load_item_table=load_item_table)
+def build_transformer_dcn(spec: FeatureSpec, config: ModelConfig | None = None, *,
+                          load_item_table: bool = True) -> keras.Model:
+    """The challenge winner's Transformer + DCNv2 with ``config``'s hyperparameters."""
+    return build_model(spec, _preset(config, "transformer_dcn"), load_item_table=load_item_table)

@@ -548,7 +548,7 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
         tf.config.experimental.enable_op_determinism()
 
     steps = tc.steps_per_epoch or math.ceil(spec.splits[tc.train_split].num_rows / tc.global_batch_size)
-    say(f"qin-tf: training {mc.model} on {spec.dataset} ({spec.splits[tc.train_split].num_rows:,} train rows) "
+    say(f"qin-tf: training {mc.name} on {spec.dataset} ({spec.splits[tc.train_split].num_rows:,} train rows) "
         f"with {strategy_name(strategy)}, num_replicas_in_sync={replicas}, global batch "
         f"{tc.global_batch_size} ({tc.global_batch_size // replicas} per replica), {steps} steps per epoch")
 
@@ -672,9 +672,9 @@ def _finish(config, spec, strategy, model, plateau, history, write_dir, say, tra
     best_epoch = plateau.best_epoch + 1 if plateau.best_epoch is not None else None
     records = history.get_state()
     report.plot_curves(records, calibration, os.path.join(write_dir, CURVES_FILENAME), best_epoch=best_epoch,
-                       title=f"{mc.model} on {spec.dataset}")
+                       title=f"{mc.name} on {spec.dataset}")
     metrics = {
-        "model": mc.model,
+        "model": mc.name,
         "dataset": spec.dataset,
         "best_epoch": best_epoch,
         "epochs_run": len(records),

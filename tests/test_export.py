@@ -28,6 +28,10 @@ SAMPLE_DIR = os.path.join(REPO, "data", "microlens_sample")
 TINY_QIN = ModelConfig(embedding_dim=8, num_layers=2, num_row=2, dropout=0.2, batch_norm=True)
 TINY_DIN = ModelConfig(model="din", embedding_dim=8, din_attention_units=(16,), din_dnn_units=(16,),
                        dropout=0.2, batch_norm=True)
+#: The challenge winner's Transformer + DCNv2 (keras-rs FeatureCross) at toy width.
+TINY_TRANSFORMER_DCN = ModelConfig(model="transformer_dcn", embedding_dim=4, transformer_heads=2,
+                                   transformer_ff_units=8, transformer_last_k=4, cross_layers=2,
+                                   din_dnn_units=(16,), head_mlp_units=(8,), dropout=0.2, batch_norm=True)
 
 
 # --------------------------------------------------------------------------
@@ -366,7 +370,7 @@ _NO_PROJECT_CODE = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf   # TF itself imports Keras' core; nothing of ours
     PRELOADED = set(sys.modules)
-    BLOCKED = ("qin_tf", "pipelines", "export", "keras", "tf_keras")
+    BLOCKED = ("qin_tf", "pipelines", "export", "keras", "tf_keras", "keras_rs")
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -375,14 +379,14 @@ _NO_PROJECT_CODE = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, Block())
-    for name in ("qin_tf", "pipelines", "export", "keras.saving.custom_objects_for_qin_tf"):
+    for name in ("qin_tf", "pipelines", "export", "keras_rs", "keras.saving.custom_objects_for_qin_tf"):
         try:
             __import__(name)
         except ImportError:
             pass
         else:
             raise SystemExit("project code is importable: " + name)
-    assert not [m for m in sys.modules if m.split(".")[0] in ("qin_tf", "pipelines", "export")]
+    assert not [m for m in sys.modules if m.split(".")[0] in ("qin_tf", "pipelines", "export", "keras_rs")]
 
     version_dir, inputs_npz, out_npz = sys.argv[1:4]
     loaded = tf.saved_model.load(version_dir)
@@ -395,19 +399,49 @@ _NO_PROJECT_CODE = textwrap.dedent("""
 """)
 
 
-def test_loads_and_scores_without_project_code(exported, trained, test_rows, tmp_path):
+@pytest.fixture(scope="module")
+def exported_transformer_dcn(sample_spec, tmp_path_factory):
+    """(version_dir, Keras model) of the tiny Transformer + DCNv2, exported with the sample's test rows."""
+    model_dir = str(tmp_path_factory.mktemp("transformer_dcn") / "model")
+    model = make_model_dir(sample_spec, model_dir, TINY_TRANSFORMER_DCN, seed=2)
+    base = str(tmp_path_factory.mktemp("export_transformer_dcn") / "transformer_dcn")
+    return exporter.export_from_model_dir(model_dir, base, data_dir=sample_spec.base_dir), model
+
+
+def test_transformer_dcn_exports_with_named_signatures(sample_spec, exported_transformer_dcn, test_rows):
+    """The winner's model (FeatureCross from keras-rs inside) exports through the same signatures."""
+    version_dir, model = exported_transformer_dcn
+    defs, _ = read_signature_defs(version_dir)
+    assert sorted(defs["serving_default"].inputs) == sorted(sample_spec.model_feature_names)
+    assert list(defs["serving_default"].outputs) == ["ctr"] and list(defs["predict_examples"].outputs) == ["ctr"]
+    features, _, serialized = test_rows
+    loaded = tf.saved_model.load(version_dir)
+    want = keras_scores(model, features)
+    assert len(np.unique(want)) > 100
+    assert_scores_equal(loaded.signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in features.items()})["ctr"], want)
+    assert_scores_equal(loaded.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"], want)
+
+
+@pytest.mark.parametrize("which", ["qin", "transformer_dcn"])
+def test_loads_and_scores_without_project_code(which, request, test_rows, tmp_path):
+    """Neither qin_tf nor keras (nor keras_rs, whose FeatureCross the winner's model holds) is importable."""
+    if which == "qin":
+        version_dir, model = request.getfixturevalue("exported")[1], request.getfixturevalue("trained")[1]
+    else:
+        version_dir, model = request.getfixturevalue("exported_transformer_dcn")
     features, _, serialized = test_rows
     np.savez(tmp_path / "inputs.npz", examples=np.array(serialized, dtype=object), **features)
     script = tmp_path / "load.py"
     script.write_text(_NO_PROJECT_CODE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    proc = subprocess.run([sys.executable, "-I", str(script), exported[1], str(tmp_path / "inputs.npz"),
+    proc = subprocess.run([sys.executable, "-I", str(script), version_dir, str(tmp_path / "inputs.npz"),
                            str(tmp_path / "out.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = np.load(tmp_path / "out.npz", allow_pickle=True)
     assert list(out["new_modules"]) == []
-    want = keras_scores(trained[1], features)
+    want = keras_scores(model, features)
     assert_scores_equal(out["ctr"], want)
     assert_scores_equal(out["ctr_examples"], want)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, DINAttention, ItemEmbedding, MLPBlock,
-                           QuadraticLayer, QuadraticNeuralNetwork)
+from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, CrossNetwork, DINAttention, ItemEmbedding,
+                           MLPBlock, QuadraticLayer, QuadraticNeuralNetwork, TargetTransformer)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-9, atol=1e-12)}
@@ -87,6 +87,27 @@ def test_folded_asta_matches_original_dense_and_indexed(dtype, case):
     assert clone.folded and clone.get_config() == folded.get_config()
     with pytest.raises(ValueError, match="already folded"):
         folded.folded_weights()
+
+
+@pytest.mark.parametrize("case", ["asta.npz", "asta_noisy_padding.npz"])
+def test_projected_asta_matches_original_dense_and_indexed(case):
+    """The original's order of operations (benchmark form, --asta_form=projected): same outputs."""
+    g, _ = golden_asta("float64")
+    layer = AdaptiveSparseTargetAttention(projected=True, dtype="float64")
+    layer.build((None, 12), (None, 7, 12))
+    layer.set_weights([g["W_q"].T, g["W_k"].T, g["W_v"].T, g["W_o"].T])
+    history, expected = golden(case)["history"], golden(case)["output"]
+    out = layer(const(g["target"], "float64"), const(history, "float64"), const(g["mask"], "float64"))
+    np.testing.assert_allclose(out.numpy(), expected, **TOL["float64"])
+    table = history.reshape(-1, 12)
+    index = np.arange(len(table)).reshape(5, 7)
+    out = layer(const(g["target"], "float64"), const(table, "float64"), const(g["mask"] > 0, "bool"),
+                const(index, "int32"))
+    np.testing.assert_allclose(out.numpy(), expected, **TOL["float64"])
+    assert AdaptiveSparseTargetAttention.from_config(layer.get_config()).projected
+    assert "projected" not in AdaptiveSparseTargetAttention().get_config()   # production configs unchanged
+    with pytest.raises(ValueError, match="choose one"):
+        AdaptiveSparseTargetAttention(folded=True, projected=True)
 
 
 def golden_qnn(dtype):
@@ -396,6 +417,10 @@ def layer_cases():
         ("item", lambda: ItemEmbedding(num_items=5, num_tags=2, tag_vocab_size=3, mm_dim=4, embedding_dim=2,
                                        embeddings_regularizer=keras.regularizers.L2(1e-3), deduplicate=False),
          ([np.array([1, 4, 0]), np.array([[0, 1, 2], [3, 3, 9], [0, 0, 0]])],)),
+        ("cross", lambda: CrossNetwork(num_layers=2, kernel_regularizer=keras.regularizers.L2(1e-3)), (t,)),
+        ("cross_low_rank", lambda: CrossNetwork(num_layers=1, projection_dim=2), (t,)),
+        ("transformer", lambda: TargetTransformer(num_layers=2, num_heads=3, ff_units=5, dropout=0.1, last_k=3),
+         (t, h, m)),
     ]
 
 
@@ -422,7 +447,148 @@ def test_from_config_round_trip(name, make, args):
     (lambda: AdaptiveSparseTargetAttention(attention_dim=0), "`attention_dim` must be"),
     (lambda: DINAttention(attention_units=()), "`attention_units` must be"),
     (lambda: MLPBlock([]), "needs `hidden_units` or `output_units`"),
+    (lambda: CrossNetwork(num_layers=0), "`num_layers` must be >= 1. Received: num_layers=0"),
+    (lambda: CrossNetwork(projection_dim=0), "`projection_dim` must be >= 1 or None"),
+    (lambda: TargetTransformer(last_k=0), "`last_k` must be >= 1. Received: last_k=0"),
+    (lambda: TargetTransformer(dropout=1.0), "`dropout` must be in"),
+    (lambda: TargetTransformer(num_heads=4).build((None, 3), (None, 2, 3)), "`num_heads` must divide"),
 ])
 def test_constructor_validation(make, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         make()
+
+
+# --------------------------------------------------------------------------
+# CrossNetwork (keras-rs FeatureCross): DCNv2's x_{l+1} = x_0 * (x_l W_l + b_l) + x_l
+# --------------------------------------------------------------------------
+
+
+def test_cross_network_hand_computed():
+    """Two cross layers on D = 2, worked by hand."""
+    layer = CrossNetwork(num_layers=2, dtype="float64")
+    layer.build((None, 2))
+    w1, b1 = np.array([[1.0, 0.0], [2.0, -1.0]]), np.array([0.5, 0.0])
+    w2, b2 = np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([0.0, 1.0])
+    layer.set_weights([w1, b1, w2, b2])                       # (in, out) kernels, as x @ W
+    x0 = np.array([[1.0, 2.0]])
+    # layer 1: x0 W1 + b1 = [1 + 4 + 0.5, -2] = [5.5, -2]; x1 = x0 * that + x0 = [6.5, -2]
+    # layer 2: x1 W2 + b2 = [-2, 6.5 + 1] = [-2, 7.5];     x2 = x0 * that + x1 = [4.5, 13]
+    np.testing.assert_allclose(layer(x0).numpy(), [[4.5, 13.0]], rtol=1e-12)
+
+
+def test_cross_network_low_rank_and_batch_rows():
+    """projection_dim P: W = U V; the output of a row does not depend on the other rows."""
+    rng = np.random.default_rng(11)
+    layer = CrossNetwork(num_layers=3, projection_dim=2, dtype="float64", name="crosses")
+    x0 = rng.normal(size=(5, 4))
+    layer.build((None, 4))
+    weights = [rng.normal(size=w.shape) for w in layer.weights]
+    layer.set_weights(weights)
+    assert [tuple(w.shape) for w in layer.weights] == [(4, 2), (2, 4), (4,)] * 3
+    # stable paths (keras-rs leaves FeatureCross's Dense layers unnamed; a clone must match by path)
+    assert [w.path for w in layer.weights[:3]] == [
+        "crosses/cross_0/down_projection/kernel", "crosses/cross_0/dense/kernel", "crosses/cross_0/dense/bias"]
+    clone = CrossNetwork.from_config(layer.get_config())
+    clone.build((None, 4))
+    assert [w.path for w in clone.weights] == [w.path for w in layer.weights]
+    x = x0
+    for u, v, b in zip(weights[0::3], weights[1::3], weights[2::3]):
+        x = x0 * (x @ u @ v + b) + x
+    np.testing.assert_allclose(layer(x0).numpy(), x, rtol=1e-10)
+    np.testing.assert_allclose(layer(x0[2:3]).numpy(), x[2:3], rtol=1e-10)
+
+
+# --------------------------------------------------------------------------
+# TargetTransformer: PyTorch's post-norm TransformerEncoderLayer over [h_j | t]
+# --------------------------------------------------------------------------
+
+
+def _layer_norm(x, gamma, beta):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
+
+
+def transformer_reference(layer, target, history, mask):
+    """The winner's extractor in numpy, from the formula (PyTorch semantics, eval mode)."""
+    mask = np.asarray(mask) != 0
+    history = np.where(mask[..., None], history, 0.0)          # padded slots hold zeros
+    mask = mask.copy()
+    mask[~mask.any(axis=1), -1] = True                          # adjust_mask: an empty row keeps its last slot
+    z = np.concatenate([history, np.broadcast_to(target[:, None, :], history.shape)], axis=-1)
+    heads = layer.num_heads
+    for i in range(layer.num_layers):
+        att = layer.attention_layers[i]
+        wq, bq = att.query_dense.kernel.numpy(), att.query_dense.bias.numpy()    # [W, H, K], [H, K]
+        wk, bk = att.key_dense.kernel.numpy(), att.key_dense.bias.numpy()
+        wv, bv = att.value_dense.kernel.numpy(), att.value_dense.bias.numpy()
+        wo, bo = att.output_dense.kernel.numpy(), att.output_dense.bias.numpy()  # [H, K, W], [W]
+        q = np.einsum("blw,whk->bhlk", z, wq) + bq[None, :, None, :]
+        k = np.einsum("blw,whk->bhlk", z, wk) + bk[None, :, None, :]
+        v = np.einsum("blw,whk->bhlk", z, wv) + bv[None, :, None, :]
+        scores = np.einsum("bhqk,bhsk->bhqs", q, k) / np.sqrt(wq.shape[-1])
+        scores = np.where(mask[:, None, None, :], scores, -np.inf)             # padded keys
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attended = np.einsum("bhqs,bhsk,hkw->bqw", weights, v, wo) + bo
+        norm_1, norm_2 = layer.norm_layers[i]
+        z = _layer_norm(z + attended, norm_1.gamma.numpy(), norm_1.beta.numpy())
+        ff_1, ff_2 = layer.ff_layers[i], layer.ff_out_layers[i]
+        hidden = np.maximum(z @ ff_1.kernel.numpy() + ff_1.bias.numpy(), 0.0)
+        z = _layer_norm(z + hidden @ ff_2.kernel.numpy() + ff_2.bias.numpy(), norm_2.gamma.numpy(), norm_2.beta.numpy())
+    z = np.where(mask[..., None], z, 0.0)
+    k = min(layer.last_k, z.shape[1])
+    pooled = np.where(mask[..., None], z, -np.inf).max(axis=1)
+    pooled = pooled @ layer.pool_dense.kernel.numpy() + layer.pool_dense.bias.numpy()
+    return np.concatenate([z[:, -k:].reshape(len(z), -1), pooled], axis=-1)
+
+
+def tiny_transformer(dtype="float64", **kwargs):
+    rng = np.random.default_rng(5)
+    layer = TargetTransformer(**{"num_layers": 2, "num_heads": 2, "ff_units": 5, "dropout": 0.3, "last_k": 3,
+                                 **kwargs}, dtype=dtype)
+    layer.build((None, 3), (None, 5, 3))
+    # every weight random, LayerNorm's gamma and beta included, so the reference sees them all
+    layer.set_weights([rng.normal(0.0, 0.5, w.shape) for w in layer.weights])
+    target = rng.normal(size=(4, 3))
+    history = rng.normal(size=(4, 5, 3))
+    mask = np.array([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    return layer, target, history, mask
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_transformer_matches_the_reference(num_heads):
+    layer, target, history, mask = tiny_transformer(num_heads=num_heads)
+    out = layer(target, history, mask, training=False).numpy()
+    assert out.shape == (4, (3 + 1) * 6)
+    np.testing.assert_allclose(out, transformer_reference(layer, target, history, mask), rtol=1e-6, atol=1e-9)
+    # padded slots inside the last_k window are zero; an empty row keeps only its last slot
+    tail = out[:, :18].reshape(4, 3, 6)
+    np.testing.assert_array_equal(tail[1, :2], 0.0)
+    assert np.all(tail[1, 2] != 0.0)
+
+
+def test_transformer_last_k_longer_than_the_history_keeps_every_slot():
+    layer, target, history, mask = tiny_transformer(last_k=16)
+    out = layer(target, history, mask).numpy()
+    assert out.shape == (4, (5 + 1) * 6)
+    np.testing.assert_allclose(out, transformer_reference(layer, target, history, mask), rtol=1e-6, atol=1e-9)
+
+
+def test_transformer_padded_slots_change_nothing_and_indexed_equals_dense():
+    layer, target, history, mask = tiny_transformer()
+    expected = layer(target, history, mask).numpy()
+    noisy = np.where(mask[..., None] == 0, np.random.default_rng(9).normal(size=history.shape) * 100, history)
+    np.testing.assert_array_equal(layer(target, noisy, mask).numpy(), expected)
+    table = noisy.reshape(-1, 3)[::-1].copy()
+    index = (len(table) - 1 - np.arange(20)).reshape(4, 5)
+    np.testing.assert_allclose(layer(target, table, mask, index).numpy(), expected, rtol=1e-12)
+
+
+def test_transformer_batch_of_one_and_training_dropout():
+    layer, target, history, mask = tiny_transformer()
+    full = layer(target, history, mask).numpy()
+    for i in range(4):
+        np.testing.assert_allclose(layer(target[i:i + 1], history[i:i + 1], mask[i:i + 1]).numpy(), full[i:i + 1],
+                                   rtol=1e-10, atol=1e-12)
+    assert not np.allclose(layer(target, history, mask, training=True).numpy(), full)

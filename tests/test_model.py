@@ -1,8 +1,14 @@
-"""The QIN and DIN models built from a feature spec: interface, invariances, serialization."""
+"""The model family built from a feature spec (QIN, DIN, the challenge winner, any extractor x head):
+interface, parity with the pre-refactor builders, invariances, serialization."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+import json
+import os
+import re
 
 import keras
 import numpy as np
@@ -10,13 +16,18 @@ import pytest
 import tensorflow as tf
 
 import qin_tf.layers  # noqa: F401  (registers the layers, as a server would)
-from qin_tf.config import ModelConfig
-from qin_tf.model import build_din, build_model, build_qin
+from qin_tf.config import EXTRACTORS, HEADS, ModelConfig
+from qin_tf.model import build_din, build_model, build_qin, build_transformer_dcn
 from qin_tf.spec import FeatureSpec
 
 NUM_ITEMS, NUM_TAGS, TAG_VOCAB, MM_DIM, MAX_LEN = 30, 3, 9, 6, 5
 QIN_CONFIG = ModelConfig(embedding_dim=4, num_layers=2, num_row=3)
 DIN_CONFIG = ModelConfig(model="din", embedding_dim=4, din_attention_units=(8, 4), din_dnn_units=(16, 8))
+#: The winner's Transformer + DCNv2 at toy width (batch norm on, to exercise its moving statistics).
+TDCN_CONFIG = ModelConfig(model="transformer_dcn", embedding_dim=4, transformer_heads=2, transformer_ff_units=8,
+                          transformer_last_k=3, cross_layers=2, din_dnn_units=(16, 8), head_mlp_units=(6, 4),
+                          dropout=0.2)
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +73,18 @@ def din(spec):
     return build_din(spec, DIN_CONFIG)
 
 
+@pytest.fixture(scope="module")
+def transformer_dcn(spec):
+    keras.utils.set_random_seed(4)
+    return build_transformer_dcn(spec, TDCN_CONFIG)
+
+
 # --------------------------------------------------------------------------
 # Interface
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["qin", "din"])
+@pytest.mark.parametrize("which", ["qin", "din", "transformer_dcn"])
 def test_inputs_and_output_follow_the_spec(which, spec, request):
     model = request.getfixturevalue(which)
     assert model.name == which
@@ -145,6 +162,134 @@ def test_build_model_dispatches_on_config(spec):
     assert build_model(spec, ModelConfig(model="din", embedding_dim=2, din_attention_units=(2,),
                                          din_dnn_units=(2,))).name == "din"
     assert build_model(spec, ModelConfig(embedding_dim=2, num_layers=1)).name == "qin"
+    assert build_model(spec, dataclasses.replace(TDCN_CONFIG, embedding_dim=2, transformer_heads=1)).name == \
+        "transformer_dcn"
+
+
+# --------------------------------------------------------------------------
+# The family: presets, parts and parity with the builders before the refactor
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, builder, config", [("qin", build_qin, QIN_CONFIG), ("din", build_din, DIN_CONFIG)])
+def test_presets_build_the_same_graph_and_weights_as_before_the_refactor(spec, name, builder, config):
+    """Golden recorded at commit c9d8ad7 (before models were composed from parts): same seed, same
+    layer configs, weight paths and values, same outputs."""
+    with open(os.path.join(GOLDEN, "model_pre_family.json")) as f:
+        want = json.load(f)[name]
+    golden = np.load(os.path.join(GOLDEN, "model_pre_family.npz"))
+    keras.utils.set_random_seed(7)
+    model = builder(spec, config)
+    # Keras numbers unnamed op layers (take, not_equal) per process: compare them by kind
+    unnumbered = functools.partial(re.sub, r'"(take|not_equal)_\d+"', r'"\1"')
+    assert unnumbered(json.dumps(model.get_config(), sort_keys=True)) == unnumbered(
+        json.dumps(want["config"], sort_keys=True))
+    assert [[w.path, list(w.shape)] for w in model.weights] == want["weights"]
+    for i, w in enumerate(model.get_weights()):
+        np.testing.assert_array_equal(w, golden[f"{name}_weight_{i}"])
+    np.testing.assert_array_equal(predict(model, batch(16, seed=21)), golden[f"{name}_output"])
+    assert build_model(spec, dataclasses.replace(config, model=name)).get_config()["name"] == name
+
+
+PART_LAYERS = {"asta": "AdaptiveSparseTargetAttention", "din_attention": "DINAttention",
+               "transformer": "TargetTransformer", "qnn": "QuadraticNeuralNetwork", "dnn": "MLPBlock",
+               "dcn_v2": "CrossNetwork"}
+
+
+@pytest.mark.parametrize("extractor, head", list(itertools.product(EXTRACTORS, HEADS)))
+def test_every_extractor_and_head_compose(spec, extractor, head):
+    config = dataclasses.replace(TDCN_CONFIG, model="qin", extractor=extractor, head=head, num_layers=1,
+                                 din_attention_units=(4,))
+    model = build_model(spec, config)
+    preset = {("asta", "qnn"): "qin", ("din_attention", "dnn"): "din", ("transformer", "dcn_v2"): "transformer_dcn"}
+    assert model.name == preset.get((extractor, head), f"{extractor}__{head}")
+    classes = {type(layer).__name__ for layer in model.layers}
+    assert {PART_LAYERS[extractor], PART_LAYERS[head]} <= classes
+    assert not {PART_LAYERS[e] for e in EXTRACTORS if e != extractor} & classes
+    assert model.get_layer(f"{head}_input").output.shape[-1] == 2 * 4 + 12 + (
+        (3 + 1) * 24 if extractor == "transformer" else 12)       # context | x_t | interest
+    out = predict(model, batch(5, seed=14))
+    assert out.shape == (5,) and np.all(np.isfinite(out))
+
+
+def test_preset_flags_and_overrides(spec):
+    """--model names a pair; --extractor / --head override it; bad names are one-line errors."""
+    from absl import flags
+
+    from qin_tf import train
+
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    fv(["prog", "--model=transformer_dcn", "--head=qnn"])
+    config = train.config_from_flags(fv).model
+    assert (config.resolved_extractor, config.resolved_head, config.name) == ("transformer", "qnn", "transformer__qnn")
+    assert (ModelConfig(model="din").resolved_extractor, ModelConfig(model="din").resolved_head) == (
+        "din_attention", "dnn")
+    assert ModelConfig(extractor="asta", head="qnn").name == "qin"
+    for field in ("extractor", "head", "transformer_layers", "cross_layers", "cross_projection_dim",
+                  "head_mlp_units", "head_input_batch_norm", "asta_form", "deduplicate_items"):
+        help_text = fv[field].help.removeprefix("[model] ")
+        assert help_text[0].isupper() and help_text.endswith(".") and help_text.count(". ") == 0, help_text
+    with pytest.raises(ValueError, match="`model` must be one of"):
+        ModelConfig(model="dcn")
+    with pytest.raises(ValueError, match="`head` must be one of"):
+        ModelConfig(head="mlp")
+    with pytest.raises(ValueError, match="`transformer_heads` must divide 6 \\* embedding_dim = 24"):
+        ModelConfig(model="transformer_dcn", embedding_dim=4, transformer_heads=5)
+
+
+@pytest.mark.parametrize("sparse, asta, deduplicate", [(True, "projected", None), (False, "projected", False),
+                                                   (False, "reassociated", True), (False, "folded", None)])
+def test_benchmark_variants_are_flags_with_the_production_outputs(spec, sparse, asta, deduplicate):
+    """bench.variants builds its variants from ModelConfig fields (--asta_form, --deduplicate_items)."""
+    from bench import variants
+    from export.exporter import fold_for_inference
+
+    config = dataclasses.replace(QIN_CONFIG, sparse_history=sparse)
+    reference = build_qin(spec, config)
+    features = {k: tf.constant(v) for k, v in batch(16, seed=15).items()}
+    if asta == "folded":
+        model = build_model(spec, dataclasses.replace(config, asta_form="folded"), load_item_table=False)
+        model.set_weights(fold_for_inference(reference, qnn=False, item_vectors=False).get_weights())
+        assert model.get_layer("asta").folded
+    else:
+        model = variants.build_variant(spec, config, asta=asta, deduplicate=deduplicate)
+        assert model.get_layer("asta").projected == (asta == "projected")
+        assert model.get_layer("item_embedding").deduplicate == (sparse if deduplicate is None else deduplicate)
+        assert variants.check_same_outputs(model, spec, config, features) <= 1e-4
+        model.set_weights(reference.get_weights())
+    np.testing.assert_allclose(model(features, training=False).numpy(), reference(features, training=False).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="`deduplicate_items=False` needs sparse_history=False"):
+        ModelConfig(deduplicate_items=False)
+    with pytest.raises(ValueError, match="`asta_form` must be one of"):
+        ModelConfig(asta_form="fast")
+
+
+def test_head_input_batch_norm_normalises_the_head_input(spec):
+    model = build_model(spec, dataclasses.replace(QIN_CONFIG, head_input_batch_norm=True))
+    norm = model.get_layer("qnn_input_bn")
+    assert norm.input.shape[-1] == 2 * 4 + 24
+    assert predict(model, batch(4)).shape == (4,)
+
+
+def test_transformer_dcn_follows_the_winner(transformer_dcn):
+    """The winner's structure: the transformer sees 6E-wide pairs; the head's input is
+    [context | x_t | last_k * 6E + 6E]; cross and DNN towers side by side, then the MLP to the logit."""
+    e = TDCN_CONFIG.embedding_dim
+    transformer = transformer_dcn.get_layer("transformer")
+    assert (transformer.num_layers, transformer.num_heads, transformer.ff_units, transformer.dropout,
+            transformer.last_k) == (2, 2, 8, 0.2, 3)
+    width = 2 * e + 3 * e + (3 + 1) * 6 * e
+    assert transformer_dcn.get_layer("dcn_v2_input").output.shape == (None, width)
+    cross = transformer_dcn.get_layer("cross_network")
+    assert cross.num_layers == 2 and [tuple(w.shape) for w in cross.weights] == [(width, width), (width,)] * 2
+    assert transformer_dcn.get_layer("dcn_mlp_input").output.shape == (None, width + 8)
+    assert transformer_dcn.get_layer("dcn_mlp").hidden_units == [6, 4]
+    released = ModelConfig(model="transformer_dcn")
+    assert (released.transformer_layers, released.transformer_heads, released.transformer_ff_units,
+            released.transformer_dropout, released.transformer_last_k, released.cross_layers,
+            released.head_mlp_units, released.din_dnn_units) == (2, 1, 256, 0.2, 16, 3, (64, 32), (1024, 512, 256))
 
 
 # --------------------------------------------------------------------------
@@ -152,7 +297,7 @@ def test_build_model_dispatches_on_config(spec):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["qin", "din"])
+@pytest.mark.parametrize("which", ["qin", "din", "transformer_dcn"])
 def test_ids_outside_the_table_in_padded_slots_change_nothing(which, request):
     model = request.getfixturevalue(which)
     clean = batch(16, seed=1)
@@ -186,7 +331,7 @@ def test_qin_without_history_is_attention_free(qin):
     np.testing.assert_allclose(predict(qin, features), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("which", ["qin", "din"])
+@pytest.mark.parametrize("which", ["qin", "din", "transformer_dcn"])
 def test_batch_of_one_equals_its_row_in_a_batch(which, request):
     model = request.getfixturevalue(which)
     full = batch(64, seed=5)
@@ -196,7 +341,8 @@ def test_batch_of_one_equals_its_row_in_a_batch(which, request):
         np.testing.assert_allclose(predict(model, one), out[i:i + 1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("builder, config", [(build_qin, QIN_CONFIG), (build_din, DIN_CONFIG)], ids=["qin", "din"])
+@pytest.mark.parametrize("builder, config", [(build_qin, QIN_CONFIG), (build_din, DIN_CONFIG),
+                                             (build_transformer_dcn, TDCN_CONFIG)], ids=["qin", "din", "transformer_dcn"])
 def test_dense_history_path_equals_sparse_and_compiles_with_xla(builder, config, spec):
     sparse = builder(spec, config)
     dense = builder(spec, dataclasses.replace(config, sparse_history=False))
@@ -236,7 +382,7 @@ def test_training_mode_uses_dropout_and_trains(spec):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["qin", "din"])
+@pytest.mark.parametrize("which", ["qin", "din", "transformer_dcn"])
 def test_from_config_round_trip(which, request):
     model = request.getfixturevalue(which)
     clone = keras.Model.from_config(model.get_config())
@@ -246,7 +392,7 @@ def test_from_config_round_trip(which, request):
     np.testing.assert_array_equal(predict(clone, features), predict(model, features))
 
 
-@pytest.mark.parametrize("which", ["qin", "din"])
+@pytest.mark.parametrize("which", ["qin", "din", "transformer_dcn"])
 def test_keras_file_round_trip_without_custom_objects(which, request, tmp_path):
     model = request.getfixturevalue(which)
     path = str(tmp_path / f"{which}.keras")

@@ -27,8 +27,8 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from export import exporter
 from export.client import ServingClient, ServingError, score_file
 from export.local_server import LocalServer
-from tests.test_export import (REPO, SAMPLE_DIR, assert_scores_equal, keras_scores, make_model_dir, make_raw_spec,
-                               split_rows)
+from tests.test_export import (REPO, SAMPLE_DIR, TINY_TRANSFORMER_DCN, assert_scores_equal, keras_scores,
+                               make_model_dir, make_raw_spec, split_rows)
 
 TF_SERVING = shutil.which("tensorflow_model_server")
 SERVERS = ["local"] + (["tf_serving"] if TF_SERVING else [])
@@ -527,3 +527,15 @@ def test_client_cli_scores_raw_json_lines_over_grpc_and_in_process(raw_served, s
         # Another process (the CLI) may block its float sums differently: equal to float rounding here;
         # bit for bit within one process in test_raw_id_grpc_request_scores_bitwise_as_dense.
         assert_scores_equal(np.array(proc.stdout.split(), dtype=np.float32), want)
+
+
+def test_local_server_serves_the_transformer_dcn(sample_spec, served, tmp_path):
+    """The challenge winner's model (keras-rs FeatureCross inside) is served like QIN."""
+    model = make_model_dir(sample_spec, str(tmp_path / "model"), TINY_TRANSFORMER_DCN, seed=5)
+    base = str(tmp_path / "export")
+    exporter.export_from_model_dir(str(tmp_path / "model"), base, data_dir=sample_spec.base_dir)
+    features = served[2][0]
+    with LocalServer(base, port=0) as local:
+        with ServingClient(local.address, "qin") as client:
+            got = client.predict(_rows(features, 50))
+    assert_scores_equal(got, keras_scores(model, _rows(features, 50)))

@@ -322,6 +322,23 @@ def test_tuned_flagfile_is_the_released_one_plus_its_overrides(monkeypatch):
     assert dataclasses.replace(cfg.train, epochs=base.train.epochs) == base.train
 
 
+def test_transformer_dcn_flagfile_holds_the_winners_released_values(monkeypatch):
+    """configs/transformer_dcn.flags: the challenge winner's model sizes and released training values."""
+    monkeypatch.chdir(REPO)
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", "--flagfile=configs/transformer_dcn.flags"], fv)
+    cfg = train.config_from_flags(fv)
+    m, t = cfg.model, cfg.train
+    assert (m.name, m.resolved_extractor, m.resolved_head) == ("transformer_dcn", "transformer", "dcn_v2")
+    assert (m.transformer_layers, m.transformer_heads, m.transformer_ff_units, m.transformer_dropout,
+            m.transformer_last_k) == (2, 1, 256, 0.2, 16)
+    assert (m.cross_layers, m.cross_projection_dim, m.din_dnn_units, m.head_mlp_units) == (
+        3, None, (1024, 512, 256), (64, 32))
+    assert (m.dropout, m.batch_norm, m.embedding_dim, m.embedding_l2, m.net_l2) == (0.2, False, 64, 0.0, 0.0)
+    assert (t.learning_rate, t.global_batch_size, t.patience) == (5e-4, 128, 5)
+
+
 def test_every_config_field_is_a_flag():
     import dataclasses
 
@@ -512,6 +529,9 @@ def test_ablation_script_swaps_one_part_and_trains(sample_spec, tmp_path, varian
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert read_metrics(model_dir)["epochs_run"] == 1
+    # metrics and the console name the pair of parts that trained
+    name = {"qin_din_attention": "din_attention__qnn", "asta_mlp_head": "asta__dnn", "qnn_input_bn": "qin"}[variant]
+    assert read_metrics(model_dir)["model"] == name and f"training {name} on" in proc.stdout
     classes = {type(layer).__name__ for layer in
                keras.saving.load_model(model_dir / "best.keras", compile=False).layers}
     assert {swapped, kept} <= classes
@@ -519,6 +539,24 @@ def test_ablation_script_swaps_one_part_and_trains(sample_spec, tmp_path, varian
         assert "AdaptiveSparseTargetAttention" not in classes
     if variant == "asta_mlp_head":
         assert "QuadraticNeuralNetwork" not in classes
+
+
+def test_cli_trains_the_winners_transformer_dcn_with_a_clean_console(sample_spec, tmp_path):
+    """--model=transformer_dcn (toy sizes) through the CLI: keras-rs imports quietly, best.keras reloads."""
+    import keras
+
+    import qin_tf.layers  # noqa: F401  (registers the layers)
+
+    model_dir = tmp_path / "model"
+    proc = run_cli(*sample_args(sample_spec, model_dir, "--model=transformer_dcn", "--embedding_dim=4",
+                                "--transformer_ff_units=8", "--transformer_last_k=4", "--cross_layers=2",
+                                "--din_dnn_units=16", "--head_mlp_units=8", "--epochs=1", "--steps_per_epoch=2"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert read_metrics(model_dir)["model"] == "transformer_dcn"
+    model = keras.saving.load_model(model_dir / "best.keras", compile=False)
+    assert {"TargetTransformer", "CrossNetwork", "MLPBlock"} <= {type(layer).__name__ for layer in model.layers}
+    with open(model_dir / "config.json") as f:
+        assert json.load(f)["model"]["model"] == "transformer_dcn"
 
 
 def test_ablation_script_rejects_an_unknown_variant():

@@ -94,6 +94,11 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
         kernel_regularizer: optional, on the four matrices.
         folded: hold ``W_qk`` and ``W_vo`` (see "Folded form"); ``use_scale``
             is then part of ``W_qk``.
+        projected: compute in the original's order instead (for benchmarks):
+            project every history slot, or every distinct item of an indexed
+            history, ``k_j = W_k h_j``, ``v_j = W_v h_j``, then score and pool
+            in the projected space. Same weights and outputs; O(L D A) per
+            example. Saved in the config only when set.
 
     Call arguments:
         target: ``[batch, D]``.
@@ -118,8 +123,10 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
     """
 
     def __init__(self, attention_dim=None, use_scale=True, kernel_initializer="glorot_normal",
-                 kernel_regularizer=None, folded=False, **kwargs):
+                 kernel_regularizer=None, folded=False, projected=False, **kwargs):
         super().__init__(**kwargs)
+        if folded and projected:
+            raise ValueError("`folded` and `projected` are two forms of ASTA; choose one.")
         if attention_dim is not None and (not isinstance(attention_dim, int) or attention_dim < 1):
             raise ValueError("`attention_dim` must be an integer >= 1 or None. "
                              f"Received: attention_dim={attention_dim!r}")
@@ -128,6 +135,7 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.folded = bool(folded)
+        self.projected = bool(projected)
 
     def build(self, target_shape, history_shape=None, history_mask_shape=None, history_index_shape=None):
         dim = target_shape[-1]
@@ -165,6 +173,8 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
         return (w_q @ w_k.T) * scale, w_v @ w_o
 
     def call(self, target, history, history_mask=None, history_index=None):
+        if self.projected:
+            return self._call_projected(target, history, history_mask, history_index)
         if self.folded:
             key_query = ops.matmul(target, self.W_qk)                  # [B, D] = W_k^T q / sqrt(A)
         else:
@@ -186,6 +196,33 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
             return ops.matmul(pooled, self.W_vo) + target
         return ops.matmul(ops.matmul(pooled, self.W_v), self.W_o) + target
 
+    def _call_projected(self, target, history, history_mask, history_index):
+        """The original's order: project every item, then attend (see ``projected``)."""
+        query = ops.matmul(target, self.W_q)                                  # [B, A]
+        scale = ops.convert_to_tensor(1.0 / math.sqrt(self._att) if self.use_scale else 1.0, dtype=query.dtype)
+        if history_index is None:
+            mask = _as_mask(history_mask, history)
+            # As torch.nn.Linear does it: one [B*L, D] x [D, A] product each (an einsum's
+            # gradient here would build a [B, D, A] intermediate).
+            shape = ops.shape(history)
+            flat = ops.reshape(history, (-1, shape[-1]))
+            keys = ops.reshape(ops.matmul(flat, self.W_k), (shape[0], shape[1], -1))   # [B, L, A]
+            values = ops.reshape(ops.matmul(flat, self.W_v), (shape[0], shape[1], -1))
+            scores = ops.einsum("ba,bla->bl", query, keys) * scale
+            weights = ops.relu(ops.where(mask, scores, ops.zeros_like(scores)))
+            pooled = ops.einsum("bl,bla->ba", weights, values)                # [B, A]
+        else:
+            keys = ops.matmul(history, self.W_k)                              # [U, A]: each item once
+            values = ops.matmul(history, self.W_v)
+            positions = tf.where(_as_mask(history_mask, history_index))
+            rows = positions[:, 0]
+            slots = tf.gather_nd(history_index, positions)
+            scores = ops.sum(ops.take(query, rows, axis=0) * ops.take(keys, slots, axis=0), axis=-1) * scale
+            weights = ops.relu(scores)
+            pooled = _sum_per_row(ops.expand_dims(weights, -1) * ops.take(values, slots, axis=0), rows,
+                                  ops.shape(target)[0])
+        return ops.matmul(pooled, self.W_o) + target
+
     def compute_output_shape(self, target_shape, history_shape=None, history_mask_shape=None,
                              history_index_shape=None):
         return tuple(target_shape)
@@ -199,6 +236,8 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             folded=self.folded,
         )
+        if self.projected:   # only when set: the production model's config stays as it was
+            config["projected"] = True
         return config
 
 
