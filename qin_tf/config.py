@@ -17,32 +17,45 @@ DTYPE_POLICIES = (None, "float32", "mixed_bfloat16")
 class ModelConfig:
     """Hyperparameters of QIN and of the DIN baseline.
 
+    Each entry below is also the help text of its flag (see ``qin_tf.train``).
+
     Attributes:
-        model: ``"qin"`` or ``"din"``.
-        embedding_dim: E; an item vector is 3E (id | tags | multimodal).
-        num_layers, num_row, dropout, batch_norm: QNN.
-        attention_dim: ASTA's q/k/v width; ``None`` means 2 * 3E, the original's.
-        din_attention_units, din_dnn_units: the DIN baseline's MLPs.
-        din_attention_dropout: dropout in DIN's attention MLP (challenge
-            baseline: 0.1); DIN's DNN uses ``dropout`` and ``batch_norm``.
-        embedding_l2: L2 weight (``weight / 2 * ||theta||^2``) on the embedding
-            tables and the multimodal projection.
-        id_dropout: training-time dropout of whole item-id embeddings (each
-            item then counts by its tags and multimodal vector alone), see
-            ``ItemEmbedding``; 0 (default, the original) turns it off.
-        net_l2: L2 weight (``weight / 2 * ||W||^2``) on the kernels of the
-            network: QNN's quadratic layers and ASTA's matrices (QIN), the
-            attention and DNN MLPs (DIN). FuxiCTR's ``net_regularizer``; the
-            released QIN config has 0.
-        sparse_history: compute each distinct item's vector once per batch and
-            attend over the real (non-padding) history items only
-            (``tf.unique``/``tf.where``: exact, several times faster, no XLA);
-            ``False`` computes every slot densely (XLA-compatible).
-        dtype_policy: Keras dtype policy of the model's layers; ``None`` means
-            Keras' global policy (float32 unless set). ``"mixed_bfloat16"``
-            (opt-in) computes in bfloat16 with float32 weights and a float32
-            logit: faster on CPUs with AVX512-BF16 or AMX and on TPUs/GPUs,
-            at some cost in accuracy (see BENCHMARKS.md).
+        model: The model to build: qin (the Quadratic Interest Network) or din
+            (the challenge's DIN baseline).
+        embedding_dim: The embedding size E; an item's vector is 3E wide (its
+            id, tags and multimodal parts).
+        num_layers: The number of quadratic layers in QIN's QNN head.
+        num_row: The number of rows R of each quadratic layer of the QNN (the
+            rank of its factorised interaction).
+        dropout: The dropout rate in each quadratic layer of the QNN, and in
+            the DNN of the DIN baseline.
+        batch_norm: Whether the QNN's layers, and the DNN of the DIN baseline,
+            use batch normalisation.
+        attention_dim: The width of ASTA's query, key and value projections;
+            none means 2 * 3E, the original's.
+        din_attention_units: The hidden layer sizes of the DIN baseline's
+            attention MLP.
+        din_dnn_units: The hidden layer sizes of the DIN baseline's DNN.
+        embedding_l2: The L2 weight (weight / 2 * ||theta||^2) on the
+            embedding tables and the multimodal projection.
+        din_attention_dropout: The dropout rate in the DIN baseline's attention
+            MLP (the challenge baseline's is 0.1).
+        net_l2: The L2 weight (weight / 2 * ||W||^2) on the network's kernels:
+            QNN's quadratic layers and ASTA's matrices (QIN), the attention and
+            DNN MLPs (DIN); FuxiCTR's net_regularizer, 0 in the released QIN
+            config.
+        id_dropout: The training-time rate at which whole item-id embeddings
+            are dropped, so that an item counts by its tags and multimodal
+            vector alone (see ``ItemEmbedding``); 0, the original, turns it off.
+        sparse_history: Whether to compute each distinct item's vector once per
+            batch and attend over the real (non-padding) history items only
+            (exact and several times faster, but not XLA-compatible); false
+            computes every slot densely.
+        dtype_policy: The Keras dtype policy of the model's layers; none means
+            Keras' global policy (float32 unless set), and mixed_bfloat16
+            computes in bfloat16 with float32 weights and logit (faster on CPUs
+            with AVX512-BF16 or AMX and on TPUs and GPUs, at some cost in
+            accuracy; see BENCHMARKS.md).
     """
 
     model: str = "qin"
@@ -145,8 +158,8 @@ class TrainConfig:
         "Make every op deterministic (tf.config.experimental.enable_op_determinism): "
         "bitwise-reproducible runs and resumes, slower on GPU."))
     strategy: str = dataclasses.field(default="auto", metadata=_help(
-        "auto | one_device | mirrored | multi_worker. auto: multi_worker if TF_CONFIG names "
-        "more than one task, mirrored if more than one GPU, else one_device."))
+        "Distribution strategy: auto, one_device, mirrored or multi_worker; auto picks multi_worker "
+        "if TF_CONFIG names more than one task, mirrored if there is more than one GPU, else one_device."))
     train_split: str = dataclasses.field(default="train", metadata=_help("Split to train on."))
     valid_split: str = dataclasses.field(default="valid", metadata=_help(
         "Labelled split for model selection (learning rate decay, early stopping, best epoch)."))
