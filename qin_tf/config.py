@@ -167,7 +167,12 @@ class TrainConfig:
         "More labelled splits to evaluate after every epoch (e.g. test), reported in the "
         "progress lines and metrics.json history only, never used for model selection."))
     log_every_steps: int = dataclasses.field(default=100, metadata=_help(
-        "Print training progress every this many steps (0 = once per epoch)."))
+        "In a log (output not a terminal), print a progress line every this many steps; 0 = by "
+        "time only (log_every_seconds)."))
+    log_every_seconds: float = dataclasses.field(default=30.0, metadata=_help(
+        "In a log (output not a terminal), also print a progress line when this many seconds "
+        "have passed since the last one; 0 = by steps only. On a terminal, a progress bar shows "
+        "every step instead."))
     export_base: str | None = dataclasses.field(default=None, metadata=_help(
         "If set, the chief exports the best model as a SavedModel under this base "
         "directory at the end (export.exporter)."))
@@ -199,6 +204,8 @@ class TrainConfig:
                              f"min_delta={self.min_delta}")
         if self.log_every_steps < 0:
             raise ValueError(f"`log_every_steps` must be >= 0. Received: log_every_steps={self.log_every_steps}")
+        if self.log_every_seconds < 0:
+            raise ValueError(f"`log_every_seconds` must be >= 0. Received: log_every_seconds={self.log_every_seconds}")
         if self.train_split == self.valid_split:
             raise ValueError(f"`train_split` and `valid_split` must differ. Received: both {self.train_split!r}")
 
@@ -208,7 +215,7 @@ class TrainConfig:
 
 
 #: TrainConfig fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "data_dir", "model_dir")
+RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "log_every_seconds", "data_dir", "model_dir")
 
 
 @dataclasses.dataclass(frozen=True)
