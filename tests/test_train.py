@@ -93,7 +93,7 @@ def sample_run(sample_spec, tmp_path_factory):
 # --------------------------------------------------------------------------
 
 
-def test_cli_writes_every_artefact_with_a_clean_console(sample_run):
+def test_cli_writes_every_artefact_with_a_clean_console(sample_run, sample_spec):
     model_dir, proc = sample_run
     assert proc.stderr == "", proc.stderr  # no TensorFlow import noise, no warnings
     for name in ("config.json", "feature_spec.json", "checkpoints/best.weights.h5",
@@ -107,6 +107,8 @@ def test_cli_writes_every_artefact_with_a_clean_console(sample_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "num_replicas_in_sync=1" in proc.stdout
     assert "epoch 1/" in proc.stdout and "done: best epoch" in proc.stdout
+    # the data it trained on, not only the dataset config's name (the sample's is microlens50k_mmctr)
+    assert f"training qin on {sample_spec.base_dir} (2,622 train rows, dataset config " in proc.stdout
 
 
 def test_resolved_config_json_is_flagfile_plus_overrides(sample_run, sample_spec):
@@ -232,8 +234,9 @@ def test_monitor_split_must_exist_and_be_labelled(sample_spec, tmp_path, capsys)
 
 def test_history_records_the_data_loss_apart_from_l2(sample_run):
     hist = read_metrics(sample_run[0])["history"]
-    assert all(0.3 < r["logloss"] < 1.0 and r["logloss"] < r["loss"] for r in hist)  # the sample has L2 0.3
+    assert all(0 < r["logloss"] < r["loss"] for r in hist)  # the sample has L2 0.3
     assert hist[0]["loss"] > 2 * hist[0]["logloss"]
+    assert abs(hist[-1]["logloss"] - hist[-1]["val_logloss"]) < 0.15  # the scale of the valid logloss
 
 
 def test_curves_plot_the_logloss_apart_from_the_loss_with_l2(tmp_path, monkeypatch):
