@@ -524,7 +524,11 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
            qcb.TensorBoardLogger(os.path.join(write_dir, LOG_DIR), steps_per_epoch=steps), *extra_callbacks]
     callback_list = keras.callbacks.CallbackList(cbs, model=model)
 
-    one_step = tf.constant(1)
+    # Steps per call of the training function. One, as Keras' fit, so that the progress
+    # callbacks see every step; under multi_worker, as many as between two progress
+    # lines: one step per call there left the chief logging a CoordinationServiceError
+    # ("task 1 stopped sending heartbeats") at exit once the other workers had left.
+    chunk = (tc.log_every_steps or steps) if strategy_name(strategy) == "multi_worker" else 1
     initial_epoch, finished = 0, False
     if state is not None:
         best_weights = qcb.TrainingBackup.restore(os.path.join(tc.model_dir, BACKUP_DIR), state,
@@ -554,8 +558,8 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
 
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         done_steps, loss_sum = 0, 0.0
-        while done_steps < steps:  # a step per call, as Keras' fit: the callbacks see every step
-            total, done, last = loop.run(iterator, one_step)
+        while done_steps < steps:
+            total, done, last = loop.run(iterator, tf.constant(min(chunk, steps - done_steps)))
             done, last = int(done), float(last)
             if not math.isfinite(last):
                 last_good = (f"the last good state is the backup after epoch {epoch} in "
