@@ -524,10 +524,11 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
            qcb.TensorBoardLogger(os.path.join(write_dir, LOG_DIR), steps_per_epoch=steps), *extra_callbacks]
     callback_list = keras.callbacks.CallbackList(cbs, model=model)
 
-    # Steps per call of the training function. One, as Keras' fit, so that the progress
-    # callbacks see every step; under multi_worker, as many as between two progress
-    # lines: one step per call there left the chief logging a CoordinationServiceError
-    # ("task 1 stopped sending heartbeats") at exit once the other workers had left.
+    # Steps per call of the training function: one, as Keras' fit, so that the progress
+    # callbacks see every step. Under multi_worker, as before, as many as between two
+    # progress lines: with one, the two-worker test run ended with the chief logging a
+    # CoordinationServiceError (worker 1, done, had left while the chief finished) in
+    # 3 runs of 3 on a loaded machine; the same error shows, less often, without it.
     chunk = (tc.log_every_steps or steps) if strategy_name(strategy) == "multi_worker" else 1
     initial_epoch, finished = 0, False
     if state is not None:
