@@ -1,4 +1,4 @@
-"""gRPC client of TF Serving's PredictionService for the exported QIN model.
+r"""gRPC client of TF Serving's PredictionService for the exported QIN model.
 
     python -m export.client --server=127.0.0.1:8500 --model_name=qin \
         --input=data/microlens_sample/test.parquet --output=scores.csv
@@ -520,28 +520,26 @@ def main(argv):
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of the gRPC endpoint.")
+    flags.DEFINE_string("server", "127.0.0.1:8500", "The host:port of the gRPC endpoint.")
     flags.DEFINE_string("model_name", "qin", "Served model name.")
-    flags.DEFINE_string("signature_name", None, "Signature; default serving_default for parquet and JSON "
-                        "lines, predict_examples for TFRecords.")
-    flags.DEFINE_string("input", None, "Parquet (MMCTR layout), TFRecord or JSON-lines file (`-`: JSON "
-                        "lines on stdin).", required=True)
-    flags.DEFINE_bool("raw_ids", False, "JSON lines hold ids as the log had them (strings or int64s, "
-                      "mapped by the export's vocabularies): send them to the `serving_raw` signature.")
-    flags.DEFINE_string("saved_model", None, "Score in process with this export (base or version "
-                        "directory) instead of asking --server.")
-    flags.DEFINE_string("output", None, "Write `row,ctr` here (.parquet or CSV); default: print scores.")
+    flags.DEFINE_string("signature_name", None, "The signature to call; default: serving_default for parquet "
+                        "and JSON lines, predict_examples for TFRecords.")
+    flags.DEFINE_string("input", None, "A parquet (MMCTR layout), TFRecord or JSON-lines file, or - for JSON "
+                        "lines on stdin.", required=True)
+    flags.DEFINE_bool("raw_ids", False, "Whether the JSON lines hold ids as the log had them (strings or int64s, "
+                      "mapped by the export's vocabularies), sent to the serving_raw signature.")
+    flags.DEFINE_string("saved_model", None, "An export (base or version directory) to score with in process "
+                        "instead of asking --server.")
+    flags.DEFINE_string("output", None, "Where to write the columns row,ctr (.parquet, else CSV); default: "
+                        "print the scores.")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per request.", lower_bound=1)
-    flags.DEFINE_float("deadline_s", DEFAULT_DEADLINE_S, "Deadline of each request, seconds.", lower_bound=0.001)
-    flags.DEFINE_string("feature_spec", None, "feature_spec.json (or its directory) to take the inputs "
+    flags.DEFINE_float("deadline_s", DEFAULT_DEADLINE_S, "Deadline of each request, in seconds.", lower_bound=0.001)
+    flags.DEFINE_string("feature_spec", None, "A feature_spec.json (or its directory) to take the inputs "
                         "from instead of the server's GetModelMetadata.")
 
 
 if __name__ == "__main__":
-    from qin_tf.runtime import import_tensorflow
-
-    import_tensorflow()
-    from absl import app
+    from qin_tf.runtime import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main, tensorflow=True)

@@ -1,4 +1,4 @@
-"""Exports a trained model as a SavedModel that TensorFlow Serving loads as is.
+r"""Exports a trained model as a SavedModel that TensorFlow Serving loads as is.
 
     python -m export.exporter --model_dir=runs/sample/model --export_base=runs/sample/export \
         --data_dir=runs/sample/data
@@ -752,14 +752,11 @@ def _define_flags():
                          lower_bound=1)
     flags.DEFINE_string("data_dir", None, "Preprocessed data directory to take warmup rows from; "
                         "default: the spec's own split files.")
-    flags.DEFINE_string("model_name", "qin", "model_spec.name of the warmup requests.")
+    flags.DEFINE_string("model_name", "qin", "The model name (model_spec.name) that the warmup requests address.")
 
 
 if __name__ == "__main__":
-    from qin_tf.runtime import import_tensorflow
-
-    import_tensorflow()
-    from absl import app
+    from qin_tf.runtime import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main, tensorflow=True)

@@ -416,7 +416,7 @@ def _define_flags():
                         "the newest version is served.", required=True)
     flags.DEFINE_string("host", "127.0.0.1", "Interface to bind. Loopback by default: this "
                         "development server has no TLS and no authentication.")
-    flags.DEFINE_integer("port", 8500, "gRPC port (TF Serving's default); 0 picks a free one.", lower_bound=0)
+    flags.DEFINE_integer("port", 8500, "The gRPC port (TF Serving's default); 0 picks a free one.", lower_bound=0)
     flags.DEFINE_string("model_name", "qin", "Model name requests must address.")
     flags.DEFINE_integer("max_batch_size", DEFAULT_MAX_BATCH_SIZE, "Largest batch one request may carry.",
                          lower_bound=1)
@@ -424,10 +424,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from qin_tf.runtime import import_tensorflow
-
-    import_tensorflow()
-    from absl import app
+    from qin_tf.runtime import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main, tensorflow=True)

@@ -1,4 +1,4 @@
-"""Cuts the bundled sample out of MicroLens-50k in the MMCTR layout.
+r"""Cuts the bundled sample out of MicroLens-50k in the MMCTR layout.
 
     python -m pipelines.make_sample --input_dir=../shared/data/microlens50k_mmctr \
         --output_dir=data/microlens_sample --num_users=300 --seed=0
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from absl import app, flags
+from absl import flags
 
 SPLITS = ("train", "valid", "test")
 
@@ -70,4 +70,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from qin_tf.runtime import run_app
+
+    run_app(main)

@@ -928,7 +928,8 @@ def _define_flags():
     flags.DEFINE_integer("max_len", None, "History length (default: the config's max_len).", lower_bound=1)
     flags.DEFINE_integer("num_shards", None, "Shards per split (default: ceil(rows / 100,000)).", lower_bound=1)
     flags.DEFINE_enum("on_bad_row", "fail", list(ON_BAD_ROW),
-                      "fail: stop at the first bad row; quarantine: set bad rows aside and go on.")
+                      "What to do with a bad row: fail stops at the first one; quarantine sets bad rows "
+                      "aside and goes on.")
     flags.mark_flags_as_required(["input_dir", "output_dir"])
     return flags.FLAGS
 
@@ -979,9 +980,9 @@ def _parse_flags(argv):
 
 
 def run():
-    from absl import app
+    from qin_tf.runtime import run_app
 
-    app.run(main, flags_parser=_parse_flags)
+    run_app(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

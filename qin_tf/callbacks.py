@@ -15,7 +15,8 @@ the epoch (``lr``) into the epoch's ``logs`` before calling them, in order:
   restores them at the end.
 * :class:`History`: one record per epoch (for ``metrics.json``, the curves
   and the backup).
-* :class:`ProgressLogger`: a line every ``every_steps`` steps and per epoch.
+* :class:`ProgressLogger`: progress within an epoch (a progress bar on a
+  terminal, periodic lines in logs) and a line per epoch.
 * :class:`TensorBoardLogger`: scalars under ``logs/train`` and ``logs/valid``.
 * :class:`TrainingBackup`: writes the whole training state at the end of
   every epoch (all variables of the model -- dropout seeds included -- and of
@@ -180,54 +181,82 @@ class History(keras.callbacks.Callback):
 
 
 class ProgressLogger(keras.callbacks.Callback):
-    """Prints progress: every ``every_steps`` steps (0: never) and after every epoch.
+    """Shows the progress of training within an epoch, and a line after every epoch.
 
-    Expects ``logs`` with ``loss`` (and ``auc``) at step ends, the exact
-    validation metrics and ``lr`` at epoch ends.
+    On an interactive terminal (``interactive=True``) a Keras progress bar is
+    redrawn as steps end (steps done, time left, running loss and AUC). In a
+    log or CI output, a plain line is printed every ``every_steps`` steps (0:
+    never) and whenever ``every_seconds`` seconds have passed since the last
+    line (0: never), whichever comes first. Expects ``logs`` with ``loss``
+    (and ``auc``) at step ends, the exact validation metrics and ``lr`` at
+    epoch ends.
+
+    Args:
+        epochs, steps_per_epoch, global_batch_size: for the counts and the
+            throughput shown.
+        every_steps, every_seconds: when to print a line (not interactive).
+        interactive: draw a progress bar instead of lines (on standard output).
+        print_fn: where lines go.
+        clock: seconds (``time.perf_counter``), for tests.
     """
 
     def __init__(self, *, epochs: int, steps_per_epoch: int, global_batch_size: int, every_steps: int = 100,
-                 print_fn: Callable[[str], None] = print):
+                 every_seconds: float = 30.0, interactive: bool = False, print_fn: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.perf_counter):
         super().__init__()
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.global_batch_size = global_batch_size
         self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.interactive = interactive
         self.print_fn = print_fn
+        self.clock = clock
         self._epoch = 0
         self._t0 = None
         self._last = None
+        self._bar = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         self._last = (self._t0, 0)
+        if self.interactive:
+            self.print_fn(f"epoch {epoch + 1}/{self.epochs}")
+            self._bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=("loss", "auc"))
 
     def on_train_batch_end(self, batch, logs=None):
         step = batch + 1
-        if not self.every_steps or (step % self.every_steps and step != self.steps_per_epoch):
+        logs = logs or {}
+        values = [(k, float(logs[k])) for k in ("loss", "auc") if k in logs]
+        if self._bar is not None:
+            self._bar.update(step, values)
             return
-        now = time.perf_counter()
+        now = self.clock()
         t_last, s_last = self._last
+        due_by_steps = self.every_steps and step // self.every_steps > s_last // self.every_steps
+        due_by_time = self.every_seconds and now - t_last >= self.every_seconds
+        if not (due_by_steps or due_by_time):
+            return
         rate = (step - s_last) * self.global_batch_size / max(now - t_last, 1e-9)
         self._last = (now, step)
-        logs = logs or {}
         parts = [f"epoch {self._epoch + 1}/{self.epochs}", f"step {step}/{self.steps_per_epoch}"]
-        parts += [f"{k} {_fmt(float(logs[k]))}" for k in ("loss", "auc") if k in logs]
+        parts += [f"{k} {_fmt(v)}" for k, v in values]
         parts.append(f"{rate:,.0f} examples/s")
         self.print_fn("  ".join(parts))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        secs = time.perf_counter() - self._t0 if self._t0 is not None else float("nan")
-        keys = ["loss", "auc", "val_auc", "val_logloss", "val_gauc", "lr"]
+        self._bar = None  # it ended its line at the epoch's last step
+        secs = self.clock() - self._t0 if self._t0 is not None else float("nan")
+        keys = ["loss", "logloss", "auc", "val_auc", "val_logloss", "val_gauc", "lr"]
         keys += sorted(k for k in logs if k not in keys)  # e.g. test_auc from --monitor_splits
         parts = [f"{k} {_fmt(float(logs[k]))}" for k in keys if logs.get(k) is not None]
         self.print_fn(f"epoch {epoch + 1}/{self.epochs} done in {secs:.1f}s: " + "  ".join(parts))
 
 
 class TensorBoardLogger(keras.callbacks.Callback):
-    """Writes scalars for TensorBoard: ``log_dir/train`` (loss, auc, lr) and ``log_dir/valid``.
+    """Writes scalars for TensorBoard: ``log_dir/train`` (loss, logloss, auc, lr) and ``log_dir/valid``.
 
     Step-level training loss goes under ``batch_loss`` against the global
     step; epoch-level scalars against the 1-based epoch.
@@ -264,7 +293,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         with self._train.as_default():
-            for k in ("loss", "auc", "lr"):
+            for k in ("loss", "logloss", "auc", "lr"):
                 if logs.get(k) is not None:
                     self._scalar(k, logs[k], epoch + 1)
         with self._valid.as_default():

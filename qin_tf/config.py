@@ -26,32 +26,47 @@ PRESETS = {"qin": ("asta", "qnn"), "din": ("din_attention", "dnn"), "transformer
 class ModelConfig:
     """Hyperparameters of QIN and of the DIN baseline.
 
+    Each entry below is also the help text of its flag (see ``qin_tf.train``).
+
     Attributes:
-        model: ``"qin"``, ``"din"`` or ``"transformer_dcn"``, a preset naming an extractor and a head.
-        embedding_dim: E; an item vector is 3E (id | tags | multimodal).
-        num_layers, num_row, dropout, batch_norm: QNN.
-        attention_dim: ASTA's q/k/v width; ``None`` means 2 * 3E, the original's.
-        din_attention_units, din_dnn_units: the DIN baseline's MLPs.
-        din_attention_dropout: dropout in DIN's attention MLP (challenge
-            baseline: 0.1); DIN's DNN uses ``dropout`` and ``batch_norm``.
-        embedding_l2: L2 weight (``weight / 2 * ||theta||^2``) on the embedding
-            tables and the multimodal projection.
-        id_dropout: training-time dropout of whole item-id embeddings (each
-            item then counts by its tags and multimodal vector alone), see
-            ``ItemEmbedding``; 0 (default, the original) turns it off.
-        net_l2: L2 weight (``weight / 2 * ||W||^2``) on the kernels of the
-            network: QNN's quadratic layers and ASTA's matrices (QIN), the
-            attention and DNN MLPs (DIN). FuxiCTR's ``net_regularizer``; the
-            released QIN config has 0.
-        sparse_history: compute each distinct item's vector once per batch and
-            attend over the real (non-padding) history items only
-            (``tf.unique``/``tf.where``: exact, several times faster, no XLA);
-            ``False`` computes every slot densely (XLA-compatible).
-        dtype_policy: Keras dtype policy of the model's layers; ``None`` means
-            Keras' global policy (float32 unless set). ``"mixed_bfloat16"``
-            (opt-in) computes in bfloat16 with float32 weights and a float32
-            logit: faster on CPUs with AVX512-BF16 or AMX and on TPUs/GPUs,
-            at some cost in accuracy (see BENCHMARKS.md).
+        model: The model preset to build: qin (the Quadratic Interest
+            Network), din (the challenge's DIN baseline) or transformer_dcn (the
+            challenge winner's Transformer and DCNv2); --extractor and --head
+            override its parts.
+        embedding_dim: The embedding size E; an item's vector is 3E wide (its
+            id, tags and multimodal parts).
+        num_layers: The number of quadratic layers in QIN's QNN head.
+        num_row: The number of rows R of each quadratic layer of the QNN (the
+            rank of its factorised interaction).
+        dropout: The dropout rate in each quadratic layer of the QNN, and in
+            the DNN of the DIN baseline.
+        batch_norm: Whether the QNN's layers, and the DNN of the DIN baseline,
+            use batch normalisation.
+        attention_dim: The width of ASTA's query, key and value projections;
+            none means 2 * 3E, the original's.
+        din_attention_units: The hidden layer sizes of the DIN baseline's
+            attention MLP.
+        din_dnn_units: The hidden layer sizes of the DIN baseline's DNN.
+        embedding_l2: The L2 weight (weight / 2 * ||theta||^2) on the
+            embedding tables and the multimodal projection.
+        din_attention_dropout: The dropout rate in the DIN baseline's attention
+            MLP (the challenge baseline's is 0.1).
+        net_l2: The L2 weight (weight / 2 * ||W||^2) on the network's kernels:
+            QNN's quadratic layers and ASTA's matrices (QIN), the attention and
+            DNN MLPs (DIN); FuxiCTR's net_regularizer, 0 in the released QIN
+            config.
+        id_dropout: The training-time rate at which whole item-id embeddings
+            are dropped, so that an item counts by its tags and multimodal
+            vector alone (see ``ItemEmbedding``); 0, the original, turns it off.
+        sparse_history: Whether to compute each distinct item's vector once per
+            batch and attend over the real (non-padding) history items only
+            (exact and several times faster, but not XLA-compatible); false
+            computes every slot densely.
+        dtype_policy: The Keras dtype policy of the model's layers; none means
+            Keras' global policy (float32 unless set), and mixed_bfloat16
+            computes in bfloat16 with float32 weights and logit (faster on CPUs
+            with AVX512-BF16 or AMX and on TPUs and GPUs, at some cost in
+            accuracy; see BENCHMARKS.md).
     """
 
     model: str = "qin"
@@ -232,8 +247,8 @@ class TrainConfig:
         "Make every op deterministic (tf.config.experimental.enable_op_determinism): "
         "bitwise-reproducible runs and resumes, slower on GPU."))
     strategy: str = dataclasses.field(default="auto", metadata=_help(
-        "auto | one_device | mirrored | multi_worker. auto: multi_worker if TF_CONFIG names "
-        "more than one task, mirrored if more than one GPU, else one_device."))
+        "Distribution strategy: auto, one_device, mirrored or multi_worker; auto picks multi_worker "
+        "if TF_CONFIG names more than one task, mirrored if there is more than one GPU, else one_device."))
     train_split: str = dataclasses.field(default="train", metadata=_help("Split to train on."))
     valid_split: str = dataclasses.field(default="valid", metadata=_help(
         "Labelled split for model selection (learning rate decay, early stopping, best epoch)."))
@@ -241,7 +256,12 @@ class TrainConfig:
         "More labelled splits to evaluate after every epoch (e.g. test), reported in the "
         "progress lines and metrics.json history only, never used for model selection."))
     log_every_steps: int = dataclasses.field(default=100, metadata=_help(
-        "Print training progress every this many steps (0 = once per epoch)."))
+        "In a log (output not a terminal), print a progress line every this many steps; 0 = by "
+        "time only (log_every_seconds)."))
+    log_every_seconds: float = dataclasses.field(default=30.0, metadata=_help(
+        "In a log (output not a terminal), also print a progress line when this many seconds "
+        "have passed since the last one; 0 = by steps only. On a terminal, a progress bar shows "
+        "every step instead."))
     export_base: str | None = dataclasses.field(default=None, metadata=_help(
         "If set, the chief exports the best model as a SavedModel under this base "
         "directory at the end (export.exporter)."))
@@ -273,6 +293,8 @@ class TrainConfig:
                              f"min_delta={self.min_delta}")
         if self.log_every_steps < 0:
             raise ValueError(f"`log_every_steps` must be >= 0. Received: log_every_steps={self.log_every_steps}")
+        if self.log_every_seconds < 0:
+            raise ValueError(f"`log_every_seconds` must be >= 0. Received: log_every_seconds={self.log_every_seconds}")
         if self.train_split == self.valid_split:
             raise ValueError(f"`train_split` and `valid_split` must differ. Received: both {self.train_split!r}")
 
@@ -282,7 +304,7 @@ class TrainConfig:
 
 
 #: TrainConfig fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "data_dir", "model_dir")
+RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "log_every_seconds", "data_dir", "model_dir")
 
 
 @dataclasses.dataclass(frozen=True)

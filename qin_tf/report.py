@@ -2,7 +2,9 @@
 
 Matplotlib with the non-interactive Agg backend (no display needed). Four panels:
 
-1. loss: the training loss (data + L2) and the validation log loss per epoch;
+1. loss: the training and validation log loss per epoch on the left axis;
+   the training loss with L2 (what the optimiser minimises, often far
+   larger) on its own right axis, so that it does not flatten the others;
 2. AUC: the exact validation AUC and gAUC, and the training AUC (Keras'
    running approximation, for orientation), per epoch; the best epoch marked;
 3. the learning rate per epoch (log scale), showing the halvings;
@@ -28,7 +30,7 @@ def plot_curves(history: Sequence[Mapping], calibration: Mapping[str, Mapping], 
 
     Args:
         history: one mapping per epoch with ``epoch`` (1-based) and any of
-            ``loss``, ``auc``, ``val_auc``, ``val_logloss``, ``val_gauc``, ``lr``.
+            ``loss``, ``logloss``, ``auc``, ``val_auc``, ``val_logloss``, ``val_gauc``, ``lr``.
         calibration: split name -> :func:`qin_tf.metrics.calibration_bins` output.
         path: the ``.png`` to write.
         best_epoch: 1-based epoch to mark.
@@ -65,7 +67,13 @@ def plot_curves(history: Sequence[Mapping], calibration: Mapping[str, Mapping], 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
-    draw(axes[0, 0], [("loss", "train loss (BCE + L2)"), ("val_logloss", "valid logloss")], "loss")
+    draw(axes[0, 0], [("logloss", "train logloss"), ("val_logloss", "valid logloss")], "logloss")
+    xs, ys = series("loss")
+    if xs:
+        with_l2 = axes[0, 0].twinx()
+        with_l2.plot(xs, ys, color="grey", linestyle="--", marker="o", markersize=3, label="train loss (BCE + L2)")
+        with_l2.set_ylabel("train loss with L2")
+        with_l2.legend(fontsize=8, loc="lower left")
     draw(axes[0, 1], [("val_auc", "valid AUC (exact)"), ("val_gauc", "valid gAUC"),
                       ("auc", "train AUC (running, approx.)")], "AUC")
     draw(axes[1, 0], [("lr", "learning rate")], "learning rate", log=True)

@@ -1,16 +1,22 @@
-"""Process-level runtime helpers: a quiet TensorFlow import for the CLIs; whether a process lives.
+"""Process-level runtime helpers of the CLIs: a quiet TensorFlow import, :func:`run_app`; whether a process lives.
 
 TensorFlow's C++ runtime logs to file descriptor 2 while it loads (oneDNN and
 CUDA probes) and ignores ``TF_CPP_MIN_LOG_LEVEL`` for some of it. The CLIs
 call :func:`import_tensorflow` before anything else imports TensorFlow, so a
 user sees only qin-tf's own output. Set ``QIN_TF_VERBOSE=1`` to see it all.
+
+Every CLI starts through :func:`run_app` (absl's ``app.run`` with a plain-text
+``--help`` and a prompt exit).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import re
 import sys
+from typing import Callable
 
 
 @contextlib.contextmanager
@@ -62,3 +68,54 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+_ROLE = re.compile(r":[\w:]+:`(~?)([^`<]+?)(?:\s*<[^>]*>)?`")
+
+
+def plain_text(text: str) -> str:
+    r"""``text`` with its reStructuredText markup removed, as a terminal should show it.
+
+    A role with a ``~`` target keeps the target's last name, other roles
+    their target; double and single back-quotes and ``**`` are dropped; a
+    line's closing ``::`` becomes ``:``.
+
+    >>> plain_text("Examples::\n    ``x`` is a :class:`~qin_tf.config.TrainConfig`")
+    'Examples:\n    x is a TrainConfig'
+    """
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    text = text.replace("``", "").replace("**", "").replace("`", "")
+    return re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
+
+
+def run_app(main: Callable[[list[str]], int | None], *, tensorflow: bool = False, **kwargs) -> None:
+    """Runs ``main`` as a command line program: absl's ``app.run(main, **kwargs)``, plus:
+
+    * ``--help`` prints the ``__main__`` module's docstring through
+      :func:`plain_text`;
+    * ``tensorflow=True`` imports TensorFlow quietly (:func:`import_tensorflow`)
+      after the flags are parsed, so ``--help`` and bad flags answer at once;
+    * when ``main`` is done, the objects alive are moved out of the cyclic
+      garbage collector's sight (``gc.freeze``). Otherwise Python's shutdown
+      walks the hundreds of thousands of objects that TensorFlow's tracing
+      leaves, again after each module it clears: seconds on the bundled
+      sample, up to a minute of full CPU after a run on MicroLens-50k. The
+      operating system reclaims the memory; the program's files are closed
+      by then.
+    """
+    from absl import app
+
+    module = sys.modules["__main__"]
+    if module.__doc__:
+        module.__doc__ = plain_text(module.__doc__)
+
+    def program(argv):
+        if tensorflow:
+            import_tensorflow()
+        try:
+            return main(argv)
+        finally:
+            sys.stdout.flush()
+            gc.freeze()
+
+    app.run(program, **kwargs)

@@ -1,4 +1,4 @@
-"""Batch scoring with an exported SavedModel: no model code, bounded memory.
+r"""Batch scoring with an exported SavedModel: no model code, bounded memory.
 
     python -m qin_tf.score --saved_model=runs/sample/export \
         --input='data/microlens_sample/test.parquet' --output=runs/sample/test_scores.parquet
@@ -577,17 +577,14 @@ def _define_flags():
                         "export base (newest version).", required=True)
     flags.DEFINE_string("input", None, "Parquet (MMCTR layout) or TFRecord file, or a glob.", required=True)
     flags.DEFINE_string("output", None, "Where to write the scores; none: only metrics are printed.")
-    flags.DEFINE_enum("format", "parquet", FORMATS, "Output format; `challenge` writes the MMCTR "
-                      "submission CSV `ID,Task2`.")
+    flags.DEFINE_enum("format", "parquet", FORMATS, "Output format: parquet or csv (one row per input row), or "
+                      "challenge (the MMCTR submission CSV with the columns ID,Task2).")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per batch.", lower_bound=1)
     flags.DEFINE_boolean("overwrite", False, "Replace an existing --output (never one of the inputs).")
 
 
 if __name__ == "__main__":
-    from qin_tf.runtime import import_tensorflow
-
-    import_tensorflow()
-    from absl import app
+    from qin_tf.runtime import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main, tensorflow=True)

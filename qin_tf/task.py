@@ -65,6 +65,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Callable, Sequence
@@ -296,7 +297,8 @@ class TrainLoop:
 
     Call :meth:`run` with a distributed iterator and a step count; it returns
     ``(sum of step losses, steps done, last step loss)`` and stops early at
-    the first non-finite step loss.
+    the first non-finite step loss. The metrics ``auc`` and ``logloss`` (the
+    loss without L2) accumulate over the steps until reset.
     """
 
     def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy, *,
@@ -308,6 +310,7 @@ class TrainLoop:
         self.clipnorm = clipnorm
         with strategy.scope():
             self.auc = keras.metrics.AUC(num_thresholds=200, name="auc")
+            self.logloss = keras.metrics.BinaryCrossentropy(name="logloss")  # the loss without L2
         self.run = tf.function(self._run)
 
     def _clip(self, grads):
@@ -334,6 +337,7 @@ class TrainLoop:
             grads = self._clip(grads)
         self.optimizer.apply(grads, variables)
         self.auc.update_state(labels, probs)
+        self.logloss.update_state(labels, probs)
         return loss
 
     def _run(self, iterator, steps):
@@ -469,7 +473,8 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
             ``config.train.strategy`` (only possible while TensorFlow has not
             started, for ``multi_worker``).
         callbacks: more Keras callbacks, called after the built-in ones.
-        print_fn: progress output; default: print to stdout.
+        print_fn: progress output; default: print to stdout, with a progress
+            bar within epochs if stdout is a terminal (else periodic lines).
 
     Returns:
         A :class:`TrainResult`; the model holds the best epoch's weights.
@@ -526,7 +531,8 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
 
     write_dir = model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
     try:
-        return _run(config, spec, strategy, state, chief, write_dir, say, list(callbacks))
+        return _run(config, spec, strategy, state, chief, write_dir, say, list(callbacks),
+                    interactive=print_fn is None and sys.stdout.isatty())
     except tf.errors.DataLossError as e:
         raise _data_loss(spec, tc, e) from None
     finally:
@@ -534,7 +540,7 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) -> TrainResult:
+def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, interactive) -> TrainResult:
     tc, mc = config.train, config.model
     replicas = strategy.num_replicas_in_sync
     os.makedirs(os.path.join(write_dir, CHECKPOINT_DIR), exist_ok=True)
@@ -548,7 +554,8 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
         tf.config.experimental.enable_op_determinism()
 
     steps = tc.steps_per_epoch or math.ceil(spec.splits[tc.train_split].num_rows / tc.global_batch_size)
-    say(f"qin-tf: training {mc.name} on {spec.dataset} ({spec.splits[tc.train_split].num_rows:,} train rows) "
+    say(f"qin-tf: training {mc.name} on {tc.data_dir} ({spec.splits[tc.train_split].num_rows:,} train rows, "
+        f"dataset config {spec.dataset}) "
         f"with {strategy_name(strategy)}, num_replicas_in_sync={replicas}, global batch "
         f"{tc.global_batch_size} ({tc.global_batch_size // replicas} per replica), {steps} steps per epoch")
 
@@ -580,11 +587,18 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
             _save_weights_atomic(model, os.path.join(ckpt_dir, LATEST_CHECKPOINT))
 
     cbs = [qcb.ProgressLogger(epochs=tc.epochs, steps_per_epoch=steps, global_batch_size=tc.global_batch_size,
-                              every_steps=tc.log_every_steps, print_fn=say),
+                              every_steps=tc.log_every_steps, every_seconds=tc.log_every_seconds,
+                              interactive=interactive, print_fn=say),
            plateau, history, _Latest(), backup,
            qcb.TensorBoardLogger(os.path.join(write_dir, LOG_DIR), steps_per_epoch=steps), *extra_callbacks]
     callback_list = keras.callbacks.CallbackList(cbs, model=model)
 
+    # Steps per call of the training function: one, as Keras' fit, so that the progress
+    # callbacks see every step. Under multi_worker, as before, as many as between two
+    # progress lines: with one, the two-worker test run ended with the chief logging a
+    # CoordinationServiceError (worker 1, done, had left while the chief finished) in
+    # 3 runs of 3 on a loaded machine; the same error shows, less often, without it.
+    chunk = (tc.log_every_steps or steps) if strategy_name(strategy) == "multi_worker" else 1
     initial_epoch, finished = 0, False
     if state is not None:
         best_weights = qcb.TrainingBackup.restore(os.path.join(tc.model_dir, BACKUP_DIR), state,
@@ -604,6 +618,7 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
     while not finished and epoch < tc.epochs:
         callback_list.on_epoch_begin(epoch)
         loop.auc.reset_state()
+        loop.logloss.reset_state()
         lr = plateau.learning_rate
         seed = _epoch_seed(tc.seed, epoch)
 
@@ -612,11 +627,9 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
                                 seed=seed, repeat=True, drop_remainder=True)
 
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-        chunk = tc.log_every_steps or steps
         done_steps, loss_sum = 0, 0.0
         while done_steps < steps:
-            n = min(chunk, steps - done_steps)
-            total, done, last = loop.run(iterator, tf.constant(n))
+            total, done, last = loop.run(iterator, tf.constant(min(chunk, steps - done_steps)))
             done, last = int(done), float(last)
             if not math.isfinite(last):
                 last_good = (f"the last good state is the backup after epoch {epoch} in "
@@ -630,7 +643,8 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks) 
             callback_list.on_train_batch_end(done_steps - 1, {"loss": loss_sum / done_steps,
                                                               "auc": float(loop.auc.result())})
         val, _ = evaluator.evaluate(model)
-        logs = {"loss": loss_sum / steps, "auc": float(loop.auc.result()), "lr": lr}
+        logs = {"loss": loss_sum / steps, "logloss": float(loop.logloss.result()), "auc": float(loop.auc.result()),
+                "lr": lr}
         logs.update({f"val_{k}": val[k] for k in ("auc", "logloss", "gauc") if k in val})
         for split, monitor in monitors.items():
             m, _ = monitor.evaluate(model)
@@ -672,7 +686,7 @@ def _finish(config, spec, strategy, model, plateau, history, write_dir, say, tra
     best_epoch = plateau.best_epoch + 1 if plateau.best_epoch is not None else None
     records = history.get_state()
     report.plot_curves(records, calibration, os.path.join(write_dir, CURVES_FILENAME), best_epoch=best_epoch,
-                       title=f"{mc.name} on {spec.dataset}")
+                       title=f"{mc.name} on {os.path.normpath(tc.data_dir)}")
     metrics = {
         "model": mc.name,
         "dataset": spec.dataset,

@@ -21,14 +21,16 @@ message names the problem), 2 on bad flags.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import sys
 import types
 import typing
 
-from absl import app, flags
+from absl import flags
 
 from qin_tf.config import ExperimentConfig, ModelConfig, TrainConfig
+from qin_tf.runtime import plain_text, run_app
 
 #: The dataclasses whose fields are flags, and where they go in ExperimentConfig.
 SECTIONS = (("model", ModelConfig), ("train", TrainConfig))
@@ -81,26 +83,31 @@ class _TupleSerializer(flags.ArgumentSerializer):
 
 
 def _field_help(cls) -> dict[str, str]:
-    """Help texts: ``metadata["help"]``, else the class docstring's ``Attributes:`` entries."""
+    """Help texts, as plain text: ``metadata["help"]``, else the class docstring's ``Attributes:`` entry.
+
+    An entry starts at the indentation of the first (``name: text``, or
+    ``a, b: text`` for several fields); deeper lines continue it.
+    """
     out = {}
-    doc = cls.__doc__ or ""
-    m = re.search(r"Attributes:\n(.*?)(\n\s*\n|\Z)", doc, re.S)
+    doc = inspect.getdoc(cls) or ""
+    m = re.search(r"^Attributes:\n(.*?)(\n\s*\n|\Z)", doc, re.S | re.M)
     if m:
-        current = None
-        for line in m.group(1).splitlines():
-            entry = re.match(r"\s+([\w, ]+):\s*(.*)", line)
-            names = [n.strip() for n in entry.group(1).split(",")] if entry else []
-            if entry and all(n.isidentifier() for n in names):
-                current = names
-                for n in names:
+        lines = m.group(1).splitlines()
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        current = []
+        for line in lines:
+            entry = re.match(r"([\w, ]+):\s*(.*)", line[indent:])
+            if len(line) - len(line.lstrip()) == indent and entry:
+                current = [n.strip() for n in entry.group(1).split(",")]
+                for n in current:
                     out[n] = entry.group(2).strip()
-            elif current:
+            else:
                 for n in current:
                     out[n] += " " + line.strip()
     for f in dataclasses.fields(cls):
         if f.metadata.get("help"):
             out[f.name] = f.metadata["help"]
-    return out
+    return {name: plain_text(text) for name, text in out.items()}
 
 
 def _base_parser(tp):
@@ -238,4 +245,4 @@ def _parser(argv):
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    app.run(main, flags_parser=_parser)
+    run_app(main, flags_parser=_parser)

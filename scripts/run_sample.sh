@@ -16,8 +16,7 @@ rm -rf "$OUT/export"
 $PY -m qin_tf.train --flagfile=configs/sample.flags \
     --data_dir="$OUT/data" --model_dir="$OUT/model" --export_base="$OUT/export"
 
-echo "== 3/4 exported SavedModel (TF Serving model base path): $OUT/export"
-ls "$OUT/export"
+echo "== 3/4 exported SavedModel: version $(ls "$OUT/export") in $OUT/export (a TF Serving model base path)"
 
 echo "== 4/4 batch-score the raw test split with the SavedModel alone"
 $PY -m qin_tf.score --saved_model="$OUT/export" --input=data/microlens_sample/test.parquet \

@@ -93,7 +93,7 @@ def sample_run(sample_spec, tmp_path_factory):
 # --------------------------------------------------------------------------
 
 
-def test_cli_writes_every_artefact_with_a_clean_console(sample_run):
+def test_cli_writes_every_artefact_with_a_clean_console(sample_run, sample_spec):
     model_dir, proc = sample_run
     assert proc.stderr == "", proc.stderr  # no TensorFlow import noise, no warnings
     for name in ("config.json", "feature_spec.json", "checkpoints/best.weights.h5",
@@ -107,6 +107,8 @@ def test_cli_writes_every_artefact_with_a_clean_console(sample_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "num_replicas_in_sync=1" in proc.stdout
     assert "epoch 1/" in proc.stdout and "done: best epoch" in proc.stdout
+    # the data it trained on, not only the dataset config's name (the sample's is microlens50k_mmctr)
+    assert f"training qin on {sample_spec.base_dir} (2,622 train rows, dataset config " in proc.stdout
 
 
 def test_tensorboard_is_installed_and_reads_the_logs(sample_run):
@@ -276,6 +278,113 @@ def test_monitor_splits_reports_test_metrics_every_epoch(sample_spec, tmp_path, 
 def test_monitor_split_must_exist_and_be_labelled(sample_spec, tmp_path, capsys):
     rc = train.cli(["train", *sample_args(sample_spec, str(tmp_path / "m")), "--monitor_splits=holdout"])
     assert rc == 1 and "no split `holdout`" in capsys.readouterr().err
+
+
+def test_history_records_the_data_loss_apart_from_l2(sample_run):
+    hist = read_metrics(sample_run[0])["history"]
+    assert all(0 < r["logloss"] < r["loss"] for r in hist)  # the sample has L2 0.3
+    assert hist[0]["loss"] > 2 * hist[0]["logloss"]
+    assert abs(hist[-1]["logloss"] - hist[-1]["val_logloss"]) < 0.15  # the scale of the valid logloss
+
+
+def test_curves_plot_the_logloss_apart_from_the_loss_with_l2(tmp_path, monkeypatch):
+    """The loss with L2 (6 -> 2 here) must not squash train and valid logloss (0.6-0.7) on one axis."""
+    import matplotlib.figure
+
+    from qin_tf import report
+
+    figures, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    history = [{"epoch": e, "loss": 6.0 / e, "logloss": 0.70 - 0.02 * e, "val_logloss": 0.66 - 0.01 * e,
+                "auc": 0.7, "val_auc": 0.68, "lr": 2e-3} for e in (1, 2, 3)]
+    report.plot_curves(history, {}, str(tmp_path / "curves.png"), best_epoch=2)
+    loss_axes = figures[0].axes[0]
+    assert [line.get_label() for line in loss_axes.get_lines()] == ["train logloss", "valid logloss", "best epoch 2"]
+    low, high = loss_axes.get_ylim()
+    assert 0.5 < low and high < 0.8
+    with_l2 = [ax for ax in figures[0].axes if ax.get_ylabel() == "train loss with L2"]
+    assert [list(line.get_ydata()) for line in with_l2[0].get_lines()] == [[6.0, 3.0, 2.0]]
+
+
+# --------------------------------------------------------------------------
+# Progress within an epoch
+# --------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _one_epoch(logger, clock, steps, seconds_per_step):
+    logger.on_epoch_begin(0)
+    for batch in range(steps):
+        clock.now += seconds_per_step
+        logger.on_train_batch_end(batch, {"loss": 0.5, "auc": 0.75})
+    logger.on_epoch_end(0, {"loss": 0.5, "auc": 0.75, "val_auc": 0.7, "lr": 0.002})
+
+
+def test_progress_lines_in_a_log_come_by_time_and_by_steps():
+    from qin_tf.callbacks import ProgressLogger
+
+    lines, clock = [], _Clock()
+    by_time = ProgressLogger(epochs=2, steps_per_epoch=10, global_batch_size=100, every_steps=0,
+                             every_seconds=30, print_fn=lines.append, clock=clock)
+    _one_epoch(by_time, clock, 10, seconds_per_step=12.0)  # a line once 30 s have passed: steps 3, 6, 9
+    assert lines == [f"epoch 1/2  step {s}/10  loss 0.5000  auc 0.7500  8 examples/s" for s in (3, 6, 9)] + [
+        "epoch 1/2 done in 120.0s: loss 0.5000  auc 0.7500  val_auc 0.7000  lr 0.0020"]
+
+    lines.clear()
+    by_steps = ProgressLogger(epochs=2, steps_per_epoch=10, global_batch_size=100, every_steps=4,
+                              every_seconds=0, print_fn=lines.append, clock=clock)
+    _one_epoch(by_steps, clock, 10, seconds_per_step=1.0)
+    assert lines[:-1] == [f"epoch 1/2  step {s}/10  loss 0.5000  auc 0.7500  100 examples/s" for s in (4, 8)]
+
+
+def test_progress_bar_on_a_terminal(capsys):
+    from qin_tf.callbacks import ProgressLogger
+
+    lines, clock = [], _Clock()
+    bar = ProgressLogger(epochs=2, steps_per_epoch=5, global_batch_size=100, every_steps=1, interactive=True,
+                         print_fn=lines.append, clock=clock)
+    _one_epoch(bar, clock, 5, seconds_per_step=1.0)
+    drawn = capsys.readouterr().out
+    assert "\r" in drawn and "1/5" in drawn and "5/5" in drawn and "loss: 0.5000" in drawn  # redrawn in place
+    assert drawn.endswith("\n")  # the bar's line ends before the epoch's summary
+    assert lines == ["epoch 1/2", "epoch 1/2 done in 5.0s: loss 0.5000  auc 0.7500  val_auc 0.7000  lr 0.0020"]
+
+
+def test_the_loop_shows_the_callbacks_every_step(sample_spec, tmp_path):
+    """Progress within an epoch: the loop must not run an epoch's steps in one call (as with log_every_steps=0)."""
+    import keras
+
+    from qin_tf import task
+
+    class Steps(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen.append(batch)
+
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", *sample_args(sample_spec, str(tmp_path / "m")), "--epochs=1",
+                       "--log_every_steps=0"], fv)
+    steps, lines = Steps(), []
+    task.run(train.config_from_flags(fv), strategy=task.create_strategy("one_device"), callbacks=[steps],
+             print_fn=lines.append)
+    assert steps.seen == list(range(11))  # ceil(2,622 rows / 256)
+    assert lines[0].endswith("11 steps per epoch")
 
 
 # --------------------------------------------------------------------------
