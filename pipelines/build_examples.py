@@ -1099,9 +1099,11 @@ def _final_stats(cfg, files, raw, vocab, bad) -> dict:
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("config", None, "Log config JSON (see pipelines/logs_config.py).")
-    flags.DEFINE_string("output_dir", None, "Where to write examples, item table, vocabularies, configs, stats.")
-    flags.DEFINE_string("preprocess_dir", None, "If set, also run pipelines.preprocess on the output into here.")
+    flags.DEFINE_string("config", None, "The logs config JSON file (its fields: pipelines/logs_config.py).")
+    flags.DEFINE_string("output_dir", None, "Where to write the examples, item table, vocabularies, dataset "
+                        "config and stats.")
+    flags.DEFINE_string("preprocess_dir", None, "Where to also write the TFRecords of pipelines.preprocess run on "
+                        "the output; unset, preprocessing is left to you.")
     flags.mark_flags_as_required(["config", "output_dir"])
     return flags.FLAGS
 
@@ -1140,9 +1142,9 @@ def _parse_flags(argv):
 
 
 def run():
-    from absl import app
+    from qin_tf.runtime import run_app
 
-    app.run(main, flags_parser=_parse_flags)
+    run_app(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

