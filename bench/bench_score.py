@@ -76,7 +76,7 @@ def main(argv):
                 for _ in range(_REPEATS.value):
                     out = os.path.join(tmp, "scores.parquet")
                     cmd = [sys.executable, "-m", "qin_tf.score", f"--saved_model={export_dir}",
-                           f"--input={pattern}", f"--batch_size={size}", f"--output={out}"]
+                           f"--input={pattern}", f"--batch_size={size}", f"--output={out}", "--overwrite"]
                     proc, wall, peak = common.run_measured(cmd, cwd=common.REPO, env=env)
                     if proc.returncode:
                         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

@@ -33,14 +33,25 @@ item table, and writes into ``output_dir``:
   with rejected rows): one JSON object per rejected row with ``file``, ``row``
   (0-based index in the file), ``column``, ``reason``, ``message`` and the
   row's original ``values``.
+* ``preprocess_manifest.json``: the names of the entries above, the ones this
+  run wrote (and the host and process that wrote them).
 
 Bad input (see :mod:`pipelines.validation`) stops the run with a one-line
-error naming file, row and column; schema-level problems stop it whatever
-``--on_bad_row`` says. Nothing is half written: everything goes to a sibling
-directory ``{output_dir}.tmp-*`` that replaces ``output_dir`` only when the
-whole run succeeded (a rerun replaces, never appends) and is removed on
-failure. An existing ``output_dir`` is replaced only if it is empty or holds a
-``feature_spec.json`` (a previous output), never an unrelated directory.
+error naming file, row and column; schema-level problems, and a corrupt
+parquet file (named with its row group), stop it whatever ``--on_bad_row``
+says. Nothing is half written: everything goes to a sibling directory
+``{output_dir}.tmp-*`` (marked by its manifest) that replaces the output only
+when the whole run succeeded and is removed on failure; a run first removes
+the marked ``.tmp-*`` (and ``.old-*``) siblings that killed runs into the same
+``output_dir`` left (not those of a run still going on this host).
+
+An existing ``output_dir`` must be empty or an earlier output (it holds a
+``preprocess_manifest.json``, or, from versions before manifests, a
+``feature_spec.json``, whose files are then the spec's shards, item table,
+stats and quarantine). A rerun replaces exactly the entries the earlier run
+wrote (never appends) and keeps everything else (a model directory, notes);
+it refuses any other non-empty directory, and a kept entry that has the name
+of a file it would write.
 
 How it runs: the plan (in the launching process) cuts every split file into
 ``num_shards`` contiguous row ranges, aligned to parquet row groups where the
@@ -66,6 +77,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from typing import Any, Iterator, Sequence
@@ -93,8 +105,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.example_codec import DEFAULT_GZIP_LEVEL, GzipTFRecordWriter, encode_tfrecords
-from pipelines.validation import (Columns, PreprocessError, check_columns, convert_batch, fail,
-                                  item_table_columns, read_item_table, split_columns)
+from pipelines.validation import (CORRUPT, Columns, PreprocessError, check_columns, convert_batch, fail,
+                                  item_table_columns, iter_row_groups, one_line, read_item_table,
+                                  split_columns)
+from qin_tf.runtime import process_alive
 from qin_tf.spec import (ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME, ITEM_TABLE_TAGS_KEY,
                          SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
                          SplitInfo)
@@ -112,6 +126,9 @@ ON_BAD_ROW = ("fail", "quarantine")
 #: stats.json lists at most this many context values sent to the OOV row, per feature and split.
 MAX_REPORTED_OOV_VALUES = 20
 QUARANTINE_DIR = "quarantine"
+#: What a run wrote into the output directory; also the marker of its temporary directories.
+MANIFEST_FILENAME = "preprocess_manifest.json"
+_TOOL = "pipelines.preprocess"
 _PARTS_DIR = "_parts"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,7 +203,7 @@ def _parquet_file(path: str, what: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path if _is_local(path) else _open(path))
     except (pa.ArrowException, OSError) as e:
-        fail(path, None, None, f"not a readable parquet file: {e}")
+        fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
 
 
 # --------------------------------------------------------------------------
@@ -275,21 +292,27 @@ def _work_items(split: str, path: str, pf: pq.ParquetFile, num_shards: int | Non
 # --------------------------------------------------------------------------
 
 
-def _read_range(item: WorkItem, columns: Sequence[str], batch_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """Yields ``(first file row, batch)`` for the rows ``[item.start, item.stop)``."""
+def _read_range(item: WorkItem, columns: Sequence[str], batch_rows: int,
+                stats: dict[str, Any]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yields ``(first file row, batch)`` for the rows ``[item.start, item.stop)``.
+
+    A row group that does not decode ends the range; its error (naming the
+    file and the row group) goes into ``stats["error"]``.
+    """
     if not item.row_groups:
         return
     source = item.file if _is_local(item.file) else _open(item.file)
     pf = pq.ParquetFile(source)
-    row = item.row_group_start
-    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(item.row_groups),
-                                 columns=list(columns), use_threads=False):
-        lo, hi = max(row, item.start), min(row + batch.num_rows, item.stop)
-        if lo < hi:
-            yield lo, batch.slice(lo - row, hi - lo)
-        row += batch.num_rows
-        if row >= item.stop:
-            break
+    try:
+        for row, batch in iter_row_groups(pf, item.file, columns, batch_rows, row_groups=item.row_groups,
+                                          use_threads=False):
+            lo, hi = max(row, item.start), min(row + batch.num_rows, item.stop)
+            if lo < hi:
+                yield lo, batch.slice(lo - row, hi - lo)
+            if row + batch.num_rows >= item.stop:
+                break
+    except PreprocessError as e:
+        stats["error"] = {"message": str(e), "file": item.file, "row": e.row, "column": None, "reason": e.reason}
 
 
 def _new_shard_stats(item: WorkItem) -> dict[str, Any]:
@@ -328,7 +351,7 @@ def convert_shard(item: WorkItem, job: Job) -> dict[str, Any]:
     try:
         with _create(out_path) as f:
             writer = GzipTFRecordWriter(f, job.gzip_level)
-            for first_row, batch in _read_range(item, keys, job.batch_rows):
+            for first_row, batch in _read_range(item, keys, job.batch_rows, stats):
                 conv = convert_batch(batch, first_row, cols, job.num_items, job.max_len)
                 stats["rows_in"] += batch.num_rows
                 if conv.bad and job.on_bad_row == "fail":
@@ -584,7 +607,46 @@ def _write_item_table(work_dir: str, items):
         f.write(buf.getvalue())
 
 
-def _check_output_dir(output_dir: str, input_dir: str) -> str:
+def _write_manifest(directory: str, files: Sequence[str] | None):
+    """Writes the manifest (atomically): ``files`` are the entries the run owns; ``None``: a marker only."""
+    tmp = _join(directory, f".{MANIFEST_FILENAME}.tmp")
+    _write_text(tmp, json.dumps({"tool": _TOOL, "host": socket.gethostname(), "pid": os.getpid(),
+                                 "files": None if files is None else sorted(files)}, indent=2) + "\n")
+    FileSystems.rename([tmp], [_join(directory, MANIFEST_FILENAME)])
+
+
+def _read_manifest(directory: str) -> dict | None:
+    """The manifest of ``directory`` if it has one written by this tool, else None."""
+    path = _join(directory, MANIFEST_FILENAME)
+    if not _exists(path):
+        return None
+    try:
+        manifest = json.loads(_read_text(path))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("tool") == _TOOL else None
+
+
+def _owned_entries(out: str, names: Sequence[str]) -> set[str] | None:
+    """The entries of ``out`` that an earlier run wrote; None if ``out`` is no earlier output."""
+    if MANIFEST_FILENAME in names:
+        manifest = _read_manifest(out)
+        if manifest is None or not isinstance(manifest.get("files"), list):
+            return None
+        return set(manifest["files"]) | {MANIFEST_FILENAME}
+    if SPEC_FILENAME in names:  # written before manifests: the spec names the files
+        try:
+            spec = json.loads(_read_text(_join(out, SPEC_FILENAME)))
+            shards = {f for split in spec["splits"].values() for f in split["files"]}
+            return shards | {SPEC_FILENAME, STATS_FILENAME, QUARANTINE_DIR,
+                             spec.get("item_table_file", ITEM_TABLE_FILENAME)}
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return None
+    return None
+
+
+def _check_output_dir(output_dir: str, input_dir: str) -> tuple[str, set[str] | None]:
+    """``(output_dir, entries of it that an earlier run wrote)``; ``None``: it does not exist."""
     out = output_dir.rstrip("/") or output_dir
     if _is_local(out):
         real_out, real_in = os.path.realpath(out), os.path.realpath(input_dir)
@@ -592,16 +654,51 @@ def _check_output_dir(output_dir: str, input_dir: str) -> str:
             fail(out, None, None, "the output directory would replace the input directory")
         if os.path.exists(out) and not os.path.isdir(out):
             fail(out, None, None, "the output path exists and is not a directory")
-    if _exists(out):
-        names = _list(out)
-        if names and SPEC_FILENAME not in names:
-            fail(out, None, None, f"the output directory exists and is not a preprocessing output "
-                                  f"(no {SPEC_FILENAME}); refusing to replace it")
-    return out
+    if not _exists(out):
+        return out, None
+    names = _list(out)
+    owned = _owned_entries(out, names) if names else set()
+    if owned is None:
+        fail(out, None, None, f"the output directory is not empty and is not a preprocessing output (no "
+                              f"{MANIFEST_FILENAME} or {SPEC_FILENAME}); refusing to write into it")
+    return out, owned
 
 
-def _commit(work_dir: str, output_dir: str):
-    """Replaces ``output_dir`` by ``work_dir`` (a rename; the old output is removed after)."""
+def _remove_stale_siblings(output_dir: str):
+    """Removes the ``{output_dir}.tmp-*`` directories (and ``.old-*`` ones, when
+    ``output_dir`` exists) that killed runs left: only those marked by this
+    tool's manifest, and not those of a process still running on this host."""
+    if _is_local(output_dir):
+        parent, base = os.path.dirname(output_dir) or ".", os.path.basename(output_dir)
+    else:
+        parent, base = output_dir.rsplit("/", 1)
+    prefixes = (f"{base}.tmp-",) + ((f"{base}.old-",) if _exists(output_dir) else ())
+    for name in _list(parent):
+        if not name.startswith(prefixes):
+            continue
+        path = _join(parent, name)
+        manifest = _read_manifest(path)
+        if manifest is None:
+            continue
+        pid = manifest.get("pid")
+        if (manifest.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid()
+                and process_alive(pid)):
+            continue
+        _delete(path)
+
+
+def _commit(work_dir: str, output_dir: str, owned: set[str] | None):
+    """Puts the finished ``work_dir`` in place of the earlier run's entries (``owned``) of ``output_dir``.
+
+    When ``output_dir`` holds nothing else, a directory rename (the old
+    output is removed after). Otherwise entry by entry, keeping the rest;
+    meanwhile the output's manifest names the earlier and the new entries,
+    so a rerun after a kill still knows them all.
+    """
+    kept = sorted(set(_list(output_dir)) - (owned or set())) if _exists(output_dir) else []
+    if kept:
+        _swap_entries(work_dir, output_dir, owned or set(), kept)
+        return
     old = None
     if _exists(output_dir):
         old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
@@ -614,6 +711,27 @@ def _commit(work_dir: str, output_dir: str):
         raise
     if old is not None:
         _delete(old)
+
+
+def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequence[str]):
+    new = [n for n in _list(work_dir) if n != MANIFEST_FILENAME]
+    clash = sorted(set(new) & set(kept))
+    if clash:
+        fail(output_dir, None, None, f"holds {clash}, which preprocessing did not write and would replace; "
+                                     f"move them away or choose another --output_dir")
+    present = set(_list(output_dir))
+    old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
+    _makedirs(old)
+    _write_manifest(old, None)  # marked: removed by the next run if this one is killed
+    _write_manifest(output_dir, (owned | set(new)) - {MANIFEST_FILENAME})
+    # The spec goes first and comes back last: a half-swapped directory is no loadable dataset.
+    for name in [SPEC_FILENAME] + sorted(owned - {SPEC_FILENAME, MANIFEST_FILENAME}):
+        if name in present:
+            FileSystems.rename([_join(output_dir, name)], [_join(old, name)])
+    for name in sorted(set(new) - {SPEC_FILENAME}) + [SPEC_FILENAME, MANIFEST_FILENAME]:
+        FileSystems.rename([_join(work_dir, name)], [_join(output_dir, name)])
+    _delete(old)
+    _delete(work_dir)
 
 
 # --------------------------------------------------------------------------
@@ -665,7 +783,8 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
 
     Args:
         input_dir: directory of the split files and the item table (MMCTR layout).
-        output_dir: where to write; replaced as a whole on success only.
+        output_dir: where to write, on success only; the entries an earlier run
+            wrote there are replaced, anything else is kept (see the module docstring).
         dataset_config: a :class:`DatasetConfig`, a dict, the path of its JSON, or the
             name of a bundled one (``microlens50k``, ``mmctr_challenge``).
         max_len: history length; defaults to the config's ``max_len``.
@@ -693,13 +812,16 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
         raise PreprocessError(f"`batch_rows` must be >= 1. Received: batch_rows={batch_rows}")
     if not _exists(input_dir):
         raise PreprocessError(f"{input_dir}: input directory not found")
-    output_dir = _check_output_dir(output_dir, input_dir)
+    output_dir, owned = _check_output_dir(output_dir, input_dir)
     opts = pipeline_options(beam_options)  # fail on bad Beam arguments before reading anything
 
     table_path = _join(input_dir, cfg.item_table.file)
     tpf = _parquet_file(table_path, "the item table")
     check_columns(table_path, tpf.schema_arrow, item_table_columns(cfg.item_table))
-    table = tpf.read(columns=list(item_table_columns(cfg.item_table)))
+    try:
+        table = tpf.read(columns=list(item_table_columns(cfg.item_table)))
+    except (pa.ArrowException, OSError) as e:
+        fail(table_path, None, None, f"corrupt parquet ({one_line(e)})", reason=CORRUPT)
     items = read_item_table(table_path, table, cfg.item_table)
 
     work: list[WorkItem] = []
@@ -713,9 +835,11 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
                                  context=tuple(cfg.context))
         work += _work_items(split, path, pf, num_shards)
 
+    _remove_stale_siblings(output_dir)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
     _makedirs(work_dir)
     try:
+        _write_manifest(work_dir, None)  # the marker of our temporary directory
         _makedirs(_join(work_dir, _PARTS_DIR))
         _write_item_table(work_dir, items)
         job = Job(columns=columns, num_items=items.num_items, max_len=cfg.max_len, work_dir=work_dir,
@@ -727,7 +851,8 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
         _delete(_join(work_dir, _PARTS_DIR))
         _write_text(_join(work_dir, SPEC_FILENAME), spec.to_json())
         _write_text(_join(work_dir, STATS_FILENAME), json.dumps(stats, indent=2) + "\n")
-        _commit(work_dir, output_dir)
+        _write_manifest(work_dir, _list(work_dir))
+        _commit(work_dir, output_dir, owned)
     except BaseException:
         _delete(work_dir)
         raise

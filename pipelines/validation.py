@@ -28,7 +28,7 @@ besides the padding row.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,8 @@ import pyarrow.compute as pc
 
 #: Row-level rejection reasons (the keys counted in ``stats.json``).
 NULL = "null"
+#: Not a row's fault but the file's: bytes that do not decode (always an error).
+CORRUPT = "corrupt"
 NEGATIVE_ID = "negative_id"
 PADDING_TARGET = "padding_target"
 ITEM_OUT_OF_RANGE = "item_out_of_range"
@@ -61,6 +63,42 @@ def where(file: str, row: int | None = None, column: str | None = None) -> str:
 def fail(file: str, row: int | None, column: str | None, text: str, reason: str | None = None):
     raise PreprocessError(f"{where(file, row, column)}: {text}", file=file, row=row,
                           column=column, reason=reason)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (Arrow's and TensorFlow's span several)."""
+    return " ".join(str(e).split())
+
+
+def iter_row_groups(pf, file: str, columns: Sequence[str], batch_size: int,
+                    row_groups: Sequence[int] | None = None, use_threads: bool = True,
+                    ) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yields ``(file row of the batch's first row, batch)`` of a ``pyarrow.parquet.ParquetFile``.
+
+    Reads one row group at a time (all of them, or ``row_groups``), so that
+    bytes that do not decode are reported with the row group and its rows:
+    ``train.parquet: row group 3 (rows 300..399): corrupt parquet (...)``.
+
+    Raises:
+        PreprocessError: ``reason="corrupt"``, ``row`` = the first row of the row group.
+    """
+    md = pf.metadata
+    starts = np.concatenate([[0], np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])])
+    for g in range(md.num_row_groups) if row_groups is None else row_groups:
+        row = int(starts[g])
+        batches = pf.iter_batches(batch_size=batch_size, row_groups=[g], columns=list(columns),
+                                  use_threads=use_threads)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as e:
+                raise PreprocessError(f"{file}: row group {g} (rows {int(starts[g])}..{int(starts[g + 1]) - 1}): "
+                                      f"corrupt parquet ({one_line(e)})", file=file, row=int(starts[g]),
+                                      reason=CORRUPT) from None
+            yield row, batch
+            row += batch.num_rows
 
 
 # --------------------------------------------------------------------------

@@ -40,6 +40,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import numpy as np
@@ -263,6 +264,33 @@ def _in_memory_passes(loaded, batch_size: int, *, seed: int | None, repeat: bool
         return tf.nest.pack_sequence_as(structure, [tf.gather(c, index) for c in columns])
 
     return indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def find_unreadable_record(spec: FeatureSpec, splits=None) -> tuple[str, int, str] | None:
+    """The first record of the splits' shards that does not read back, or None if all do.
+
+    For naming the file after ``tf.data`` raised ``DataLossError`` (which
+    names no file): reads ``splits`` (default: all of the spec's), file after
+    file, and returns ``(path, index of the first unreadable record in that
+    file, TensorFlow's message on one line)``; for a GZIP shard the index is
+    where decompression failed, which may lie after the damaged bytes.
+    """
+    for split in splits if splits is not None else spec.splits:
+        for path in spec.split_files(split):
+            records = 0
+            try:
+                for _ in tf.data.TFRecordDataset(path, compression_type=spec.compression or ""):
+                    records += 1
+            except tf.errors.OpError as e:
+                return path, records, tf_message(e)
+    return None
+
+
+def tf_message(error: tf.errors.OpError) -> str:
+    """TensorFlow's message on one line, without the op and function names it wraps it in."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
+    text = re.sub(r"\[Op:\w+\].*", "", text, flags=re.S)
+    return " ".join(text.split())
 
 
 def model_inputs(spec: FeatureSpec, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -1,4 +1,4 @@
-"""Process-level runtime helpers: a quiet TensorFlow import for the CLIs.
+"""Process-level runtime helpers: a quiet TensorFlow import for the CLIs; whether a process lives.
 
 TensorFlow's C++ runtime logs to file descriptor 2 while it loads (oneDNN and
 CUDA probes) and ignores ``TF_CPP_MIN_LOG_LEVEL`` for some of it. The CLIs
@@ -51,3 +51,14 @@ def import_tensorflow():
         tf.constant(0)
     import_tensorflow._done = True
     return tf
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running (to leave a live run's temporary files alone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

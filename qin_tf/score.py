@@ -23,14 +23,21 @@
   ``user_id``) and the label when the input has them, and ``ctr``;
   ``challenge`` writes the MMCTR challenge's submission CSV, ``ID,Task2``
   with ``ID`` the row's 0-based index and ``Task2`` its score. The output is
-  written to a temporary file beside ``--output`` and renamed when complete:
-  a failed run leaves nothing behind.
+  written to a temporary file beside ``--output`` (``.{name}.score-{pid}-*.tmp``)
+  and renamed when complete: a failed run leaves nothing behind, and a run
+  removes the temporary files of killed runs into the same output (those
+  whose process is gone). The output follows the umask.
+* ``--output`` must not be one of the inputs; an existing output is replaced
+  only with ``--overwrite`` (the rule of training's ``--model_dir``); an
+  output that is a directory, or under a file, is refused before any work.
 * When the input has labels, the AUC (and log loss, and the gAUC over the
   first meta column) is printed, from :mod:`qin_tf.metrics`.
 
 Bad input stops the run with an error naming the file, the row (0-based in
 that file) and the column: a missing column, a null, a non-integer type, a
-negative id, a malformed record.
+negative id, a malformed record; a corrupt parquet file names the row group
+(``x.parquet: row group 3 (rows 3072..4095): corrupt parquet (...)``), a
+corrupt TFRecord file the record.
 """
 
 from __future__ import annotations
@@ -39,15 +46,18 @@ import csv
 import glob as globlib
 import json
 import os
+import re
 import sys
-import tempfile
 import time
+import uuid
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.validation import (INT, INT_LIST, Columns, PreprocessError, check_columns, convert_batch, fail,
-                                  is_int_list_type, is_int_type, left_pad_recent, split_columns)
+                                  is_int_list_type, is_int_type, iter_row_groups, left_pad_recent, one_line,
+                                  split_columns)
+from qin_tf.runtime import process_alive
 from qin_tf.spec import SPEC_FILENAME, Feature, FeatureSpec
 
 #: Rows per batch by default.
@@ -243,13 +253,12 @@ def iter_parquet(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> It
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            fail(path, None, None, f"not a readable parquet file: {e}")
+            fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
         schema = pf.schema_arrow
         cols = parquet_columns(spec, schema.names)
         expected = split_columns(cols, labelled=cols.label is not None)
         check_columns(path, schema, expected)
-        row = 0
-        for rb in pf.iter_batches(batch_size=batch_size, columns=list(cols.all)):
+        for row, rb in iter_row_groups(pf, path, cols.all, batch_size):
             conv = convert_batch(rb, row, cols, spec.num_items, spec.max_len)
             if conv.bad:
                 b = conv.bad[0]
@@ -257,7 +266,6 @@ def iter_parquet(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> It
             yield Batch(path, row, features={n: conv.features[n] for n in spec.model_feature_names},
                         label=conv.features[cols.label] if cols.label else None,
                         meta={m: conv.features[m] for m in cols.meta})
-            row += rb.num_rows
 
 
 def _compression(path: str) -> str:
@@ -278,7 +286,7 @@ def iter_tfrecord(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> I
             except StopIteration:
                 break
             except tf.errors.OpError as e:
-                fail(path, row, None, f"unreadable TFRecord data: {e.message}")
+                fail(path, row, None, f"unreadable TFRecord data: {one_line(e.message)}")
             try:
                 parsed = tf.io.parse_example(serialized, extras)
             except tf.errors.InvalidArgumentError:
@@ -317,8 +325,59 @@ def _find_bad_record(serialized: Sequence[bytes], parse_spec) -> tuple[int, str]
 # --------------------------------------------------------------------------
 
 
+def check_output(output: str, inputs: Sequence[str], *, overwrite: bool = False) -> None:
+    """Refuses, before any work, an output that would lose data or cannot be created.
+
+    Raises:
+        PreprocessError: ``output`` is one of ``inputs``, exists (without
+            ``overwrite``), is a directory, or lies under a file.
+    """
+    path = os.path.abspath(output)
+    if os.path.isdir(path):
+        fail(output, None, None, "the output is a directory; give the path of a file")
+    if any(os.path.realpath(path) == os.path.realpath(f) for f in inputs):
+        fail(output, None, None, "the output is one of the inputs; write the scores to another file")
+    if os.path.lexists(path) and not overwrite:
+        fail(output, None, None, "the output exists; pass --overwrite to replace it, or choose another file")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(output, None, None, f"cannot create the output: {parent} is a file, not a directory")
+
+
+def _temp_pattern(path: str) -> re.Pattern:
+    """The names of :class:`ScoreWriter`'s temporary files for ``path``; group 1 is the writer's pid."""
+    return re.compile(rf"\.{re.escape(os.path.basename(path))}\.score-(\d+)-[0-9a-f]{{8}}\.tmp")
+
+
+def remove_stale_temp_files(path: str) -> list[str]:
+    """Removes the temporary files of killed runs that wrote ``path``; returns their paths.
+
+    Only files named as :class:`ScoreWriter` names them for this output, and
+    only those whose writing process is gone (a live run keeps its file).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern, removed = _temp_pattern(path), []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        m = pattern.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+            except FileNotFoundError:  # another run cleaned it first
+                pass
+    return removed
+
+
 class ScoreWriter:
-    """Streams scores to parquet or CSV through a temporary file renamed on :meth:`close`."""
+    """Streams scores to parquet or CSV through a temporary file renamed on :meth:`close`.
+
+    The temporary file (``.{name}.score-{pid}-{random}.tmp`` beside ``path``)
+    is created with the umask's permissions, as the output then has; the
+    temporary files of killed runs into the same ``path`` are removed first
+    (:func:`remove_stale_temp_files`).
+    """
 
     def __init__(self, path: str, fmt: str):
         if fmt not in FORMATS:
@@ -327,8 +386,9 @@ class ScoreWriter:
         self.fmt = fmt
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        os.close(fd)
+        remove_stale_temp_files(path)
+        self.tmp = os.path.join(directory, f".{os.path.basename(path)}.score-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask
         self._parquet = None
         self._csv_file = None
         self._csv = None
@@ -388,7 +448,7 @@ def _output_columns(batch: Batch, scores: np.ndarray, row0: int, fmt: str,
 
 def score(saved_model: str, input_pattern: str, output: str | None = None, *, fmt: str = "parquet",
           batch_size: int = DEFAULT_BATCH_SIZE, progress_every_s: float = 10.0,
-          log=None) -> dict:
+          log=None, overwrite: bool = False) -> dict:
     """Scores every row of ``input_pattern`` with the SavedModel; see the module docstring.
 
     Args:
@@ -399,6 +459,7 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
         batch_size: rows per batch.
         progress_every_s: seconds between progress lines on ``log``.
         log: a callable taking one line; default: print to stderr.
+        overwrite: replace an existing ``output`` (never one of the inputs).
 
     Returns:
         ``{"num_rows", "saved_model", "scores"}`` plus, for labelled input, the
@@ -414,8 +475,10 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    loaded, spec, version_dir = load_export(saved_model)
     files, kind = input_files(input_pattern)
+    if output:
+        check_output(output, files, overwrite=overwrite)
+    loaded, spec, version_dir = load_export(saved_model)
     serve = loaded.signatures["serving_default"]
     serve_examples = loaded.signatures["predict_examples"]
     batches = iter_parquet(files, spec, batch_size) if kind == "parquet" else iter_tfrecord(files, spec, batch_size)
@@ -494,9 +557,9 @@ def main(argv):
     FLAGS = flags.FLAGS
     try:
         result = score(FLAGS.saved_model, FLAGS.input, FLAGS.output, fmt=FLAGS.format,
-                       batch_size=FLAGS.batch_size)
+                       batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite)
     except (InputError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"score: error: {one_line(e)}")
     summary = {k: v for k, v in result.items() if k != "scores"}
     if FLAGS.output:
         summary["output"] = FLAGS.output
@@ -517,6 +580,7 @@ def _define_flags():
     flags.DEFINE_enum("format", "parquet", FORMATS, "Output format; `challenge` writes the MMCTR "
                       "submission CSV `ID,Task2`.")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per batch.", lower_bound=1)
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing --output (never one of the inputs).")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ rest and leaves in ``model_dir``:
 
     config.json         the resolved ExperimentConfig
     feature_spec.json   a copy of the spec the model was trained on
+    data_fingerprint.json  the data the run started on (spec + shard names and sizes)
     checkpoints/        best.weights.h5 (best epoch) and latest.weights.h5 (last epoch)
     backup/             the training state after the last epoch (removed when the run ends)
     logs/               TensorBoard scalars (train/, valid/)
@@ -48,7 +49,12 @@ explicit and the same under every strategy:
 Only the chief writes ``model_dir``; other workers write to a temporary
 directory that is removed at the end. Resuming reads ``model_dir/backup``
 on every worker (``model_dir`` must be shared, as for Keras'
-``BackupAndRestore``).
+``BackupAndRestore``), and only on the data the run started on: the
+fingerprint of the feature spec and of its shards' names and sizes
+(:func:`data_fingerprint`) must match, wherever ``--data_dir`` now is.
+
+A shard that does not read back (``DataLossError``) stops the run with
+:class:`TrainingError` naming the file and the record.
 
 A worker that dies (its sockets close) or freezes (the coordination service
 misses its heartbeats) makes the other workers' collectives fail; each of
@@ -60,6 +66,7 @@ backup.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -84,7 +91,7 @@ from qin_tf import callbacks as qcb  # noqa: E402
 from qin_tf import metrics as qmetrics  # noqa: E402
 from qin_tf import report  # noqa: E402
 from qin_tf.config import RESUMABLE_CHANGES, ExperimentConfig, STRATEGIES  # noqa: E402
-from qin_tf.data import make_dataset, model_inputs  # noqa: E402
+from qin_tf.data import find_unreadable_record, make_dataset, model_inputs, tf_message  # noqa: E402
 from qin_tf.model import build_model  # noqa: E402
 from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError  # noqa: E402
 
@@ -97,9 +104,10 @@ BEST_CHECKPOINT = "best.weights.h5"
 LATEST_CHECKPOINT = "latest.weights.h5"
 BACKUP_DIR = "backup"
 LOG_DIR = "logs"
+FINGERPRINT_FILENAME = "data_fingerprint.json"
 #: What a run writes into model_dir (removed by --overwrite before starting over).
 ARTEFACTS = (CONFIG_FILENAME, SPEC_FILENAME, CHECKPOINT_DIR, BACKUP_DIR, LOG_DIR, MODEL_FILENAME,
-             METRICS_FILENAME, CURVES_FILENAME)
+             METRICS_FILENAME, CURVES_FILENAME, FINGERPRINT_FILENAME)
 #: The metric that selects the best epoch (on ``TrainConfig.valid_split``).
 MONITOR = "val_auc"
 
@@ -427,6 +435,63 @@ def _check_spec(spec: FeatureSpec, tc) -> None:
             raise TrainingError(f"split `{split}` of {tc.data_dir} has no rows.")
 
 
+def data_fingerprint(spec: FeatureSpec) -> dict:
+    """What identifies the data of a run, cheaply: the feature spec and its shards' names and sizes.
+
+    Returns ``{"fingerprint": sha256 hex, "data_dir", "spec", "files": {name: bytes}}``.
+    The directory is not part of the fingerprint (a moved copy is the same
+    data); no shard is read (gigabytes are not hashed).
+    """
+    files = {}
+    for split in sorted(spec.splits):
+        for name in spec.splits[split].files:
+            try:
+                files[name] = int(tf.io.gfile.stat(spec.path(name)).length)
+            except tf.errors.NotFoundError:
+                files[name] = None
+    text = json.dumps({"spec": spec.to_dict(), "files": files}, sort_keys=True)
+    body = json.loads(text)  # as it reads back from the file: lists, not tuples
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return {"fingerprint": digest, "data_dir": os.path.abspath(spec.base_dir), **body}
+
+
+def _check_same_data(model_dir: str, spec: FeatureSpec, data_dir: str) -> None:
+    """Refuses to resume the run in ``model_dir`` on data other than the data it started on."""
+    path = os.path.join(model_dir, FINGERPRINT_FILENAME)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    elif os.path.exists(os.path.join(model_dir, SPEC_FILENAME)):  # a run started before fingerprints
+        with open(os.path.join(model_dir, SPEC_FILENAME)) as f:
+            saved = {"spec": json.load(f), "files": None, "data_dir": "(not recorded)"}
+    else:
+        return
+    now = data_fingerprint(spec)
+    if saved.get("fingerprint", now["fingerprint"]) == now["fingerprint"] and saved["spec"] == now["spec"]:
+        return
+    def differing(a: dict, b: dict) -> list[str]:
+        return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+    if saved["spec"] != now["spec"]:
+        what = f"the feature specs differ in {', '.join(differing(saved['spec'], now['spec']))}"
+    else:
+        names = differing(saved["files"], now["files"])
+        what = f"the shards differ: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise TrainingError(f"{model_dir} holds an unfinished run that started on other data than --data_dir="
+                        f"{data_dir} ({what}; it started on {saved['data_dir']}). Resume it with the data it "
+                        f"started on, or use another --model_dir.")
+
+
+def _data_loss(spec: FeatureSpec, tc, error: tf.errors.DataLossError) -> TrainingError:
+    """The error of a shard that does not read back, naming the file and the record."""
+    splits = [tc.train_split, tc.valid_split, *tc.monitor_splits]
+    found = find_unreadable_record(spec, splits + [s for s in spec.splits if s not in splits])
+    if found is None:
+        return TrainingError(f"{tc.data_dir}: unreadable TFRecord data ({tf_message(error)})")
+    path, record, message = found
+    return TrainingError(f"{path}: record {record}: corrupt TFRecord data ({message})")
+
+
 def _save_weights_atomic(model: keras.Model, path: str) -> None:
     tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
     model.save_weights(tmp)
@@ -487,6 +552,7 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
                 raise TrainingError(f"{model_dir} holds an unfinished run with a different configuration "
                                     f"({'; '.join(diff)}). Resume it with the same configuration, or use "
                                     f"another --model_dir.")
+        _check_same_data(model_dir, spec, tc.data_dir)
     elif chief and os.path.exists(os.path.join(model_dir, METRICS_FILENAME)):
         if not tc.overwrite:
             raise TrainingError(f"{model_dir} holds a finished run ({METRICS_FILENAME} exists). Pass "
@@ -501,6 +567,8 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
     write_dir = model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
     try:
         return _run(config, spec, strategy, state, chief, write_dir, say, list(callbacks), label)
+    except tf.errors.DataLossError as e:
+        raise _data_loss(spec, tc, e) from None
     finally:
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
@@ -512,6 +580,7 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
     os.makedirs(os.path.join(write_dir, CHECKPOINT_DIR), exist_ok=True)
     if chief:
         qcb.write_json(os.path.join(write_dir, CONFIG_FILENAME), config.to_dict())
+        qcb.write_json(os.path.join(write_dir, FINGERPRINT_FILENAME), data_fingerprint(spec))
         spec.save(write_dir)
 
     keras.utils.set_random_seed(tc.seed)

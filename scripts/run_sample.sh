@@ -21,4 +21,4 @@ ls "$OUT/export"
 
 echo "== 4/4 batch-score the raw test split with the SavedModel alone"
 $PY -m qin_tf.score --saved_model="$OUT/export" --input=data/microlens_sample/test.parquet \
-    --output="$OUT/test_scores.csv" --format=csv
+    --output="$OUT/test_scores.csv" --format=csv --overwrite

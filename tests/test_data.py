@@ -179,3 +179,25 @@ def test_training_in_memory_rereads_files_that_changed(crafted, tmp_path):
     _write(tmp_path / "train-00000-of-00004.tfrecord.gz", _rows(500, 25))   # same file, new rows
     after = _user_ids(data.make_dataset(crafted, "train", 50, training=True, seed=2, with_meta=True))
     assert sorted(after) == list(range(25, 100)) + list(range(500, 525))
+
+
+def test_find_unreadable_record_names_file_and_record(crafted):
+    import dataclasses
+
+    assert data.find_unreadable_record(crafted) is None
+    # Uncompressed shards: the record is exact. Flip a byte inside record 3 of shard 2.
+    records = [r.numpy() for r in tf.data.TFRecordDataset(crafted.split_files("train")[2], compression_type="GZIP")]
+    spec = dataclasses.replace(crafted, compression="")
+    for path in spec.split_files("train"):
+        with tf.io.TFRecordWriter(path) as w:
+            for r in records:
+                w.write(r)
+    path = spec.split_files("train")[2]
+    raw = bytearray(open(path, "rb").read())
+    offset = sum(len(r) + 16 for r in records[:3]) + 12 + len(records[3]) // 2  # 12: length + its CRC
+    raw[offset] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(raw))
+    found = data.find_unreadable_record(spec, ["train"])
+    assert found is not None and found[:2] == (path, 3)
+    assert "corrupted record" in found[2] and "\n" not in found[2] and "function_node" not in found[2]

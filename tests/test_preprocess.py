@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -122,6 +123,17 @@ def listing(directory) -> dict[str, bytes]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, directory)] = fh.read()
     return out
+
+
+def corrupt_row_group(path, group: int, column: int = 1) -> None:
+    """Flips 16 bytes in the middle of a column chunk of one row group of a parquet file."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    data = bytearray(open(path, "rb").read())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    for i in range(middle, middle + 16):
+        data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(data))
 
 
 def siblings(output_dir) -> list[str]:
@@ -266,7 +278,7 @@ def test_crafted_rows_round_trip(tmp_path):
         ["feature_spec.json", "item_table.npz", "stats.json", "train-00000-of-00002.tfrecord.gz",
          "train-00001-of-00002.tfrecord.gz", "valid-00000-of-00002.tfrecord.gz",
          "valid-00001-of-00002.tfrecord.gz", "test-00000-of-00002.tfrecord.gz",
-         "test-00001-of-00002.tfrecord.gz"])
+         "test-00001-of-00002.tfrecord.gz", pp.MANIFEST_FILENAME])
     assert siblings(out) == []
 
     for split, rows in (("train", train), ("valid", valid), ("test", test)):
@@ -421,7 +433,7 @@ def test_rerun_replaces_the_output(tmp_path):
     spec = pp.preprocess(input_dir, out, config, num_shards=1, max_len=2)
     assert sorted(os.listdir(out)) == sorted(
         ["feature_spec.json", "item_table.npz", "stats.json", "train-00000-of-00001.tfrecord.gz",
-         "valid-00000-of-00001.tfrecord.gz", "test-00000-of-00001.tfrecord.gz"])
+         "valid-00000-of-00001.tfrecord.gz", "test-00000-of-00001.tfrecord.gz", pp.MANIFEST_FILENAME])
     assert spec.max_len == 2 and read_split(spec, "train")["item_seq"].shape == (6, 2)
     assert siblings(out) == []
 
@@ -466,6 +478,72 @@ def test_refuses_to_replace_an_unrelated_directory(tmp_path):
     assert (precious / "notes.txt").read_text() == "keep me"
     with pytest.raises(pp.PreprocessError, match="replace the input"):
         pp.preprocess(input_dir, input_dir, config)
+
+
+def test_rerun_replaces_only_what_preprocessing_wrote(tmp_path):
+    """A model dir and notes placed in an earlier output survive a rerun; its old shards do not."""
+    input_dir, config = write_dataset(tmp_path)
+    out = tmp_path / "out"
+    pp.preprocess(input_dir, str(out), config, num_shards=3)
+    (out / "model").mkdir()
+    (out / "model" / "best.keras").write_bytes(b"weights")
+    (out / "NOTES.txt").write_text("keep me")
+    spec = pp.preprocess(input_dir, str(out), config, num_shards=1, max_len=2)
+    written = ["feature_spec.json", "item_table.npz", "stats.json", "train-00000-of-00001.tfrecord.gz",
+               "valid-00000-of-00001.tfrecord.gz", "test-00000-of-00001.tfrecord.gz", pp.MANIFEST_FILENAME]
+    assert sorted(os.listdir(out)) == sorted(written + ["NOTES.txt", "model"])
+    assert (out / "NOTES.txt").read_text() == "keep me" and (out / "model" / "best.keras").read_bytes() == b"weights"
+    assert json.loads((out / pp.MANIFEST_FILENAME).read_text())["files"] == sorted(written)
+    assert spec.max_len == 2 and read_split(spec, "train")["item_seq"].shape == (6, 2)
+    assert siblings(out) == []
+
+    # An output of a version before manifests: its files are the ones its spec names.
+    os.remove(out / pp.MANIFEST_FILENAME)
+    pp.preprocess(input_dir, str(out), config, num_shards=2)
+    assert sorted(n for n in os.listdir(out) if n.startswith("train-")) == [
+        "train-00000-of-00002.tfrecord.gz", "train-00001-of-00002.tfrecord.gz"]
+    assert (out / "NOTES.txt").read_text() == "keep me"
+
+    # A kept file with the name of one preprocessing would write: refused, nothing changed.
+    (out / "valid-00000-of-00001.tfrecord.gz").write_bytes(b"mine")
+    before = listing(out)
+    with pytest.raises(pp.PreprocessError, match=r"holds \['valid-00000-of-00001.tfrecord.gz'\], which "
+                                                 r"preprocessing did not write"):
+        pp.preprocess(input_dir, str(out), config, num_shards=1)
+    assert listing(out) == before and siblings(out) == []
+
+
+def test_killed_runs_leftovers_are_removed_by_the_next_run(tmp_path):
+    input_dir, config = write_dataset(tmp_path)
+    out = tmp_path / "out"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+    def leftover(name, pid=None):
+        (tmp_path / name / "_parts").mkdir(parents=True)
+        if pid is not None:
+            (tmp_path / name / pp.MANIFEST_FILENAME).write_text(json.dumps(
+                {"tool": "pipelines.preprocess", "host": socket.gethostname(), "pid": pid, "files": None}))
+
+    leftover("out.tmp-0badf00d", dead)  # a killed run's: removed
+    leftover("out.tmp-11ve0000", os.getppid())  # a run still going: kept
+    leftover("out.tmp-5afe0000")  # no marker, not ours: kept
+    leftover("out.old-0badf00d", dead)  # without an output to go with it: kept
+    pp.preprocess(input_dir, str(out), config, num_shards=1)
+    assert siblings(out) == ["out.old-0badf00d", "out.tmp-11ve0000", "out.tmp-5afe0000"]
+    pp.preprocess(input_dir, str(out), config, num_shards=1)  # now the output exists
+    assert siblings(out) == ["out.tmp-11ve0000", "out.tmp-5afe0000"]
+
+
+def test_output_follows_the_umask(tmp_path):
+    input_dir, config = write_dataset(tmp_path)
+    old = os.umask(0o027)
+    try:
+        pp.preprocess(input_dir, str(tmp_path / "out"), config, num_shards=1)
+    finally:
+        os.umask(old)
+    modes = {n: os.stat(tmp_path / "out" / n).st_mode & 0o777 for n in os.listdir(tmp_path / "out")}
+    assert set(modes.values()) == {0o640} and os.stat(tmp_path / "out").st_mode & 0o777 == 0o750
 
 
 def test_unknown_beam_arguments_are_rejected(tmp_path):

@@ -19,8 +19,8 @@ import pytest
 
 from pipelines import preprocess as pp
 from pipelines.validation import PreprocessError
-from tests.test_preprocess import (CONFIG, NUM_ITEMS, SPLIT_SCHEMA, good_rows, item_table, listing, read_split,
-                                   row, siblings, split_table, write_dataset)
+from tests.test_preprocess import (CONFIG, NUM_ITEMS, SPLIT_SCHEMA, corrupt_row_group, good_rows, item_table,
+                                   listing, read_split, row, siblings, split_table, write_dataset)
 
 BAD_ROW = 2  # the bad row's index in train.parquet; with 2 shards it lies in the second one
 
@@ -268,6 +268,30 @@ def test_unlabelled_split_ignores_a_label_column_and_needs_none(tmp_path):
     assert "label" not in got and got["user_id"].tolist() == [100, 101, 102]
 
 
+@pytest.mark.parametrize("on_bad_row", ["fail", "quarantine"])
+def test_corrupt_parquet_names_file_and_row_group(tmp_path, on_bad_row):
+    input_dir, config = write_dataset(tmp_path, {"train": good_rows(40), "valid": good_rows(3, 100),
+                                                 "test": good_rows(2, 200)})
+    train_file = os.path.join(input_dir, "train.parquet")
+    pq.write_table(split_table(good_rows(40)), train_file, row_group_size=10)
+    corrupt_row_group(train_file, 2)
+    out = str(tmp_path / "out")
+    with pytest.raises(PreprocessError) as err:
+        pp.preprocess(input_dir, out, config, num_shards=2, on_bad_row=on_bad_row)
+    assert str(err.value).startswith(f"{train_file}: row group 2 (rows 20..29): corrupt parquet (")
+    assert "\n" not in str(err.value)
+    assert (err.value.file, err.value.row, err.value.reason) == (train_file, 20, "corrupt")
+    assert not os.path.exists(out) and siblings(out) == []
+
+
+def test_corrupt_item_table_is_named(tmp_path):
+    input_dir, config = write_dataset(tmp_path)
+    table_file = os.path.join(input_dir, "item_info.parquet")
+    corrupt_row_group(table_file, 0, column=1)
+    with pytest.raises(PreprocessError, match=rf"^{table_file}: corrupt parquet \("):
+        pp.preprocess(input_dir, str(tmp_path / "out"), config)
+
+
 # --------------------------------------------------------------------------
 # The CLI: one line, non-zero exit, no traceback
 # --------------------------------------------------------------------------
@@ -301,3 +325,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     proc = _cli(f"--input_dir={input_dir}", f"--output_dir={out}", f"--dataset_config={config}",
                 "--on_bad_row=skip", cwd=str(tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "on_bad_row" in proc.stderr
+
+    # Flipped bytes in a parquet file: one line naming file and row group, not Beam's tracebacks.
+    train_file = os.path.join(input_dir, "train.parquet")
+    pq.write_table(split_table(good_rows(40)), train_file, row_group_size=10)
+    corrupt_row_group(train_file, 3)
+    proc = _cli(f"--input_dir={input_dir}", f"--output_dir={out}", f"--dataset_config={config}",
+                "--num_shards=2", cwd=str(tmp_path))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith(f"preprocess: error: {train_file}: row group 3 (rows 30..39): corrupt parquet (")
+    assert proc.stderr.count("\n") == 1 and not os.path.exists(out)

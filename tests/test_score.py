@@ -182,3 +182,90 @@ def test_cli_prints_auc_and_writes_the_submission(scored, tmp_path):
     assert proc.returncode != 0
     assert f"{bad}: row 9, column `item_seq`: null value" in proc.stderr
     assert not (tmp_path / "never.csv").exists()
+
+
+# --------------------------------------------------------------------------
+# The output: never an input, never replaced unasked, temp files, permissions
+# --------------------------------------------------------------------------
+
+
+def test_output_that_is_an_input_or_exists_is_refused(scored, tmp_path):
+    base = scored[0]
+    inp = tmp_path / "in.parquet"
+    inp.write_bytes(open(TEST_PARQUET, "rb").read())
+    before = inp.read_bytes()
+    for pattern in (str(inp), str(tmp_path / "*.parquet")):
+        for overwrite in (False, True):
+            with pytest.raises(PreprocessError, match="the output is one of the inputs"):
+                score.score(base, pattern, str(inp), overwrite=overwrite, log=lambda line: None)
+    assert inp.read_bytes() == before
+
+    out = tmp_path / "scores.csv"
+    out.write_text("keep me\n")
+    with pytest.raises(PreprocessError, match=r"scores\.csv: the output exists; pass --overwrite"):
+        score.score(base, str(inp), str(out), fmt="csv", log=lambda line: None)
+    assert out.read_text() == "keep me\n"
+    score.score(base, str(inp), str(out), fmt="csv", overwrite=True, log=lambda line: None)
+    with open(out) as f:
+        assert len(list(csv.reader(f))) == 601
+
+
+def test_output_that_cannot_be_created_fails_before_any_work(tmp_path):
+    """A directory, or a path under a file: refused before the export is even loaded."""
+    no_export = str(tmp_path / "no-export")  # loading it would raise FileNotFoundError
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PreprocessError, match=r"adir: the output is a directory"):
+        score.score(no_export, TEST_PARQUET, str(tmp_path / "adir"), log=lambda line: None)
+    with pytest.raises(PreprocessError, match=r"afile/sub/s\.csv: cannot create the output: .*afile is a file"):
+        score.score(no_export, TEST_PARQUET, str(tmp_path / "afile" / "sub" / "s.csv"), log=lambda line: None)
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"]
+
+
+def test_stale_temp_files_are_removed_and_the_output_follows_the_umask(scored, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".s.csv.score-{dead}-0123abcd.tmp"  # a killed run's
+    live = tmp_path / f".s.csv.score-{os.getppid()}-0123abcd.tmp"  # a running process's: kept
+    other = tmp_path / ".s.csv.notes.tmp"  # not the scorer's: kept
+    for f in (stale, live, other):
+        f.write_text("partial")
+    old = os.umask(0o027)
+    try:
+        score.score(scored[0], TEST_PARQUET, str(tmp_path / "s.csv"), fmt="csv", log=lambda line: None)
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name, "s.csv"])
+    assert os.stat(tmp_path / "s.csv").st_mode & 0o777 == 0o640
+
+
+def test_corrupt_parquet_names_the_row_group(scored, tmp_path):
+    from tests.test_preprocess import corrupt_row_group
+
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(TEST_PARQUET), path, row_group_size=100)
+    corrupt_row_group(path, 3)
+    with pytest.raises(PreprocessError, match=r"bad\.parquet: row group 3 \(rows 300\.\.399\): corrupt parquet \("):
+        score.score(scored[0], str(path), str(tmp_path / "s.parquet"), log=lambda line: None)
+    assert sorted(os.listdir(tmp_path)) == ["bad.parquet"]
+
+
+def test_cli_refuses_to_write_over_its_input_and_names_a_corrupt_file(scored, tmp_path):
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pq.read_table(TEST_PARQUET), inp, row_group_size=100)
+    before = inp.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "qin_tf.score", f"--saved_model={scored[0]}", f"--input={inp}",
+                           f"--output={inp}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr == f"score: error: {inp}: the output is one of the inputs; write the scores to another file\n"
+    assert inp.read_bytes() == before
+
+    from tests.test_preprocess import corrupt_row_group
+
+    corrupt_row_group(inp, 2)
+    proc = subprocess.run([sys.executable, "-m", "qin_tf.score", f"--saved_model={scored[0]}", f"--input={inp}",
+                           f"--output={tmp_path / 's.csv'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"score: error: {inp}: row group 2 (rows 200..299): corrupt parquet (")
+    assert proc.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["in.parquet"]

@@ -431,6 +431,29 @@ def test_killed_run_resumes_to_the_same_result(sample_run, sample_spec, tmp_path
     assert rc == 1
     assert "different configuration (model.embedding_dim: 16 -> 8)" in capsys.readouterr().err
 
+    # ... and so is resuming on other data: other shards, or another spec
+    other = tmp_path / "other_data"
+    shutil.copytree(sample_spec.base_dir, other)
+    shutil.copy(other / "train-00001-of-00002.tfrecord.gz", other / "train-00000-of-00002.tfrecord.gz")
+    rc = train.cli(["train", *args, f"--data_dir={other}"])
+    assert rc == 1
+    assert capsys.readouterr().err == (
+        f"error: {model_dir} holds an unfinished run that started on other data than --data_dir={other} "
+        f"(the shards differ: train-00000-of-00002.tfrecord.gz; it started on {sample_spec.base_dir}). "
+        f"Resume it with the data it started on, or use another --model_dir.\n")
+    shutil.rmtree(other)
+    shutil.copytree(sample_spec.base_dir, other)
+    spec_json = json.loads((other / "feature_spec.json").read_text())
+    spec_json["context_vocab_sizes"] = [v + 1 for v in spec_json["context_vocab_sizes"]]
+    (other / "feature_spec.json").write_text(json.dumps(spec_json))
+    assert train.cli(["train", *args, f"--data_dir={other}"]) == 1
+    assert "(the feature specs differ in context_vocab_sizes; it started on" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+    # The same data elsewhere (moved, copied) resumes.
+    moved = tmp_path / "moved_data"
+    shutil.copytree(sample_spec.base_dir, moved)
+    args = [a if not a.startswith("--data_dir=") else f"--data_dir={moved}" for a in args]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout and "2 epochs done" in proc.stdout
@@ -455,6 +478,21 @@ def test_nan_loss_stops_with_a_clear_message(sample_spec, tmp_path, capsys):
     assert "training diverged. Lower --learning_rate (now 1e+30)" in err
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
     assert not os.path.exists(os.path.join(model_dir, "best.keras"))
+
+
+def test_corrupt_shard_is_named_in_one_line(sample_spec, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(sample_spec.base_dir, data)
+    shard = data / "train-00001-of-00002.tfrecord.gz"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 16] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 16])
+    shard.write_bytes(bytes(raw))
+    rc = train.cli(["train", f"--flagfile={SAMPLE_FLAGS}", f"--data_dir={data}",
+                    f"--model_dir={tmp_path / 'model'}", "--epochs=1", "--steps_per_epoch=2"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {shard}: record 0: corrupt TFRecord data (inflate() failed")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("variant, swapped, kept", [
