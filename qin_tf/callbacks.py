@@ -23,7 +23,10 @@ the epoch (``lr``) into the epoch's ``logs`` before calling them, in order:
   the optimizer, and the state of the stateful callbacks) so that a run that
   is killed resumes at the next epoch as if it had never stopped. It writes
   a new file per epoch and then atomically replaces ``state.json``, which
-  names the files; a kill at any moment leaves a consistent backup.
+  names the files; a kill at any moment leaves a consistent backup. It reads
+  and writes through ``tf.io.gfile``, so the backup directory may be on any
+  TensorFlow filesystem (``gs://``; ``ram://`` in tests), as may the JSON
+  files of :func:`write_json`.
 
 Example::
 
@@ -33,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -46,13 +50,30 @@ import numpy as np
 BACKUP_STATE = "state.json"
 
 
-def write_json(path: str, obj) -> None:
-    """Writes ``obj`` as JSON to ``path`` atomically (temp file + rename)."""
+def _gfile():
+    import tensorflow as tf  # already imported by Keras' TensorFlow backend
+
+    return tf.io.gfile
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` (any TensorFlow filesystem: local, ``gs://``, ``ram://``).
+
+    Through a temporary name and a rename: atomic on a local or POSIX file
+    system; on an object store (``gs://``) the rename is a copy and a
+    delete, so a reader never sees a partial object under ``path``, but a
+    kill between the two can leave the ``.tmp`` object behind.
+    """
+    gfile = _gfile()
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with gfile.GFile(tmp, "wb") as f:
+        f.write(data)
+    gfile.rename(tmp, path, overwrite=True)
+
+
+def write_json(path: str, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically (temp file + rename; see :func:`write_bytes`)."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n").encode())
 
 
 def _fmt(value) -> str:
@@ -317,14 +338,16 @@ def save_variables(path: str, variables: Sequence) -> None:
     """Saves variables' values to ``path`` (``.npz``) atomically, with their paths."""
     arrays = {f"v{i:05d}": np.asarray(keras.ops.convert_to_numpy(v)) for i, v in enumerate(variables)}
     arrays["paths"] = np.asarray([getattr(v, "path", getattr(v, "name", str(i))) for i, v in enumerate(variables)])
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
 
 
 def load_variables(path: str, variables: Sequence) -> None:
     """Assigns the values saved by :func:`save_variables`; shapes and count must match."""
-    with np.load(path) as z:
+    with _gfile().GFile(path, "rb") as f:
+        data = io.BytesIO(f.read())
+    with np.load(data) as z:
         paths = [str(p) for p in z["paths"]]
         if len(paths) != len(variables):
             raise ValueError(f"{path}: holds {len(paths)} variables, the model and optimizer have "
@@ -366,7 +389,8 @@ class TrainingBackup(keras.callbacks.Callback):
         return f"epoch-{epoch + 1:05d}.npz"
 
     def on_epoch_end(self, epoch, logs=None):
-        os.makedirs(self.backup_dir, exist_ok=True)
+        gfile = _gfile()
+        gfile.makedirs(self.backup_dir)
         name = self.epoch_file(epoch)
         save_variables(os.path.join(self.backup_dir, name), self.variables())
         best = self.best_epoch_fn()
@@ -379,17 +403,18 @@ class TrainingBackup(keras.callbacks.Callback):
         }
         write_json(os.path.join(self.backup_dir, BACKUP_STATE), state)
         keep = {name, state["best"], BACKUP_STATE}
-        for f in os.listdir(self.backup_dir):
-            if f not in keep:
-                os.remove(os.path.join(self.backup_dir, f))
+        for f in gfile.listdir(self.backup_dir):
+            if f.rstrip("/") not in keep:
+                gfile.remove(os.path.join(self.backup_dir, f))
 
     @staticmethod
     def read(backup_dir: str) -> dict | None:
         """The backup's state, or ``None`` when there is none."""
         path = os.path.join(backup_dir, BACKUP_STATE)
-        if not os.path.exists(path):
+        gfile = _gfile()
+        if not gfile.exists(path):
             return None
-        with open(path) as f:
+        with gfile.GFile(path, "r") as f:
             return json.load(f)
 
     @staticmethod

@@ -55,6 +55,12 @@ fingerprint of the feature spec and of its shards' names and sizes
 
 A shard that does not read back (``DataLossError``) stops the run with
 :class:`TrainingError` naming the file and the record.
+
+A worker that dies (its sockets close) or freezes (the coordination service
+misses its heartbeats) makes the other workers' collectives fail; each of
+them stops with :class:`ClusterError`, one line naming the peer and saying
+to restart every worker with the same ``TF_CONFIG``, which resumes from the
+backup.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -112,6 +119,39 @@ class TrainingError(RuntimeError):
 
 class NonFiniteLossError(TrainingError):
     """The training loss became NaN or infinite."""
+
+
+class ClusterError(TrainingError):
+    """A collective operation failed: another worker stopped or cannot be reached."""
+
+
+#: What a collective operation raises when a peer is gone (closed socket,
+#: reset connection, aborted collectives) or does not answer in time.
+COLLECTIVE_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                     tf.errors.CancelledError)
+
+
+_PEER_PATTERNS = (r"remote target /job:(\w+)/replica:\d+/task:(\d+)",  # a closed or reset connection
+                  r"Error reported from /job:(\w+)/(?:replica:\d+/)?task:(\d+)",  # the coordination service
+                  r"stopped sending heartbeats\):\s*/job:(\w+)/replica:\d+/task:(\d+)")
+
+
+def _collective_failure(error: tf.errors.OpError, *, label: str, epoch: int, step: int, model_dir: str) -> str:
+    """One line: which worker lost the cluster where, which peer, why (TensorFlow's words), what to do."""
+    text = error.message or str(error)
+    peer = next((m for m in (re.search(p, text) for p in _PEER_PATTERNS) if m), None)
+    cause = re.search(r"aborted by: (.*)", text, re.S)
+    cause = cause.group(1) if cause else text
+    cause = re.split(r"\n(?:Additional GRPC error|The error could be from|The tasks have crashed)", cause)[0]
+    cause = re.sub(r"\s*\[type\.googleapis\.com[^\]]*\]", "", " ".join(cause.split()))
+    who = label.strip().strip("[]") or "this worker"
+    state = qcb.TrainingBackup.read(os.path.join(model_dir, BACKUP_DIR))
+    resume = (f"training resumes from the backup in {os.path.join(model_dir, BACKUP_DIR)} "
+              f"({state['next_epoch']} epochs done)" if state else "no epoch had finished, so training starts over")
+    return (f"{who} lost the cluster at epoch {epoch + 1}, step {step + 1}: a collective operation failed"
+            f"{f' (peer: {peer.group(1)} {peer.group(2)})' if peer else ''}: {type(error).__name__}: {cause}. "
+            f"Another worker stopped or cannot be reached, and MultiWorkerMirroredStrategy cannot go on "
+            f"without it. Restart every worker with the same TF_CONFIG: {resume}.")
 
 
 # --------------------------------------------------------------------------
@@ -532,7 +572,7 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
     write_dir = model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
     try:
         return _run(config, spec, strategy, state, chief, write_dir, say, list(callbacks),
-                    interactive=print_fn is None and sys.stdout.isatty())
+                    interactive=print_fn is None and sys.stdout.isatty(), label=label)
     except tf.errors.DataLossError as e:
         raise _data_loss(spec, tc, e) from None
     finally:
@@ -540,7 +580,8 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, interactive) -> TrainResult:
+def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, interactive,
+         label="") -> TrainResult:
     tc, mc = config.train, config.model
     replicas = strategy.num_replicas_in_sync
     os.makedirs(os.path.join(write_dir, CHECKPOINT_DIR), exist_ok=True)
@@ -629,8 +670,14 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         done_steps, loss_sum = 0, 0.0
         while done_steps < steps:
-            total, done, last = loop.run(iterator, tf.constant(min(chunk, steps - done_steps)))
-            done, last = int(done), float(last)
+            try:
+                total, done, last = loop.run(iterator, tf.constant(min(chunk, steps - done_steps)))
+                done, last = int(done), float(last)
+            except COLLECTIVE_ERRORS as e:
+                if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                    raise
+                raise ClusterError(_collective_failure(e, label=label, epoch=epoch, step=done_steps,
+                                                       model_dir=tc.model_dir)) from None
             if not math.isfinite(last):
                 last_good = (f"the last good state is the backup after epoch {epoch} in "
                              f"{os.path.join(tc.model_dir, BACKUP_DIR)}" if epoch else "no epoch had finished")

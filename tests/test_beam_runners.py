@@ -1,0 +1,42 @@
+"""Preprocessing on more than one process writes what the in-process run writes, byte for byte.
+
+The session fixture ``sample_spec`` preprocesses the bundled sample with the
+default options (Beam's FnApiRunner, ``multi_threading``, one thread per
+core). Here the same input goes through Beam's other local running modes:
+``in_memory`` (one thread) and ``multi_processing`` (SDK worker processes
+that receive the work items over the Fn API and import ``pipelines`` on
+their own, as a distributed runner's workers do).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipelines.preprocess import preprocess
+from qin_tf.spec import DatasetConfig
+
+from tests.conftest import SAMPLE_DATASET_CONFIG, SAMPLE_DIR, SAMPLE_MAX_LEN
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("mode, workers", [("in_memory", 1), ("multi_processing", 2)])
+def test_other_running_modes_write_byte_identical_output(sample_spec, tmp_path, mode, workers):
+    out = str(tmp_path / mode)
+    spec = preprocess(SAMPLE_DIR, out, DatasetConfig.load(SAMPLE_DATASET_CONFIG), max_len=SAMPLE_MAX_LEN,
+                      num_shards=2, beam_options=["--runner=FnApiRunner", f"--direct_running_mode={mode}",
+                                                  f"--direct_num_workers={workers}"])
+    ref = sample_spec.base_dir
+    names = _files(ref)
+    # shards of every split, the item table, the spec and the statistics
+    assert {"feature_spec.json", "item_table.npz", "stats.json", "train-00000-of-00002.tfrecord.gz",
+            "train-00001-of-00002.tfrecord.gz", "test-00001-of-00002.tfrecord.gz"} <= set(names)
+    assert _files(out) == names
+    for name in names:
+        with open(os.path.join(ref, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert spec.splits["train"].num_rows == sample_spec.splits["train"].num_rows == 2622
