@@ -468,6 +468,22 @@ def test_failure_mid_pipeline_keeps_the_previous_output(tmp_path, monkeypatch):
     assert not os.path.exists(fresh) and siblings(fresh) == []
 
 
+def test_a_work_item_the_runner_loses_fails_the_run(tmp_path, monkeypatch):
+    """Shards are written inside workers; a work item that never runs (an element the runner lost) is an error
+    naming the shard, not a quietly smaller dataset."""
+    input_dir, config = write_dataset(tmp_path)
+    real = pp.convert_shard
+
+    def losing(item, job):
+        return None if item.split == "valid" else real(item, job)
+
+    monkeypatch.setattr(pp, "convert_shard", losing)
+    out = str(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="shard valid-.* did not complete"):
+        pp.preprocess(input_dir, out, config, num_shards=2)
+    assert not os.path.exists(out) and siblings(out) == []
+
+
 def test_refuses_to_replace_an_unrelated_directory(tmp_path):
     input_dir, config = write_dataset(tmp_path)
     precious = tmp_path / "precious"
