@@ -9,7 +9,8 @@ users made by relabelling real ones, so the item side is unchanged and the
 events grow s-fold). Each build runs as its own process
 (``python -m pipelines.build_examples``), timed, with its peak RSS from GNU
 time; its output is removed. Prints one JSON line (``bench/common.py``) with,
-per scale, events, rows, seconds, events per second and peak RSS; the
+per scale, events, rows, seconds, CPU seconds (user + sys of the build),
+events per second and peak RSS; the
 ``other_cpu_s`` field says how much CPU other processes took meanwhile.
 """
 
@@ -70,18 +71,21 @@ def main(argv):
             config = _CONFIG.value if s == 1 else scaled_config(_CONFIG.value, s, tmp)
             out = os.path.join(tmp, f"out_x{s}")
             common.log(f"scale {s}: building")
+            t0 = os.times()
             proc, wall, peak = common.run_measured(
                 [sys.executable, "-m", "pipelines.build_examples", f"--config={config}", f"--output_dir={out}",
                  *beam_args], cwd=common.REPO, env={**os.environ, "PYTHONPATH": common.REPO})
+            t1 = os.times()
+            cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
             if proc.returncode != 0:
                 raise SystemExit(f"bench_build_examples: scale {s} failed: {proc.stderr.strip()[-500:]}")
             with open(os.path.join(out, "stats.json")) as f:
                 stats = json.load(f)
             runs.append({"scale": s, "events": stats["events_in"], "users": stats["users_out"],
                          "rows": {k: v["rows"] for k, v in stats["splits"].items()},
-                         "seconds": round(wall, 1), "events_per_s": round(stats["events_in"] / wall),
-                         "peak_rss_mb": peak})
-            common.log(f"scale {s}: {wall:.1f} s, peak {peak} MiB")
+                         "seconds": round(wall, 1), "cpu_s": round(cpu, 1),
+                         "events_per_s": round(stats["events_in"] / wall), "peak_rss_mb": peak})
+            common.log(f"scale {s}: {wall:.1f} s, {cpu:.1f} CPU s, peak {peak} MiB")
             shutil.rmtree(out, ignore_errors=True)
         common.emit({"bench": "build_examples", "config": _CONFIG.value, "beam_args": beam_args, "runs": runs})
     finally:

@@ -949,23 +949,6 @@ def _dataset_config(cfg: LogsConfig, vocabs: dict) -> dict:
     }
 
 
-def _local_defaults(beam_options):
-    """The local runner in ``in_memory`` mode unless told otherwise.
-
-    With Beam 2.77's FnApiRunner in ``multi_threading`` mode (preprocess's
-    default) this pipeline lost a varying share of the events after its
-    group-by-user on MovieLens-100k (users or rows short, from run to run);
-    ``in_memory`` gave the same, complete answer every time. Whatever the
-    runner, :func:`_check_counts` refuses an output whose counts do not add up.
-    """
-    if isinstance(beam_options, pp.PipelineOptions):
-        return beam_options
-    args = list(beam_options or [])
-    if not any(a.lstrip("-").startswith(("direct_running_mode", "runner")) for a in args):
-        args += ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
-    return args
-
-
 class RunnerError(RuntimeError):
     """The runner's counts do not add up (elements lost); nothing was written."""
 
@@ -1013,7 +996,7 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
     if cfg.users is not None:
         files["users"] = _files(cfg.users.source, "the user table")
     output_dir = _check_output_dir(output_dir, [f for fs in files.values() for f in fs])
-    opts = pp.pipeline_options(_local_defaults(beam_options))
+    opts = pp.pipeline_options(beam_options)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
     pp._makedirs(work_dir)
     try:
