@@ -114,3 +114,47 @@ def test_a_failed_refresh_leaves_no_new_version(refreshed, monkeypatch):
     with pytest.raises(exporter.ExportError, match="injected"):
         rc.refresh_catalog(model_dir, base, {"zz-other": ([], None)})
     assert sorted(os.listdir(base)) == ["1", "2"]
+
+
+def _wait_for_version(client, version: int, timeout_s: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if [s.version for s in client.model_status().model_version_status] == [version]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the server did not switch to version {version} within {timeout_s} s")
+
+
+def test_local_server_switches_to_the_refreshed_version_without_a_restart(refreshed, sample_spec, tmp_path):
+    import shutil
+
+    from tensorflow_serving.apis import predict_pb2
+
+    from export.client import ServingClient
+    from export.local_server import LocalServer
+
+    spec, _, old, new, model_dir = refreshed
+    base = str(tmp_path / "base")
+    shutil.copytree(old, os.path.join(base, "1"))
+    features = split_rows(sample_spec, "test")[0]
+    raw = {k: v[:4] for k, v in exporter.raw_rows(spec, features)[0].items()}
+    raw[spec.target_item] = np.asarray([NEW_WITH_VECTOR] * 4, dtype=object)
+    lines = []
+    with LocalServer(base, port=0, poll_interval_s=0.2, log=lines.append) as local:
+        with ServingClient(local.address, "qin") as client:
+            assert [s.version for s in client.model_status().model_version_status] == [1]
+            np.testing.assert_array_equal(client.predict(raw, "serving_raw"), _serve(old, "serving_raw", raw))
+            catalog = {NEW_WITH_VECTOR: (["tag-2", "tag-3"], np.asarray(
+                np.random.default_rng(0).normal(0.0, 3.0, spec.mm_dim), np.float32))}
+            written = rc.refresh_catalog(model_dir, base, catalog)
+            _wait_for_version(client, 2)
+            np.testing.assert_array_equal(client.predict(raw, "serving_raw"), _serve(written, "serving_raw", raw))
+            assert not np.array_equal(client.predict(raw, "serving_raw"), _serve(old, "serving_raw", raw))
+            req = predict_pb2.PredictRequest()
+            req.model_spec.name, req.model_spec.signature_name = "qin", "serving_raw"
+            for k, v in raw.items():
+                req.inputs[k].CopyFrom(tf.make_tensor_proto(v))
+            assert client._predict.Predict(req, timeout=30).model_spec.version.value == 2
+    assert any("version 2 (was version 1)" in line for line in lines), lines
