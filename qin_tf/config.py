@@ -60,6 +60,8 @@ class ModelConfig:
     id_dropout: float = 0.0
     sparse_history: bool = True
     dtype_policy: str | None = None
+    use_mm_vector: bool = dataclasses.field(default=True, metadata={"help": (
+        "Ablation: false gives every item a zero multimodal part (QIN without the frozen multimodal vector).")})
 
     def __post_init__(self):
         if self.model not in ("qin", "din"):

@@ -73,6 +73,7 @@ def _item_embedding(spec: FeatureSpec, config: ModelConfig) -> ItemEmbedding:
                          mm_dim=spec.mm_dim, embedding_dim=config.embedding_dim,
                          embeddings_regularizer=reg, kernel_regularizer=reg,
                          deduplicate=config.sparse_history, id_dropout=config.id_dropout,
+                         use_multimodal=config.use_mm_vector,
                          output_mode="indexed" if config.sparse_history else "dense", name="item_embedding")
 
 
