@@ -266,6 +266,7 @@ if __name__ == "__main__":
     from qin_tf.runtime import import_tensorflow
 
     import_tensorflow()
+    import pipelines.build_examples  # noqa: F401  (imports Beam quietly, before absl logs to stderr)
     from absl import app
 
     _define_flags()

@@ -158,3 +158,34 @@ def test_local_server_switches_to_the_refreshed_version_without_a_restart(refres
                 req.inputs[k].CopyFrom(tf.make_tensor_proto(v))
             assert client._predict.Predict(req, timeout=30).model_spec.version.value == 2
     assert any("version 2 (was version 1)" in line for line in lines), lines
+
+
+def test_a_bad_catalog_row_is_one_line_naming_file_row_and_column(tmp_path):
+    from pipelines.build_examples import read_catalog
+    from pipelines.logs_config import LogsConfig
+    from pipelines.validation import PreprocessError
+
+    (tmp_path / "items.csv").write_text("item,title\n5,a # b\n6,c\n5,again\n")
+    cfg = LogsConfig.from_dict({"name": "x", "events": {"files": "e.csv", "user": "u", "item": "i"},
+                                "catalog": {"files": "items.csv", "item": "item",
+                                            "tags": {"column": "title", "hashtags": True}}}, base=str(tmp_path))
+    with pytest.raises(PreprocessError, match=r"items.csv: row 2, column `item`: duplicate item id 5"):
+        read_catalog(cfg)
+    (tmp_path / "items.csv").write_text("item,title\n5,a # b # c\n6,\n")
+    assert read_catalog(cfg) == {5: (["b", "c"], None), 6: ([], None)}
+
+
+def test_cli_errors_are_one_line(refreshed, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_export import REPO
+
+    _, base, _, _, model_dir = refreshed
+    config = os.path.join(REPO, "configs", "logs", "microlens_sample.json")
+    proc = subprocess.run([sys.executable, "-m", "export.refresh_catalog", f"--model_dir={model_dir}",
+                           f"--export_base={tmp_path / 'typo'}", f"--config={config}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'typo'}: no such directory; pass the export "
+                                                "base that `python -m export.exporter --export_base=...` wrote."]
