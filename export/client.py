@@ -291,7 +291,7 @@ class InProcessModel:
 # --------------------------------------------------------------------------
 
 
-def _jsonl_value(value, feature: Feature, source: str, row: int):
+def check_row_value(value, feature: Feature, source: str, row: int):
     """One JSON value of a model input -> an int, or for the history a list of ints (unpadded)."""
     from pipelines.validation import fail
 
@@ -329,6 +329,30 @@ def json_snippet(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def rows_to_inputs(rows: Sequence[Mapping], features: Sequence[Feature]) -> dict:
+    """Checked rows (``{name: id or unpadded history}``) -> ``{name: array}`` of one request.
+
+    A dense history is padded or cut by the spec's sequence rule to its
+    ``max_len``; a raw history (shape ``(-1,)``) is left-padded with the raw
+    padding value to the batch's longest (the export's graph pads or cuts it).
+    """
+    out = {}
+    for f in features:
+        values = [r[f.name] for r in rows]
+        if f.shape and f.shape[-1] < 0:  # a raw history: any width, padded to the batch's longest
+            pad = "" if f.dtype == "string" else 0  # the raw padding value; the graph pads or cuts
+            width = max(1, max(len(seq) for seq in values))
+            out[f.name] = np.asarray([[pad] * (width - len(seq)) + list(seq) for seq in values],
+                                     dtype=object if f.dtype == "string" else np.int64)
+        elif f.shape:
+            flat = np.asarray([v for seq in values for v in seq], dtype=np.int64)
+            parent = np.repeat(np.arange(len(values), dtype=np.int64), [len(seq) for seq in values])
+            out[f.name] = left_pad_recent(flat, parent, len(values), f.shape[0])[0]
+        else:
+            out[f.name] = np.asarray(values, dtype=object if f.dtype == "string" else np.dtype(f.dtype))
+    return out
+
+
 def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int, stream=None) -> Iterator[dict]:
     """Batches of model inputs from JSON lines (``path``, or ``stream`` when given; ``-``: stdin).
 
@@ -347,20 +371,7 @@ def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int,
     rows: list[dict] = []
 
     def flush():
-        out = {}
-        for f in features:
-            values = [r[f.name] for r in rows]
-            if f.shape and f.shape[-1] < 0:  # a raw history: any width, padded to the batch's longest
-                pad = "" if f.dtype == "string" else 0  # the raw padding value; the graph pads or cuts
-                width = max(1, max(len(seq) for seq in values))
-                out[f.name] = np.asarray([[pad] * (width - len(seq)) + list(seq) for seq in values],
-                                         dtype=object if f.dtype == "string" else np.int64)
-            elif f.shape:
-                flat = np.asarray([v for seq in values for v in seq], dtype=np.int64)
-                parent = np.repeat(np.arange(len(values), dtype=np.int64), [len(seq) for seq in values])
-                out[f.name] = left_pad_recent(flat, parent, len(values), f.shape[0])[0]
-            else:
-                out[f.name] = np.asarray(values, dtype=object if f.dtype == "string" else np.dtype(f.dtype))
+        out = rows_to_inputs(rows, features)
         rows.clear()
         return out
 
@@ -378,7 +389,7 @@ def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int,
             for f in features:
                 if f.name not in obj:
                     fail(source, row, f.name, f"missing key; the model's inputs are {[g.name for g in features]}")
-                values[f.name] = _jsonl_value(obj[f.name], f, source, row)
+                values[f.name] = check_row_value(obj[f.name], f, source, row)
             rows.append(values)
             if len(rows) == batch_size:
                 yield flush()

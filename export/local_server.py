@@ -15,8 +15,15 @@ installed. It speaks the same protocol, from the official
 * ``tensorflow.serving.ModelService/GetModelStatus``.
 
 It serves one model, the newest version in ``model_base_path`` (TF
-Serving's default version policy), loaded once at start with
-``tf.saved_model.load`` (no model code). Requests are validated against the
+Serving's default version policy), loaded with ``tf.saved_model.load`` (no
+model code). Like TF Serving (``--file_system_poll_wait_seconds``, default
+1 s) it polls the base path every ``--poll_interval_s`` seconds and, when a
+higher complete version appears (a numbered directory holding a
+``saved_model.pb``; the exporter and ``export.refresh_catalog`` rename a
+version into place only once it is whole), loads it and switches to it
+without a restart, logging the switch; requests in flight finish on the
+version they started on. A version that fails to load is logged and
+skipped, and the server goes on serving the one it has. Requests are validated against the
 signature before they run; a malformed request gets ``NOT_FOUND`` (unknown
 model or version) or ``INVALID_ARGUMENT`` (unknown signature or output,
 missing or extra inputs, wrong dtype or shape, a batch larger than
@@ -42,6 +49,8 @@ from qin_tf.spec import ID_RULE, first_negative_id
 EXAMPLES_INPUT = "examples"
 #: Default largest batch one request may carry.
 DEFAULT_MAX_BATCH_SIZE = 4096
+#: Seconds between polls of the model base path (TF Serving's --file_system_poll_wait_seconds default).
+DEFAULT_POLL_INTERVAL_S = 1.0
 #: gRPC message size limit (both directions), bytes.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -79,7 +88,7 @@ class ServedModel:
     """
 
     def __init__(self, model_base_path: str, model_name: str = "qin",
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, version_dir: str | None = None):
         import tensorflow as tf
 
         from export.exporter import SERVE_TAG, SPEC_ASSET_PATH, latest_version_dir
@@ -89,7 +98,7 @@ class ServedModel:
             raise ValueError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
         self.model_name = model_name
         self.max_batch_size = max_batch_size
-        self.path = latest_version_dir(model_base_path, log=logging.warning)
+        self.path = version_dir or latest_version_dir(model_base_path, log=logging.warning)
         self.version = int(os.path.basename(self.path))
         spec_file = os.path.join(self.path, SPEC_ASSET_PATH)
         #: The export's feature spec (None for a SavedModel without one): names a bad example's fault.
@@ -286,7 +295,7 @@ def _handler(method):
 
     def rpc(self, request, context):
         try:
-            return method(self.model, request)
+            return method(self.server.model, request)  # the version served now; a switch waits for no one
         except RequestError as e:
             context.abort(e.code, str(e))
         except Exception as e:  # keep serving; report the failure to this caller only
@@ -296,7 +305,7 @@ def _handler(method):
     return rpc
 
 
-def _servicers(model: ServedModel):
+def _servicers(server: "LocalServer"):
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -307,7 +316,7 @@ def _servicers(model: ServedModel):
         GetModelStatus = _handler(ServedModel.get_model_status)
 
     prediction, status = PredictionService(), ModelService()
-    prediction.model = status.model = model
+    prediction.server = status.server = server
     return prediction, status
 
 
@@ -325,14 +334,29 @@ class LocalServer:
         port: TCP port; 0 picks a free one (see :attr:`port` after start).
         model_name, max_batch_size: see :class:`ServedModel`.
         max_workers: threads answering requests concurrently.
+        poll_interval_s: seconds between looks for a higher version in
+            ``model_base_path`` (TF Serving's ``--file_system_poll_wait_seconds``);
+            0 serves the version found at start only.
+        log: a callable taking one line (a version switch, a version that
+            failed to load); default: absl logging.
     """
 
     def __init__(self, model_base_path: str, *, host: str = "127.0.0.1", port: int = 8500,
                  model_name: str = "qin", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_workers: int = 16):
+                 max_workers: int = 16, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S, log=None):
         if max_workers < 1:
             raise ValueError(f"`max_workers` must be >= 1. Received: max_workers={max_workers}")
+        if poll_interval_s < 0:
+            raise ValueError(f"`poll_interval_s` must be >= 0. Received: poll_interval_s={poll_interval_s}")
+        self.model_base_path = model_base_path
+        self.max_batch_size = max_batch_size
+        #: The version served now; replaced (one assignment) when a higher version appears.
         self.model = ServedModel(model_base_path, model_name, max_batch_size)
+        self.poll_interval_s = poll_interval_s
+        self._log = log or logging.info
+        self._failed: set[int] = set()
+        self._stop = threading.Event()
+        self._poller = None
         self.host = host
         self.port = port
         self.max_workers = max_workers
@@ -356,7 +380,7 @@ class LocalServer:
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.so_reuseport", 0)])
-            prediction, status = _servicers(self.model)
+            prediction, status = _servicers(self)
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(status, server)
             host = f"[{self.host}]" if ":" in self.host else self.host
@@ -366,9 +390,43 @@ class LocalServer:
             self.port = port
             server.start()
             self._server = server
+            if self.poll_interval_s > 0:
+                self._stop.clear()
+                self._poller = threading.Thread(target=self._poll, name="local_server_poll", daemon=True)
+                self._poller.start()
         return self
 
+    def poll_once(self) -> bool:
+        """Switches to the highest complete version if it is higher than the one served; True if it did."""
+        from export.exporter import servable_versions
+
+        versions = [v for v in servable_versions(self.model_base_path) if v not in self._failed]
+        if not versions or versions[-1] <= self.model.version:
+            return False
+        path = os.path.join(self.model_base_path, str(versions[-1]))
+        try:
+            model = ServedModel(self.model_base_path, self.model.model_name, self.max_batch_size, version_dir=path)
+        except Exception as e:  # keep serving the version we have
+            self._failed.add(versions[-1])
+            self._log(f"{path}: could not load this version ({type(e).__name__}: {e}); "
+                      f"still serving version {self.model.version}.")
+            return False
+        old, self.model = self.model.version, model
+        self._log(f"Serving `{model.model_name}` version {model.version} (was version {old}) from {path}.")
+        return True
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.poll_once()
+            except Exception:  # e.g. the base path briefly unreadable: try again next time
+                logging.exception("polling %s failed", self.model_base_path)
+
     def stop(self, grace: float | None = 1.0) -> None:
+        self._stop.set()
+        if self._poller is not None and self._poller is not threading.current_thread():
+            self._poller.join()
+            self._poller = None
         with self._lock:
             if self._server is not None:
                 self._server.stop(grace).wait()
@@ -395,7 +453,8 @@ def main(argv):
     try:
         server = LocalServer(FLAGS.model_base_path, host=FLAGS.host, port=FLAGS.port,
                              model_name=FLAGS.model_name, max_batch_size=FLAGS.max_batch_size,
-                             max_workers=FLAGS.max_workers).start()
+                             max_workers=FLAGS.max_workers, poll_interval_s=FLAGS.poll_interval_s,
+                             log=lambda line: print(line, flush=True)).start()
     except (ExportError, SpecError, OSError) as e:  # a wrong path, a port in use: one line, no traceback
         sys.exit(f"error: {e}")
     # The one ready line (stdout): scripts wait for it.
@@ -421,6 +480,9 @@ def _define_flags():
     flags.DEFINE_integer("max_batch_size", DEFAULT_MAX_BATCH_SIZE, "Largest batch one request may carry.",
                          lower_bound=1)
     flags.DEFINE_integer("max_workers", 16, "Threads answering requests.", lower_bound=1)
+    flags.DEFINE_float("poll_interval_s", DEFAULT_POLL_INTERVAL_S, "Seconds between looks for a higher version "
+                       "in --model_base_path (TF Serving's --file_system_poll_wait_seconds); 0: never.",
+                       lower_bound=0.0)
 
 
 if __name__ == "__main__":

@@ -413,6 +413,44 @@ class JoinCatalog(beam.DoFn):
         yield item, (tags, vec)
 
 
+def read_catalog(cfg: LogsConfig) -> dict:
+    """The catalog of ``cfg`` read in this process, by the pipeline's own readers: ``{raw item: (tags, vector)}``.
+
+    ``tags`` are the item's raw tags (the config's parsing rules), ``vector``
+    a float32 array or None. For small catalogs and tools that refresh an
+    export (``export.refresh_catalog``); the first bad row (a duplicate item,
+    a bad vector, a null id, a missing column) raises :class:`PreprocessError`
+    naming file, row and column, whatever ``on_bad_row`` says.
+    """
+    if cfg.catalog is None:
+        raise PreprocessError("the log config has no `catalog` section")
+    cat = cfg.catalog
+
+    def rows(src, key, columns, what):
+        out, reader = {}, ReadTable(src, key, columns, cfg.id_dtype, what)
+        for fidx, path in enumerate(_files(src, what)):
+            for x in reader.process((fidx, path)):
+                if isinstance(x, beam.pvalue.TaggedOutput):
+                    if x.tag == "bad":
+                        raise PreprocessError(x.value["message"])
+                    continue
+                out.setdefault(x[0], []).append(x[1])
+        return out
+
+    cols = [cat.tags.column] if cat.tags else []
+    cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
+    catalog = rows(cat.source, cat.item, cols, "catalog")
+    vectors = (rows(cat.vector.source, cat.vector.item, [cat.vector.column], "vector_file")
+               if cat.vector is not None and cat.vector.source is not None else {})
+    join, out = JoinCatalog(cfg), {}
+    for item in sorted(catalog, key=_raw_key):
+        for x in join.process((item, {"catalog": catalog[item], "vector": vectors.get(item, [])})):
+            if isinstance(x, beam.pvalue.TaggedOutput):
+                raise PreprocessError(x.value["message"])
+            out[x[0]] = x[1]
+    return out
+
+
 # --------------------------------------------------------------------------
 # Per user (in workers)
 # --------------------------------------------------------------------------

@@ -120,6 +120,8 @@ class ModelConfig:
     deduplicate_items: bool | None = dataclasses.field(default=None, metadata={"help": (
         "The item embedding computes each distinct item of a batch once when true and every slot when "
         "false, where none follows sparse_history (false needs --nosparse_history).")})
+    use_mm_vector: bool = dataclasses.field(default=True, metadata={"help": (
+        "Ablation: false gives every item a zero multimodal part (QIN without the frozen multimodal vector).")})
 
     def __post_init__(self):
         if self.model not in PRESETS:

@@ -83,6 +83,7 @@ def _item_embedding(spec: FeatureSpec, config: ModelConfig) -> ItemEmbedding:
                          embeddings_regularizer=reg, kernel_regularizer=reg,
                          deduplicate=config.sparse_history if config.deduplicate_items is None
                          else config.deduplicate_items, id_dropout=config.id_dropout,
+                         use_multimodal=config.use_mm_vector,
                          output_mode="indexed" if config.sparse_history else "dense", name="item_embedding")
 
 

@@ -30,6 +30,16 @@ r"""Batch scoring with an exported SavedModel: no model code, bounded memory.
 * ``--output`` must not be one of the inputs; an existing output is replaced
   only with ``--overwrite`` (the rule of training's ``--model_dir``); an
   output that is a directory, or under a file, is refused before any work.
+* ``--raw_ids``: the rows hold ids as the log had them (strings, or int64s,
+  as the export's vocabularies say): parquet files with one column per
+  model input (the history a list, oldest first, unpadded), or JSON lines
+  (``*.jsonl``, ``*.json``: one object per line, one key per model input, as
+  ``python -m export.client --raw_ids`` sends). They go through the export's
+  ``serving_raw`` signature, which maps them to dense ids with the
+  vocabularies inside the SavedModel (an unknown id is the OOV id 1) and pads
+  or cuts the history by the spec's rule: a row's score is bit for bit the
+  score of its dense ids. The label and the meta columns (keys) are carried
+  when the input has them.
 * When the input has labels, the AUC (and log loss, and the gAUC over the
   first meta column) is printed, from :mod:`qin_tf.metrics`.
 
@@ -68,6 +78,9 @@ ROW_COLUMN = "row"
 SCORE_COLUMN = "ctr"
 CHALLENGE_COLUMNS = ("ID", "Task2")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".json")
+#: The export's raw-id signature (``export.exporter.RAW_SIGNATURE``).
+RAW_SIGNATURE = "serving_raw"
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrecord.gz", ".tfrecords.gz")
 
 
@@ -191,24 +204,26 @@ def arrow_batch_features(batch, features: Sequence[Feature], *, source: str,
 # --------------------------------------------------------------------------
 
 
-def input_files(pattern: str) -> tuple[list[str], str]:
-    """The sorted files of ``pattern`` and their kind, ``"parquet"`` or ``"tfrecord"``."""
+def input_files(pattern: str, raw_ids: bool = False) -> tuple[list[str], str]:
+    """The sorted files of ``pattern`` and their kind: ``"parquet"`` or ``"tfrecord"``; with ``raw_ids``
+    ``"parquet"`` or ``"jsonl"``."""
     files = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else (
         [pattern] if os.path.exists(pattern) else [])
     files = [f for f in files if os.path.isfile(f)]
     if not files:
         fail(pattern, None, None, "no such file")
     kinds = set()
+    other = ("jsonl", JSONL_SUFFIXES, "JSON lines") if raw_ids else ("tfrecord", TFRECORD_SUFFIXES, "TFRecord")
     for f in files:
         if f.endswith(PARQUET_SUFFIXES):
             kinds.add("parquet")
-        elif f.endswith(TFRECORD_SUFFIXES):
-            kinds.add("tfrecord")
+        elif f.endswith(other[1]):
+            kinds.add(other[0])
         else:
             fail(f, None, None, f"unknown input type; expected parquet ({', '.join(PARQUET_SUFFIXES)}) "
-                                f"or TFRecord ({', '.join(TFRECORD_SUFFIXES)})")
+                                f"or {other[2]} ({', '.join(other[1])})" + (" with --raw_ids" if raw_ids else ""))
     if len(kinds) > 1:
-        fail(pattern, None, None, "mixes parquet and TFRecord files; score them separately")
+        fail(pattern, None, None, f"mixes parquet and {other[2]} files; score them separately")
     return files, kinds.pop()
 
 
@@ -266,6 +281,86 @@ def iter_parquet(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> It
             yield Batch(path, row, features={n: conv.features[n] for n in spec.model_feature_names},
                         label=conv.features[cols.label] if cols.label else None,
                         meta={m: conv.features[m] for m in cols.meta})
+
+
+def raw_features(spec: FeatureSpec) -> list[Feature]:
+    """The inputs of the export's ``serving_raw`` signature: raw dtypes, the history of any width."""
+    from export.exporter import raw_dtype
+
+    return [Feature(f.name, f.role, raw_dtype(spec, f.name), (-1,) if f.shape else (), f.vocab_size)
+            for f in spec.model_features]
+
+
+def _raw_rows(path: str, kind: str, names: Sequence[str], batch_size: int) -> Iterator[tuple[int, list[dict]]]:
+    """``(first row, [row objects])`` batches of a raw-id parquet or JSON-lines file (only ``names``)."""
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
+        have = [n for n in names if n in pf.schema_arrow.names]
+        row = 0
+        for rb in pf.iter_batches(batch_size=batch_size, columns=have):
+            yield row, rb.to_pylist()
+            row += rb.num_rows
+        return
+    from export.client import json_snippet
+
+    rows, first = [], 0
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f):
+            if not line.strip():
+                fail(path, row, None, "empty line; every line is one JSON object")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(path, row, None, f"not valid JSON: {e}")
+            if not isinstance(obj, dict):
+                fail(path, row, None, f"expected a JSON object, got {json_snippet(obj)}")
+            rows.append(obj)
+            if len(rows) == batch_size:
+                yield first, rows
+                first, rows = row + 1, []
+    if rows:
+        yield first, rows
+
+
+def iter_raw(files: Sequence[str], kind: str, spec: FeatureSpec, batch_size: int) -> Iterator[Batch]:
+    """Batches of raw-id rows (parquet or JSON lines), checked as ``export.client --raw_ids`` checks them.
+
+    The label and the meta columns are carried when the file's first row has
+    them (then every row must); a label must be 0 or 1.
+    """
+    from export.client import check_row_value, rows_to_inputs
+
+    features = raw_features(spec)
+    extras = (spec.label, *spec.meta)
+    for path in files:
+        present = None
+        for first, rows in _raw_rows(path, kind, [f.name for f in features] + list(extras), batch_size):
+            if present is None:
+                present = [n for n in extras if rows and n in rows[0]]
+            checked, cols = [], {n: [] for n in present}
+            for i, obj in enumerate(rows):
+                values = {}
+                for f in features:
+                    if obj.get(f.name) is None:
+                        fail(path, first + i, f.name, "missing" if f.name not in obj else "null value")
+                    values[f.name] = check_row_value(obj[f.name], f, path, first + i)
+                checked.append(values)
+                for n in present:
+                    v = obj.get(n)
+                    if v is None:
+                        fail(path, first + i, n, "missing, while other rows have it")
+                    if n == spec.label and (isinstance(v, bool) or v not in (0, 1)):
+                        fail(path, first + i, n, f"label {v!r}; expected 0 or 1")
+                    cols[n].append(v)
+            label = np.asarray(cols.pop(spec.label), np.int64) if spec.label in cols else None
+            meta = {n: np.asarray(v) for n, v in cols.items()}
+            yield Batch(path, first, features=rows_to_inputs(checked, features), label=label, meta=meta)
 
 
 def _compression(path: str) -> str:
@@ -448,7 +543,7 @@ def _output_columns(batch: Batch, scores: np.ndarray, row0: int, fmt: str,
 
 def score(saved_model: str, input_pattern: str, output: str | None = None, *, fmt: str = "parquet",
           batch_size: int = DEFAULT_BATCH_SIZE, progress_every_s: float = 10.0,
-          log=None, overwrite: bool = False) -> dict:
+          log=None, overwrite: bool = False, raw_ids: bool = False) -> dict:
     """Scores every row of ``input_pattern`` with the SavedModel; see the module docstring.
 
     Args:
@@ -460,6 +555,8 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
         progress_every_s: seconds between progress lines on ``log``.
         log: a callable taking one line; default: print to stderr.
         overwrite: replace an existing ``output`` (never one of the inputs).
+        raw_ids: the input holds raw ids (parquet or JSON lines), scored
+            through the export's ``serving_raw`` signature.
 
     Returns:
         ``{"num_rows", "saved_model", "scores"}`` plus, for labelled input, the
@@ -475,13 +572,21 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    files, kind = input_files(input_pattern)
+    files, kind = input_files(input_pattern, raw_ids)
     if output:
         check_output(output, files, overwrite=overwrite)
     loaded, spec, version_dir = load_export(saved_model)
-    serve = loaded.signatures["serving_default"]
     serve_examples = loaded.signatures["predict_examples"]
-    batches = iter_parquet(files, spec, batch_size) if kind == "parquet" else iter_tfrecord(files, spec, batch_size)
+    if raw_ids:
+        if RAW_SIGNATURE not in loaded.signatures:
+            fail(version_dir, None, None, f"this export has no `{RAW_SIGNATURE}` signature (its feature spec "
+                                          "has no vocabularies); score dense ids without --raw_ids")
+        serve = loaded.signatures[RAW_SIGNATURE]
+        batches = iter_raw(files, kind, spec, batch_size)
+    else:
+        serve = loaded.signatures["serving_default"]
+        batches = (iter_parquet(files, spec, batch_size) if kind == "parquet"
+                   else iter_tfrecord(files, spec, batch_size))
 
     writer = ScoreWriter(output, fmt) if output else None
     all_scores, labels, groups = [], [], []
@@ -557,7 +662,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     try:
         result = score(FLAGS.saved_model, FLAGS.input, FLAGS.output, fmt=FLAGS.format,
-                       batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite)
+                       batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, raw_ids=FLAGS.raw_ids)
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"score: error: {one_line(e)}")
     summary = {k: v for k, v in result.items() if k != "scores"}
@@ -580,6 +685,8 @@ def _define_flags():
     flags.DEFINE_enum("format", "parquet", FORMATS, "Output format: parquet or csv (one row per input row), or "
                       "challenge (the MMCTR submission CSV with the columns ID,Task2).")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per batch.", lower_bound=1)
+    flags.DEFINE_boolean("raw_ids", False, "The input (parquet or JSON lines) holds ids as the log had them; "
+                         "score it through the export's `serving_raw` signature.")
     flags.DEFINE_boolean("overwrite", False, "Replace an existing --output (never one of the inputs).")
 
 

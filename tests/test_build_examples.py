@@ -260,34 +260,93 @@ def test_config_errors_name_the_key(tmp_path):
         LogsConfig.from_dict({"name": "x", "events": {"files": "a", "user": "u", "item": "i"}, "hist": {}})
 
 
-def test_microlens_sample_logs_to_scores(tmp_path, capsys):
-    """The sample users' raw MicroLens events give the bundled sample's positive rows exactly, and run
-    on: logs -> examples -> TFRecords -> train -> export -> score (scripts/run_sample_from_logs.sh)."""
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from check_microlens_build import compare, raw_rows, reference_rows
+@pytest.fixture(scope="module")
+def sample_from_logs(tmp_path_factory):
+    """The bundled sample's raw logs -> examples -> TFRecords -> QIN (1 epoch) -> export, as
+    scripts/run_sample_from_logs.sh runs it: (built examples dir, feature spec, model dir, export base)."""
+    from pipelines.preprocess import preprocess
+    from qin_tf import train
 
-    out = str(tmp_path / "built")
+    tmp = tmp_path_factory.mktemp("sample_from_logs")
+    out = str(tmp / "built")
     proc = subprocess.run([sys.executable, "-m", "pipelines.build_examples", f"--config={SAMPLE_CONFIG}",
                            f"--output_dir={out}"], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+    spec = preprocess(out, str(tmp / "data"), os.path.join(out, DATASET_CONFIG_FILENAME), max_len=16)
+    export = str(tmp / "export")
+    rc = train.cli(["train", f"--flagfile={os.path.join(REPO, 'configs', 'sample.flags')}",
+                    f"--data_dir={spec.base_dir}", f"--model_dir={tmp / 'model'}", "--epochs=1",
+                    f"--export_base={export}"])
+    assert rc == 0
+    return out, spec, str(tmp / "model"), export
+
+
+def test_microlens_sample_logs_to_scores(sample_from_logs, tmp_path):
+    """The sample users' raw MicroLens events give the bundled sample's positive rows exactly, and run
+    on: logs -> examples -> TFRecords -> train -> export -> score, and a raw-id gRPC request."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from check_microlens_build import compare, raw_rows, reference_rows
+
+    import numpy as np
+
+    from export import exporter
+    from export.client import ServingClient
+    from export.local_server import LocalServer
+    from qin_tf import score
+    from tests.test_export import split_rows
+
+    out, spec, _, export = sample_from_logs
     for split in ("train", "valid", "test"):
         r = compare(raw_rows(out, split), reference_rows(SAMPLE_DIR, split))
         assert r["positives_equal"] and r["rows"] == r["reference_rows"], (split, r)
-
-    from pipelines.preprocess import preprocess
-    from qin_tf import score, train
-
-    spec = preprocess(out, str(tmp_path / "data"), os.path.join(out, DATASET_CONFIG_FILENAME), max_len=16)
-    export = str(tmp_path / "export")
-    rc = train.cli(["train", f"--flagfile={os.path.join(REPO, 'configs', 'sample.flags')}",
-                    f"--data_dir={spec.base_dir}", f"--model_dir={tmp_path / 'model'}", "--epochs=1",
-                    f"--export_base={export}"])
-    assert rc == 0, capsys.readouterr().err
     result = score.score(export, os.path.join(out, "test.parquet"), str(tmp_path / "scores.csv"), fmt="csv",
                          log=lambda *_: None)
     assert result["num_rows"] == 600 and 0.0 <= result["auc"] <= 1.0
+    # The same rows as the log had them (raw int64 item ids), over gRPC to `serving_raw`.
+    raw, dense = exporter.raw_rows(spec, split_rows(spec, "test")[0])
+    assert raw["item_id"][0] == read_vocab(os.path.join(out, "vocab", "item_id.txt"), "int64")[dense["item_id"][0] - 2]
+    with LocalServer(export, port=0) as local, ServingClient(local.address, "qin") as client:
+        np.testing.assert_array_equal(client.predict(raw, "serving_raw"), client.predict(dense))
+
+
+def test_sample_from_logs_catalog_refresh_is_served_without_a_restart(sample_from_logs, tmp_path):
+    """A newer catalog (one new item, with tags and a vector) -> export.refresh_catalog -> version 2, which
+    the running local server picks up; the new item's raw id is then scored with its content."""
+    import time
+
+    import numpy as np
+
+    from export.client import ServingClient
+    from export.local_server import LocalServer
+
+    _, spec, model_dir, export = sample_from_logs
+    new_item = 99999
+    with open(os.path.join(SAMPLE_DIR, "raw", "titles.csv")) as f:
+        titles = f.read()
+    (tmp_path / "titles.csv").write_text(titles + f'{new_item},"a new clip # funny # food"\n')
+    vectors = pq.read_table(os.path.join(SAMPLE_DIR, "item_info.parquet"), columns=["item_id", "item_emb_d128"])
+    dim = len(vectors["item_emb_d128"][0].as_py())
+    new_row = pa.table({"item_id": [new_item], "item_emb_d128": [[0.5] * dim]}, schema=vectors.schema)
+    pq.write_table(pa.concat_tables([vectors, new_row]), tmp_path / "vectors.parquet")
+    request = {"item_id": np.asarray([new_item] * 2), "item_seq": np.asarray([[3208, 3570], [0, 513]]),
+               "views_level": np.asarray([3, 0])}
+    with LocalServer(export, port=0, poll_interval_s=0.2) as local, ServingClient(local.address, "qin") as client:
+        before = client.predict(request, "serving_raw")  # an unknown raw id: the OOV item
+        proc = subprocess.run([sys.executable, "-m", "export.refresh_catalog", f"--model_dir={model_dir}",
+                               f"--export_base={export}", f"--config={SAMPLE_CONFIG}",
+                               f"--catalog={tmp_path / 'titles.csv'}", f"--vectors={tmp_path / 'vectors.parquet'}"],
+                              cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == os.path.join(export, "2") and "1 new items" in proc.stderr, proc.stderr
+        deadline = time.monotonic() + 120
+        while [s.version for s in client.model_status().model_version_status] != [2]:
+            assert time.monotonic() < deadline, "the local server did not switch to version 2"
+            time.sleep(0.2)
+        after = client.predict(request, "serving_raw")
+    assert not np.allclose(after, before)
+    assert read_vocab(os.path.join(export, "2", "assets", "item_id.txt"), "int64")[-1] == new_item
 
 
 def test_counts_that_do_not_add_up_are_refused(tmp_path):

@@ -468,3 +468,28 @@ def test_dtype_policy_from_the_config_applies_to_this_model_only(spec):
     assert clone.get_layer("qnn").compute_dtype == "bfloat16"
     with pytest.raises(ValueError, match="`dtype_policy` must be one of"):
         ModelConfig(dtype_policy="float16x")
+
+
+def test_use_mm_vector_false_ignores_the_multimodal_vectors(spec):
+    """The ablation flag `--use_mm_vector=false`: the item table's multimodal vectors change no score."""
+    from absl import flags
+
+    from qin_tf import train
+    from qin_tf.layers.embedding import ItemEmbedding
+
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", "--use_mm_vector=false"], fv)
+    config = dataclasses.replace(QIN_CONFIG, use_mm_vector=train.config_from_flags(fv).model.use_mm_vector)
+    assert config.use_mm_vector is False
+    features = batch(32, seed=4)
+    for use, changes in ((False, False), (True, True)):
+        keras.utils.set_random_seed(3)
+        model = build_qin(spec, dataclasses.replace(config, use_mm_vector=use))
+        layer = next(x for x in model.layers if isinstance(x, ItemEmbedding))
+        before = predict(model, features)
+        layer.item_multimodal.assign(np.asarray(layer.item_multimodal) + 5.0)
+        after = predict(model, features)
+        assert (not np.array_equal(before, after)) == changes
+        clone = keras.Model.from_config(model.get_config())  # the flag survives serialisation
+        assert next(x for x in clone.layers if isinstance(x, ItemEmbedding)).use_multimodal == use

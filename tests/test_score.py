@@ -269,3 +269,69 @@ def test_cli_refuses_to_write_over_its_input_and_names_a_corrupt_file(scored, tm
     assert proc.stderr.startswith(f"score: error: {inp}: row group 2 (rows 200..299): corrupt parquet (")
     assert proc.stderr.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["in.parquet"]
+
+
+# --------------------------------------------------------------------------
+# Raw ids (--raw_ids): parquet or JSON lines through the export's serving_raw
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raw_scored(scored, sample_spec, tmp_path_factory):
+    """(raw-id export base, dense-id rows, the raw ids of the same rows, labels) of the scored model."""
+    from tests.test_export import make_raw_spec
+
+    tmp = tmp_path_factory.mktemp("raw_score")
+    spec = make_raw_spec(sample_spec, str(tmp / "data"))
+    model = exporter.load_keras_model(os.path.join(os.path.dirname(scored[0]), "model"))
+    base = str(tmp / "export")
+    exporter.export_model(model, spec, base)
+    features, labels, _ = split_rows(sample_spec, "test")
+    features[spec.target_item][:3] = 1  # the OOV item: a raw id the vocabulary lacks
+    raw, dense = exporter.raw_rows(spec, features)
+    return base, spec, raw, dense, labels
+
+
+def _raw_records(spec, raw, labels):
+    return [{spec.target_item: raw[spec.target_item][i],
+             spec.sequence: [x for x in raw[spec.sequence][i].tolist() if x != ""],
+             **{c: int(raw[c][i]) for c in spec.context}, spec.label: int(labels[i]), "user_id": i}
+            for i in range(len(labels))]
+
+
+def test_raw_id_parquet_and_json_lines_score_bitwise_as_dense_ids(raw_scored, tmp_path):
+    import json
+
+    base, spec, raw, dense, labels = raw_scored
+    records = _raw_records(spec, raw, labels)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "raw.parquet")
+    with open(tmp_path / "raw.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    pq.write_table(pa.table({"user_id": np.arange(len(labels)), "item_seq": [[x for x in row if x] for row in
+                                                                             dense[spec.sequence].tolist()],
+                             **{c: dense[c] for c in spec.context}, "item_id": dense[spec.target_item],
+                             "label": labels.astype(np.int64)}), tmp_path / "dense.parquet")
+    want = score.score(base, str(tmp_path / "dense.parquet"), log=lambda line: None)
+    for name in ("raw.parquet", "raw.jsonl"):
+        got = score.score(base, str(tmp_path / name), str(tmp_path / f"{name}.scores.parquet"), batch_size=97,
+                          raw_ids=True, log=lambda line: None)
+        assert got["num_rows"] == 600
+        np.testing.assert_array_equal(got["scores"], want["scores"])
+        assert got["auc"] == want["auc"]
+        table = pq.read_table(tmp_path / f"{name}.scores.parquet")
+        assert table.column_names == ["row", "user_id", "label", "ctr"]
+        np.testing.assert_array_equal(table["label"].to_numpy(), labels)
+
+
+def test_raw_id_input_errors_name_file_row_and_column(raw_scored, scored, tmp_path):
+    import json
+
+    base, spec, raw, _, labels = raw_scored
+    records = _raw_records(spec, raw, labels)[:5]
+    records[3][spec.target_item] = 17
+    with open(tmp_path / "bad.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with pytest.raises(PreprocessError, match=r"bad.jsonl: row 3, column `item_id`: expected a raw string id"):
+        score.score(base, str(tmp_path / "bad.jsonl"), raw_ids=True, log=lambda line: None)
+    with pytest.raises(PreprocessError, match="no `serving_raw` signature"):
+        score.score(scored[0], str(tmp_path / "bad.jsonl"), raw_ids=True, log=lambda line: None)

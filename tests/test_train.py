@@ -685,3 +685,23 @@ def test_auc_by_history_length_script_buckets_the_split(sample_run, sample_spec)
     assert [(b["min"], b["max"]) for b in out["buckets"]] == [(0, 2), (3, 4), (5, None)]
     assert sum(b["rows"] for b in out["buckets"]) == out["all"]["rows"]
     assert out["all"]["auc"] == pytest.approx(read_metrics(model_dir)["splits"]["valid"]["auc"], abs=1e-4)
+
+
+def test_cold_start_script_splits_rows_by_whether_the_target_was_trained(sample_run, sample_spec):
+    """scripts/cold_start.py: seen/unseen/oov rows add up, match the train split's items, overall AUC is training's."""
+    from tests.test_export import split_rows
+
+    model_dir, _ = sample_run
+    proc = subprocess.run([sys.executable, os.path.join("scripts", "cold_start.py"),
+                           f"--data_dir={sample_spec.base_dir}", "--splits=valid", f"--model_dirs={model_dir}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    train = split_rows(sample_spec, "train")[0]
+    seen = set(train[sample_spec.target_item].tolist()) | set(train[sample_spec.sequence].ravel().tolist())
+    targets = split_rows(sample_spec, "valid")[0][sample_spec.target_item].tolist()
+    assert out["oov"]["rows"] == sum(t == 1 for t in targets)
+    assert out["seen"]["rows"] == sum(t in seen and t != 1 for t in targets)
+    assert out["seen"]["rows"] + out["unseen"]["rows"] + out["oov"]["rows"] == out["all"]["rows"] == len(targets)
+    assert out["unseen"]["rows"] > 0 and out["seen"]["rows"] > 0  # the sample has both
+    assert out["all"]["auc"] == pytest.approx(read_metrics(model_dir)["splits"]["valid"]["auc"], abs=1e-4)

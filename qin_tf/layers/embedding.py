@@ -80,6 +80,10 @@ class ItemEmbedding(keras.layers.Layer):
             distinct item of the call with ``deduplicate`` (the target and its
             occurrences in the history share it), per position otherwise.
             ``0`` (default) turns it off; inference is unaffected.
+        use_multimodal: ``False`` is the ablation "QIN without the
+            multimodal vector": the multimodal part ``m_i . W_mm`` is zero for
+            every item (the vector width stays 3E, so the rest of the model is
+            unchanged); ``W_mm`` is still created but unused.
         output_mode: ``"dense"`` returns the item vectors of every input;
             ``"indexed"`` returns ``(vectors, *indices)``: the vectors of the
             distinct ids ``[U, 3E]`` and, per input, int32 indices into them of
@@ -118,7 +122,8 @@ class ItemEmbedding(keras.layers.Layer):
                  embeddings_initializer=None,
                  kernel_initializer="glorot_normal",
                  embeddings_regularizer=None, kernel_regularizer=None,
-                 deduplicate=True, output_mode="dense", precomputed=False, id_dropout=0.0, **kwargs):
+                 deduplicate=True, output_mode="dense", precomputed=False, id_dropout=0.0,
+                 use_multimodal=True, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= id_dropout < 1.0:
             raise ValueError(f"`id_dropout` must be in [0, 1). Received: id_dropout={id_dropout}")
@@ -141,6 +146,7 @@ class ItemEmbedding(keras.layers.Layer):
         self.output_mode = output_mode
         self.precomputed = bool(precomputed)
         self.id_dropout = float(id_dropout)
+        self.use_multimodal = bool(use_multimodal)
         self._id_dropout_seed = keras.random.SeedGenerator() if self.id_dropout > 0 else None
         # tf.unique has no XLA kernel: keep `jit_compile="auto"` off XLA.
         self.supports_jit = self.precomputed or not self.deduplicate
@@ -213,8 +219,11 @@ class ItemEmbedding(keras.layers.Layer):
         tag_sum = ops.einsum("nt,nte->ne", has_tag, tag_vectors)
         count = ops.maximum(ops.sum(has_tag, axis=-1, keepdims=True), ops.convert_to_tensor(1, dtype=dtype))
         tag_part = tag_sum / count
-        mm = ops.cast(ops.take(self.item_multimodal, ids, axis=0), dtype)
-        mm_part = ops.matmul(mm, self.multimodal_kernel)
+        if self.use_multimodal:
+            mm = ops.cast(ops.take(self.item_multimodal, ids, axis=0), dtype)
+            mm_part = ops.matmul(mm, self.multimodal_kernel)
+        else:  # the ablation: no multimodal part
+            mm_part = ops.zeros_like(id_part)
         vectors = ops.concatenate([id_part, tag_part, mm_part], axis=-1)
         not_padding = ops.cast(ops.not_equal(ids, 0), dtype)
         return vectors * ops.expand_dims(not_padding, -1)
@@ -273,6 +282,7 @@ class ItemEmbedding(keras.layers.Layer):
             output_mode=self.output_mode,
             precomputed=self.precomputed,
             id_dropout=self.id_dropout,
+            use_multimodal=self.use_multimodal,
         )
         return config
 
