@@ -473,7 +473,11 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     rc = train.cli(["train", f"--data_dir={tmp_path / 'nope'}", f"--model_dir={tmp_path / 'm'}"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "no feature spec here; run `python -m pipelines.preprocess` first" in err
+    assert f"{tmp_path / 'nope'}: no such file or directory." in err and "preprocess" not in err
+    (tmp_path / "empty").mkdir()  # a directory without a spec: then preprocessing is the hint
+    rc = train.cli(["train", f"--data_dir={tmp_path / 'empty'}", f"--model_dir={tmp_path / 'm'}"])
+    assert rc == 1
+    assert "no feature spec here; run `python -m pipelines.preprocess` first" in capsys.readouterr().err
 
 
 def test_a_finished_run_is_not_overwritten_by_accident(sample_run, sample_spec, capsys):
