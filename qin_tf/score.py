@@ -686,7 +686,7 @@ def _define_flags():
                       "challenge (the MMCTR submission CSV with the columns ID,Task2).")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per batch.", lower_bound=1)
     flags.DEFINE_boolean("raw_ids", False, "The input (parquet or JSON lines) holds ids as the log had them; "
-                         "score it through the export's `serving_raw` signature.")
+                         "score it through the export's serving_raw signature.")
     flags.DEFINE_boolean("overwrite", False, "Replace an existing --output (never one of the inputs).")
 
 

@@ -282,8 +282,9 @@ class ItemEmbedding(keras.layers.Layer):
             output_mode=self.output_mode,
             precomputed=self.precomputed,
             id_dropout=self.id_dropout,
-            use_multimodal=self.use_multimodal,
         )
+        if not self.use_multimodal:  # written only for the ablation: a production config stays as it was
+            config["use_multimodal"] = False
         return config
 
 
