@@ -329,6 +329,23 @@ def json_snippet(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def json_object(source: str, row: int, line: str) -> dict:
+    """Line ``row`` of a JSON-lines file as its object; any other line fails, naming the file and row."""
+    import json
+
+    from pipelines.validation import fail
+
+    if not line.strip():
+        fail(source, row, None, "empty line; every line is one JSON object")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        fail(source, row, None, f"not valid JSON: {e}")
+    if not isinstance(obj, dict):
+        fail(source, row, None, f"expected a JSON object, got {json_snippet(obj)}")
+    return obj
+
+
 def rows_to_inputs(rows: Sequence[Mapping], features: Sequence[Feature]) -> dict:
     """Checked rows (``{name: id or unpadded history}``) -> ``{name: array}`` of one request.
 
@@ -361,8 +378,6 @@ def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int,
     are not model inputs are ignored. Errors name the source, the row (the
     0-based line number) and the key.
     """
-    import json
-
     from pipelines.validation import fail
 
     source = "<stdin>" if path == STDIN else path
@@ -377,14 +392,7 @@ def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int,
 
     try:
         for row, line in enumerate(stream):
-            if not line.strip():
-                fail(source, row, None, "empty line; every line is one JSON object")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(source, row, None, f"not valid JSON: {e}")
-            if not isinstance(obj, dict):
-                fail(source, row, None, f"expected a JSON object, got {json_snippet(obj)}")
+            obj = json_object(source, row, line)
             values = {}
             for f in features:
                 if f.name not in obj:

@@ -307,20 +307,12 @@ def _raw_rows(path: str, kind: str, names: Sequence[str], batch_size: int) -> It
             yield row, rb.to_pylist()
             row += rb.num_rows
         return
-    from export.client import json_snippet
+    from export.client import json_object
 
     rows, first = [], 0
     with open(path, encoding="utf-8") as f:
         for row, line in enumerate(f):
-            if not line.strip():
-                fail(path, row, None, "empty line; every line is one JSON object")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(path, row, None, f"not valid JSON: {e}")
-            if not isinstance(obj, dict):
-                fail(path, row, None, f"expected a JSON object, got {json_snippet(obj)}")
-            rows.append(obj)
+            rows.append(json_object(path, row, line))
             if len(rows) == batch_size:
                 yield first, rows
                 first, rows = row + 1, []
