@@ -458,6 +458,19 @@ def raw_split_rows(examples_dir: str, split: str, removed: set, *, level_name: s
     return rows, masks, cfg
 
 
+def _training_data_dir(model_dir: str) -> str | None:
+    """The run's ``--data_dir`` (its ``config.json``) when it still holds a feature spec: real warmup rows."""
+    from qin_tf.spec import SPEC_FILENAME
+    from qin_tf.task import CONFIG_FILENAME
+
+    try:
+        with open(os.path.join(model_dir, CONFIG_FILENAME)) as f:
+            data_dir = json.load(f).get("train", {}).get("data_dir")
+    except (OSError, ValueError):
+        return None
+    return data_dir if data_dir and os.path.exists(os.path.join(data_dir, SPEC_FILENAME)) else None
+
+
 def _trained_version(model_dir: str, export_base: str, log) -> str:
     """The newest version of ``export_base`` serving the training run's own item vocabulary (exported when
     the base has no version)."""
@@ -470,7 +483,7 @@ def _trained_version(model_dir: str, export_base: str, log) -> str:
         raise SimulationError(f"{model_dir}: its feature spec has no item vocabulary (not a raw-id build)")
     trained = spec.read_vocabulary(key)
     if not os.path.isdir(export_base) or not exporter.servable_versions(export_base):
-        path = exporter.export_from_model_dir(model_dir, export_base)
+        path = exporter.export_from_model_dir(model_dir, export_base, data_dir=_training_data_dir(model_dir))
         log(f"exported {model_dir} -> {path}")
         return path
     for v in reversed(exporter.servable_versions(export_base)):
