@@ -73,14 +73,16 @@ The full MicroLens-50k run (the trainings on the CPU queue; ``R=/work/runs/s4/re
         --fraction=0.1 --seed=0 --output_dir=$R/sim
     python -m pipelines.build_examples --config=$R/sim/logs_config.json \\
         --output_dir=$R/sim/examples --preprocess_dir=$R/sim/data
-    python -m pipelines.build_examples --config=configs/logs/microlens50k.json --output_dir=$R/full_examples
+    python -m pipelines.build_examples --config=configs/logs/microlens50k.json \\
+        --output_dir=$R/full_examples           # evaluate reads only this: no --preprocess_dir needed
     python -m qin_tf.train --flagfile=configs/microlens50k.flags --data_dir=$R/sim/data \\
         --model_dir=$R/qin --epochs=12 --patience=3 --monitor_splits=test --log_every_steps=0
     python -m qin_tf.train --flagfile=configs/microlens50k.flags --data_dir=$R/sim/data \\
         --model_dir=$R/qin_no_mm --use_mm_vector=false --epochs=12 --patience=3 --monitor_splits=test \\
         --log_every_steps=0
-    python -m export.exporter --model_dir=$R/qin --export_base=$R/export_qin
-    python -m export.exporter --model_dir=$R/qin_no_mm --export_base=$R/export_qin_no_mm
+    python -m export.exporter --model_dir=$R/qin --export_base=$R/export_qin --data_dir=$R/sim/data
+    python -m export.exporter --model_dir=$R/qin_no_mm --export_base=$R/export_qin_no_mm \\
+        --data_dir=$R/sim/data                  # (or leave it to evaluate: it exports into an empty base)
     python scripts/refresh_simulation.py evaluate --full_examples=$R/full_examples \\
         --removed=$R/sim/removed_items.txt --config=configs/logs/microlens50k.json \\
         --model_dirs=$R/qin,$R/qin_no_mm --export_base=$R/export_qin,$R/export_qin_no_mm \\
