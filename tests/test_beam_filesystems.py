@@ -218,3 +218,14 @@ def test_build_examples_from_and_to_an_object_store_writes_what_the_local_run_wr
     spec = preprocess(out, f"{BUCKET}/preprocessed", f"{out}/dataset_config.json", max_len=SAMPLE_MAX_LEN)
     assert spec.splits["train"].num_rows == json.loads(want["stats.json"])["splits"]["train"]["rows"]
     assert "feature_spec.json" in memfs.under(f"{BUCKET}/preprocessed")
+
+
+def test_make_sample_from_and_to_an_object_store_writes_what_the_local_run_writes(memfs, tmp_path):
+    from pipelines.make_sample import make_sample
+
+    for name in ("train", "valid", "test", "item_info"):
+        _upload(os.path.join(SAMPLE_DIR, f"{name}.parquet"), f"{BUCKET}/in/{name}.parquet")
+    want = make_sample(SAMPLE_DIR, str(tmp_path / "cut"), num_users=20, seed=0)
+    assert make_sample(f"{BUCKET}/in", f"{BUCKET}/cut", num_users=20, seed=0) == want
+    assert 0 < want["train"] < 2622
+    assert memfs.under(f"{BUCKET}/cut") == _local_files(str(tmp_path / "cut"))
