@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -36,9 +38,12 @@ def sample_spec(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_logs_built(tmp_path_factory):
-    """The bundled sample's raw logs through ``pipelines.build_examples`` (default runner): its output dir."""
-    from pipelines.build_examples import build_examples
-
-    out = tmp_path_factory.mktemp("sample_logs") / "built"
-    build_examples(SAMPLE_LOGS_CONFIG, str(out))
-    return str(out)
+    """The bundled sample's raw logs through ``python -m pipelines.build_examples`` (default runner), as
+    scripts/run_sample_from_logs.sh runs it: its output dir."""
+    out = str(tmp_path_factory.mktemp("sample_logs") / "built")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build_examples", f"--config={SAMPLE_LOGS_CONFIG}",
+                           f"--output_dir={out}"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    return out
