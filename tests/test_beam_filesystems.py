@@ -229,3 +229,14 @@ def test_make_sample_from_and_to_an_object_store_writes_what_the_local_run_write
     assert make_sample(f"{BUCKET}/in", f"{BUCKET}/cut", num_users=20, seed=0) == want
     assert 0 < want["train"] < 2622
     assert memfs.under(f"{BUCKET}/cut") == _local_files(str(tmp_path / "cut"))
+
+
+def test_missing_configs_on_an_object_store_are_named(memfs):
+    from pipelines.logs_config import LogsConfig, LogsConfigError
+    from pipelines.validation import PreprocessError
+
+    with pytest.raises(LogsConfigError, match=f"^{BUCKET}/logs.json: log config not found$"):
+        LogsConfig.load(f"{BUCKET}/logs.json")
+    with pytest.raises(PreprocessError, match=f"^{BUCKET}/dataset.json: dataset config not found$"):
+        preprocess(f"{BUCKET}/in", f"{BUCKET}/out", f"{BUCKET}/dataset.json")
+    assert memfs.under(BUCKET) == {}
