@@ -1,16 +1,18 @@
 """Benchmark: pipelines.build_examples on the MicroLens-50k raw logs, and how its time grows with the log.
 
     python bench/bench_build_examples.py [--config=configs/logs/microlens50k.json] [--scales=1,4,16] \\
-        [Beam options]
+        [--output_base=DIR] [Beam options]
 
 For each scale s the event log is the real one with every user repeated s
 times under new ids (user u becomes u + k * 10**7, k = 0..s-1: synthetic
 users made by relabelling real ones, so the item side is unchanged and the
 events grow s-fold). Each build runs as its own process
 (``python -m pipelines.build_examples``), timed, with its peak RSS from GNU
-time; its output is removed. Prints one JSON line (``bench/common.py``) with,
-per scale, events, rows, seconds, CPU seconds (user + sys of the build),
-events per second and peak RSS; the
+time; its output is removed (kept under ``--output_base`` when given, to
+compare runs with ``diff -r``). Beam options pass through to the build, e.g.
+``--direct_running_mode=multi_processing --direct_num_workers=2``. Prints
+one JSON line (``bench/common.py``) with, per scale, events, rows, seconds,
+CPU seconds (user + sys of the build), events per second and peak RSS; the
 ``other_cpu_s`` field says how much CPU other processes took meanwhile.
 """
 
@@ -30,6 +32,8 @@ from bench import common  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "configs/logs/microlens50k.json", "Log config (format `sequences`).")
 _SCALES = flags.DEFINE_list("scales", ["1", "4", "16"], "Log sizes, as multiples of the real log.")
+_OUTPUT_BASE = flags.DEFINE_string("output_base", None, "Keep each build's output here (out_x{scale}); "
+                                   "unset, outputs are removed.")
 USER_OFFSET = 10 ** 7
 
 
@@ -69,7 +73,7 @@ def main(argv):
     try:
         for s in [int(x) for x in _SCALES.value]:
             config = _CONFIG.value if s == 1 else scaled_config(_CONFIG.value, s, tmp)
-            out = os.path.join(tmp, f"out_x{s}")
+            out = os.path.join(_OUTPUT_BASE.value or tmp, f"out_x{s}")
             common.log(f"scale {s}: building")
             t0 = os.times()
             proc, wall, peak = common.run_measured(
@@ -86,7 +90,8 @@ def main(argv):
                          "seconds": round(wall, 1), "cpu_s": round(cpu, 1),
                          "events_per_s": round(stats["events_in"] / wall), "peak_rss_mb": peak})
             common.log(f"scale {s}: {wall:.1f} s, {cpu:.1f} CPU s, peak {peak} MiB")
-            shutil.rmtree(out, ignore_errors=True)
+            if not _OUTPUT_BASE.value:
+                shutil.rmtree(out, ignore_errors=True)
         common.emit({"bench": "build_examples", "config": _CONFIG.value, "beam_args": beam_args, "runs": runs})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1166,7 +1166,7 @@ def main(argv):
               f"{stats['items']['vocabulary']:,} items; wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s")
         if FLAGS.preprocess_dir:
             out = FLAGS.output_dir.rstrip("/")
-            spec = pp.preprocess(out, FLAGS.preprocess_dir, os.path.join(out, DATASET_CONFIG_FILENAME))
+            spec = pp.preprocess(out, FLAGS.preprocess_dir, pp._join(out, DATASET_CONFIG_FILENAME))
             print(f"preprocess: {spec.num_items:,} items; max_len {spec.max_len}; wrote {FLAGS.preprocess_dir}")
     except (PreprocessError, LogsConfigError, SpecError, RunnerError, OSError) as e:
         raise SystemExit(f"build_examples: error: {pp._one_line(e)}") from None

@@ -49,6 +49,7 @@ import dataclasses
 import glob as _glob
 import json
 import os
+import posixpath
 from typing import Any, Mapping
 
 FORMATS = ("parquet", "csv", "jsonl", "sequences")
@@ -104,8 +105,7 @@ class Source:
         files = [files] if isinstance(files, str) else list(files)
         if not files or not all(isinstance(f, str) and f for f in files):
             raise LogsConfigError(f"{where}.files must be a glob or a list of globs. Received: {files!r}")
-        files = tuple(f if "://" in f or os.path.isabs(f) else os.path.normpath(os.path.join(base, f))
-                      for f in files)
+        files = tuple(f if "://" in f or os.path.isabs(f) else _resolve(base, f) for f in files)
         fmt = _choice(_get(d, "format", where, None) or _guess_format(files[0]), FORMATS, f"{where}.format")
         return cls(files=files, format=fmt, delimiter=d.get("delimiter", "\t" if fmt == "sequences" else ","),
                    header=bool(d.get("header", fmt == "csv")), item_delimiter=d.get("item_delimiter", " "))
@@ -121,6 +121,14 @@ class Source:
             else:
                 out += sorted(_glob.glob(pattern))
         return out
+
+
+def _resolve(base: str, path: str) -> str:
+    """``path`` relative to the directory ``base`` (a local path or a URL such as ``gs://bucket/dir``)."""
+    if "://" not in base:
+        return os.path.normpath(os.path.join(base, path))
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
 
 
 def _guess_format(path: str) -> str:
@@ -244,14 +252,21 @@ class LogsConfig:
 
     @classmethod
     def load(cls, path: str) -> "LogsConfig":
+        """Reads the config from a local path or a URL (Beam's ``FileSystems``: ``gs://...``); its
+        relative globs name files next to it."""
+        from pipelines import preprocess as pp
+
+        local = pp._is_local(path)
         try:
-            with open(path) as f:
-                d = json.load(f)
+            if not local and not pp.FileSystems.exists(path):
+                raise FileNotFoundError(path)
+            d = json.loads(pp._read_text(path))
         except FileNotFoundError:
             raise LogsConfigError(f"{path}: log config not found") from None
         except json.JSONDecodeError as e:
             raise LogsConfigError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(d, where=path, base=os.path.dirname(os.path.abspath(path)))
+        return cls.from_dict(d, where=path, base=os.path.dirname(os.path.abspath(path)) if local
+                             else path.rsplit("/", 1)[0])
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "log config", base: str = ".") -> "LogsConfig":

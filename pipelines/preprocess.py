@@ -146,6 +146,11 @@ def _is_local(path: str) -> bool:
     return FileSystems.get_scheme(path) is None
 
 
+def _has_dirs(path: str) -> bool:
+    """False on object stores (``gs://``, ``s3://``): a "directory" there is the objects under a prefix."""
+    return _is_local(path) or FileSystems.get_filesystem(path).has_dirs()
+
+
 def _join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts) if _is_local(base) else FileSystems.join(base, *parts)
 
@@ -162,29 +167,59 @@ def _open(path: str):
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
+def _under(directory: str, start: str = "") -> list[str]:
+    """Paths of the objects under ``directory/start*`` on an object store, at any depth."""
+    return [m.path for m in FileSystems.match([directory.rstrip("/") + "/" + start + "**"])[0].metadata_list]
+
+
 def _exists(path: str) -> bool:
-    return os.path.exists(path) if _is_local(path) else FileSystems.exists(path)
+    """A file or a directory; on an object store, a directory exists while objects are under it."""
+    if _is_local(path):
+        return os.path.exists(path)
+    return FileSystems.exists(path) or (not _has_dirs(path) and bool(_under(path)))
 
 
 def _makedirs(path: str):
     if _is_local(path):
         os.makedirs(path, exist_ok=True)
-    elif not FileSystems.exists(path):
+    elif _has_dirs(path) and not FileSystems.exists(path):
         FileSystems.mkdirs(path)
 
 
 def _delete(path: str):
-    if _exists(path):
-        FileSystems.delete([path])
+    """Deletes a file or a directory with all it holds (nothing if absent)."""
+    if _has_dirs(path):
+        if _exists(path):
+            FileSystems.delete([path])
+        return
+    found = ([path] if FileSystems.exists(path) else []) + _under(path)
+    if found:
+        FileSystems.delete(found)
 
 
-def _list(directory: str) -> list[str]:
-    """Base names of the files directly in ``directory``."""
+def _rename(src: str, dst: str):
+    """Moves a file or a directory; on an object store, a directory's objects one by one."""
+    if _has_dirs(src) or FileSystems.exists(src):
+        FileSystems.rename([src], [dst])
+        return
+    objects = _under(src)
+    if not objects:
+        raise FileNotFoundError(f"{src}: nothing to move")
+    prefix = src.rstrip("/") + "/"
+    FileSystems.rename(objects, [dst.rstrip("/") + "/" + p[len(prefix):] for p in objects])
+
+
+def _list(directory: str, start: str = "") -> list[str]:
+    """Base names of the entries directly in ``directory`` (those starting with ``start``)."""
     if _is_local(directory):
-        return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        return [n for n in names if n.startswith(start)]
     prefix = directory.rstrip("/") + "/"
-    found = FileSystems.match([prefix + "*"])[0].metadata_list
-    return sorted({m.path[len(prefix):].split("/")[0] for m in found})
+    if _has_dirs(directory):
+        found = [m.path for m in FileSystems.match([prefix + start + "*"])[0].metadata_list]
+    else:
+        found = _under(directory, start)
+    return sorted({p[len(prefix):].split("/")[0] for p in found})
 
 
 def _write_text(path: str, text: str):
@@ -638,7 +673,7 @@ def _write_manifest(directory: str, files: Sequence[str] | None):
     tmp = _join(directory, f".{MANIFEST_FILENAME}.tmp")
     _write_text(tmp, json.dumps({"tool": _TOOL, "host": socket.gethostname(), "pid": os.getpid(),
                                  "files": None if files is None else sorted(files)}, indent=2) + "\n")
-    FileSystems.rename([tmp], [_join(directory, MANIFEST_FILENAME)])
+    _rename(tmp, _join(directory, MANIFEST_FILENAME))
 
 
 def _read_manifest(directory: str) -> dict | None:
@@ -699,9 +734,7 @@ def _remove_stale_siblings(output_dir: str):
     else:
         parent, base = output_dir.rsplit("/", 1)
     prefixes = (f"{base}.tmp-",) + ((f"{base}.old-",) if _exists(output_dir) else ())
-    for name in _list(parent):
-        if not name.startswith(prefixes):
-            continue
+    for name in sorted({n for start in prefixes for n in _list(parent, start)}):
         path = _join(parent, name)
         manifest = _read_manifest(path)
         if manifest is None:
@@ -731,12 +764,12 @@ def _commit(work_dir: str, output_dir: str, owned: set[str] | None, marker: str 
     old = None
     if _exists(output_dir):
         old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
-        FileSystems.rename([output_dir], [old])
+        _rename(output_dir, old)
     try:
-        FileSystems.rename([work_dir], [output_dir])
+        _rename(work_dir, output_dir)
     except Exception:
         if old is not None:
-            FileSystems.rename([old], [output_dir])
+            _rename(old, output_dir)
         raise
     if old is not None:
         _delete(old)
@@ -757,11 +790,11 @@ def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequenc
     # The marker goes first and comes back last: a half-swapped directory is no loadable output.
     for name in [marker] + sorted(owned - {marker, MANIFEST_FILENAME}):
         if name in present:
-            FileSystems.rename([_join(output_dir, name)], [_join(old, name)])
+            _rename(_join(output_dir, name), _join(old, name))
     for name in sorted(set(new) - {marker}) + [marker]:
-        FileSystems.rename([_join(work_dir, name)], [_join(output_dir, name)])
+        _rename(_join(work_dir, name), _join(output_dir, name))
     if has_manifest:
-        FileSystems.rename([_join(work_dir, MANIFEST_FILENAME)], [_join(output_dir, MANIFEST_FILENAME)])
+        _rename(_join(work_dir, MANIFEST_FILENAME), _join(output_dir, MANIFEST_FILENAME))
     else:
         _delete(_join(output_dir, MANIFEST_FILENAME))
     _delete(old)
@@ -787,6 +820,10 @@ def dataset_config_path(name_or_path: str) -> str:
     ``configs/datasets/NAME.json`` works from any directory of a checkout.
     """
     path = str(name_or_path)
+    if not _is_local(path):  # a URL (gs://...): that file or nothing
+        if FileSystems.exists(path):
+            return path
+        raise PreprocessError(f"{path}: dataset config not found")
     if os.path.exists(path):
         return path
     if path and os.sep not in path:
@@ -847,7 +884,14 @@ def resolve_dataset_config(dataset_config) -> DatasetConfig:
         return dataset_config
     if isinstance(dataset_config, dict):
         return DatasetConfig.from_dict(dataset_config)
-    return DatasetConfig.load(dataset_config_path(dataset_config))
+    path = dataset_config_path(dataset_config)
+    if _is_local(path):
+        return DatasetConfig.load(path)
+    try:  # DatasetConfig.load reads local files only
+        d = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}: not valid JSON: {e}") from None
+    return DatasetConfig.from_dict(d, where=path)
 
 
 def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_CONFIG, *,

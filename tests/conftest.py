@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +17,12 @@ SAMPLE_DIR = os.path.join(REPO, "data", "microlens_sample")
 SAMPLE_DATASET_CONFIG = os.path.join(REPO, "configs", "datasets", "microlens50k.json")
 #: Short histories keep the models in tests small; the sample's own median is 3-5.
 SAMPLE_MAX_LEN = 16
+SAMPLE_LOGS_CONFIG = os.path.join(REPO, "configs", "logs", "microlens_sample.json")
+
+
+def files_under(root):
+    """The paths of the files under ``root``, relative to it, sorted."""
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +34,16 @@ def sample_spec(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample_data") / "data"
     return preprocess(SAMPLE_DIR, str(out), DatasetConfig.load(SAMPLE_DATASET_CONFIG),
                       max_len=SAMPLE_MAX_LEN, num_shards=2)
+
+
+@pytest.fixture(scope="session")
+def sample_logs_built(tmp_path_factory):
+    """The bundled sample's raw logs through ``python -m pipelines.build_examples`` (default runner), as
+    scripts/run_sample_from_logs.sh runs it: its output dir."""
+    out = str(tmp_path_factory.mktemp("sample_logs") / "built")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build_examples", f"--config={SAMPLE_LOGS_CONFIG}",
+                           f"--output_dir={out}"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    return out

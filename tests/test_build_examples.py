@@ -264,19 +264,15 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sample_from_logs(tmp_path_factory):
-    """The bundled sample's raw logs -> examples -> TFRecords -> QIN (1 epoch) -> export, as
-    scripts/run_sample_from_logs.sh runs it: (built examples dir, feature spec, model dir, export base)."""
+def sample_from_logs(sample_logs_built, tmp_path_factory):
+    """The bundled sample's raw logs -> examples (the session's ``sample_logs_built``) -> TFRecords -> QIN
+    (1 epoch) -> export, as scripts/run_sample_from_logs.sh runs it: (built examples dir, feature spec, model
+    dir, export base)."""
     from pipelines.preprocess import preprocess
     from qin_tf import train
 
     tmp = tmp_path_factory.mktemp("sample_from_logs")
-    out = str(tmp / "built")
-    proc = subprocess.run([sys.executable, "-m", "pipelines.build_examples", f"--config={SAMPLE_CONFIG}",
-                           f"--output_dir={out}"], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
+    out = sample_logs_built
     spec = preprocess(out, str(tmp / "data"), os.path.join(out, DATASET_CONFIG_FILENAME), max_len=16)
     export = str(tmp / "export")
     rc = train.cli(["train", f"--flagfile={os.path.join(REPO, 'configs', 'sample.flags')}",
