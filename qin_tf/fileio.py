@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Sequence
@@ -119,3 +120,44 @@ def copy_tree(src: str, dst: str, *, last: Sequence[str] = ()) -> None:
                    os.path.normpath(os.path.join(rel, n))) for n in names]
     for a, b, _ in sorted(files, key=lambda f: f[2] in last):
         g.copy(a, b, overwrite=False)
+
+
+def open_text(path: str):
+    """``path`` opened for reading UTF-8 text: ``open`` for a local path, a ``GFile`` for a URL."""
+    return open(path, encoding="utf-8") if is_local(path) else gfile().GFile(path, "r")
+
+
+class _GFileReader(io.RawIOBase):
+    """A seekable binary reader over a ``GFile`` (what pyarrow needs; a ``GFile`` lacks ``closed``)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._f = gfile().GFile(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._f.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._f.seek(offset, whence)
+        return self._f.tell()
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def binary_source(path: str):
+    """What pyarrow reads ``path`` from: the path itself when local, else a seekable file object."""
+    return path if is_local(path) else io.BufferedReader(_GFileReader(path))
