@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -42,6 +43,11 @@ def gfile():
 def is_local(path: str) -> bool:
     """Whether ``path`` is on the local file system (no URL scheme, or ``file://``)."""
     return "://" not in path or path.startswith("file://")
+
+
+def absolute(path: str) -> str:
+    """``os.path.abspath`` of a local path; a URL is already absolute (``abspath`` would mangle it)."""
+    return os.path.abspath(path) if is_local(path) else path
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -70,8 +76,8 @@ def read_bytes(path: str) -> bytes:
     try:
         with gfile().GFile(path, "rb") as f:
             return f.read()
-    except tf.errors.NotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
+    except tf.errors.NotFoundError:  # open()'s own error and message
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
 
 
 def read_text(path: str) -> str:

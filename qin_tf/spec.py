@@ -147,11 +147,6 @@ def pad_sequence(items, max_len: int):
     return left_pad_recent(items, np.zeros(items.size, np.int64), 1, max_len)[0][0]
 
 
-def _absolute(path: str) -> str:
-    """``os.path.abspath`` of a local path; a URL (``gs://``) is already absolute."""
-    return os.path.abspath(path) if fileio.is_local(path) else path
-
-
 def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in mapping:
         raise SpecError(f"{where}: missing required key `{key}`.")
@@ -517,7 +512,7 @@ class FeatureSpec:
         path = os.path.join(directory, SPEC_FILENAME)
         for v in self.vocabularies.values():
             src, dst = self.path(v["path"]), os.path.join(directory, v["path"])
-            if _absolute(src) != _absolute(dst):
+            if fileio.absolute(src) != fileio.absolute(dst):
                 g.makedirs(os.path.dirname(dst))
                 g.copy(src, dst, overwrite=True)
         g.makedirs(directory)
@@ -554,7 +549,7 @@ class FeatureSpec:
             raise SpecError(f"{path}: no feature spec here; run `python -m pipelines.preprocess` first.") from None
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(d, base_dir=os.path.dirname(_absolute(path)))
+        return cls.from_dict(d, base_dir=os.path.dirname(fileio.absolute(path)))
 
     @classmethod
     def from_json(cls, text: str, base_dir: str = "") -> "FeatureSpec":

@@ -456,8 +456,7 @@ def data_fingerprint(spec: FeatureSpec) -> dict:
     text = json.dumps({"spec": spec.to_dict(), "files": files}, sort_keys=True)
     body = json.loads(text)  # as it reads back from the file: lists, not tuples
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    data_dir = os.path.abspath(spec.base_dir) if fileio.is_local(spec.base_dir) else spec.base_dir
-    return {"fingerprint": digest, "data_dir": data_dir, **body}
+    return {"fingerprint": digest, "data_dir": fileio.absolute(spec.base_dir), **body}
 
 
 def _check_same_data(model_dir: str, spec: FeatureSpec, data_dir: str) -> None:
