@@ -30,14 +30,24 @@ import errno
 import io
 import json
 import os
+import sys
 from typing import Sequence
 
 
 def gfile():
-    """``tf.io.gfile`` (TensorFlow imported on first use)."""
-    import tensorflow as tf
+    """``tf.io.gfile``; TensorFlow is imported quietly on first use, but not started.
 
-    return tf.io.gfile
+    Not started (no device set up): a multi-worker strategy may still be
+    created afterwards (see :mod:`qin_tf.task`).
+    """
+    if "tensorflow" not in sys.modules:
+        from qin_tf.runtime import silenced_stderr
+
+        for k, v in (("TF_CPP_MIN_LOG_LEVEL", "2"), ("KERAS_BACKEND", "tensorflow"), ("GRPC_VERBOSITY", "ERROR")):
+            os.environ.setdefault(k, v)
+        with silenced_stderr():
+            import tensorflow  # noqa: F401
+    return sys.modules["tensorflow"].io.gfile
 
 
 def is_local(path: str) -> bool:
@@ -71,10 +81,11 @@ def write_json(path: str, obj) -> None:
 
 def read_bytes(path: str) -> bytes:
     """The bytes of ``path``; a missing file raises ``FileNotFoundError`` (as ``open`` does)."""
+    g = gfile()
     import tensorflow as tf
 
     try:
-        with gfile().GFile(path, "rb") as f:
+        with g.GFile(path, "rb") as f:
             return f.read()
     except tf.errors.NotFoundError:  # open()'s own error and message
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
@@ -97,9 +108,9 @@ def replace(src: str, dst: str) -> None:
 
 def remove(path: str) -> None:
     """Removes the file or directory tree ``path``; nothing if it does not exist."""
+    g = gfile()
     import tensorflow as tf
 
-    g = gfile()
     try:
         if g.isdir(path):
             g.rmtree(path)
