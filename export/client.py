@@ -49,6 +49,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from qin_tf import fileio
 from qin_tf.spec import ID_RULE, Feature, FeatureSpec, first_negative_id, left_pad_recent
 
 DEFAULT_BATCH_SIZE = 256
@@ -382,7 +383,7 @@ def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int,
 
     source = "<stdin>" if path == STDIN else path
     if stream is None:
-        stream = sys.stdin if path == STDIN else open(path, encoding="utf-8")
+        stream = sys.stdin if path == STDIN else fileio.open_text(path)
     rows: list[dict] = []
 
     def flush():
@@ -415,7 +416,7 @@ def iter_parquet_requests(path: str, features: Sequence[Feature], batch_size: in
     from pipelines.validation import fail
     from qin_tf.score import arrow_batch_features
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(fileio.binary_source(path))
     have = pf.schema_arrow.names
     for f in features:
         if f.name not in have:
@@ -458,7 +459,8 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
-    if path != STDIN and not os.path.isfile(path):
+    if path != STDIN and not (os.path.isfile(path) if fileio.is_local(path) else
+                              fileio.gfile().exists(path) and not fileio.gfile().isdir(path)):
         fail(path, None, None, "no such file")
     scores, done = [], 0
     if path == STDIN or path.endswith(JSONL_SUFFIXES):

@@ -42,7 +42,14 @@ the request (``INVALID_ARGUMENT`` from TF Serving).
 
 A version is written to a hidden temporary directory inside ``export_base``
 (TF Serving only loads directories named by a number) and renamed into
-place once complete, so a server never sees a half-written version.
+place once complete, so a server never sees a half-written version. On a
+filesystem that cannot rename a directory at once (``gs://``, ``ram://``:
+any URL, see :mod:`qin_tf.fileio`), the version is written and verified in a
+local temporary directory and then copied file by file into
+``export_base/<version>/``, ``saved_model.pb`` last: the version directory
+appears before it is complete, but it holds a ``saved_model.pb`` (what
+:func:`servable_versions` and TF Serving's loader look for) only once every
+other file is there.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from typing import Iterable, Mapping, Sequence
 
 from absl import logging
 
+from qin_tf import fileio
 from qin_tf.spec import ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError
 
 #: Name of the per-feature signature (TF Serving's default).
@@ -109,11 +117,12 @@ class ExportError(RuntimeError):
 
 def list_versions(export_base: str) -> list[int]:
     """The complete versions in ``export_base``, ascending (numeric directory names)."""
-    if not os.path.isdir(export_base):
+    g = fileio.gfile()
+    if not g.isdir(export_base):
         return []
     out = []
-    for name in os.listdir(export_base):
-        if name.isdigit() and os.path.isdir(os.path.join(export_base, name)):
+    for name in (n.rstrip("/") for n in g.listdir(export_base)):
+        if name.isdigit() and g.isdir(os.path.join(export_base, name)):
             out.append(int(name))
     return sorted(out)
 
@@ -126,7 +135,7 @@ def servable_versions(export_base: str, log=None) -> list[int]:
     """
     out = []
     for v in list_versions(export_base):
-        if os.path.exists(os.path.join(export_base, str(v), "saved_model.pb")):
+        if fileio.gfile().exists(os.path.join(export_base, str(v), "saved_model.pb")):
             out.append(v)
         elif log is not None:
             log(f"{os.path.join(export_base, str(v))}: skipped, no saved_model.pb in this version directory.")
@@ -139,7 +148,7 @@ def latest_version_dir(export_base: str, log=None) -> str:
     Numbered directories without a ``saved_model.pb`` are skipped (see
     :func:`servable_versions`).
     """
-    if not os.path.isdir(export_base):
+    if not fileio.gfile().isdir(export_base):
         raise ExportError(f"{export_base}: no such directory; pass the export base that "
                           "`python -m export.exporter --export_base=...` wrote.")
     versions = servable_versions(export_base, log)
@@ -457,7 +466,7 @@ def _synthetic_examples(spec: FeatureSpec, num_rows: int) -> list[bytes]:
 def write_warmup(path: str, logs: Iterable) -> None:
     import tensorflow as tf
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.TFRecordWriter(path) as w:
         for log in logs:
             w.write(log.SerializeToString())
@@ -632,12 +641,12 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         raise ExportError(f"`version` must be an integer >= 1. Received: version={version!r}")
     if num_warmup_rows < 1:
         raise ExportError(f"`num_warmup_rows` must be >= 1. Received: num_warmup_rows={num_warmup_rows}")
-    os.makedirs(export_base, exist_ok=True)
+    tf.io.gfile.makedirs(export_base)
     existing = list_versions(export_base)
     if version is None:
         version = (existing[-1] + 1) if existing else 1
     final = os.path.join(export_base, str(version))
-    if os.path.exists(final):
+    if tf.io.gfile.exists(final):
         raise ExportError(f"{final} already exists; versions are immutable, choose another --version.")
 
     if warmup_examples is None:
@@ -650,8 +659,11 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
     if not warmup_examples:
         raise ExportError("`warmup_examples` is empty.")
 
-    tmp = os.path.join(export_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     scratch = tempfile.mkdtemp(prefix="qin_export_")
+    # Local: a hidden directory beside the versions, renamed into place. A URL: a local
+    # directory, copied into place (a directory cannot be renamed at once there).
+    local = fileio.is_local(export_base)
+    tmp = os.path.join(export_base if local else scratch, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
         spec_file = os.path.join(scratch, SPEC_FILENAME)
         with open(spec_file, "w") as f:
@@ -667,11 +679,15 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         if verify:
             _verify(tmp, model, spec, warmup_examples)
         try:
-            os.rename(tmp, final)
-        except OSError as e:
+            if local:
+                os.rename(tmp, final)
+            else:
+                fileio.copy_tree(tmp, final, last=("saved_model.pb",))
+        except (OSError, tf.errors.OpError) as e:
             raise ExportError(f"could not publish {final}: {e} (was it created concurrently?)") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if local:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -686,7 +702,7 @@ def load_keras_model(model_dir: str):
     import qin_tf.model  # noqa: F401  (registers the qin_tf layers for deserialization)
 
     path = os.path.join(model_dir, MODEL_FILENAME)
-    if not os.path.exists(path):
+    if not fileio.gfile().exists(path):
         raise ExportError(f"{path}: no trained model here; run `python -m qin_tf.train` first.")
     return keras.saving.load_model(path, compile=False)
 
@@ -704,10 +720,11 @@ def export_from_model_dir(model_dir: str, export_base: str, version: int | None 
             spec in ``model_dir`` if its split files resolve there.
         **kwargs: passed to :func:`export_model`.
     """
-    if not os.path.isdir(model_dir):
+    g = fileio.gfile()
+    if not g.isdir(model_dir):
         raise ExportError(f"{model_dir}: no such directory; --model_dir is the directory "
                           "`python -m qin_tf.train --model_dir=...` wrote.")
-    if not os.path.exists(os.path.join(model_dir, SPEC_FILENAME)):
+    if not g.exists(os.path.join(model_dir, SPEC_FILENAME)):
         raise ExportError(f"{model_dir}: no {SPEC_FILENAME} here, so not a training run's directory; "
                           "--model_dir is the directory `python -m qin_tf.train --model_dir=...` wrote.")
     spec = FeatureSpec.load(model_dir)
@@ -732,12 +749,16 @@ def main(argv):
     del argv
     from absl import flags
 
+    import tensorflow as tf
+
     FLAGS = flags.FLAGS
     try:
         path = export_from_model_dir(FLAGS.model_dir, FLAGS.export_base, FLAGS.version,
                                      data_dir=FLAGS.data_dir, model_name=FLAGS.model_name)
     except (ExportError, SpecError, OSError) as e:  # bad paths or inputs: one line, no traceback
         sys.exit(f"error: {e}")
+    except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
+        sys.exit(f"error: {' '.join(e.message.split())}")
     print(path)
 
 

@@ -20,7 +20,8 @@ model code). Like TF Serving (``--file_system_poll_wait_seconds``, default
 1 s) it polls the base path every ``--poll_interval_s`` seconds and, when a
 higher complete version appears (a numbered directory holding a
 ``saved_model.pb``; the exporter and ``export.refresh_catalog`` rename a
-version into place only once it is whole), loads it and switches to it
+version into place only once it is whole; on a URL, ``saved_model.pb``
+is copied last), loads it and switches to it
 without a restart, logging the switch; requests in flight finish on the
 version they started on. A version that fails to load is logged and
 skipped, and the server goes on serving the one it has. Requests are validated against the
@@ -69,9 +70,10 @@ def read_signature_defs(version_dir: str) -> dict:
 
     from export.exporter import SERVE_TAG
 
+    from qin_tf.fileio import read_bytes
+
     proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
+    proto.ParseFromString(read_bytes(os.path.join(version_dir, "saved_model.pb")))
     graphs = [g for g in proto.meta_graphs if SERVE_TAG in g.meta_info_def.tags]
     if not graphs:
         raise ValueError(f"{version_dir}: no MetaGraph tagged `{SERVE_TAG}`.")
@@ -102,7 +104,7 @@ class ServedModel:
         self.version = int(os.path.basename(self.path))
         spec_file = os.path.join(self.path, SPEC_ASSET_PATH)
         #: The export's feature spec (None for a SavedModel without one): names a bad example's fault.
-        self.spec = FeatureSpec.load(spec_file) if os.path.exists(spec_file) else None
+        self.spec = FeatureSpec.load(spec_file) if tf.io.gfile.exists(spec_file) else None
         #: name -> SignatureDef, as in the SavedModel (what TF Serving reports).
         self.signature_defs = read_signature_defs(self.path)
         self._loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])

@@ -45,6 +45,7 @@ import numpy as np
 
 from export import exporter
 from export.exporter import ExportError
+from qin_tf import fileio
 from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError
 
 #: The key of the tag vocabulary among a spec's vocabularies (``pipelines.build_examples``).
@@ -54,14 +55,13 @@ TAG_VOCABULARY = "tags"
 def export_vocabulary_path(version_dir: str, spec: FeatureSpec, key: str) -> str:
     """Where vocabulary ``key`` of an export's spec lies in its version directory (``assets/<file name>``)."""
     path = os.path.join(version_dir, "assets", os.path.basename(spec.vocabularies[key]["path"]))
-    if not os.path.exists(path):
+    if not fileio.gfile().exists(path):
         raise ExportError(f"{path}: the export's `{key}` vocabulary is missing.")
     return path
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return f.read().split("\n")[:-1]
+    return fileio.read_text(path).split("\n")[:-1]
 
 
 def warmup_examples(version_dir: str) -> list[bytes]:
@@ -159,7 +159,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
         The new version's directory.
     """
     log = log or (lambda line: None)
-    spec = FeatureSpec.load(model_dir) if os.path.isdir(model_dir) else None
+    spec = FeatureSpec.load(model_dir) if fileio.gfile().isdir(model_dir) else None
     if spec is None:
         raise ExportError(f"{model_dir}: no such directory; --model_dir is the training run's directory.")
     key = spec.vocabulary_key(spec.target_item)
@@ -189,7 +189,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
 
     model = exporter.load_keras_model(model_dir)
     clone = enlarged_model(model, num_items, {dense[raw]: r for raw, r in rows.items()}, spec.num_items)
-    scratch = tempfile.mkdtemp(prefix="qin_refresh_")
+    scratch = tempfile.mkdtemp(prefix="qin_refresh_")  # local: the new spec's vocabularies, for the export
     try:
         vocabularies = {}
         for k, v in spec.vocabularies.items():
@@ -200,7 +200,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
                     f.write("".join(f"{x}\n" for x in vocab))
                 v = {**v, "size": num_items}
             else:
-                shutil.copyfile(spec.path(v["path"]), dst)
+                fileio.gfile().copy(spec.path(v["path"]), dst, overwrite=True)
             vocabularies[k] = dict(v)
         new_spec = dataclasses.replace(spec, num_items=num_items, vocabularies=vocabularies, base_dir=scratch)
         path = exporter.export_model(clone, new_spec, export_base, version,

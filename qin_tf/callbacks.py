@@ -26,7 +26,7 @@ the epoch (``lr``) into the epoch's ``logs`` before calling them, in order:
   names the files; a kill at any moment leaves a consistent backup. It reads
   and writes through ``tf.io.gfile``, so the backup directory may be on any
   TensorFlow filesystem (``gs://``; ``ram://`` in tests), as may the JSON
-  files of :func:`write_json`.
+  files of :func:`write_json` (from :mod:`qin_tf.fileio`).
 
 Example::
 
@@ -46,34 +46,11 @@ from typing import Callable, Sequence
 import keras
 import numpy as np
 
+from qin_tf.fileio import gfile as _gfile
+from qin_tf.fileio import write_bytes, write_json  # noqa: F401  (write_json: qcb.write_json for the callers)
+
 #: Files of a backup directory.
 BACKUP_STATE = "state.json"
-
-
-def _gfile():
-    import tensorflow as tf  # already imported by Keras' TensorFlow backend
-
-    return tf.io.gfile
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` (any TensorFlow filesystem: local, ``gs://``, ``ram://``).
-
-    Through a temporary name and a rename: atomic on a local or POSIX file
-    system; on an object store (``gs://``) the rename is a copy and a
-    delete, so a reader never sees a partial object under ``path``, but a
-    kill between the two can leave the ``.tmp`` object behind.
-    """
-    gfile = _gfile()
-    tmp = f"{path}.tmp"
-    with gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    gfile.rename(tmp, path, overwrite=True)
-
-
-def write_json(path: str, obj) -> None:
-    """Writes ``obj`` as JSON to ``path`` atomically (temp file + rename; see :func:`write_bytes`)."""
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n").encode())
 
 
 def _fmt(value) -> str:

@@ -20,8 +20,10 @@ Example::
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Mapping, Sequence
+
+from qin_tf.fileio import write_bytes
 
 
 def plot_curves(history: Sequence[Mapping], calibration: Mapping[str, Mapping], path: str, *,
@@ -32,7 +34,7 @@ def plot_curves(history: Sequence[Mapping], calibration: Mapping[str, Mapping], 
         history: one mapping per epoch with ``epoch`` (1-based) and any of
             ``loss``, ``logloss``, ``auc``, ``val_auc``, ``val_logloss``, ``val_gauc``, ``lr``.
         calibration: split name -> :func:`qin_tf.metrics.calibration_bins` output.
-        path: the ``.png`` to write.
+        path: the ``.png`` to write (any TensorFlow filesystem, see :mod:`qin_tf.fileio`).
         best_epoch: 1-based epoch to mark.
         title: figure title.
 
@@ -94,8 +96,8 @@ def plot_curves(history: Sequence[Mapping], calibration: Mapping[str, Mapping], 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes(path, buf.getvalue())
     return path

@@ -58,6 +58,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import uuid
 from typing import Iterator, Mapping, Sequence
@@ -67,6 +68,7 @@ import numpy as np
 from pipelines.validation import (INT, INT_LIST, Columns, PreprocessError, check_columns, convert_batch, fail,
                                   is_int_list_type, is_int_type, iter_row_groups, left_pad_recent, one_line,
                                   split_columns)
+from qin_tf import fileio
 from qin_tf.runtime import process_alive
 from qin_tf.spec import SPEC_FILENAME, Feature, FeatureSpec, negative_ids
 
@@ -95,11 +97,12 @@ InputError = PreprocessError
 
 def resolve_saved_model(path: str) -> str:
     """``path`` itself if it holds ``saved_model.pb``, else its newest numbered version."""
-    if os.path.exists(os.path.join(path, "saved_model.pb")):
+    g = fileio.gfile()
+    if g.exists(os.path.join(path, "saved_model.pb")):
         return path
-    if os.path.isdir(path):
-        versions = sorted(int(n) for n in os.listdir(path)
-                          if n.isdigit() and os.path.exists(os.path.join(path, n, "saved_model.pb")))
+    if g.isdir(path):
+        names = [n.rstrip("/") for n in g.listdir(path)]
+        versions = sorted(int(n) for n in names if n.isdigit() and g.exists(os.path.join(path, n, "saved_model.pb")))
         if versions:
             return os.path.join(path, str(versions[-1]))
     raise FileNotFoundError(f"{path}: neither a SavedModel (saved_model.pb) nor an export base with "
@@ -207,9 +210,15 @@ def arrow_batch_features(batch, features: Sequence[Feature], *, source: str,
 def input_files(pattern: str, raw_ids: bool = False) -> tuple[list[str], str]:
     """The sorted files of ``pattern`` and their kind: ``"parquet"`` or ``"tfrecord"``; with ``raw_ids``
     ``"parquet"`` or ``"jsonl"``."""
-    files = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else (
-        [pattern] if os.path.exists(pattern) else [])
-    files = [f for f in files if os.path.isfile(f)]
+    if fileio.is_local(pattern):
+        files = sorted(globlib.glob(pattern)) if any(c in pattern for c in "*?[") else (
+            [pattern] if os.path.exists(pattern) else [])
+        files = [f for f in files if os.path.isfile(f)]
+    else:  # a URL (gs://, ram://): TensorFlow's glob
+        g = fileio.gfile()
+        files = sorted(g.glob(pattern)) if any(c in pattern for c in "*?[") else (
+            [pattern] if g.exists(pattern) else [])
+        files = [f for f in files if not g.isdir(f)]
     if not files:
         fail(pattern, None, None, "no such file")
     kinds = set()
@@ -266,7 +275,7 @@ def iter_parquet(files: Sequence[str], spec: FeatureSpec, batch_size: int) -> It
 
     for path in files:
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(fileio.binary_source(path))
         except (pa.ArrowException, OSError) as e:
             fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
         schema = pf.schema_arrow
@@ -298,7 +307,7 @@ def _raw_rows(path: str, kind: str, names: Sequence[str], batch_size: int) -> It
         import pyarrow.parquet as pq
 
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(fileio.binary_source(path))
         except (pa.ArrowException, OSError) as e:
             fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
         have = [n for n in names if n in pf.schema_arrow.names]
@@ -310,7 +319,7 @@ def _raw_rows(path: str, kind: str, names: Sequence[str], batch_size: int) -> It
     from export.client import json_object
 
     rows, first = [], 0
-    with open(path, encoding="utf-8") as f:
+    with fileio.open_text(path) as f:
         for row, line in enumerate(f):
             rows.append(json_object(path, row, line))
             if len(rows) == batch_size:
@@ -419,6 +428,15 @@ def check_output(output: str, inputs: Sequence[str], *, overwrite: bool = False)
         PreprocessError: ``output`` is one of ``inputs``, exists (without
             ``overwrite``), is a directory, or lies under a file.
     """
+    if not fileio.is_local(output):  # a URL: no symlinks, and no directory is ever "a file"
+        g = fileio.gfile()
+        if g.isdir(output):
+            fail(output, None, None, "the output is a directory; give the path of a file")
+        if output in inputs:
+            fail(output, None, None, "the output is one of the inputs; write the scores to another file")
+        if g.exists(output) and not overwrite:
+            fail(output, None, None, "the output exists; pass --overwrite to replace it, or choose another file")
+        return
     path = os.path.abspath(output)
     if os.path.isdir(path):
         fail(output, None, None, "the output is a directory; give the path of a file")
@@ -464,6 +482,13 @@ class ScoreWriter:
     is created with the umask's permissions, as the output then has; the
     temporary files of killed runs into the same ``path`` are removed first
     (:func:`remove_stale_temp_files`).
+
+    When ``path`` is a URL (``gs://``, ``ram://``), the scores are written to
+    a local temporary file, which :meth:`close` copies to the temporary name
+    beside ``path`` and renames over ``path`` (a copy and a delete on an
+    object store: see :mod:`qin_tf.fileio`). A killed run's temporary object
+    there is not removed (whether its writer lives is not known from another
+    machine).
     """
 
     def __init__(self, path: str, fmt: str):
@@ -471,11 +496,19 @@ class ScoreWriter:
             raise ValueError(f"`format` must be one of {FORMATS}. Received: format={fmt!r}")
         self.path = path
         self.fmt = fmt
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        remove_stale_temp_files(path)
-        self.tmp = os.path.join(directory, f".{os.path.basename(path)}.score-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask
+        self.local = fileio.is_local(path)
+        name = f".{os.path.basename(path)}.score-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        if self.local:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            remove_stale_temp_files(path)
+            self.tmp = self.file = os.path.join(directory, name)
+            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask
+        else:
+            fileio.gfile().makedirs(os.path.dirname(path))
+            self.tmp = os.path.join(os.path.dirname(path), name)
+            fd, self.file = tempfile.mkstemp(prefix="qin_score_", suffix=".tmp")  # what pyarrow and csv write
+            os.close(fd)
         self._parquet = None
         self._csv_file = None
         self._csv = None
@@ -487,11 +520,11 @@ class ScoreWriter:
         if self.fmt == "parquet":
             table = pa.table(dict(columns))
             if self._parquet is None:
-                self._parquet = pq.ParquetWriter(self.tmp, table.schema)
+                self._parquet = pq.ParquetWriter(self.file, table.schema)
             self._parquet.write_table(table)
             return
         if self._csv is None:
-            self._csv_file = open(self.tmp, "w", newline="")
+            self._csv_file = open(self.file, "w", newline="")
             self._csv = csv.writer(self._csv_file)
             self._csv.writerow(list(columns))
         cols = [c.tolist() for c in columns.values()]
@@ -502,7 +535,13 @@ class ScoreWriter:
             self._parquet.close()
         if self._csv_file is not None:
             self._csv_file.close()
-        os.replace(self.tmp, self.path)
+        if self.local:
+            os.replace(self.tmp, self.path)
+            return
+        g = fileio.gfile()
+        g.copy(self.file, self.tmp, overwrite=True)
+        os.remove(self.file)
+        g.rename(self.tmp, self.path, overwrite=True)
 
     def abort(self) -> None:
         for f in (self._parquet, self._csv_file):
@@ -511,8 +550,10 @@ class ScoreWriter:
                     f.close()
             except Exception:
                 pass
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        if os.path.exists(self.file):
+            os.remove(self.file)
+        if not self.local:
+            fileio.remove(self.tmp)
 
 
 def _output_columns(batch: Batch, scores: np.ndarray, row0: int, fmt: str,
@@ -649,6 +690,7 @@ def _model_parse_spec(spec: FeatureSpec) -> dict:
 
 def main(argv):
     del argv
+    import tensorflow as tf
     from absl import flags
 
     FLAGS = flags.FLAGS
@@ -657,6 +699,8 @@ def main(argv):
                        batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite, raw_ids=FLAGS.raw_ids)
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"score: error: {one_line(e)}")
+    except tf.errors.OpError as e:  # a TensorFlow filesystem's error (gs://: permission, network)
+        sys.exit(f"score: error: {one_line(e.message)}")
     summary = {k: v for k, v in result.items() if k != "scores"}
     if FLAGS.output:
         summary["output"] = FLAGS.output

@@ -46,9 +46,12 @@ pipeline workers and tools.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Mapping
+
+from qin_tf import fileio
 
 SPEC_FILENAME = "feature_spec.json"
 STATS_FILENAME = "stats.json"
@@ -325,8 +328,7 @@ class DatasetConfig:
     @classmethod
     def load(cls, path: str) -> "DatasetConfig":
         try:
-            with open(path) as f:
-                d = json.load(f)
+            d = fileio.read_json(path)
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}: not valid JSON: {e}") from None
         return cls.from_dict(d, where=path)
@@ -466,14 +468,14 @@ class FeatureSpec:
 
     def read_vocabulary(self, key: str) -> list[str]:
         """The raw ids of vocabulary ``key``, as text, in file order (line n is dense id n + 1)."""
-        with open(self.path(self.vocabularies[key]["path"]), encoding="utf-8") as f:
-            return f.read().split("\n")[:-1]
+        return fileio.read_text(self.path(self.vocabularies[key]["path"])).split("\n")[:-1]
 
     # ---- files --------------------------------------------------------------
 
     def path(self, relative: str) -> str:
-        """Resolves a file name of the spec against the spec's directory."""
-        return relative if os.path.isabs(relative) else os.path.join(self.base_dir, relative)
+        """Resolves a file name of the spec against the spec's directory (a URL stays as it is)."""
+        absolute = os.path.isabs(relative) or not fileio.is_local(relative)
+        return relative if absolute else os.path.join(self.base_dir, relative)
 
     def split_files(self, split: str) -> list[str]:
         if split not in self.splits:
@@ -484,7 +486,7 @@ class FeatureSpec:
         """Returns ``(tags int32 [N, T], embedding float32 [N, D])`` as numpy arrays."""
         import numpy as np
 
-        with np.load(self.path(self.item_table_file)) as z:
+        with np.load(io.BytesIO(fileio.read_bytes(self.path(self.item_table_file)))) as z:
             tags = z[ITEM_TABLE_TAGS_KEY].astype("int32")
             emb = z[ITEM_TABLE_EMBEDDING_KEY].astype("float32")
         if tags.shape != (self.num_items, self.num_tags) or emb.shape != (self.num_items, self.mm_dim):
@@ -506,16 +508,15 @@ class FeatureSpec:
 
     def save(self, directory: str) -> str:
         """Writes ``feature_spec.json`` to ``directory``, with copies of the vocabulary files it names."""
-        import shutil
-
+        g = fileio.gfile()
         path = os.path.join(directory, SPEC_FILENAME)
         for v in self.vocabularies.values():
             src, dst = self.path(v["path"]), os.path.join(directory, v["path"])
-            if os.path.abspath(src) != os.path.abspath(dst):
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                shutil.copyfile(src, dst)
-        with open(path, "w") as f:
-            f.write(self.to_json())
+            if fileio.absolute(src) != fileio.absolute(dst):
+                g.makedirs(os.path.dirname(dst))
+                g.copy(src, dst, overwrite=True)
+        g.makedirs(directory)
+        fileio.write_text(path, self.to_json())
         return path
 
     @classmethod
@@ -537,18 +538,18 @@ class FeatureSpec:
     @classmethod
     def load(cls, path: str) -> "FeatureSpec":
         """Loads ``feature_spec.json`` from a file or from the directory holding it."""
-        if not os.path.exists(path):
+        g = fileio.gfile()
+        if not g.exists(path):
             raise SpecError(f"{path}: no such file or directory.")
-        if os.path.isdir(path):
+        if g.isdir(path):
             path = os.path.join(path, SPEC_FILENAME)
         try:
-            with open(path) as f:
-                d = json.load(f)
+            d = fileio.read_json(path)
         except FileNotFoundError:
             raise SpecError(f"{path}: no feature spec here; run `python -m pipelines.preprocess` first.") from None
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(d, base_dir=os.path.dirname(os.path.abspath(path)))
+        return cls.from_dict(d, base_dir=os.path.dirname(fileio.absolute(path)))
 
     @classmethod
     def from_json(cls, text: str, base_dir: str = "") -> "FeatureSpec":

@@ -71,7 +71,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -89,6 +88,7 @@ with silenced_stderr():
     import tensorflow as tf  # noqa: E402
 
 from qin_tf import callbacks as qcb  # noqa: E402
+from qin_tf import fileio  # noqa: E402
 from qin_tf import metrics as qmetrics  # noqa: E402
 from qin_tf import report  # noqa: E402
 from qin_tf.config import RESUMABLE_CHANGES, ExperimentConfig, STRATEGIES  # noqa: E402
@@ -456,18 +456,17 @@ def data_fingerprint(spec: FeatureSpec) -> dict:
     text = json.dumps({"spec": spec.to_dict(), "files": files}, sort_keys=True)
     body = json.loads(text)  # as it reads back from the file: lists, not tuples
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return {"fingerprint": digest, "data_dir": os.path.abspath(spec.base_dir), **body}
+    return {"fingerprint": digest, "data_dir": fileio.absolute(spec.base_dir), **body}
 
 
 def _check_same_data(model_dir: str, spec: FeatureSpec, data_dir: str) -> None:
     """Refuses to resume the run in ``model_dir`` on data other than the data it started on."""
     path = os.path.join(model_dir, FINGERPRINT_FILENAME)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-    elif os.path.exists(os.path.join(model_dir, SPEC_FILENAME)):  # a run started before fingerprints
-        with open(os.path.join(model_dir, SPEC_FILENAME)) as f:
-            saved = {"spec": json.load(f), "files": None, "data_dir": "(not recorded)"}
+    if tf.io.gfile.exists(path):
+        saved = fileio.read_json(path)
+    elif tf.io.gfile.exists(os.path.join(model_dir, SPEC_FILENAME)):  # a run started before fingerprints
+        saved = {"spec": fileio.read_json(os.path.join(model_dir, SPEC_FILENAME)), "files": None,
+                 "data_dir": "(not recorded)"}
     else:
         return
     now = data_fingerprint(spec)
@@ -499,7 +498,7 @@ def _data_loss(spec: FeatureSpec, tc, error: tf.errors.DataLossError) -> Trainin
 def _save_weights_atomic(model: keras.Model, path: str) -> None:
     tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
     model.save_weights(tmp)
-    os.replace(tmp, path)
+    fileio.replace(tmp, path)
 
 
 def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = None,
@@ -550,24 +549,19 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
     config_dict = config.to_dict()
     if state is not None:
         saved_path = os.path.join(model_dir, CONFIG_FILENAME)
-        if os.path.exists(saved_path):
-            with open(saved_path) as f:
-                diff = _config_diff(json.load(f), config_dict)
+        if tf.io.gfile.exists(saved_path):
+            diff = _config_diff(fileio.read_json(saved_path), config_dict)
             if diff:
                 raise TrainingError(f"{model_dir} holds an unfinished run with a different configuration "
                                     f"({'; '.join(diff)}). Resume it with the same configuration, or use "
                                     f"another --model_dir.")
         _check_same_data(model_dir, spec, tc.data_dir)
-    elif chief and os.path.exists(os.path.join(model_dir, METRICS_FILENAME)):
+    elif chief and tf.io.gfile.exists(os.path.join(model_dir, METRICS_FILENAME)):
         if not tc.overwrite:
             raise TrainingError(f"{model_dir} holds a finished run ({METRICS_FILENAME} exists). Pass "
                                 f"--overwrite to replace it, or use another --model_dir.")
         for name in ARTEFACTS:
-            p = os.path.join(model_dir, name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
+            fileio.remove(os.path.join(model_dir, name))
 
     write_dir = model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
     try:
@@ -577,14 +571,14 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
         raise _data_loss(spec, tc, e) from None
     finally:
         if not chief:
-            shutil.rmtree(write_dir, ignore_errors=True)
+            fileio.remove(write_dir)
 
 
 def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, interactive,
          label="") -> TrainResult:
     tc, mc = config.train, config.model
     replicas = strategy.num_replicas_in_sync
-    os.makedirs(os.path.join(write_dir, CHECKPOINT_DIR), exist_ok=True)
+    tf.io.gfile.makedirs(os.path.join(write_dir, CHECKPOINT_DIR))
     if chief:
         qcb.write_json(os.path.join(write_dir, CONFIG_FILENAME), config.to_dict())
         qcb.write_json(os.path.join(write_dir, FINGERPRINT_FILENAME), data_fingerprint(spec))
@@ -707,7 +701,7 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
     metrics = None
     if chief:
         metrics = _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds)
-        shutil.rmtree(os.path.join(write_dir, BACKUP_DIR), ignore_errors=True)
+        fileio.remove(os.path.join(write_dir, BACKUP_DIR))
     return TrainResult(model=model, metrics=metrics, history=history.get_state(), is_chief=chief,
                        num_replicas_in_sync=strategy.num_replicas_in_sync)
 
@@ -729,11 +723,11 @@ def _finish(config, spec, strategy, model, plateau, history, write_dir, say, tra
 
     tmp = os.path.join(write_dir, "best.tmp.keras")
     model.save(tmp)
-    os.replace(tmp, os.path.join(write_dir, MODEL_FILENAME))
+    fileio.replace(tmp, os.path.join(write_dir, MODEL_FILENAME))
     best_epoch = plateau.best_epoch + 1 if plateau.best_epoch is not None else None
     records = history.get_state()
     report.plot_curves(records, calibration, os.path.join(write_dir, CURVES_FILENAME), best_epoch=best_epoch,
-                       title=f"{mc.name} on {os.path.normpath(tc.data_dir)}")
+                       title=f"{mc.name} on {os.path.normpath(tc.data_dir) if fileio.is_local(tc.data_dir) else tc.data_dir}")
     metrics = {
         "model": mc.name,
         "dataset": spec.dataset,

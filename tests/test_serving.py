@@ -539,3 +539,20 @@ def test_local_server_serves_the_transformer_dcn(sample_spec, served, tmp_path):
         with ServingClient(local.address, "qin") as client:
             got = client.predict(_rows(features, 50))
     assert_scores_equal(got, keras_scores(model, _rows(features, 50)))
+
+
+def test_local_server_serves_a_model_base_path_on_ram(served):
+    """``--model_base_path`` on a TensorFlow filesystem (``ram://`` for ``gs://``), and a parquet input there."""
+    import uuid
+
+    from qin_tf import fileio
+
+    root = f"ram://qin_tf_test_{uuid.uuid4().hex}"
+    fileio.copy_tree(served[0], f"{root}/export")
+    tf.io.gfile.copy(os.path.join(SAMPLE_DIR, "test.parquet"), f"{root}/test.parquet")
+    with LocalServer(f"{root}/export", port=0) as local:
+        with ServingClient(local.address, "qin") as client:
+            assert [s.version for s in client.model_status().model_version_status] == [1]
+            got = score_file(client, f"{root}/test.parquet", batch_size=256)
+    assert_scores_equal(got, served[3])
+    fileio.remove(root)
