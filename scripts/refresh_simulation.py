@@ -121,27 +121,33 @@ RAW_DIR = "raw"
 PARTS = ("removed", "kept")
 VERSIONS = ("as_trained", "refreshed")
 
-_CONFIG = flags.DEFINE_string("config", None, "The log config (pipelines/logs_config.py): prepare reduces its "
-                              "inputs; evaluate reads its catalog (the full one) and its popularity level name.")
-_FRACTION = flags.DEFINE_float("fraction", 0.1, "prepare: the fraction of the log's catalog items removed, "
-                               "in (0, 1).")
-_SEED = flags.DEFINE_integer("seed", 0, "prepare: the seed of the random choice of removed items.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "prepare: where the reduced inputs, removed_items.txt and "
-                                  "logs_config.json go (refused when it exists, unless --overwrite).")
-_FULL = flags.DEFINE_string("full_examples", None, "evaluate: the build_examples output of the full (unreduced) "
-                            "log config.")
-_REMOVED = flags.DEFINE_string("removed", None, "evaluate: removed_items.txt written by prepare.")
-_MODELS = flags.DEFINE_list("model_dirs", None, "evaluate: training runs (best.keras, feature_spec.json) "
-                            "trained on the reduced build.")
-_EXPORTS = flags.DEFINE_list("export_base", None, "evaluate: one export base per model dir (exported here when "
-                             "it has no version); the refreshed version is written there.")
-_SPLIT = flags.DEFINE_string("split", "test", "evaluate: the full build's split to score.")
-_NEW_LEVEL = flags.DEFINE_enum("new_item_level", "zero", ["zero", "full"], "evaluate: the popularity level of "
-                               "rows whose target is removed: zero (unseen in training) or the full build's.")
-_BATCH = flags.DEFINE_integer("batch_size", 8192, "evaluate: rows per scoring batch.", lower_bound=1)
-_OUTPUT = flags.DEFINE_string("output", None, "evaluate: the results JSON (refused when it exists, unless "
-                              "--overwrite).")
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --output_dir / --output.")
+
+def _define_flags() -> None:
+    """Defines the command line flags: only when the script runs as a program, so its functions import
+    anywhere (the tests) beside other modules' absl flags of the same names (``--seed``, ``--output_dir``)."""
+    global _CONFIG, _FRACTION, _SEED, _OUTPUT_DIR, _FULL, _REMOVED, _MODELS, _EXPORTS  # noqa: PLW0603
+    global _SPLIT, _NEW_LEVEL, _BATCH, _OUTPUT, _OVERWRITE  # noqa: PLW0603
+    _CONFIG = flags.DEFINE_string("config", None, "The log config (pipelines/logs_config.py): prepare reduces its "
+                                  "inputs; evaluate reads its catalog (the full one) and its popularity level name.")
+    _FRACTION = flags.DEFINE_float("fraction", 0.1, "prepare: the fraction of the log's catalog items removed, "
+                                   "in (0, 1).")
+    _SEED = flags.DEFINE_integer("seed", 0, "prepare: the seed of the random choice of removed items.")
+    _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "prepare: where the reduced inputs, removed_items.txt and "
+                                      "logs_config.json go (refused when it exists, unless --overwrite).")
+    _FULL = flags.DEFINE_string("full_examples", None, "evaluate: the build_examples output of the full (unreduced) "
+                                "log config.")
+    _REMOVED = flags.DEFINE_string("removed", None, "evaluate: removed_items.txt written by prepare.")
+    _MODELS = flags.DEFINE_list("model_dirs", None, "evaluate: training runs (best.keras, feature_spec.json) "
+                                "trained on the reduced build.")
+    _EXPORTS = flags.DEFINE_list("export_base", None, "evaluate: one export base per model dir (exported here when "
+                                 "it has no version); the refreshed version is written there.")
+    _SPLIT = flags.DEFINE_string("split", "test", "evaluate: the full build's split to score.")
+    _NEW_LEVEL = flags.DEFINE_enum("new_item_level", "zero", ["zero", "full"], "evaluate: the popularity level of "
+                                   "rows whose target is removed: zero (unseen in training) or the full build's.")
+    _BATCH = flags.DEFINE_integer("batch_size", 8192, "evaluate: rows per scoring batch.", lower_bound=1)
+    _OUTPUT = flags.DEFINE_string("output", None, "evaluate: the results JSON (refused when it exists, unless "
+                                  "--overwrite).")
+    _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing --output_dir / --output.")
 
 
 class SimulationError(ValueError):
@@ -634,4 +640,5 @@ def main(argv):
 if __name__ == "__main__":
     from qin_tf.runtime import run_app
 
+    _define_flags()
     run_app(main)
