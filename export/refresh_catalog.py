@@ -243,6 +243,12 @@ def main(argv):
                                model_name=FLAGS.model_name, log=lambda line: print(line, file=sys.stderr))
     except (ExportError, SpecError, PreprocessError, LogsConfigError, OSError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # a TensorFlow filesystem's error (gs://: permission, network): one line too
+        import tensorflow as tf
+
+        if not isinstance(e, tf.errors.OpError):
+            raise
+        sys.exit(f"error: {' '.join(e.message.split())}")
     print(path)
 
 
