@@ -14,6 +14,8 @@ item carries 512 bytes of embedding, so the sample's size grows by about
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,10 +26,14 @@ from pipelines import preprocess as pp  # Beam's FileSystems: local paths or URL
 
 SPLITS = ("train", "valid", "test")
 
-FLAGS = flags.DEFINE_string("input_dir", None, "MMCTR-layout directory to cut from.", required=True)
-_OUT = flags.DEFINE_string("output_dir", None, "Where to write the sample.", required=True)
-_USERS = flags.DEFINE_integer("num_users", 300, "How many users to keep.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the user draw.")
+
+def _define_flags() -> None:
+    """The command line flags, defined only when the module runs as a program, so :func:`make_sample`
+    imports anywhere beside other modules' absl flags of the same names (``--output_dir``, ``--seed``)."""
+    flags.DEFINE_string("input_dir", None, "MMCTR-layout directory to cut from.", required=True)
+    flags.DEFINE_string("output_dir", None, "Where to write the sample.", required=True)
+    flags.DEFINE_integer("num_users", 300, "How many users to keep.")
+    flags.DEFINE_integer("seed", 0, "Seed of the user draw.")
 
 
 def _read(path: str) -> pa.Table:
@@ -75,11 +81,16 @@ def make_sample(input_dir: str, output_dir: str, num_users: int, seed: int) -> d
 
 def main(argv):
     del argv
-    counts = make_sample(FLAGS.value, _OUT.value, _USERS.value, _SEED.value)
+    f = flags.FLAGS
+    try:
+        counts = make_sample(f.input_dir, f.output_dir, f.num_users, f.seed)
+    except (OSError, ValueError) as e:  # a missing or unreadable split file: one line, no traceback
+        sys.exit(f"make_sample: error: {' '.join(str(e).split())}")
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":
     from qin_tf.runtime import run_app
 
+    _define_flags()
     run_app(main)

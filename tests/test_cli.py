@@ -103,3 +103,14 @@ def test_run_app_leaves_the_collector_nothing_to_walk_at_exit():
     assert lines[0] == "main done"
     frozen, tracked = map(int, lines[1].split(":")[1].split())
     assert frozen >= 100_000 and tracked < 1_000, lines
+
+
+def test_make_sample_names_a_missing_input_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.make_sample", f"--input_dir={tmp_path / 'none'}",
+                           f"--output_dir={out}", "--num_users=5"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"make_sample: error: [Errno 2] No such file or directory: '{tmp_path / 'none' / 'train.parquet'}'"]
+    assert not out.exists()
