@@ -12,7 +12,9 @@ in one part by its target item:
 * ``unseen``: the item has its own dense id (e.g. from the catalog) but never
   occurs in the train split: its id embedding was never trained, so the model
   knows it by its tags and multimodal vector only (a cold item);
-* ``oov``: the target is the OOV id 1 (an item without its own id).
+* ``oov``: the target is the OOV id 1 (an item without its own id), for data
+  with an item vocabulary (``pipelines.build_examples``); in the MMCTR layout
+  the ids are the raw ones, item 1 is an ordinary item and this part is empty.
 
 Prints one JSON line per model and split: ``{"model_dir", "split", "all":
 {"rows", "auc"}, "seen": {...}, "unseen": {...}, "oov": {...}}``. A part
@@ -59,9 +61,12 @@ def train_items(spec, batch_size: int) -> np.ndarray:
     return items[items != PADDING_ID]
 
 
-def parts(targets: np.ndarray, seen: np.ndarray) -> dict[str, np.ndarray]:
-    """Row masks ``seen`` / ``unseen`` / ``oov`` of the targets (``oov`` wins over ``seen``)."""
-    oov = targets == OOV_ID
+def parts(targets: np.ndarray, seen: np.ndarray, oov_id: int | None = OOV_ID) -> dict[str, np.ndarray]:
+    """Row masks ``seen`` / ``unseen`` / ``oov`` of the targets (``oov`` wins over ``seen``).
+
+    ``oov_id`` is None for data without an item vocabulary (the MMCTR layout, whose ids are the raw
+    ones: item 1 is an ordinary item there), whose ``oov`` part is then empty."""
+    oov = targets == oov_id if oov_id is not None else np.zeros(len(targets), dtype=bool)
     warm = np.isin(targets, seen) & ~oov
     return {"seen": warm, "unseen": ~warm & ~oov, "oov": oov}
 
@@ -77,6 +82,7 @@ def main(argv):
 
     spec = FeatureSpec.load(os.path.join(_DATA.value, "feature_spec.json"))
     seen = train_items(spec, _BATCH.value)
+    oov_id = OOV_ID if spec.vocabulary_key(spec.target_item) is not None else None  # build_examples' rule
     evaluators = {}
     for split in _SPLITS.value:
         evaluators[split] = SplitEvaluator(spec, split, _BATCH.value)  # training's own evaluation, row order
@@ -92,7 +98,7 @@ def main(argv):
                 return {"rows": int(mask.sum()), "auc": value}
 
             out = {"model_dir": model_dir, "split": split, "all": summary(np.ones(len(labels), dtype=bool))}
-            out.update({name: summary(mask) for name, mask in parts(targets, seen).items()})
+            out.update({name: summary(mask) for name, mask in parts(targets, seen, oov_id).items()})
             print(json.dumps(out), flush=True)
 
 

@@ -704,8 +704,9 @@ def test_cold_start_script_splits_rows_by_whether_the_target_was_trained(sample_
     train = split_rows(sample_spec, "train")[0]
     seen = set(train[sample_spec.target_item].tolist()) | set(train[sample_spec.sequence].ravel().tolist())
     targets = split_rows(sample_spec, "valid")[0][sample_spec.target_item].tolist()
-    assert out["oov"]["rows"] == sum(t == 1 for t in targets)
-    assert out["seen"]["rows"] == sum(t in seen and t != 1 for t in targets)
+    assert not sample_spec.vocabularies  # the MMCTR layout: raw ids, item 1 is an ordinary item, no OOV part
+    assert out["oov"]["rows"] == 0
+    assert out["seen"]["rows"] == sum(t in seen for t in targets)
     assert out["seen"]["rows"] + out["unseen"]["rows"] + out["oov"]["rows"] == out["all"]["rows"] == len(targets)
     assert out["unseen"]["rows"] > 0 and out["seen"]["rows"] > 0  # the sample has both
     assert out["all"]["auc"] == pytest.approx(read_metrics(model_dir)["splits"]["valid"]["auc"], abs=1e-4)
