@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +20,17 @@ SAMPLE_DATASET_CONFIG = os.path.join(REPO, "configs", "datasets", "microlens50k.
 #: Short histories keep the models in tests small; the sample's own median is 3-5.
 SAMPLE_MAX_LEN = 16
 SAMPLE_LOGS_CONFIG = os.path.join(REPO, "configs", "logs", "microlens_sample.json")
+
+
+@functools.cache
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module, loaded once (registered in ``sys.modules``: a dataclass looks its
+    module up there)."""
+    module_spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def files_under(root):

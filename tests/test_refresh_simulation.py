@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 from collections import Counter
@@ -12,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tests.conftest import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "refresh_simulation.py")
@@ -20,15 +19,6 @@ SCRIPT = os.path.join(REPO, "scripts", "refresh_simulation.py")
 SEQUENCES = {1: [10, 11, 12, 13, 14, 11], 2: [11, 15, 10, 16], 3: [12, 13], 4: [17, 10, 11, 12, 18, 19, 30],
              5: [13, 14, 15, 16, 17], 6: [18, 19, 10]}
 CATALOG = list(range(10, 21))
-
-
-@functools.cache
-def load_script():
-    """The script as a module (once: it defines absl flags)."""
-    module_spec = importlib.util.spec_from_file_location("refresh_simulation", SCRIPT)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -75,7 +65,7 @@ def test_prepare_removes_a_seeded_sample_from_every_input_and_only_shrinks_train
     from pipelines.build_examples import read_catalog
     from pipelines.logs_config import LogsConfig
 
-    rs = load_script()
+    rs = load_script("refresh_simulation")
     stats = rs.prepare(logs, str(tmp_path / "w0"), fraction=0.3, seed=0)
     removed = {int(x) for x in (tmp_path / "w0" / "removed_items.txt").read_text().split()}
     # R: 30% of the 10 items both in the log and in the catalog (not 20: catalog only; not 30: log only).
@@ -108,7 +98,7 @@ def test_prepare_removes_a_seeded_sample_from_every_input_and_only_shrinks_train
 
 
 def test_evaluate_rows_map_dense_ids_back_to_raw_ids_and_part_them_by_target(tmp_path):
-    rs = load_script()
+    rs = load_script("refresh_simulation")
     (tmp_path / "vocab").mkdir()
     (tmp_path / "vocab" / "item_id.txt").write_text("100\n200\n300\n400\n")  # dense 2..5
     (tmp_path / "dataset_config.json").write_text(json.dumps({

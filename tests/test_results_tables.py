@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,16 +9,10 @@ import sys
 
 import pytest
 
+from tests.conftest import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "results_tables.py")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_run(path, *, config, best_epoch, stopped_early, history, splits, train_seconds):
@@ -84,7 +77,7 @@ EXPECTED = """\
 
 
 def test_tables_from_fake_runs(runs):
-    rt = _script()
+    rt = load_script("results_tables")
     assert rt.tables([rt.load_run(a) for a in runs], ("auc", "logloss")) == EXPECTED
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +11,10 @@ import numpy as np
 
 from qin_tf.data import make_dataset
 from qin_tf.spec import FeatureSpec
+from tests.conftest import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "subsample_users.py")
-
-
-@functools.cache
-def load_script():
-    """The script as a module (once: it defines absl flags)."""
-    module_spec = importlib.util.spec_from_file_location("subsample_users", SCRIPT)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def run(*args):
@@ -47,7 +37,7 @@ def test_keeps_every_row_of_the_kept_users_only_and_nests(sample_spec, tmp_path)
             assert proc.returncode == 0 and proc.stderr == "", proc.stderr
             report = json.loads(proc.stdout)
         else:
-            report = load_script().subsample(sample_spec.base_dir, str(out), float(fraction), seed=3)
+            report = load_script("subsample_users").subsample(sample_spec.base_dir, str(out), float(fraction), seed=3)
         spec = FeatureSpec.load(str(out))
         sub, _ = rows(spec, "train")
         users = set(sub["user_id"].tolist())
@@ -68,7 +58,7 @@ def test_bad_input_is_a_one_line_error_and_overwrites_nothing(sample_spec, tmp_p
     proc = run(f"--data_dir={sample_spec.base_dir}", f"--output_dir={tmp_path / 'a'}", "--fraction=0")
     assert proc.returncode == 1 and proc.stderr.strip() == "error: --fraction must be in (0, 1]. Received: 0.0"
     assert not (tmp_path / "a").exists()
-    load_script().subsample(sample_spec.base_dir, str(tmp_path / "b"), 0.5)
+    load_script("subsample_users").subsample(sample_spec.base_dir, str(tmp_path / "b"), 0.5)
     before = (tmp_path / "b" / "feature_spec.json").read_text()
     again = run(f"--data_dir={sample_spec.base_dir}", f"--output_dir={tmp_path / 'b'}", "--fraction=0.25")
     assert again.returncode == 1 and "already holds a feature_spec.json" in again.stderr
