@@ -42,6 +42,10 @@ _PARQUET = flags.DEFINE_string("parquet", None, "Also score this raw parquet fil
 _SIZES = flags.DEFINE_list("batch_sizes", ["1024", "8192"], "--batch_size values of the scoring CLI.")
 _FOLD = flags.DEFINE_bool("fold", True, "Export with the inference folds (QNN rows, ASTA projections, item "
                           "vectors; production); --nofold for the levers' before.")
+_TRAIN_FLAGS = flags.DEFINE_multi_string(
+    "train_flag", [], "Without --model_dir: a flag of `python -m qin_tf.train` (repeatable) naming the "
+    "untrained model to export, e.g. --train_flag=--flagfile=configs/transformer_dcn.flags; none: the "
+    "released QIN.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Runs per input and batch size; the best rate counts.", lower_bound=1)
 
 _RATE = re.compile(r"scored ([\d,]+) rows in ([\d.]+) s")
@@ -58,11 +62,15 @@ def main(argv):
     from qin_tf.spec import FeatureSpec
 
     spec = FeatureSpec.load(_DATA.value)
-    model = exporter.load_keras_model(_MODEL.value) if _MODEL.value else build_model(spec, ModelConfig())
+    if _MODEL.value and _TRAIN_FLAGS.value:
+        raise app.UsageError("--train_flag names an untrained model: not with --model_dir.")
+    mc = common.train_config(_TRAIN_FLAGS.value).model if _TRAIN_FLAGS.value else ModelConfig()
+    model = exporter.load_keras_model(_MODEL.value) if _MODEL.value else build_model(spec, mc)
     inputs = {"tfrecord": os.path.join(spec.base_dir, f"{_SPLIT.value}-*")}
     if _PARQUET.value:
         inputs["parquet"] = _PARQUET.value
-    record = {"bench": "score", "model": _MODEL.value or "untrained QIN (released hyperparameters)",
+    record = {"bench": "score", "model": _MODEL.value or f"untrained {mc.name}", "train_flags": _TRAIN_FLAGS.value,
+              "parameters": int(model.count_params()),
               "folds": _FOLD.value, "max_len": spec.max_len, "runs": []}
     env = dict(os.environ, PYTHONPATH=common.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     aucs = set()

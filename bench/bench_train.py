@@ -39,6 +39,7 @@ Prints one JSON line (see ``bench/common.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -49,6 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from bench import common  # noqa: E402
+
+FLAGS = flags.FLAGS
 
 _DATA = flags.DEFINE_string("data_dir", None, "Output of pipelines.preprocess (feature_spec.json).", required=True)
 _STRATEGY = flags.DEFINE_enum("strategy", "one_device", ["one_device", "mirrored"], "Distribution strategy.")
@@ -76,6 +79,12 @@ _DEDUP = flags.DEFINE_bool("deduplicate", None, "Dense history only: embed each 
 _JIT = flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (needs --nosparse_history).")
 _POLICY = flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16"], "Keras dtype policy.")
 _SEED = flags.DEFINE_integer("seed", 20242025, "Weights and data seed.")
+_TRAIN_FLAGS = flags.DEFINE_multi_string(
+    "train_flag", [], "A flag of `python -m qin_tf.train` (repeatable), e.g. "
+    "--train_flag=--flagfile=configs/transformer_dcn.flags: the model (any preset or extractor x head) "
+    "and its batch size, learning rate and clipping come from these, as training would build them, "
+    "and the QIN-only flags above (embedding_dim, num_layers, num_row, asta, deduplicate) are not used. "
+    "--global_batch_size and --dtype_policy, when given, still override.")
 
 
 def _jit_loop_class(base):
@@ -110,25 +119,40 @@ def main(argv):
     from bench import profiling, variants
     from qin_tf.config import ModelConfig
     from qin_tf.data import make_dataset, model_inputs
+    from qin_tf.model import build_model
     from qin_tf.spec import FeatureSpec
 
     spec = FeatureSpec.load(_DATA.value)
     rows = spec.splits["train"].num_rows
     gbs = _BATCH.value
     replicas = strategy.num_replicas_in_sync
+    learning_rate, clipnorm = 2e-3, 10.0
+    if _TRAIN_FLAGS.value:
+        config = common.train_config(_TRAIN_FLAGS.value)
+        mc = config.model
+        if FLAGS["dtype_policy"].present:
+            mc = dataclasses.replace(mc, dtype_policy=_POLICY.value)
+        if not FLAGS["global_batch_size"].present:
+            gbs = config.train.global_batch_size
+        learning_rate, clipnorm = config.train.learning_rate, config.train.clipnorm
+    else:
+        mc = ModelConfig(embedding_dim=_EMBEDDING_DIM.value, num_layers=_NUM_LAYERS.value, num_row=_NUM_ROW.value,
+                         sparse_history=_SPARSE.value, dtype_policy=_POLICY.value)
     if gbs % replicas:
         raise app.UsageError(f"--global_batch_size={gbs} is not divisible by {replicas} replicas.")
-    mc = ModelConfig(embedding_dim=_EMBEDDING_DIM.value, num_layers=_NUM_LAYERS.value, num_row=_NUM_ROW.value,
-                     sparse_history=_SPARSE.value, dtype_policy=_POLICY.value)
     keras.utils.set_random_seed(_SEED.value)
-    common.log(f"building QIN ({_ASTA.value} ASTA, sparse_history={_SPARSE.value}, deduplicate={_DEDUP.value}, "
-               f"jit={_JIT.value}, {_POLICY.value}) under {_STRATEGY.value} ({replicas} replicas)")
+    common.log(f"building {mc.name} ({_ASTA.value} ASTA, sparse_history={mc.sparse_history}, "
+               f"deduplicate={_DEDUP.value}, jit={_JIT.value}, {mc.dtype_policy}) under {_STRATEGY.value} "
+               f"({replicas} replicas), batch {gbs}")
     with strategy.scope():
-        model = variants.build_variant(spec, mc, asta=_ASTA.value, deduplicate=_DEDUP.value)
-        optimizer = keras.optimizers.Adam(learning_rate=2e-3)
+        if _TRAIN_FLAGS.value:
+            model = build_model(spec, mc)
+        else:
+            model = variants.build_variant(spec, mc, asta=_ASTA.value, deduplicate=_DEDUP.value)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         optimizer.build(model.trainable_variables)
         loop_cls = _jit_loop_class(task.TrainLoop) if _JIT.value else task.TrainLoop
-        loop = loop_cls(model, optimizer, strategy, global_batch_size=gbs, clipnorm=10.0)
+        loop = loop_cls(model, optimizer, strategy, global_batch_size=gbs, clipnorm=clipnorm)
 
     def dataset_fn(ctx, seed=_SEED.value):
         return make_dataset(spec, "train", gbs, training=True, input_context=ctx, seed=seed, repeat=True,
@@ -136,13 +160,17 @@ def main(argv):
 
     record = {"bench": "train", "strategy": _STRATEGY.value, "num_replicas": replicas,
               "global_batch_size": gbs, "max_len": spec.max_len, "train_rows": rows,
+              "model": mc.name, "train_flags": _TRAIN_FLAGS.value,
+              "parameters": int(model.count_params()),
               "config": {"embedding_dim": mc.embedding_dim, "num_layers": mc.num_layers, "num_row": mc.num_row,
                          "dropout": mc.dropout, "batch_norm": mc.batch_norm},
               "levers": {"sparse_history": _SPARSE.value, "asta": _ASTA.value, "deduplicate": _DEDUP.value,
                          "jit_compile": _JIT.value, "dtype_policy": _POLICY.value,
                          "intra_op_threads": _INTRA.value, "inter_op_threads": _INTER.value}}
 
-    if _ASTA.value != "reassociated" or _DEDUP.value is not None:
+    if _TRAIN_FLAGS.value:
+        record["config"] = dataclasses.asdict(mc)
+    if (_ASTA.value != "reassociated" or _DEDUP.value is not None) and not _TRAIN_FLAGS.value:
         # A variant must compute the production model's function.
         probe = next(iter(make_dataset(spec, "valid", 256, training=False)))[0]
         record["variant_max_abs_diff"] = variants.check_same_outputs(model, spec, mc, model_inputs(spec, probe))

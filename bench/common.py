@@ -280,3 +280,26 @@ def configure_threads(intra_op: int, inter_op: int) -> None:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     if inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
+def train_config(train_flags: list[str]):
+    """The ``qin_tf.config.ExperimentConfig`` that ``python -m qin_tf.train`` builds from ``train_flags``.
+
+    ``train_flags`` are the training CLI's own flags (``--flagfile=configs/transformer_dcn.flags``,
+    ``--cross_projection_dim=256``, ...), parsed in a fresh flag set with the CLI's precedence
+    (flagfiles first, explicit flags over them). Raises ``SystemExit`` with the CLI's message on
+    an invalid flag or value.
+    """
+    from absl import flags
+
+    from qin_tf import train
+
+    values = flags.FlagValues()
+    train.define_flags(values)
+    try:
+        rest = train.parse_flags(["qin_tf.train", *train_flags], values)
+        if len(rest) > 1:
+            raise SystemExit(f"--train_flag: unexpected arguments {rest[1:]}")
+        return train.config_from_flags(values)
+    except (flags.Error, ValueError) as e:
+        raise SystemExit(f"--train_flag: {e}") from None

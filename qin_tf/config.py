@@ -15,7 +15,7 @@ DTYPE_POLICIES = (None, "float32", "mixed_bfloat16")
 #: Interest extractors: what turns the target and the history into an interest vector.
 EXTRACTORS = ("asta", "din_attention", "transformer")
 #: Interaction heads: what turns [context | target | interest] into the logit.
-HEADS = ("qnn", "dnn", "dcn_v2")
+HEADS = ("qnn", "dnn", "dcn_v2", "qnn_dnn")
 #: Values of ``ModelConfig.asta_form`` (see ``AdaptiveSparseTargetAttention``).
 ASTA_FORMS = ("reassociated", "projected", "folded")
 #: ``ModelConfig.model`` presets: the (extractor, head) pair each names.
@@ -90,7 +90,8 @@ class ModelConfig:
         "The interest extractor (asta, din_attention or transformer), where none takes the one the "
         "--model preset names.")})
     head: str | None = dataclasses.field(default=None, metadata={"help": (
-        "The interaction head (qnn, dnn or dcn_v2), where none takes the one the --model preset names.")})
+        "The interaction head (qnn, dnn, dcn_v2 or qnn_dnn: QNN's logit plus a DNN tower's), where none takes "
+        "the one the --model preset names.")})
     transformer_layers: int = dataclasses.field(default=2, metadata={"help": (
         "The transformer extractor stacks this many post-norm encoder layers.")})
     transformer_heads: int = dataclasses.field(default=1, metadata={"help": (

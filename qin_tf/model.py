@@ -18,7 +18,10 @@ Extractors: ``asta`` (QIN's :class:`AdaptiveSparseTargetAttention`, 3E),
 ``din_dnn_units`` with ``batch_norm``, ReLU, ``dropout``), ``dcn_v2`` (a
 :class:`CrossNetwork` of ``cross_layers`` keras-rs ``FeatureCross`` layers
 beside a DNN ``din_dnn_units``; their outputs concatenated go through an MLP
-``head_mlp_units`` to the logit). Presets (``config.model``)::
+``head_mlp_units`` to the logit), ``qnn_dnn`` (QNN and a DNN ``din_dnn_units`` side
+by side on the same input, DCNv2's parallel structure; the logit is the sum of
+theirs, so QIN's quadratic terms keep their own output and the DNN adds the
+additive ones a DNN learns). Presets (``config.model``)::
 
     qin              asta + qnn            salmon1802/QIN, src/QIN_variety_v9.py (the default)
     din              din_attention + dnn   the WWW 2025 MMCTR challenge baseline, FuxiCTR DIN
@@ -160,6 +163,14 @@ def _head(config: ModelConfig, parts: list):
         return QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
                                       dropout=config.dropout, batch_norm=config.batch_norm,
                                       kernel_regularizer=reg, name="qnn")(features)
+    if name == "qnn_dnn":
+        quadratic = QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
+                                           dropout=config.dropout, batch_norm=config.batch_norm,
+                                           kernel_regularizer=reg, name="qnn")(features)
+        deep = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
+                        batch_norm=config.batch_norm, output_units=1, kernel_regularizer=reg,
+                        output_dtype=logit_dtype, name="dnn")(features)
+        return keras.layers.Add(dtype=logit_dtype, name="qnn_dnn_logit")([quadratic, deep])
     if name == "dnn":
         return MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
                         batch_norm=config.batch_norm, output_units=1, kernel_regularizer=reg,

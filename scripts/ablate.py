@@ -13,6 +13,9 @@ this runs with the variant's flags first and the given flags after them
   batch norm, ReLU, ``dropout``) in place of QNN.
 - ``qnn_input_bn``: ``--head_input_batch_norm``: QIN with a batch norm on
   QNN's input.
+- ``qnn_dnn_tower``: ``--head=qnn_dnn``: QNN with a DNN tower
+  (``din_dnn_units``) beside it on the same input, their logits summed
+  (DCNv2's parallel structure).
 
 Any other pair of parts needs no script: ``python -m qin_tf.train
 --extractor=... --head=...``.
@@ -35,6 +38,7 @@ VARIANTS = {
     "qin_din_attention": ["--model=qin", "--extractor=din_attention"],
     "asta_mlp_head": ["--model=qin", "--head=dnn"],
     "qnn_input_bn": ["--model=qin", "--head_input_batch_norm"],
+    "qnn_dnn_tower": ["--model=qin", "--head=qnn_dnn"],
 }
 
 

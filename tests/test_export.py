@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -303,9 +304,14 @@ def test_unseen_ids_are_served_as_padding_and_oov(sample_spec, exported, trained
     assert_scores_equal(run(features), keras_scores(trained[1], features))
 
 
-def test_din_exports_too(sample_spec, tmp_path, test_rows):
-    model = make_model_dir(sample_spec, str(tmp_path / "din"), TINY_DIN, seed=1)
-    version_dir = exporter.export_from_model_dir(str(tmp_path / "din"), str(tmp_path / "export"),
+#: QIN with a DNN tower beside QNN (--head=qnn_dnn); its QNN rows are folded at export like QIN's.
+TINY_QNN_DNN = dataclasses.replace(TINY_QIN, head="qnn_dnn", din_dnn_units=(16,))
+
+
+@pytest.mark.parametrize("config", [TINY_DIN, TINY_QNN_DNN], ids=["din", "qnn_dnn"])
+def test_din_and_qnn_dnn_export_too(sample_spec, tmp_path, test_rows, config):
+    model = make_model_dir(sample_spec, str(tmp_path / "model"), config, seed=1)
+    version_dir = exporter.export_from_model_dir(str(tmp_path / "model"), str(tmp_path / "export"),
                                                  data_dir=sample_spec.base_dir)
     features, _, serialized = test_rows
     loaded = tf.saved_model.load(version_dir)

@@ -193,7 +193,7 @@ def test_presets_build_the_same_graph_and_weights_as_before_the_refactor(spec, n
 
 PART_LAYERS = {"asta": "AdaptiveSparseTargetAttention", "din_attention": "DINAttention",
                "transformer": "TargetTransformer", "qnn": "QuadraticNeuralNetwork", "dnn": "MLPBlock",
-               "dcn_v2": "CrossNetwork"}
+               "dcn_v2": "CrossNetwork", "qnn_dnn": "QuadraticNeuralNetwork"}
 
 
 @pytest.mark.parametrize("extractor, head", list(itertools.product(EXTRACTORS, HEADS)))
@@ -264,6 +264,24 @@ def test_benchmark_variants_are_flags_with_the_production_outputs(spec, sparse, 
         ModelConfig(deduplicate_items=False)
     with pytest.raises(ValueError, match="`asta_form` must be one of"):
         ModelConfig(asta_form="fast")
+
+
+def test_qnn_dnn_head_adds_a_dnn_tower_beside_qnn(spec, tmp_path):
+    """--head=qnn_dnn: logit = QNN(x) + DNN(x) on the same head input x (DCNv2's parallel structure)."""
+    config = dataclasses.replace(QIN_CONFIG, head="qnn_dnn", din_dnn_units=(8, 4))
+    keras.utils.set_random_seed(11)
+    model = build_model(spec, config)
+    assert model.name == "asta__qnn_dnn"
+    assert model.get_layer("dnn").hidden_units == [8, 4]
+    assert model.get_layer("qnn").num_layers == QIN_CONFIG.num_layers
+    features = {k: tf.constant(v) for k, v in batch(12, seed=16).items()}
+    x = keras.Model(model.inputs, model.get_layer("qnn_dnn_input").output)(features, training=False)
+    logit = model.get_layer("qnn")(x, training=False) + model.get_layer("dnn")(x, training=False)
+    np.testing.assert_allclose(predict(model, batch(12, seed=16)), tf.sigmoid(logit)[:, 0].numpy(), rtol=1e-6)
+    path = str(tmp_path / "qnn_dnn.keras")
+    model.save(path)
+    np.testing.assert_array_equal(predict(keras.models.load_model(path), batch(12, seed=16)),
+                                  predict(model, batch(12, seed=16)))
 
 
 def test_head_input_batch_norm_normalises_the_head_input(spec):
