@@ -87,4 +87,6 @@ run $PY bench/bench_latency.py --data_dir="$DATA" "${MODEL_FLAG[@]}" "${CALLS[@]
 run $PY bench/bench_latency.py --data_dir="$DATA" "${MODEL_FLAG[@]}" "${CALLS[@]}" --nogrpc --xla
 run $PY bench/bench_latency.py --data_dir="$DATA" "${MODEL_FLAG[@]}" "${CALLS[@]}" --nogrpc --nounfolded \
     --intra_op_threads=1 --inter_op_threads=1
+# Each model preset, training and scoring (bench/run_presets.sh).
+DATA="$DATA" OUT="$OUT" PYTHON="$PY" QUICK="${QUICK:-0}" bash bench/run_presets.sh
 echo "results appended to $OUT" >&2
