@@ -30,7 +30,6 @@ import errno
 import io
 import json
 import os
-import sys
 from typing import Sequence
 
 
@@ -40,14 +39,9 @@ def gfile():
     Not started (no device set up): a multi-worker strategy may still be
     created afterwards (see :mod:`qin_tf.task`).
     """
-    if "tensorflow" not in sys.modules:
-        from qin_tf.runtime import silenced_stderr
+    from qin_tf.runtime import import_tensorflow
 
-        for k, v in (("TF_CPP_MIN_LOG_LEVEL", "2"), ("KERAS_BACKEND", "tensorflow"), ("GRPC_VERBOSITY", "ERROR")):
-            os.environ.setdefault(k, v)
-        with silenced_stderr():
-            import tensorflow  # noqa: F401
-    return sys.modules["tensorflow"].io.gfile
+    return import_tensorflow(start=False).io.gfile
 
 
 def is_local(path: str) -> bool:

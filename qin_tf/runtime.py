@@ -38,24 +38,29 @@ def silenced_stderr():
         os.close(devnull)
 
 
-def import_tensorflow():
-    """Imports TensorFlow and Keras, initialises the devices, and returns ``tf``.
+def import_tensorflow(*, start: bool = True):
+    """Imports TensorFlow quietly and returns ``tf``; with ``start``, also Keras and the devices.
 
-    Idempotent; silent unless ``QIN_TF_VERBOSE`` is set.
+    ``start=False`` imports TensorFlow without setting up any device (what
+    :func:`qin_tf.fileio.gfile` needs: a multi-worker strategy may still be
+    created afterwards). Idempotent; silent unless ``QIN_TF_VERBOSE`` is set.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    if "tensorflow" in sys.modules and getattr(import_tensorflow, "_done", False):
+    if "tensorflow" in sys.modules and (not start or getattr(import_tensorflow, "_done", False)):
         return sys.modules["tensorflow"]
     with silenced_stderr():
         import tensorflow as tf
-        import keras  # noqa: F401  (Keras 3, TF backend)
 
-        tf.get_logger().setLevel("ERROR")
-        tf.config.list_physical_devices()
-        tf.constant(0)
-    import_tensorflow._done = True
+        if start:
+            import keras  # noqa: F401  (Keras 3, TF backend)
+
+            tf.get_logger().setLevel("ERROR")
+            tf.config.list_physical_devices()
+            tf.constant(0)
+    if start:
+        import_tensorflow._done = True
     return tf
 
 
