@@ -230,7 +230,9 @@ class TrainConfig:
         "GLOBAL batch size; each replica gets global_batch_size / num_replicas_in_sync."))
     eval_batch_size: int | None = dataclasses.field(default=None, metadata=_help(
         "Batch size for evaluation and prediction; none = global_batch_size."))
-    epochs: int = dataclasses.field(default=100, metadata=_help("Maximum number of epochs."))
+    epochs: int = dataclasses.field(default=100, metadata=_help(
+        "Maximum number of epochs; may change when a run resumes (a cap at or below the epochs done "
+        "ends the run at once, with the best of them)."))
     steps_per_epoch: int | None = dataclasses.field(default=None, metadata=_help(
         "Training steps per epoch; none = one pass over the train split "
         "(ceil(rows / global_batch_size))."))
@@ -307,7 +309,10 @@ class TrainConfig:
 
 
 #: TrainConfig fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "log_every_seconds", "data_dir", "model_dir")
+#: ``epochs`` is one of them: a run resumed with another cap continues (or, when it has done as
+#: many epochs already, ends at once) exactly as a run started with that cap would have.
+RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "log_every_seconds", "data_dir", "model_dir",
+                     "epochs")
 
 
 @dataclasses.dataclass(frozen=True)

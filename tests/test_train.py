@@ -547,14 +547,18 @@ def test_plateau_schedule_on_a_crafted_sequence():
 
 
 def test_killed_run_resumes_to_the_same_result(sample_run, sample_spec, tmp_path, capsys):
+    """Killed after epoch 2 of a run capped at 40 epochs, resumed with the sample's cap (--epochs may
+    change on resume): the result equals the uninterrupted run with that cap."""
     model_dir = str(tmp_path / "killed")
     args = sample_args(sample_spec, model_dir)
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, *args], cwd=REPO, env=_env(),
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, *args, "--epochs=40"], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     with open(os.path.join(model_dir, "backup", "state.json")) as f:
         state = json.load(f)
     assert state["next_epoch"] == 2 and not os.path.exists(os.path.join(model_dir, "metrics.json"))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["train"]["epochs"] == 40
 
     # resuming with another configuration is refused
     rc = train.cli(["train", *args, "--embedding_dim=8"])
@@ -587,7 +591,9 @@ def test_killed_run_resumes_to_the_same_result(sample_run, sample_spec, tmp_path
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in proc.stdout and "2 epochs done" in proc.stdout
-    assert "epoch 1/" not in proc.stdout and "epoch 3/" in proc.stdout
+    assert "epoch 1/" not in proc.stdout and "epoch 3/20 " in proc.stdout
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["train"]["epochs"] == 20
     resumed, uninterrupted = read_metrics(model_dir), read_metrics(sample_run[0])
     assert resumed["best_epoch"] == uninterrupted["best_epoch"]
     assert len(resumed["history"]) == len(uninterrupted["history"])
