@@ -159,22 +159,22 @@ def _head(config: ModelConfig, parts: list):
     if config.head_input_batch_norm:
         features = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True,
                                                    name=f"{name}_input_bn")(features)
-    if name == "qnn":
-        return QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
-                                      dropout=config.dropout, batch_norm=config.batch_norm,
-                                      kernel_regularizer=reg, name="qnn")(features)
-    if name == "qnn_dnn":
-        quadratic = QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row,
-                                           dropout=config.dropout, batch_norm=config.batch_norm,
-                                           kernel_regularizer=reg, name="qnn")(features)
-        deep = MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
-                        batch_norm=config.batch_norm, output_units=1, kernel_regularizer=reg,
-                        output_dtype=logit_dtype, name="dnn")(features)
-        return keras.layers.Add(dtype=logit_dtype, name="qnn_dnn_logit")([quadratic, deep])
-    if name == "dnn":
+
+    def qnn():
+        return QuadraticNeuralNetwork(num_layers=config.num_layers, num_row=config.num_row, dropout=config.dropout,
+                                      batch_norm=config.batch_norm, kernel_regularizer=reg, name="qnn")(features)
+
+    def dnn():
         return MLPBlock(list(config.din_dnn_units), activation="relu", dropout=config.dropout,
                         batch_norm=config.batch_norm, output_units=1, kernel_regularizer=reg,
                         output_dtype=logit_dtype, name="dnn")(features)
+
+    if name == "qnn":
+        return qnn()
+    if name == "dnn":
+        return dnn()
+    if name == "qnn_dnn":
+        return keras.layers.Add(dtype=logit_dtype, name="qnn_dnn_logit")([qnn(), dnn()])
     # dcn_v2: a cross network beside a DNN, both on the same input, then an MLP to the logit.
     cross = CrossNetwork(num_layers=config.cross_layers, projection_dim=config.cross_projection_dim,
                          kernel_regularizer=reg, name="cross_network")(features)
