@@ -33,10 +33,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qin_tf.config import RESUMABLE_CHANGES, ExperimentConfig  # noqa: E402
+from qin_tf.config import ExperimentConfig  # noqa: E402
 
-#: config.json settings that do not change what a run computes.
-NOT_SETTINGS = set(RESUMABLE_CHANGES) | {"monitor_splits", "eval_batch_size"}
+#: config.json settings that do not change what a run computes: paths, logging, extra evaluation.
+#: (Not qin_tf.config.RESUMABLE_CHANGES: a resume may change --epochs, which changes the run.)
+NOT_SETTINGS = {"export_base", "overwrite", "log_every_steps", "log_every_seconds", "data_dir", "model_dir",
+                "monitor_splits", "eval_batch_size"}
 METRIC_NAMES = {"auc": "AUC", "logloss": "logloss", "gauc": "gAUC"}
 MISSING = "–"
 
