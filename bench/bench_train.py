@@ -162,14 +162,13 @@ def main(argv):
               "global_batch_size": gbs, "max_len": spec.max_len, "train_rows": rows,
               "model": mc.name, "train_flags": _TRAIN_FLAGS.value,
               "parameters": int(model.count_params()),
-              "config": {"embedding_dim": mc.embedding_dim, "num_layers": mc.num_layers, "num_row": mc.num_row,
-                         "dropout": mc.dropout, "batch_norm": mc.batch_norm},
+              "config": dataclasses.asdict(mc) if _TRAIN_FLAGS.value else {
+                  "embedding_dim": mc.embedding_dim, "num_layers": mc.num_layers, "num_row": mc.num_row,
+                  "dropout": mc.dropout, "batch_norm": mc.batch_norm},
               "levers": {"sparse_history": _SPARSE.value, "asta": _ASTA.value, "deduplicate": _DEDUP.value,
                          "jit_compile": _JIT.value, "dtype_policy": _POLICY.value,
                          "intra_op_threads": _INTRA.value, "inter_op_threads": _INTER.value}}
 
-    if _TRAIN_FLAGS.value:
-        record["config"] = dataclasses.asdict(mc)
     if (_ASTA.value != "reassociated" or _DEDUP.value is not None) and not _TRAIN_FLAGS.value:
         # A variant must compute the production model's function.
         probe = next(iter(make_dataset(spec, "valid", 256, training=False)))[0]
