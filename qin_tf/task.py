@@ -606,10 +606,18 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
     evaluator = SplitEvaluator(spec, tc.valid_split, tc.resolved_eval_batch_size)
     monitors = {split: SplitEvaluator(spec, split, tc.resolved_eval_batch_size) for split in tc.monitor_splits}
     ckpt_dir = os.path.join(write_dir, CHECKPOINT_DIR)
+    # The scores of the splits evaluated at the end of each epoch, and those of the best epoch: the
+    # final evaluation reuses them for the best weights instead of predicting the splits again.
+    scored, best_scored = {}, {}
+
+    def on_improvement(epoch):
+        _save_weights_atomic(model, os.path.join(ckpt_dir, BEST_CHECKPOINT))
+        best_scored.clear()
+        best_scored.update(scored)
+
     plateau = qcb.PlateauSchedule(
         optimizer, monitor=MONITOR, min_delta=tc.min_delta, factor=tc.lr_decay_factor, min_lr=tc.min_lr,
-        patience=tc.patience, print_fn=say,
-        on_improvement=lambda epoch: _save_weights_atomic(model, os.path.join(ckpt_dir, BEST_CHECKPOINT)))
+        patience=tc.patience, print_fn=say, on_improvement=on_improvement)
     history = qcb.History()
     all_variables = lambda: list(model.variables) + list(optimizer.variables)  # noqa: E731
     backup = qcb.TrainingBackup(
@@ -683,12 +691,15 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
             loss_sum += float(total)
             callback_list.on_train_batch_end(done_steps - 1, {"loss": loss_sum / done_steps,
                                                               "auc": float(loop.auc.result())})
-        val, _ = evaluator.evaluate(model)
+        val, cal = evaluator.evaluate(model)
+        scored.clear()
+        scored[tc.valid_split] = (val, cal)
         logs = {"loss": loss_sum / steps, "logloss": float(loop.logloss.result()), "auc": float(loop.auc.result()),
                 "lr": lr}
         logs.update({f"val_{k}": val[k] for k in ("auc", "logloss", "gauc") if k in val})
         for split, monitor in monitors.items():
-            m, _ = monitor.evaluate(model)
+            m, cal = monitor.evaluate(model)
+            scored[split] = (m, cal)
             logs.update({f"{split}_{k}": m[k] for k in ("auc", "logloss", "gauc") if k in m})
         callback_list.on_epoch_end(epoch, logs)
         epoch += 1
@@ -700,14 +711,22 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
 
     metrics = None
     if chief:
-        metrics = _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds)
+        metrics = _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds,
+                          best_scored)
         fileio.remove(os.path.join(write_dir, BACKUP_DIR))
     return TrainResult(model=model, metrics=metrics, history=history.get_state(), is_chief=chief,
                        num_replicas_in_sync=strategy.num_replicas_in_sync)
 
 
-def _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds) -> dict:
-    """Chief only: final evaluation, best.keras, curves.png, metrics.json, export."""
+def _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds,
+            scored: dict | None = None) -> dict:
+    """Chief only: final evaluation, best.keras, curves.png, metrics.json, export.
+
+    ``scored`` maps a split to the ``(metrics, calibration)`` of the best
+    weights, as evaluated at the end of their epoch in this process; those
+    splits are not predicted again.
+    """
+    scored = scored or {}
     tc, mc = config.train, config.model
     splits, skipped, calibration = {}, {}, {}
     order = [tc.valid_split] + sorted(s for s in spec.splits if s not in (tc.train_split, tc.valid_split))
@@ -716,7 +735,10 @@ def _finish(config, spec, strategy, model, plateau, history, write_dir, say, tra
             skipped[split] = "unlabelled"
             say(f"split `{split}` has no labels: no metrics")
             continue
-        m, cal = SplitEvaluator(spec, split, tc.resolved_eval_batch_size).evaluate(model)
+        if split in scored:
+            m, cal = scored[split]
+        else:
+            m, cal = SplitEvaluator(spec, split, tc.resolved_eval_batch_size).evaluate(model)
         splits[split], calibration[split] = m, cal
         say(f"best model on {split}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
             f"gAUC {m.get('gauc', float('nan')):.4f}  ({m['num_examples']:,} rows)")

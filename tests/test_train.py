@@ -261,11 +261,19 @@ def test_training_works_with_an_outlier_context_value(tmp_path, capsys):
     assert m["splits"]["valid"]["auc"] > 0.55
 
 
-def test_monitor_splits_reports_test_metrics_every_epoch(sample_spec, tmp_path, capsys):
+def test_monitor_splits_reports_test_metrics_every_epoch(sample_spec, tmp_path, capsys, monkeypatch):
+    from qin_tf import task
+
+    predicted = []
+    predict = task.SplitEvaluator.predict
+    monkeypatch.setattr(task.SplitEvaluator, "predict",
+                        lambda self, model: predicted.append(self.split) or predict(self, model))
     model_dir = str(tmp_path / "monitored")
     rc = train.cli(["train", *sample_args(sample_spec, model_dir), "--epochs=3", "--monitor_splits=test"])
     out = capsys.readouterr()
     assert rc == 0, out.err
+    # each split is predicted once an epoch; the final evaluation reuses the best epoch's scores
+    assert predicted == ["valid", "test"] * 3
     m = read_metrics(model_dir)
     assert [set(r) >= {"test_auc", "test_logloss", "test_gauc", "val_auc"} for r in m["history"]] == [True] * 3
     assert "test_auc" in out.out.splitlines()[2]
