@@ -654,6 +654,21 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
         say(f"resumed from {os.path.join(tc.model_dir, BACKUP_DIR)}: {initial_epoch} epochs done"
             + (" (training had finished)" if finished else ""))
 
+    def collective(fn, epoch, step):
+        """``fn()``; under multi_worker, a failed collective is one line naming the peer and the step.
+        Reading the running metrics all-reduces them across the workers, as the step does."""
+        try:
+            return fn()
+        except COLLECTIVE_ERRORS as e:
+            if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                raise
+            raise ClusterError(_collective_failure(e, label=label, epoch=epoch, step=step,
+                                                   model_dir=tc.model_dir)) from None
+
+    def run_steps(iterator, n):
+        total, done, last = loop.run(iterator, tf.constant(n))
+        return float(total), int(done), float(last), float(loop.auc.result())
+
     model.stop_training = False
     t_start = time.perf_counter()
     callback_list.on_train_begin()
@@ -672,14 +687,8 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         done_steps, loss_sum = 0, 0.0
         while done_steps < steps:
-            try:
-                total, done, last = loop.run(iterator, tf.constant(min(chunk, steps - done_steps)))
-                done, last = int(done), float(last)
-            except COLLECTIVE_ERRORS as e:
-                if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-                    raise
-                raise ClusterError(_collective_failure(e, label=label, epoch=epoch, step=done_steps,
-                                                       model_dir=tc.model_dir)) from None
+            total, done, last, auc = collective(lambda: run_steps(iterator, min(chunk, steps - done_steps)),
+                                                epoch, done_steps)
             if not math.isfinite(last):
                 last_good = (f"the last good state is the backup after epoch {epoch} in "
                              f"{os.path.join(tc.model_dir, BACKUP_DIR)}" if epoch else "no epoch had finished")
@@ -688,14 +697,13 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
                     f"(global step {epoch * steps + done_steps + done}): training diverged. Lower "
                     f"--learning_rate (now {lr:g}) or check the data; {last_good}.")
             done_steps += done
-            loss_sum += float(total)
-            callback_list.on_train_batch_end(done_steps - 1, {"loss": loss_sum / done_steps,
-                                                              "auc": float(loop.auc.result())})
+            loss_sum += total
+            callback_list.on_train_batch_end(done_steps - 1, {"loss": loss_sum / done_steps, "auc": auc})
+        logloss = collective(lambda: float(loop.logloss.result()), epoch, done_steps)
         val, cal = evaluator.evaluate(model)
         scored.clear()
         scored[tc.valid_split] = (val, cal)
-        logs = {"loss": loss_sum / steps, "logloss": float(loop.logloss.result()), "auc": float(loop.auc.result()),
-                "lr": lr}
+        logs = {"loss": loss_sum / steps, "logloss": logloss, "auc": auc, "lr": lr}
         logs.update({f"val_{k}": val[k] for k in ("auc", "logloss", "gauc") if k in val})
         for split, monitor in monitors.items():
             m, cal = monitor.evaluate(model)
