@@ -585,22 +585,6 @@ def test_transformer_padded_slots_change_nothing_and_indexed_equals_dense():
     np.testing.assert_allclose(layer(target, table, mask, index).numpy(), expected, rtol=1e-12)
 
 
-def test_transformer_skips_slots_padded_in_every_row():
-    """Leading slots that no row uses are not computed; the output is the full formula's."""
-    layer, target, history, _ = tiny_transformer()
-    for mask in ([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0]],   # starts at slot 2 (L - k)
-                 [[0, 0, 0, 0, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]],   # k caps the skip
-                 [[0, 1, 0, 0, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 1, 1]]):  # starts at slot 1
-        mask = np.array(mask)
-        expected = transformer_reference(layer, target, history, mask)
-        np.testing.assert_allclose(layer(target, history, mask).numpy(), expected, rtol=1e-6, atol=1e-9)
-        # in a graph whose batch size is unknown, as in training and serving
-        graph = tf.function(lambda t, h, m: layer(t, h, m), input_signature=[
-            tf.TensorSpec((None, 3), tf.float64), tf.TensorSpec((None, 5, 3), tf.float64),
-            tf.TensorSpec((None, 5), tf.int64)])
-        np.testing.assert_allclose(graph(target, history, mask).numpy(), expected, rtol=1e-6, atol=1e-9)
-
-
 def test_transformer_batch_of_one_and_training_dropout():
     layer, target, history, mask = tiny_transformer()
     full = layer(target, history, mask).numpy()

@@ -35,11 +35,7 @@ class TargetTransformer(keras.layers.Layer):
 
     Padding: padded slots are masked as keys, their outputs are zeroed, and
     their item vectors are replaced by zeros before anything else, so
-    whatever a padded slot holds changes nothing. The leading slots that are
-    padding in every row of a batch are therefore not computed at all (the
-    encoder runs from the first slot any row uses, and over at least the last
-    ``last_k``): the output is the same, and a batch of short histories costs
-    what its longest history costs, not what ``L`` costs. A row with no real item
+    whatever a padded slot holds changes nothing. A row with no real item
     counts its last slot (``[0 | t]``) as real, as the winner's
     ``adjust_mask`` does, so the attention never softmaxes over nothing.
 
@@ -154,18 +150,7 @@ class TargetTransformer(keras.layers.Layer):
         empty = ops.logical_not(ops.any(real, axis=1, keepdims=True))          # [B, 1]
         last = ops.equal(ops.arange(ops.shape(real)[1]), ops.shape(real)[1] - 1)
         mask = ops.logical_or(real, ops.logical_and(empty, ops.expand_dims(last, 0)))
-        length = history.shape[1]
-        if length is None:
-            raise ValueError("TargetTransformer needs a history of known length (the spec's max_len).")
-        k = min(self.last_k, length)
-        # Slots that are padding in every row of the batch change nothing (masked as keys, zeroed,
-        # never pooled), so the encoder starts at the first slot any row uses, keeping at least the
-        # last k. Histories are left-padded and mostly short: this skips most of the work.
-        used = ops.cast(ops.any(mask, axis=0), "int32")                        # [L]
-        start = ops.minimum(ops.argmax(used), length - k)
-        history = history[:, start:, :]
-        mask = mask[:, start:]
-        slot = ops.expand_dims(mask, -1)                                        # [B, L', 1]
+        slot = ops.expand_dims(mask, -1)                                        # [B, L, 1]
         targets = ops.broadcast_to(ops.expand_dims(target, 1), ops.shape(history))
         z = ops.concatenate([history, targets], axis=-1)                        # [B, L, W]
         attention_mask = ops.expand_dims(mask, 1)                               # [B, 1, L]: keys
@@ -177,7 +162,10 @@ class TargetTransformer(keras.layers.Layer):
             hidden = drop_hidden(self.ff_layers[i](z), training=training)
             z = norm_2(z + drop_ff(self.ff_out_layers[i](hidden), training=training))
         z = ops.where(slot, z, ops.zeros_like(z))
-        tail = ops.reshape(z[:, -k:, :], (-1, k * 2 * self.input_dim))
+        if z.shape[1] is None:
+            raise ValueError("TargetTransformer needs a history of known length (the spec's max_len).")
+        k = min(self.last_k, z.shape[1])
+        tail = ops.reshape(z[:, -k:, :], (-1, k * z.shape[-1]))
         # Max over the real slots: padded slots take the row's minimum, which never wins.
         lowest = ops.min(z, axis=1, keepdims=True)
         pooled = ops.max(ops.where(slot, z, lowest), axis=1)
