@@ -28,12 +28,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qin_tf.runtime import import_tensorflow  # noqa: E402
-
-import_tensorflow()   # before anything else imports TensorFlow: keeps its start-up noise off stderr
-
-from qin_tf import train  # noqa: E402
-
 VARIANTS = {
     "qin_din_attention": ["--model=qin", "--extractor=din_attention"],
     "asta_mlp_head": ["--model=qin", "--head=dnn"],
@@ -46,6 +40,11 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[1] not in VARIANTS:
         print(f"usage: python scripts/ablate.py {{{'|'.join(VARIANTS)}}} [train flags...]", file=sys.stderr)
         return 2
+    from qin_tf.runtime import import_tensorflow
+
+    import_tensorflow()   # before anything else imports TensorFlow: keeps its start-up noise off stderr
+    from qin_tf import train
+
     return train.cli([argv[0], *VARIANTS[argv[1]], *argv[2:]])
 
 

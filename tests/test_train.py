@@ -639,33 +639,56 @@ def test_corrupt_shard_is_named_in_one_line(sample_spec, tmp_path, capsys):
     assert err.count("\n") == 1
 
 
-@pytest.mark.parametrize("variant, swapped, kept", [
-    ("qin_din_attention", "DINAttention", "QuadraticNeuralNetwork"),
-    ("asta_mlp_head", "MLPBlock", "AdaptiveSparseTargetAttention"),
-    ("qnn_input_bn", "BatchNormalization", "QuadraticNeuralNetwork"),
-])
-def test_ablation_script_swaps_one_part_and_trains(sample_spec, tmp_path, variant, swapped, kept):
-    """scripts/ablate.py (RESULTS.md's ablations) trains through the CLI with one part of QIN replaced."""
+ABLATIONS = {  # variant: (model name, layers it has, layers it must not have)
+    "qin_din_attention": ("din_attention__qnn", {"DINAttention", "QuadraticNeuralNetwork"},
+                          {"AdaptiveSparseTargetAttention"}),
+    "asta_mlp_head": ("asta__dnn", {"MLPBlock", "AdaptiveSparseTargetAttention"}, {"QuadraticNeuralNetwork"}),
+    "qnn_input_bn": ("qin", {"BatchNormalization", "QuadraticNeuralNetwork"}, set()),
+    "qnn_dnn_tower": ("asta__qnn_dnn", {"QuadraticNeuralNetwork", "MLPBlock"}, set()),
+}
+
+
+def _layer_classes(model):
+    return {type(layer).__name__ for layer in model.layers}
+
+
+@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+def test_ablation_variants_are_flags_that_swap_one_part(sample_spec, tmp_path, variant):
+    """scripts/ablate.py's variants (RESULTS.md's ablations) are train flags: each builds QIN with one part
+    replaced, and an explicit flag after them still wins."""
+    from qin_tf.model import build_model
+    from tests.conftest import load_script
+
+    ablate = load_script("ablate")
+    assert set(ablate.VARIANTS) == set(ABLATIONS)
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", *ablate.VARIANTS[variant], *sample_args(sample_spec, tmp_path / "m"),
+                       "--epochs=1"], fv)
+    config = train.config_from_flags(fv)
+    name, has, lacks = ABLATIONS[variant]
+    assert config.model.name == name and config.train.epochs == 1
+    classes = _layer_classes(build_model(sample_spec, config.model, load_item_table=False))
+    assert has <= classes and not lacks & classes
+
+
+def test_ablation_script_trains_through_the_cli(sample_spec, tmp_path):
+    """python scripts/ablate.py VARIANT [train flags]: the training CLI with the variant's flags."""
     import keras
 
     import qin_tf.layers  # noqa: F401  (registers the layers)
 
     model_dir = tmp_path / "model"
-    proc = subprocess.run([sys.executable, os.path.join("scripts", "ablate.py"), variant,
+    proc = subprocess.run([sys.executable, os.path.join("scripts", "ablate.py"), "qin_din_attention",
                            *sample_args(sample_spec, model_dir, "--epochs=1", "--steps_per_epoch=2")],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert read_metrics(model_dir)["epochs_run"] == 1
+    name, has, lacks = ABLATIONS["qin_din_attention"]
     # metrics and the console name the pair of parts that trained
-    name = {"qin_din_attention": "din_attention__qnn", "asta_mlp_head": "asta__dnn", "qnn_input_bn": "qin"}[variant]
+    assert read_metrics(model_dir)["epochs_run"] == 1
     assert read_metrics(model_dir)["model"] == name and f"training {name} on" in proc.stdout
-    classes = {type(layer).__name__ for layer in
-               keras.saving.load_model(model_dir / "best.keras", compile=False).layers}
-    assert {swapped, kept} <= classes
-    if variant == "qin_din_attention":
-        assert "AdaptiveSparseTargetAttention" not in classes
-    if variant == "asta_mlp_head":
-        assert "QuadraticNeuralNetwork" not in classes
+    classes = _layer_classes(keras.saving.load_model(model_dir / "best.keras", compile=False))
+    assert has <= classes and not lacks & classes
 
 
 def test_cli_trains_the_winners_transformer_dcn_with_a_clean_console(sample_spec, tmp_path):
