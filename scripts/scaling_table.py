@@ -9,7 +9,8 @@ test AUC at its best epoch, selected on valid AUC (``metrics.json``'s
 ``splits``; a run still in progress counts by its best epoch so far, from
 ``history``, and is marked). Prints a Markdown table (one row per run, with
 each label's gap to the ``--reference`` label at the same row count) and
-writes the plot.
+writes the plot; ``--dashed`` labels are drawn dashed (runs cut short of
+their recipe, e.g. after one epoch).
 
 Exit status 1 with a one-line error naming the file for a run dir without a
 readable ``metrics.json``/``feature_spec.json``.
@@ -26,6 +27,8 @@ from absl import app, flags
 _RUNS = flags.DEFINE_list("runs", None, "LABEL:DIR of every run, e.g. qin:/runs/qin_0.25.", required=True)
 _PLOT = flags.DEFINE_string("plot", None, "Where the PNG goes (none: no plot).")
 _REFERENCE = flags.DEFINE_string("reference", "din", "The label the others' gaps are measured against.")
+_DASHED = flags.DEFINE_list("dashed", [], "Labels drawn dashed: runs cut short of their recipe (say so in "
+                            "the label).")
 
 
 def read_run(model_dir: str) -> dict:
@@ -66,16 +69,21 @@ def table(points: dict[str, list[dict]], reference: str) -> str:
     return "\n".join(lines)
 
 
-def plot(points: dict[str, list[dict]], path: str) -> None:
+def plot(points: dict[str, list[dict]], path: str, dashed: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """Writes the PNG; returns each drawn line's ``(label, linestyle)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = []
     for label, runs in points.items():
         runs = sorted(runs, key=lambda p: p["train_rows"])
-        ax.plot([p["train_rows"] for p in runs], [p["test_auc"] for p in runs], marker="o", label=label)
+        style = "--" if label in dashed else "-"
+        ax.plot([p["train_rows"] for p in runs], [p["test_auc"] for p in runs], marker="o", label=label,
+                linestyle=style)
+        drawn.append((label, style))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training rows (MicroLens-50k, a fraction of the users)")
     ax.set_ylabel("test AUC at the best valid epoch")
@@ -85,6 +93,7 @@ def plot(points: dict[str, list[dict]], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 def main(argv):
@@ -101,7 +110,7 @@ def main(argv):
         return 1
     print(table(points, _REFERENCE.value))
     if _PLOT.value:
-        plot(points, _PLOT.value)
+        plot(points, _PLOT.value, set(_DASHED.value))
     return 0
 
 

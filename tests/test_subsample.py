@@ -97,3 +97,14 @@ def test_scaling_table_selects_on_valid_and_measures_the_gap(tmp_path):
                           f"--runs=qin:{tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "missing/feature_spec.json" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_scaling_plot_draws_runs_cut_short_dashed(tmp_path):
+    script = load_script("scaling_table")
+    _fake_run(tmp_path / "din", 100, [0.70], [0.60])
+    _fake_run(tmp_path / "tdcn", 100, [0.72], [0.65])
+    points = {"din": [script.read_run(str(tmp_path / "din"))],
+              "tdcn (1 epoch)": [script.read_run(str(tmp_path / "tdcn"))]}
+    drawn = script.plot(points, str(tmp_path / "plot.png"), dashed={"tdcn (1 epoch)"})
+    assert drawn == [("din", "-"), ("tdcn (1 epoch)", "--")]
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
