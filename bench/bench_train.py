@@ -140,11 +140,12 @@ def main(argv):
                          sparse_history=_SPARSE.value, dtype_policy=_POLICY.value)
     # the ASTA form and item deduplication that run: the flagfile's, or this script's variant flags
     asta, dedup = (mc.asta_form, mc.deduplicate_items) if _TRAIN_FLAGS.value else (_ASTA.value, _DEDUP.value)
+    policy = mc.dtype_policy or keras.config.dtype_policy().name   # none: Keras' global policy
     if gbs % replicas:
         raise app.UsageError(f"--global_batch_size={gbs} is not divisible by {replicas} replicas.")
     keras.utils.set_random_seed(_SEED.value)
     common.log(f"building {mc.name} ({asta} ASTA, sparse_history={mc.sparse_history}, "
-               f"deduplicate={dedup}, jit={_JIT.value}, {mc.dtype_policy}) under {_STRATEGY.value} "
+               f"deduplicate={dedup}, jit={_JIT.value}, {policy}) under {_STRATEGY.value} "
                f"({replicas} replicas), batch {gbs}")
     with strategy.scope():
         if _TRAIN_FLAGS.value:
@@ -168,7 +169,7 @@ def main(argv):
                   "embedding_dim": mc.embedding_dim, "num_layers": mc.num_layers, "num_row": mc.num_row,
                   "dropout": mc.dropout, "batch_norm": mc.batch_norm},
               "levers": {"sparse_history": mc.sparse_history, "asta": asta, "deduplicate": dedup,
-                         "jit_compile": _JIT.value, "dtype_policy": mc.dtype_policy or keras.config.dtype_policy().name,
+                         "jit_compile": _JIT.value, "dtype_policy": policy,
                          "intra_op_threads": _INTRA.value, "inter_op_threads": _INTER.value}}
 
     if (_ASTA.value != "reassociated" or _DEDUP.value is not None) and not _TRAIN_FLAGS.value:

@@ -727,14 +727,13 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
 
 
 def _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds,
-            scored: dict | None = None) -> dict:
+            scored: dict) -> dict:
     """Chief only: final evaluation, best.keras, curves.png, metrics.json, export.
 
     ``scored`` maps a split to the ``(metrics, calibration)`` of the best
     weights, as evaluated at the end of their epoch in this process; those
     splits are not predicted again.
     """
-    scored = scored or {}
     tc, mc = config.train, config.model
     splits, skipped, calibration = {}, {}, {}
     order = [tc.valid_split] + sorted(s for s in spec.splits if s not in (tc.train_split, tc.valid_split))

@@ -654,8 +654,8 @@ def _layer_classes(model):
 
 @pytest.mark.parametrize("variant", sorted(ABLATIONS))
 def test_ablation_variants_are_flags_that_swap_one_part(sample_spec, tmp_path, variant):
-    """scripts/ablate.py's variants (RESULTS.md's ablations) are train flags: each builds QIN with one part
-    replaced, and an explicit flag after them still wins."""
+    """scripts/ablate.py's variants (RESULTS.md's ablations) are train flags: each, with the train flags
+    given after it, builds QIN with one part replaced."""
     from qin_tf.model import build_model
     from tests.conftest import load_script
 
