@@ -106,6 +106,85 @@ def first_negative_id(values) -> tuple[tuple[int, ...], int] | None:
     return index, int(np.asarray(values)[index])
 
 
+#: The raw-id rule: which ids as production logs them (user, item, tag and context ids before any
+#: vocabulary) the pipelines accept, the vocabularies hold and serving maps. Every boundary (the log
+#: builder, preprocessing, batch scoring, the gRPC client, the local server and the exported graph)
+#: applies :func:`raw_id_problem` or its vectorised form, and no other rule.
+RAW_ID_RULE = ("raw ids are int64 values >= 1 or non-empty strings without control characters or line "
+               "breaks (0 and \"\" are padding in a history)")
+INT64_MAX = 2 ** 63 - 1
+#: Characters a vocabulary file (one raw id a line) cannot hold: every C0/C1 control character
+#: (\t, \n, \r, \x0b, \x0c, \x1c-\x1e and \x85 among them) and the Unicode line and paragraph
+#: separators that ``str.splitlines`` breaks on.
+_RAW_ID_FORBIDDEN = frozenset([chr(c) for c in range(0x20)] + [chr(c) for c in range(0x7F, 0xA0)]
+                              + ["\u2028", "\u2029"])
+
+
+def raw_id_problem(value) -> str | None:
+    """Why ``value`` breaks :data:`RAW_ID_RULE`, in a few words, or None when it is a valid raw id.
+
+    Ints (Python or numpy) must lie in ``[1, 2**63 - 1]``; strings must be non-empty, valid
+    UTF-8 (no lone surrogates) and free of control characters and line breaks, so that a
+    vocabulary file round-trips every id it holds. Anything else (None, floats, bools, bytes)
+    is not a raw id.
+
+    >>> raw_id_problem(7) is None, raw_id_problem("a7") is None
+    (True, True)
+    >>> raw_id_problem(0), raw_id_problem("x\\r")
+    ('0 is padding, not an id', "'x\\\\r' holds a control character or line break")
+    """
+    import numbers
+
+    if isinstance(value, bool) or value is None:
+        return f"{value!r} is not an id"
+    if isinstance(value, numbers.Integral):
+        v = int(value)
+        if v == 0:
+            return "0 is padding, not an id"
+        if v < 0:
+            return f"{v} is negative"
+        if v > INT64_MAX:
+            return f"{v} is beyond int64"
+        return None
+    if isinstance(value, str):
+        if value == "":
+            return "the empty string is padding, not an id"
+        if any(ch in _RAW_ID_FORBIDDEN for ch in value):
+            return f"{value!r} holds a control character or line break"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{value!r} is not valid UTF-8"
+        return None
+    return f"{value!r} is not an id (an int64 or a string)"
+
+
+def first_bad_raw_id(values) -> tuple[int, str] | None:
+    """``(position, reason)`` of the first id of the flat sequence ``values`` breaking the raw-id rule.
+
+    Vectorised for int arrays (the common case); strings go one by one.
+
+    >>> first_bad_raw_id([3, 1, -2])
+    (2, '-2 is negative')
+    """
+    import numpy as np
+
+    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if arr.dtype.kind in "iu":
+        bad = np.flatnonzero(arr < 1) if arr.dtype.kind == "i" else np.flatnonzero(arr == 0)
+        if arr.dtype.kind == "u":
+            bad = np.union1d(bad, np.flatnonzero(arr > INT64_MAX))
+        if bad.size == 0:
+            return None
+        i = int(bad[0])
+        return i, raw_id_problem(int(arr.reshape(-1)[i]))
+    for i, v in enumerate(list(values)):
+        why = raw_id_problem(v)
+        if why is not None:
+            return i, why
+    return None
+
+
 def left_pad_recent(values, parent, n: int, max_len: int):
     """The sequence rule, vectorised: the ``[n, max_len]`` history matrix from flattened lists.
 
