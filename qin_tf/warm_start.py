@@ -242,24 +242,35 @@ def _roles(model: keras.Model) -> dict:
     return roles
 
 
-def _check_weights(shapes_and_roles, source: Source, config: ModelConfig | None = None) -> None:
-    shapes, roles = shapes_and_roles
-    where = source.model_dir
-    diff = _config_differences(config, source.config) if config is not None else []
-    hint = f" (model config differs: {'; '.join(diff)}, new vs source)" if diff else ""
+def _weight_mismatch(shapes: dict, roles: dict, weights: dict) -> str | None:
+    """What first differs between the new model's weights and the source's (tables: their row width)."""
     for path, shape in shapes.items():
-        if path not in source.weights:
-            raise WarmStartError(f"warm start: weight {path} of the new model is not in {where}'s{hint}.")
-        old = source.weights[path].shape
+        if path not in weights:
+            return f"weight {path} of the new model is not in the source"
+        old = tuple(weights[path].shape)
         if path in roles:
             if old[1:] != shape[1:]:
-                raise WarmStartError(f"warm start: table {path} rows are {shape[1:]} wide vs {old[1:]} in "
-                                     f"{where}'s{hint}.")
-        elif tuple(old) != shape:
-            raise WarmStartError(f"warm start: weight {path} shape {shape} vs {tuple(old)} in {where}'s{hint}.")
-    extra = sorted(set(source.weights) - set(shapes))
-    if extra:
-        raise WarmStartError(f"warm start: weight {extra[0]} of {where}'s model is not in the new one{hint}.")
+                return f"table {path} rows {shape[1:]} vs {old[1:]}"
+        elif old != shape:
+            return f"weight {path} shape {shape} vs {old}"
+    extra = sorted(set(weights) - set(shapes))
+    return f"weight {extra[0]} of the source is not in the new model" if extra else None
+
+
+def _check_weights(shapes_and_roles, source: Source, config: ModelConfig | None = None) -> None:
+    """Refuses unless every non-table weight has its name and shape in the source (tables: row width).
+
+    The message leads with the model config fields that differ, if any
+    (``config`` given), then names the first weight that does not match.
+    """
+    mismatch = _weight_mismatch(*shapes_and_roles, source.weights)
+    if mismatch is None:
+        return
+    diff = _config_differences(config, source.config) if config is not None else []
+    if diff:
+        raise WarmStartError(f"warm start: model config differs from {source.model_dir}'s: {'; '.join(diff)} "
+                             f"(new vs source): {mismatch}.")
+    raise WarmStartError(f"warm start: the model does not match {source.model_dir}'s: {mismatch}.")
 
 
 # --------------------------------------------------------------------------
