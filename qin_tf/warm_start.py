@@ -29,7 +29,8 @@ Keras 3 has no ``warmstart_embedding_matrix``; this module grows the tables:
    two runs' model configs must agree on what shapes weights; otherwise the
    spec or config is incompatible and :class:`WarmStartError` says, in one
    line, what differs. :func:`load_source` checks this before the run writes
-   anything, against a model built from the new spec with one-row tables.
+   anything, against a model built from the new spec with its tables cut to
+   a row or two.
 6. The optimizer starts fresh (Adam's moments at zero, its iteration count
    at 0) and the learning-rate schedule starts from the config: only the
    model's weights carry over.
