@@ -60,7 +60,7 @@ from qin_tf import fileio
 from qin_tf.config import ExperimentConfig, ModelConfig
 from qin_tf.layers import ContextEmbedding, ItemEmbedding
 from qin_tf.model import build_model
-from qin_tf.spec import OOV_ID, PADDING_ID, SPEC_FILENAME, FeatureSpec, SpecError
+from qin_tf.spec import OOV_ID, PADDING_ID, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, first_bad_raw_id
 
 #: What a warm-started run writes into its model_dir.
 WARM_START_FILENAME = "warm_start.json"
@@ -158,6 +158,14 @@ def load_source(path: str, spec: FeatureSpec, config: ModelConfig, *, model_dir:
     except (SpecError, ValueError, TypeError) as e:
         raise WarmStartError(f"warm start: {path}: {e}") from None
     _check_spec(spec, old_spec, path)
+    for _, key_new, key_old in _vocabulary_keys(spec, old_spec):
+        if key_new is not None:  # both or neither (_check_spec): read and check them before anything is written
+            if (spec.vocabularies[key_new].get("dtype", "string")
+                    != old_spec.vocabularies[key_old].get("dtype", "string")):
+                raise WarmStartError(f"warm start: vocabulary `{key_new}` holds "
+                                     f"{spec.vocabularies[key_new].get('dtype', 'string')} raw ids in the new "
+                                     f"spec, {old_spec.vocabularies[key_old].get('dtype', 'string')} in {path}'s.")
+            vocabulary(spec, key_new), vocabulary(old_spec, key_old)
     _check_config(config, old_config, path)
 
     model_path = os.path.join(path, MODEL_FILENAME)
@@ -279,6 +287,38 @@ def _check_weights(shapes_and_roles, source: Source, config: ModelConfig | None 
 # --------------------------------------------------------------------------
 
 
+def vocabulary(spec: FeatureSpec, key: str) -> list:
+    """The raw ids of vocabulary ``key`` in file order (line n is dense id n + 2): ints for an
+    ``int64`` vocabulary, else strings.
+
+    Raises:
+        WarmStartError: a line breaks :data:`qin_tf.spec.RAW_ID_RULE` or repeats
+            an earlier line (the rows could not be matched); the message names
+            the file, the line and the vocabulary.
+    """
+    path = spec.path(spec.vocabularies[key]["path"])
+    lines = spec.read_vocabulary(key)
+    where = lambda n: f"warm start: {path}: line {n + 1} (vocabulary `{key}`)"  # noqa: E731
+    if spec.vocabularies[key].get("dtype", "string") == "int64":
+        values = []
+        for n, line in enumerate(lines):
+            try:
+                values.append(int(line))
+            except ValueError:
+                raise WarmStartError(f"{where(n)}: {line!r} is not an int64 raw id; {RAW_ID_RULE}.") from None
+    else:
+        values = lines
+    bad = first_bad_raw_id(values)
+    if bad is not None:
+        raise WarmStartError(f"{where(bad[0])}: {bad[1]}; {RAW_ID_RULE}.")
+    first = {}
+    for n, value in enumerate(values):
+        if first.setdefault(value, n) != n:
+            raise WarmStartError(f"{where(n)}: raw id {value!r} is also on line {first[value] + 1}; a raw id "
+                                 f"has one row.")
+    return values
+
+
 def row_map(new_spec: FeatureSpec, old_spec: FeatureSpec, key_new: str | None, key_old: str | None,
             new_rows: int, old_rows: int) -> np.ndarray:
     """``src[r]``: the old row that new row ``r`` takes, or -1 (a new id: keep the fresh row).
@@ -294,8 +334,8 @@ def row_map(new_spec: FeatureSpec, old_spec: FeatureSpec, key_new: str | None, k
     for reserved in (PADDING_ID, OOV_ID):
         if reserved < min(new_rows, old_rows):
             src[reserved] = reserved
-    old_index = {raw: i + FIRST_VOCAB_ID for i, raw in enumerate(old_spec.read_vocabulary(key_old))}
-    for i, raw in enumerate(new_spec.read_vocabulary(key_new)):
+    old_index = {raw: i + FIRST_VOCAB_ID for i, raw in enumerate(vocabulary(old_spec, key_old))}
+    for i, raw in enumerate(vocabulary(new_spec, key_new)):
         r, o = i + FIRST_VOCAB_ID, old_index.get(raw, -1)
         if r < new_rows and 0 <= o < old_rows:
             src[r] = o

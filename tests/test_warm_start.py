@@ -255,6 +255,45 @@ def test_refusals_name_what_differs(tmp_path):
     assert refused(model_dir=os.path.join(src, "day2")).startswith("warm start: --model_dir=")
 
 
+@pytest.mark.parametrize("words, line, why", [
+    (["a", "", "b"], 2, "the empty string is padding, not an id"),
+    (["a", "b\r", "c"], 2, "'b\\r' holds a control character or line break"),
+    (["a", "b", "a"], 3, "raw id 'a' is also on line 1; a raw id has one row"),
+])
+def test_a_vocabulary_line_breaking_the_raw_id_rule_is_named_before_anything_is_written(
+        tmp_path, words, line, why):
+    config = CONFIGS["qin"]
+    old_spec = make_spec(tmp_path / "old", num_items=5, items=["a", "b", "c"])
+    new_spec = make_spec(tmp_path / "new", num_items=5, items=words)
+    src = str(tmp_path / "src")
+    save_run(src, old_spec, config)
+    with pytest.raises(warm_start.WarmStartError) as e:
+        warm_start.load_source(src, new_spec, config)
+    path = os.path.join(str(tmp_path / "new"), "vocab", "item_id.txt")
+    rule = "" if "also on line" in why else f"; {warm_start.RAW_ID_RULE}"
+    assert str(e.value) == f"warm start: {path}: line {line} (vocabulary `item_id`): {why}{rule}."
+
+
+def test_int64_vocabularies_match_by_value(tmp_path):
+    """An int64 vocabulary's lines are ids: 0 breaks the rule; "07" and "7" are the same raw id."""
+    config = CONFIGS["qin"]
+    old_spec = make_spec(tmp_path / "old", num_items=4, items=["5", "7"])
+    new_spec = make_spec(tmp_path / "new", num_items=4, items=["07", "5"])
+    for spec in (old_spec, new_spec):
+        spec.vocabularies["item_id"]["dtype"] = "int64"
+    src = str(tmp_path / "src")
+    old = save_run(src, old_spec, config)
+    model = fresh(new_spec, config)
+    warm_start.apply(model, new_spec, warm_start.load_source(src, new_spec, config))
+    ids = values(model)["item_embedding/id_embeddings"]
+    assert np.array_equal(ids[2], old["item_embedding/id_embeddings"][3])
+    assert np.array_equal(ids[3], old["item_embedding/id_embeddings"][2])
+    bad = make_spec(tmp_path / "bad", num_items=4, items=["5", "0"])
+    bad.vocabularies["item_id"]["dtype"] = "int64"
+    with pytest.raises(warm_start.WarmStartError, match=r"line 2 \(vocabulary `item_id`\): 0 is padding, not an id"):
+        warm_start.load_source(src, bad, config)
+
+
 def test_an_export_is_refused_with_a_pointer_to_its_model_dir(tmp_path):
     spec, config = make_spec(tmp_path / "data", num_items=30), CONFIGS["qin"]
     base = tmp_path / "serving"
