@@ -252,6 +252,11 @@ def test_refusals_name_what_differs(tmp_path):
     assert refused(path=str(tmp_path / "nope")).endswith("no such directory; --warm_start_from is the "
                                                          "--model_dir of an earlier training run.")
     assert refused(model_dir=src).startswith(f"warm start: --model_dir={src} is inside --warm_start_from")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(src, unfinished, ignore=shutil.ignore_patterns("best.keras"))
+    assert refused(path=str(unfinished)) == (
+        f"warm start: {unfinished}: no best.keras here, so not a finished training run; --warm_start_from is "
+        f"the --model_dir of a run that finished.")
     assert refused(model_dir=os.path.join(src, "day2")).startswith("warm start: --model_dir=")
 
 
