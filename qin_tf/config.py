@@ -315,6 +315,7 @@ class TrainConfig:
 #: TrainConfig fields that may change between a run and its resumption.
 #: ``epochs`` is one of them: a run resumed with another cap continues (or, when it has done as
 #: many epochs already, ends at once) exactly as a run started with that cap would have.
+#: ``warm_start_from`` is another: a resumed run continues from its backup and ignores it.
 RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "log_every_seconds", "data_dir", "model_dir",
                      "epochs", "warm_start_from")
 

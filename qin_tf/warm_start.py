@@ -37,7 +37,7 @@ Keras 3 has no ``warmstart_embedding_matrix``; this module grows the tables:
 
 The run records what it started from in ``model_dir/warm_start.json``:
 the source directory, the sha256 of its ``best.keras`` bytes, and per table
-the rows copied, new and dropped (:func:`record`). Warm start applies only to
+the rows copied, new and dropped (:func:`write_record`). Warm start applies only to
 a run that starts fresh: a run resumed from ``backup/`` already holds the
 warm-started (and trained) weights and ignores the flag.
 
@@ -376,7 +376,7 @@ def apply(model: keras.Model, spec: FeatureSpec, source: Source) -> dict:
     Returns:
         ``{"source", "source_model_sha256", "tables": {name: {"rows",
         "source_rows", "copied", "new", "dropped"}}, "frozen", "weights_copied"}``
-        (see :func:`record`).
+        (see :func:`write_record`).
     """
     roles = _roles(model)
     shapes = {v.path: tuple(v.shape) for v in model.weights}
