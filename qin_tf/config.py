@@ -272,6 +272,10 @@ class TrainConfig:
         "directory at the end (export.exporter)."))
     overwrite: bool = dataclasses.field(default=False, metadata=_help(
         "Allow starting over in a model_dir that holds a finished run."))
+    warm_start_from: str | None = dataclasses.field(default=None, metadata=_help(
+        "Start a fresh run from the weights of the run in this model_dir (its best.keras), loaded by name; "
+        "embedding tables grow to the new spec (rows matched by raw id), the optimizer starts fresh. A "
+        "resumed run ignores it (see qin_tf.warm_start)."))
 
     def __post_init__(self):
         def positive(name, allow_none=False):
@@ -311,8 +315,9 @@ class TrainConfig:
 #: TrainConfig fields that may change between a run and its resumption.
 #: ``epochs`` is one of them: a run resumed with another cap continues (or, when it has done as
 #: many epochs already, ends at once) exactly as a run started with that cap would have.
+#: ``warm_start_from`` is another: a resumed run continues from its backup and ignores it.
 RESUMABLE_CHANGES = ("export_base", "overwrite", "log_every_steps", "log_every_seconds", "data_dir", "model_dir",
-                     "epochs")
+                     "epochs", "warm_start_from")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,6 +91,7 @@ from qin_tf import callbacks as qcb  # noqa: E402
 from qin_tf import fileio  # noqa: E402
 from qin_tf import metrics as qmetrics  # noqa: E402
 from qin_tf import report  # noqa: E402
+from qin_tf import warm_start  # noqa: E402
 from qin_tf.config import RESUMABLE_CHANGES, ExperimentConfig, STRATEGIES  # noqa: E402
 from qin_tf.data import find_unreadable_record, make_dataset, model_inputs, tf_message  # noqa: E402
 from qin_tf.model import build_model  # noqa: E402
@@ -108,7 +109,7 @@ LOG_DIR = "logs"
 FINGERPRINT_FILENAME = "data_fingerprint.json"
 #: What a run writes into model_dir (removed by --overwrite before starting over).
 ARTEFACTS = (CONFIG_FILENAME, SPEC_FILENAME, CHECKPOINT_DIR, BACKUP_DIR, LOG_DIR, MODEL_FILENAME,
-             METRICS_FILENAME, CURVES_FILENAME, FINGERPRINT_FILENAME)
+             METRICS_FILENAME, CURVES_FILENAME, FINGERPRINT_FILENAME, warm_start.WARM_START_FILENAME)
 #: The metric that selects the best epoch (on ``TrainConfig.valid_split``).
 MONITOR = "val_auc"
 
@@ -547,6 +548,12 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
     backup_read_dir = os.path.join(model_dir, BACKUP_DIR)
     state = qcb.TrainingBackup.read(backup_read_dir)
     config_dict = config.to_dict()
+    source = None
+    if state is None and tc.warm_start_from:  # a resumed run's backup holds the warm-started weights
+        try:
+            source = warm_start.load_source(tc.warm_start_from, spec, mc, model_dir=model_dir)
+        except warm_start.WarmStartError as e:
+            raise TrainingError(str(e)) from None
     if state is not None:
         saved_path = os.path.join(model_dir, CONFIG_FILENAME)
         if tf.io.gfile.exists(saved_path):
@@ -566,7 +573,9 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
     write_dir = model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
     try:
         return _run(config, spec, strategy, state, chief, write_dir, say, list(callbacks),
-                    interactive=print_fn is None and sys.stdout.isatty(), label=label)
+                    interactive=print_fn is None and sys.stdout.isatty(), label=label, source=source)
+    except warm_start.WarmStartError as e:
+        raise TrainingError(str(e)) from None
     except tf.errors.DataLossError as e:
         raise _data_loss(spec, tc, e) from None
     finally:
@@ -575,7 +584,7 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
 
 
 def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, interactive,
-         label="") -> TrainResult:
+         label="", source=None) -> TrainResult:
     tc, mc = config.train, config.model
     replicas = strategy.num_replicas_in_sync
     tf.io.gfile.makedirs(os.path.join(write_dir, CHECKPOINT_DIR))
@@ -596,12 +605,17 @@ def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, 
 
     with strategy.scope():
         model = build_model(spec, mc)
+        warm = warm_start.apply(model, spec, source) if source is not None else None
         optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
         optimizer.build(model.trainable_variables)
         loop = TrainLoop(model, optimizer, strategy, global_batch_size=tc.global_batch_size,
                          clipnorm=tc.clipnorm)
     say(f"model {model.name}: {model.count_params():,} parameters "
         f"({sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} trainable)")
+    if warm is not None:
+        if chief:
+            warm_start.write_record(write_dir, warm)
+        say(warm_start.summary(warm))
 
     evaluator = SplitEvaluator(spec, tc.valid_split, tc.resolved_eval_batch_size)
     monitors = {split: SplitEvaluator(spec, split, tc.resolved_eval_batch_size) for split in tc.monitor_splits}
