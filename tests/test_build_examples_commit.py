@@ -175,19 +175,24 @@ def test_preprocess_follows_a_symlinked_output_dir(tmp_path):
 
 @pytest.mark.parametrize("earlier", [None, "older"])
 def test_commit_killed_at_every_rename_is_completed_by_the_rerun(built, tmp_path, earlier):
-    """``earlier``: the output holds nothing but the user's files, or an earlier (different) build too,
-    which the commit moves to ``.old-*`` first. After each kill the directory is whatever the kill left;
-    the rerun (the same command) completes it: a clean build's bytes, the user's files, no ``.tmp-*``
-    or ``.old-*``."""
-    want = {**built["clean"], **USER_FILES}
+    """``earlier``: no output yet, or an earlier (different) build with the user's files in it, which the
+    commit moves to ``.old-*`` first. After each kill the next run's first step (``_check_output_dir``:
+    the commit's recovery, then the leftovers' removal) leaves a clean build's bytes, the user's files and
+    no ``.tmp-*`` or ``.old-*``; the rest of a rerun is an ordinary rebuild over a whole output (a real
+    rerun of the CLI: ``test_cli_rerun_after_a_kill_mid_commit``; one in-process here)."""
+    from pipelines.build_examples import _check_output_dir
+
+    want = {**built["clean"], **(USER_FILES if earlier else {})}
+    inputs = [os.path.join(os.path.dirname(built["config"]), "events.csv")]
     killed_states = []
     n = 0
     while True:
         n += 1
         out = tmp_path / f"run{n}" / "out"
+        out.parent.mkdir()
         if earlier:
             shutil.copytree(built["dir"] / earlier, out)
-        add_user_files(out)
+            add_user_files(out)
         proc = cli(built["config"], out, crash_after=n)
         if proc.returncode == 0:  # past the last rename: nothing left to kill
             assert contents(out) == want and siblings(out) == []
@@ -195,13 +200,15 @@ def test_commit_killed_at_every_rename_is_completed_by_the_rerun(built, tmp_path
         assert proc.returncode == 137, proc.stderr
         assert siblings(out)  # the kill left the temporary directory (and the old one) behind
         killed_states.append(sorted(contents(out)))
-        # every run after a kill at N >= 2 finds an output that is not whole; the rerun completes it
-        build_examples(built["config"], str(out))
+        _, owned = _check_output_dir(str(out), inputs)
         assert contents(out) == want, n
         assert siblings(out) == [], n
+        assert owned == set(built["clean"]), n
+    build_examples(built["config"], str(out))  # and a whole rerun over the last one
+    assert contents(out) == want and siblings(out) == []
     renames = len(built["clean"]) + 2 + (len(built[earlier]) if earlier else 0)  # journal, files, manifest, done
     assert n == renames + 1
-    # the kills did leave outputs that the old code refused ("not a build_examples output")
+    # the kills left outputs that the code before the journal refused ("not a build_examples output")
     assert any(DATASET_CONFIG_FILENAME not in s and "train.parquet" in s for s in killed_states)
 
 
