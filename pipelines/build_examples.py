@@ -29,6 +29,7 @@ and the rules below. The output directory holds:
   vocabulary files (paths relative to it).
 * ``stats.json``: events in and out, events dropped by reason, users, items,
   vocabulary sizes, history lengths and rows and positive rate per split.
+* ``build_examples_manifest.json``: the files above (paths relative to the output).
 
 The rules (each tested in ``tests/test_build_examples.py``):
 
@@ -88,7 +89,12 @@ writes each split as sorted parts that one worker streams into the split's
 file. The vocabularies reach the workers as side inputs, so a worker holds
 one user's events plus the vocabularies (and the item-table writer holds the
 item table). Nothing is half written: the output is built in
-``{output_dir}.tmp-*`` and renamed into place (:mod:`pipelines.preprocess`).
+``{output_dir}.tmp-*``, then its files are renamed into place one by one under
+a journal (:func:`pipelines.preprocess.journalled_commit`), which the next run
+completes if this one is killed meanwhile. ``build_examples_manifest.json``
+lists every file written (``vocab/item_id.txt``, ...): a rerun replaces exactly
+those and keeps every other file, refusing one that has the name of a file it
+would write. A symbolic link as ``output_dir`` is followed.
 """
 
 from __future__ import annotations
