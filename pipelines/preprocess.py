@@ -52,6 +52,8 @@ stats and quarantine). A rerun replaces exactly the entries the earlier run
 wrote (never appends) and keeps everything else (a model directory, notes);
 it refuses any other non-empty directory, and a kept entry that has the name
 of a file it would write.
+A symbolic link as ``output_dir`` is followed: its target's contents are
+replaced, and the link stays.
 
 How it runs: the plan (in the launching process) cuts every split file into
 ``num_shards`` contiguous row ranges, aligned to parquet row groups where the
