@@ -29,6 +29,7 @@ and the rules below. The output directory holds:
   vocabulary files (paths relative to it).
 * ``stats.json``: events in and out, events dropped by reason, users, items,
   vocabulary sizes, history lengths and rows and positive rate per split.
+* ``build_examples_manifest.json``: the files above (paths relative to the output).
 
 The rules (each tested in ``tests/test_build_examples.py``):
 
@@ -88,7 +89,12 @@ writes each split as sorted parts that one worker streams into the split's
 file. The vocabularies reach the workers as side inputs, so a worker holds
 one user's events plus the vocabularies (and the item-table writer holds the
 item table). Nothing is half written: the output is built in
-``{output_dir}.tmp-*`` and renamed into place (:mod:`pipelines.preprocess`).
+``{output_dir}.tmp-*``, then its files are renamed into place one by one under
+a journal (:func:`pipelines.preprocess.journalled_commit`), which the next run
+completes if this one is killed meanwhile. ``build_examples_manifest.json``
+lists every file written (``vocab/item_id.txt``, ...): a rerun replaces exactly
+those and keeps every other file, refusing one that has the name of a file it
+would write. A symbolic link as ``output_dir`` is followed.
 """
 
 from __future__ import annotations
@@ -126,9 +132,13 @@ EMBEDDING_COLUMN = "item_emb_d128"
 _ERROR_FILE = "_error.json"
 _STATS_PART = "_stats.json"
 _PARTS_DIR = "_parts"
-#: Every entry a run may write into its output directory: a rerun replaces these and keeps the rest.
-_OWNED = {*(f"{s}.parquet" for s in ("train", "valid", "test")), "item_info.parquet", "vocab",
-          "dataset_config.json", "stats.json", "_vocab.json", "_bad.json", _ERROR_FILE, _STATS_PART, _PARTS_DIR}
+MANIFEST_FILENAME = "build_examples_manifest.json"
+#: The output's manifest lists every file a run wrote (``vocab/item_id.txt``, ...): a rerun replaces
+#: exactly those and keeps every other file, in ``vocab/`` too (:func:`pipelines.preprocess.journalled_commit`).
+LEDGER = pp.Ledger(tool="pipelines.build_examples", manifest=MANIFEST_FILENAME, marker=DATASET_CONFIG_FILENAME)
+#: The top-level files of an output written before manifests (its vocabularies: those its dataset config names).
+_LEGACY_FILES = {*(f"{s}.parquet" for s in ("train", "valid", "test")), ITEM_INFO_FILENAME, DATASET_CONFIG_FILENAME,
+                 "stats.json"}
 
 
 # --------------------------------------------------------------------------
@@ -975,8 +985,10 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
              | "WriteBad" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, "_bad.json"), json.dumps(s))))
 
 
-def _check_output_dir(output_dir: str, inputs: list[str]) -> str:
-    out = output_dir.rstrip("/") or output_dir
+def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]]:
+    """``(output_dir, the files of it an earlier run wrote)``, once a killed run's commit into it is
+    completed and killed runs' ``.tmp-*`` directories are gone; a symbolic link is followed."""
+    out = pp._resolve_output_dir(output_dir)
     if pp._is_local(out):
         real = os.path.realpath(out)
         for f in inputs:
@@ -985,12 +997,32 @@ def _check_output_dir(output_dir: str, inputs: list[str]) -> str:
                 raise PreprocessError(f"{out}: the output directory holds an input file ({f}); refusing to replace it")
         if os.path.exists(out) and not os.path.isdir(out):
             raise PreprocessError(f"{out}: the output path exists and is not a directory")
-    if pp._exists(out):
-        names = pp._list(out)
-        if names and DATASET_CONFIG_FILENAME not in names:
-            raise PreprocessError(f"{out}: the output directory exists and is not a build_examples output "
-                                  f"(no {DATASET_CONFIG_FILENAME}); refusing to replace it")
-    return out
+    pp.recover_commit(out, LEDGER)
+    pp._remove_stale_siblings(out, name=MANIFEST_FILENAME, tool=LEDGER.tool)
+    owned = _owned_files(out)
+    if owned is None:
+        raise PreprocessError(f"{out}: the output directory exists and is not a build_examples output "
+                              f"(no {DATASET_CONFIG_FILENAME}); refusing to replace it")
+    return out, owned
+
+
+def _owned_files(out: str) -> set[str] | None:
+    """The files of ``out`` that an earlier run wrote (relative paths); None if ``out`` is no earlier output."""
+    names = pp._list(out)
+    if not names:
+        return set()
+    if MANIFEST_FILENAME in names:
+        manifest = pp._read_manifest(out, name=MANIFEST_FILENAME, tool=LEDGER.tool)
+        if manifest is None or not isinstance(manifest.get("files"), list):
+            return None
+        return set(manifest["files"]) | {MANIFEST_FILENAME}
+    if DATASET_CONFIG_FILENAME in names:  # written before manifests: its dataset config names the vocabularies
+        try:
+            vocabs = json.loads(pp._read_text(pp._join(out, DATASET_CONFIG_FILENAME))).get("vocabularies") or {}
+            return _LEGACY_FILES | {v["path"] for v in vocabs.values()}
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return None
+    return None
 
 
 def _dataset_config(cfg: LogsConfig, vocabs: dict) -> dict:
@@ -1053,11 +1085,12 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
             files["vectors"] = _files(cfg.catalog.vector.source, "the item vectors")
     if cfg.users is not None:
         files["users"] = _files(cfg.users.source, "the user table")
-    output_dir = _check_output_dir(output_dir, [f for fs in files.values() for f in fs])
+    output_dir, owned = _check_output_dir(output_dir, [f for fs in files.values() for f in fs])
     opts = pp.pipeline_options(beam_options)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
     pp._makedirs(work_dir)
     try:
+        pp._write_manifest(work_dir, None, name=MANIFEST_FILENAME, tool=LEDGER.tool)  # marks our temporary dir
         pp._makedirs(pp._join(work_dir, _PARTS_DIR))
         p = beam.Pipeline(options=opts)
         _build_pipeline(p, cfg, files, work_dir)
@@ -1092,9 +1125,8 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
         pp._write_text(pp._join(work_dir, DATASET_CONFIG_FILENAME),
                        json.dumps(_dataset_config(cfg, vocab["vocabularies"]), indent=2) + "\n")
         pp._write_text(pp._join(work_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
-        # A rerun replaces only what a run of this tool writes; anything else the user keeps there stays.
-        pp._commit(work_dir, output_dir, set(pp._list(work_dir)) | _OWNED, marker=DATASET_CONFIG_FILENAME,
-                   tool="build_examples")
+        # A rerun replaces only the files the earlier run wrote; anything else the user keeps there stays.
+        pp.journalled_commit(work_dir, output_dir, owned, LEDGER, "build_examples")
     except BaseException:
         pp._delete(work_dir)
         raise

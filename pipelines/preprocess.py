@@ -52,6 +52,8 @@ stats and quarantine). A rerun replaces exactly the entries the earlier run
 wrote (never appends) and keeps everything else (a model directory, notes);
 it refuses any other non-empty directory, and a kept entry that has the name
 of a file it would write.
+A symbolic link as ``output_dir`` is followed: its target's contents are
+replaced, and the link stays.
 
 How it runs: the plan (in the launching process) cuts every split file into
 ``num_shards`` contiguous row ranges, aligned to parquet row groups where the
@@ -668,24 +670,25 @@ def _write_item_table(work_dir: str, items):
         f.write(buf.getvalue())
 
 
-def _write_manifest(directory: str, files: Sequence[str] | None):
+def _write_manifest(directory: str, files: Sequence[str] | None, *, name: str = MANIFEST_FILENAME,
+                    tool: str = _TOOL):
     """Writes the manifest (atomically): ``files`` are the entries the run owns; ``None``: a marker only."""
-    tmp = _join(directory, f".{MANIFEST_FILENAME}.tmp")
-    _write_text(tmp, json.dumps({"tool": _TOOL, "host": socket.gethostname(), "pid": os.getpid(),
+    tmp = _join(directory, f".{name}.tmp")
+    _write_text(tmp, json.dumps({"tool": tool, "host": socket.gethostname(), "pid": os.getpid(),
                                  "files": None if files is None else sorted(files)}, indent=2) + "\n")
-    _rename(tmp, _join(directory, MANIFEST_FILENAME))
+    _rename(tmp, _join(directory, name))
 
 
-def _read_manifest(directory: str) -> dict | None:
-    """The manifest of ``directory`` if it has one written by this tool, else None."""
-    path = _join(directory, MANIFEST_FILENAME)
+def _read_manifest(directory: str, *, name: str = MANIFEST_FILENAME, tool: str = _TOOL) -> dict | None:
+    """The manifest ``name`` of ``directory`` if it has one written by ``tool``, else None."""
+    path = _join(directory, name)
     if not _exists(path):
         return None
     try:
         manifest = json.loads(_read_text(path))
     except (ValueError, UnicodeDecodeError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("tool") == _TOOL else None
+    return manifest if isinstance(manifest, dict) and manifest.get("tool") == tool else None
 
 
 def _owned_entries(out: str, names: Sequence[str]) -> set[str] | None:
@@ -706,9 +709,16 @@ def _owned_entries(out: str, names: Sequence[str]) -> set[str] | None:
     return None
 
 
+def _resolve_output_dir(output_dir: str) -> str:
+    """``output_dir`` without a trailing slash; a local symbolic link is followed, so that the run
+    replaces the contents of its target (next to which the ``.tmp-*`` directory goes) and the link stays."""
+    out = output_dir.rstrip("/") or output_dir
+    return os.path.realpath(out) if _is_local(out) and os.path.islink(out) else out
+
+
 def _check_output_dir(output_dir: str, input_dir: str) -> tuple[str, set[str] | None]:
     """``(output_dir, entries of it that an earlier run wrote)``; ``None``: it does not exist."""
-    out = output_dir.rstrip("/") or output_dir
+    out = _resolve_output_dir(output_dir)
     if _is_local(out):
         real_out, real_in = os.path.realpath(out), os.path.realpath(input_dir)
         if real_out == real_in or real_in.startswith(real_out + os.sep):
@@ -725,18 +735,25 @@ def _check_output_dir(output_dir: str, input_dir: str) -> tuple[str, set[str] | 
     return out, owned
 
 
-def _remove_stale_siblings(output_dir: str):
+def _sibling(output_dir: str, name: str) -> str:
+    """``name`` in the directory that holds ``output_dir``."""
+    if _is_local(output_dir):
+        return os.path.join(os.path.dirname(output_dir) or ".", name)
+    return output_dir.rsplit("/", 1)[0] + "/" + name
+
+
+def _remove_stale_siblings(output_dir: str, *, name: str = MANIFEST_FILENAME, tool: str = _TOOL):
     """Removes the ``{output_dir}.tmp-*`` directories (and ``.old-*`` ones, when
-    ``output_dir`` exists) that killed runs left: only those marked by this
-    tool's manifest, and not those of a process still running on this host."""
+    ``output_dir`` exists) that killed runs left: only those marked by ``tool``'s
+    manifest ``name``, and not those of a process still running on this host."""
     if _is_local(output_dir):
         parent, base = os.path.dirname(output_dir) or ".", os.path.basename(output_dir)
     else:
         parent, base = output_dir.rsplit("/", 1)
     prefixes = (f"{base}.tmp-",) + ((f"{base}.old-",) if _exists(output_dir) else ())
-    for name in sorted({n for start in prefixes for n in _list(parent, start)}):
-        path = _join(parent, name)
-        manifest = _read_manifest(path)
+    for entry in sorted({n for start in prefixes for n in _list(parent, start)}):
+        path = _join(parent, entry)
+        manifest = _read_manifest(path, name=name, tool=tool)
         if manifest is None:
             continue
         pid = manifest.get("pid")
@@ -799,6 +816,178 @@ def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequenc
         _delete(_join(output_dir, MANIFEST_FILENAME))
     _delete(old)
     _delete(work_dir)
+
+
+# --------------------------------------------------------------------------
+# The journalled commit (pipelines.build_examples): file by file, recoverable after a kill
+# --------------------------------------------------------------------------
+
+#: Tests only: the journalled commit exits at once, as SIGKILL would stop it, right after its Nth rename.
+CRASH_AFTER_RENAME_ENV = "QIN_TF_CRASH_AFTER_RENAME"
+_renames_done = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Ledger:
+    """How a tool marks what it owns in an output directory.
+
+    ``manifest`` (in the output) lists every file the last run wrote, as paths
+    relative to the output (``vocab/item_id.txt``), and nothing else: the same
+    bytes for the same files. In a ``.tmp-*`` directory it marks the run
+    (host, pid) instead. ``marker`` is the file that makes a directory an
+    output: it goes out first and comes back last.
+    """
+
+    tool: str
+    manifest: str
+    marker: str
+
+    @property
+    def journal(self) -> str:
+        """The commit's journal, in the output while a commit is under way."""
+        return f".{self.manifest}.commit"
+
+
+def _parent(path: str) -> str:
+    return os.path.dirname(path) if _is_local(path) else path.rsplit("/", 1)[0]
+
+
+def _files_under(directory: str) -> list[str]:
+    """The files under ``directory`` at any depth, as ``/``-separated paths relative to it."""
+    if not _exists(directory):
+        return []
+    if _is_local(directory):
+        return sorted(os.path.relpath(os.path.join(d, f), directory).replace(os.sep, "/")
+                      for d, _, fs in os.walk(directory) for f in fs)
+    prefix = directory.rstrip("/") + "/"
+    return sorted(p[len(prefix):] for p in _under(directory))
+
+
+def _commit_rename(src: str, dst: str):
+    global _renames_done
+    _makedirs(_parent(dst))
+    _rename(src, dst)
+    _renames_done += 1
+    if os.environ.get(CRASH_AFTER_RENAME_ENV) == str(_renames_done):
+        os._exit(137)
+
+
+def _write_journal(work_dir: str, output_dir: str, journal: dict, ledger: Ledger):
+    tmp = _join(work_dir, f"{ledger.journal}.tmp")
+    _write_text(tmp, json.dumps(journal, indent=2) + "\n")
+    _commit_rename(tmp, _join(output_dir, ledger.journal))
+
+
+def journalled_commit(work_dir: str, output_dir: str, owned: set[str], ledger: Ledger, what: str):
+    """Puts the files of the finished ``work_dir`` in place of the earlier run's files (``owned``,
+    relative paths) in ``output_dir``, keeping every other file there.
+
+    Before its first rename it writes a journal into ``output_dir`` naming the
+    temporary and the old directory and the files going out and in; a run
+    killed meanwhile is completed (or, without its temporary directory, rolled
+    back) by :func:`recover_commit` in the next run. ``work_dir`` holds the
+    run's marker manifest, which stays behind; the output gets a manifest
+    listing the new files. Raises PreprocessError, changing nothing, when a
+    file that is not ``owned`` has the name of a new one (or of a folder of one).
+    """
+    new = [f for f in _files_under(work_dir) if f != ledger.manifest and not f.startswith(".")]
+    present = set(_files_under(output_dir)) - {ledger.journal}
+    kept = present - owned
+    clash = sorted(k for k in kept for n in new if n == k or n.startswith(k + "/") or k.startswith(n + "/"))
+    if clash:
+        fail(output_dir, None, None, f"holds {clash}, which {what} did not write and would replace; "
+                                     f"move them away or choose another --output_dir")
+    replaced = sorted(present & owned, key=lambda n: (n != ledger.marker, n))
+    journal = {"tool": ledger.tool, "host": socket.gethostname(), "pid": os.getpid(), "state": "commit",
+               "created": not _exists(output_dir), "tmp": os.path.basename(work_dir.rstrip("/")),
+               "old": f"{os.path.basename(output_dir)}.old-{uuid.uuid4().hex[:8]}", "replaced": replaced,
+               "new": sorted(set(new) - {ledger.marker}) + ([ledger.marker] if ledger.marker in new else [])}
+    _makedirs(output_dir)
+    _write_journal(work_dir, output_dir, journal, ledger)
+    try:
+        _roll_forward(output_dir, journal, ledger)
+    except Exception:
+        try:
+            _roll_back(output_dir, journal, ledger)
+        except Exception:  # the journal stays: the next run finishes the job
+            pass
+        raise
+
+
+def _roll_forward(output_dir: str, journal: dict, ledger: Ledger):
+    tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
+    for name in journal["replaced"]:  # out first; a file already in `old` went out before a kill
+        if not _exists(_join(old, name)) and _exists(_join(output_dir, name)):
+            _commit_rename(_join(output_dir, name), _join(old, name))
+    for name in journal["new"]:  # in, the marker last; a file no longer in `tmp` came in before a kill
+        if _exists(_join(tmp, name)):
+            _commit_rename(_join(tmp, name), _join(output_dir, name))
+    manifest = _join(tmp, f".{ledger.manifest}.new")
+    _write_text(manifest, json.dumps({"tool": ledger.tool, "files": sorted(journal["new"])}, indent=2) + "\n")
+    _commit_rename(manifest, _join(output_dir, ledger.manifest))
+    _write_journal(tmp, output_dir, {**journal, "state": "done"}, ledger)
+    _finish(output_dir, journal, ledger)
+
+
+def _roll_back(output_dir: str, journal: dict, ledger: Ledger):
+    tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
+    replaced = set(journal["replaced"])
+    for name in journal["new"] + [ledger.manifest]:  # a new file is one not replaced, or one whose old one went out
+        if _exists(_join(output_dir, name)) and (name not in replaced or _exists(_join(old, name))):
+            _delete(_join(output_dir, name))
+    for name in journal["replaced"]:
+        if _exists(_join(old, name)):
+            _commit_rename(_join(old, name), _join(output_dir, name))
+    _finish(output_dir, journal, ledger, emptied=journal["new"])
+
+
+def _finish(output_dir: str, journal: dict, ledger: Ledger, emptied: Sequence[str] = ()):
+    """Removes the old and the temporary directory, folders the swap emptied, then the journal."""
+    _delete(_sibling(output_dir, journal["old"]))
+    _delete(_sibling(output_dir, journal["tmp"]))
+    if _is_local(output_dir):
+        folders = {os.path.dirname(n) for n in [*journal["replaced"], *emptied]} - {""}
+        for folder in sorted(folders, key=len, reverse=True):
+            path = os.path.join(output_dir, folder)
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+    _delete(_join(output_dir, ledger.journal))
+    if journal.get("created") and journal.get("state") != "done" and _is_local(output_dir) \
+            and not os.listdir(output_dir):
+        os.rmdir(output_dir)  # rolled back a first run: no output, as before it
+
+
+def recover_commit(output_dir: str, ledger: Ledger):
+    """Completes (or rolls back) the commit of a run killed during :func:`journalled_commit`.
+
+    Roll forward when the temporary directory still holds every new file that
+    is not yet in place; otherwise roll back from the old directory. A commit
+    of a run still going on this host is left alone, and this run refused.
+    """
+    path = _join(output_dir, ledger.journal)
+    if not _exists(path):
+        return
+    try:
+        journal = json.loads(_read_text(path))
+        if journal.get("tool") != ledger.tool:
+            raise ValueError(journal.get("tool"))
+        tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
+        replaced, new = set(journal["replaced"]), list(journal["new"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        fail(path, None, None, f"not a commit journal of {ledger.tool}; move it away to write into "
+                               f"{output_dir}")
+    pid = journal.get("pid")
+    if (journal.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid()
+            and process_alive(pid)):
+        fail(output_dir, None, None, f"another {ledger.tool} run (pid {pid}) is replacing this directory's "
+                                     f"files; wait for it to end")
+    if journal.get("state") == "done":
+        _finish(output_dir, journal, ledger)
+    elif _exists(tmp) and all(_exists(_join(tmp, n)) or (_exists(_join(output_dir, n)) and (
+            n not in replaced or _exists(_join(old, n)))) for n in new):
+        _roll_forward(output_dir, journal, ledger)
+    else:
+        _roll_back(output_dir, journal, ledger)
 
 
 # --------------------------------------------------------------------------
