@@ -54,6 +54,8 @@ means the same to both. Bad input (missing or empty rows, unlabelled rows, an
 unreadable export, a wrong path) is one line ``validate: error: ...``, exit
 code 1, nothing written.
 
+The metrics of both versions are printed on stdout, then one JSON line:
+``blessed``, the candidate, its record, and where it was pushed.
 ``--push`` copies a blessed candidate into the serving base as the next
 version (:func:`export.push.push`).
 """
@@ -326,6 +328,8 @@ def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SP
              batch_size: int = DEFAULT_BATCH_SIZE, log=None) -> dict:
     """Scores the candidate and the serving version on ``data``, decides, writes the record; see the module docstring.
 
+    ``log`` (a callable taking one line; default: stderr) gets each version's metrics.
+
     Returns:
         The record written to :func:`record_path` of the candidate (``"blessed"`` true).
 
@@ -440,7 +444,7 @@ def main(argv):
         record = validate(FLAGS.candidate, FLAGS.serving, FLAGS.data, split=FLAGS.split,
                           auc_tolerance=FLAGS.auc_tolerance, max_logloss_increase=FLAGS.max_logloss_increase,
                           max_calibration_error=FLAGS.max_calibration_error, min_auc=FLAGS.min_auc,
-                          batch_size=FLAGS.batch_size)
+                          batch_size=FLAGS.batch_size, log=lambda line: print(line, flush=True))
         if FLAGS.push:
             from export.push import push
 
