@@ -72,7 +72,7 @@ from typing import Sequence
 
 import numpy as np
 
-from export.exporter import ExportError, latest_version_dir
+from export.exporter import ExportError, latest_version_dir, servable_versions
 from pipelines.validation import PreprocessError, fail, one_line
 from qin_tf import fileio
 from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError
@@ -347,12 +347,11 @@ def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SP
     if not g.isdir(serving):
         raise ExportError(f"{serving}: no such directory; --serving is the TF Serving model base path "
                           "(create it empty for the first version).")
-    from export.exporter import servable_versions
-
     versions = servable_versions(serving)
     base_dir = os.path.join(serving, str(versions[-1])) if versions else None
-    if base_dir is not None and fileio.absolute(base_dir) == fileio.absolute(cand_dir):
-        raise ExportError(f"{cand_dir}: the candidate is the serving version itself.")
+    if fileio.absolute(os.path.dirname(cand_dir)).rstrip("/") == fileio.absolute(serving).rstrip("/"):
+        raise ExportError(f"{cand_dir}: the candidate is a version of the serving base itself; validate the "
+                          "export it came from (to serve an older version again, use export.rollback).")
     cand_spec = load_version_spec(cand_dir)
     base_spec = load_version_spec(base_dir) if base_dir else None
     if base_spec is not None:

@@ -337,6 +337,10 @@ def test_bad_input_is_one_line_and_writes_nothing(gate, serving, sample_spec, tm
                                 f"--data={sample_spec.base_dir}"],
                                f"validate: error: {tmp_path}/nowhere: no such directory; --serving is the TF Serving "
                                "model base path (create it empty for the first version)."),
+        "candidate inside the serving base": (
+            [f"--candidate={serving}", f"--serving={serving}", f"--data={sample_spec.base_dir}"],
+            f"validate: error: {serving}/1: the candidate is a version of the serving base itself; validate the "
+            "export it came from (to serve an older version again, use export.rollback)."),
         "unknown split": ([f"--candidate={cand}", f"--serving={serving}", f"--data={sample_spec.base_dir}",
                            "--split=tomorrow"],
                           "validate: error: split `tomorrow` is not in the feature spec; it has "
