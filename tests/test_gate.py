@@ -366,3 +366,28 @@ def test_bad_input_is_one_line_and_writes_nothing(gate, serving, sample_spec, tm
     assert "Traceback" not in proc.stderr and "{{" not in line
     assert tree_hash(serving) == before
     assert not os.path.exists(validate.record_path(cand)) and not os.path.exists(validate.record_path(broken))
+
+
+# --------------------------------------------------------------------------
+# The command lines' help (tests/test_cli.py's rules)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cli", ["export.validate", "export.push", "export.rollback"])
+def test_help_is_plain_with_one_sentence_per_flag(cli):
+    import re
+    import xml.etree.ElementTree as ET
+
+    from tests.test_cli import MARKUP, SENTENCE
+
+    proc = run_module(cli, "--helpxml")  # absl exits 1 after --helpxml
+    assert proc.stderr == ""
+    root = ET.fromstring(proc.stdout)
+    flags_ = {f.findtext("name"): f.findtext("meaning") or "" for f in root.iter("flag") if f.findtext("key") == "yes"}
+    assert len(flags_) >= 2
+    assert {n: t for n, t in flags_.items() if not SENTENCE.fullmatch(t) or MARKUP.search(t) or "  " in t} == {}
+    usage = root.findtext("usage")
+    assert f"python -m {cli}" in usage and not MARKUP.search(usage)
+    for line in usage.splitlines():
+        if "python -m" in line or line.startswith("        --"):
+            assert not re.search(r"\S {2,}\S", line), line
