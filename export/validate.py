@@ -75,7 +75,7 @@ import numpy as np
 from export.exporter import ExportError, latest_version_dir, servable_versions
 from pipelines.validation import PreprocessError, fail, one_line
 from qin_tf import fileio
-from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError
+from qin_tf.spec import ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError
 
 #: The default ``--auc_tolerance``: see README, "A gate before serving".
 DEFAULT_AUC_TOLERANCE = 0.002
@@ -251,6 +251,9 @@ def score_version(version_dir: str, files: Sequence[str], kind: str,
                 out = loaded.signatures["serving_default"](
                     **{k: tf.constant(v) for k, v in batch.features.items()})["ctr"]
         except tf.errors.InvalidArgumentError as e:
+            bad = _bad_row(batch, spec)
+            if bad is not None:
+                fail(batch.source, batch.first_row + bad[0], bad[1], bad[2])
             fail(batch.source, None, None, f"rows {batch.first_row}..{batch.first_row + batch.num_rows - 1}: "
                                            f"{version_dir} cannot score them: {_tf_line(e.message)}")
         labels.append(np.asarray(batch.label))
@@ -260,13 +263,39 @@ def score_version(version_dir: str, files: Sequence[str], kind: str,
     return np.concatenate(labels), np.concatenate(scores)
 
 
+def _bad_row(batch, spec: FeatureSpec) -> tuple[int, str | None, str] | None:
+    """``(row in the batch, column, reason)`` of the first row an export refuses: a record that does not parse,
+    or a negative id (the spec's id rule, which the export asserts); None if none is found."""
+    import tensorflow as tf
+
+    from qin_tf.data import example_parse_spec
+
+    if batch.examples is None:
+        rows = [{n: v[i:i + 1] for n, v in batch.features.items()} for i in range(batch.num_rows)]
+    else:
+        parse, rows = example_parse_spec(spec, labelled=False, with_meta=False), []
+        for i, s in enumerate(batch.examples.numpy()):
+            try:
+                rows.append({n: v.numpy() for n, v in tf.io.parse_example(tf.constant([s]), parse).items()})
+            except tf.errors.InvalidArgumentError as e:
+                return i, None, _tf_line(e.message)
+    for i, row in enumerate(rows):
+        for name in spec.model_feature_names:
+            values = np.asarray(row[name]).reshape(-1)
+            if (values < 0).any():
+                return i, name, f"negative id {int(values[values < 0][0])}; {ID_RULE}"
+    return None
+
+
 def _tf_line(message: str) -> str:
-    """TensorFlow's error text as one plain line: its first line, without ``{{function_node ...}}`` markup."""
+    """TensorFlow's error text as one plain line: its first telling line, without ``{{function_node ...}}``."""
     import re
 
-    first = message.strip().split("\n")[0]
-    first = re.sub(r"\{\{[^}]*\}\}", "", first)
-    return one_line(first).strip() or "TensorFlow error"
+    for line in message.strip().split("\n"):
+        line = re.sub(r"\{\{[^}]*\}\}", "", line).strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node", "[[", "File ")):
+            return one_line(line)
+    return "TensorFlow error"
 
 
 def version_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:

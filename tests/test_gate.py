@@ -328,7 +328,18 @@ def test_bad_input_is_one_line_and_writes_nothing(gate, serving, sample_spec, tm
     broken = candidate_copy(gate[0], tmp_path, "broken")
     with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
         f.write(b"not a SavedModel")
+    negative = tmp_path / "negative.tfrecord.gz"
+    records = [r.numpy() for r in tf.data.TFRecordDataset(sample_spec.split_files("test")[0],
+                                                          compression_type="GZIP").take(3)]
+    bad = tf.train.Example.FromString(records[2])
+    bad.features.feature[sample_spec.target_item].int64_list.value[:] = [-5]
+    with tf.io.TFRecordWriter(str(negative), options="GZIP") as w:
+        for r in records[:2] + [bad.SerializeToString()]:
+            w.write(r)
     cases = {
+        "negative id": ([f"--candidate={cand}", f"--serving={serving}", f"--data={negative}"],
+                        f"validate: error: {negative}: row 2, column `{sample_spec.target_item}`: negative id -5; "
+                        "ids must be >= 0 (0 is padding)"),
         "missing rows": ([f"--candidate={cand}", f"--serving={serving}", f"--data={tmp_path}/none-*.tfrecord.gz"],
                          f"validate: error: {tmp_path}/none-*.tfrecord.gz: no such file"),
         "empty rows": ([f"--candidate={cand}", f"--serving={serving}", f"--data={empty}"],
@@ -391,3 +402,12 @@ def test_help_is_plain_with_one_sentence_per_flag(cli):
     for line in usage.splitlines():
         if "python -m" in line or line.startswith("        --"):
             assert not re.search(r"\S {2,}\S", line), line
+
+
+def test_tensorflow_error_text_becomes_one_plain_line():
+    message = ("Graph execution error:\n\nDetected at node assert_non_negative/Assert defined at (most recent "
+               "call last):\n  File \"x.py\", line 1\n\nassertion failed: [`item_id`: ids must be >= 0] "
+               "[x = ] [-5]\n\t [[{{node assert_non_negative/Assert}}]] [Op:__inference_serve_123]")
+    assert validate._tf_line(message) == "assertion failed: [`item_id`: ids must be >= 0] [x = ] [-5]"
+    assert validate._tf_line("{{function_node __inference_f_1}} Key: item_seq. Can't parse serialized Example.") \
+        == "Key: item_seq. Can't parse serialized Example."
