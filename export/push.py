@@ -19,7 +19,7 @@ overwritten. It is written as the exporter writes a version: on a local
 filesystem into a hidden ``.tmp-push-*`` directory inside the base (TF
 Serving ignores it), checked against the blessed fingerprint and renamed
 into place; on a URL (``gs://``) copied file by file, ``saved_model.pb``
-last (:func:`qin_tf.fileio.copy_tree`). The record, with ``"pushed"`` filled
+last (:func:`export.validate.copy_version`). The record, with ``"pushed"`` filled
 in, is written beside the new version (``BASE/<n>.validation.json``, before
 the version appears) and rewritten beside the candidate.
 """
@@ -33,7 +33,8 @@ import sys
 import uuid
 
 from export.exporter import ExportError, list_versions, servable_versions
-from export.validate import _now, fingerprint, read_record, record_path, resolve_version, version_number
+from export.validate import (copy_version, fingerprint, read_record, record_path, resolve_version, utc_now,
+                             version_number)
 from pipelines.validation import one_line
 from qin_tf import fileio
 from qin_tf.spec import SpecError
@@ -109,14 +110,14 @@ def push(candidate: str, model_base_path: str) -> dict:
     final = os.path.join(model_base_path, str(version))
     if g.exists(final):
         raise ExportError(f"{final} already exists; versions are never overwritten.")
-    record = dict(record, pushed={"serving_version": version, "path": fileio.absolute(final), "time": _now()})
+    record = dict(record, pushed={"serving_version": version, "path": fileio.absolute(final), "time": utc_now()})
     beside = record_path(final)
     local = fileio.is_local(model_base_path)
     tmp = os.path.join(model_base_path, f".tmp-push-{version}-{uuid.uuid4().hex[:8]}")
     published = False
     try:
         if local:
-            fileio.copy_tree(candidate_dir, tmp)
+            copy_version(candidate_dir, tmp)
             if fingerprint(tmp) != record["candidate"]["fingerprint"]:
                 raise ExportError(f"{tmp}: the copy's bytes differ from the blessed ones; nothing pushed.")
             fileio.write_json(beside, record)
@@ -125,7 +126,7 @@ def push(candidate: str, model_base_path: str) -> dict:
             os.rename(tmp, final)
         else:
             fileio.write_json(beside, record)
-            fileio.copy_tree(candidate_dir, final, last=("saved_model.pb",))
+            copy_version(candidate_dir, final)
             if fingerprint(final) != record["candidate"]["fingerprint"]:
                 raise ExportError(f"{final}: the copy's bytes differ from the blessed ones.")
         published = True

@@ -33,7 +33,7 @@ import sys
 
 from export.exporter import ExportError, list_versions, servable_versions
 from export.push import rolled_back_dir
-from export.validate import _now, record_path
+from export.validate import copy_version, record_path, utc_now
 from pipelines.validation import one_line
 from qin_tf import fileio
 
@@ -76,7 +76,7 @@ def rollback(model_base_path: str, to_version: int | None = None) -> dict:
         if local:
             os.rename(a, b)
         elif g.isdir(a):
-            fileio.copy_tree(a, b)
+            copy_version(a, b, last=())
             fileio.remove(os.path.join(a, "saved_model.pb"))
             fileio.remove(a)
         else:
@@ -86,7 +86,7 @@ def rollback(model_base_path: str, to_version: int | None = None) -> dict:
     record = {"action": "rollback", "model_base_path": fileio.absolute(model_base_path), "from_version": newest,
               "to_version": to_version, "moved": {str(v): fileio.absolute(os.path.join(side, str(v)))
                                                   for v in moving},
-              "time": _now()}
+              "time": utc_now()}
     fileio.write_json(os.path.join(side, f"rollback-{stamp}.json"), record)
     return record
 

@@ -109,18 +109,42 @@ def version_number(version_dir: str) -> int | None:
     return int(name) if name.isdigit() else None
 
 
-def fingerprint(version_dir: str) -> str:
-    """``sha256:<hex>`` over every file under ``version_dir``: its relative path and its bytes, in sorted order."""
+def version_files(version_dir: str) -> list[tuple[str, str]]:
+    """``(relative path, path)`` of every file under ``version_dir``, sorted by relative path.
+
+    On a URL, only paths that exist as files are kept: TensorFlow's ``ram://``
+    lists ``1/assets.extra/x`` under ``1/assets`` too (as ``.extra/x``, a
+    prefix match), a file that is not there.
+    """
     g = fileio.gfile()
+    local = fileio.is_local(version_dir)
     files = []
     for directory, _, names in g.walk(version_dir):
-        rel = (os.path.relpath(directory, version_dir) if fileio.is_local(version_dir)
-               else directory[len(version_dir):].strip("/"))
-        files += [(os.path.normpath(os.path.join(rel, n)), os.path.join(directory, n)) for n in names]
+        rel = os.path.relpath(directory, version_dir) if local else directory[len(version_dir.rstrip("/")):].strip("/")
+        for n in names:
+            path = os.path.join(directory, n)
+            if local or (g.exists(path) and not g.isdir(path)):
+                files.append((os.path.normpath(os.path.join(rel, n)), path))
+    return sorted(set(files))
+
+
+def copy_version(src: str, dst: str, *, last: Sequence[str] = ("saved_model.pb",)) -> None:
+    """Copies the files of the version directory ``src`` into ``dst`` (any filesystems), ``last`` ones last."""
+    g = fileio.gfile()
+    files = version_files(src)
+    for rel, path in sorted(files, key=lambda f: f[0] in last):
+        target = os.path.join(dst, rel)
+        g.makedirs(os.path.dirname(target))
+        g.copy(path, target, overwrite=False)
+
+
+def fingerprint(version_dir: str) -> str:
+    """``sha256:<hex>`` over every file under ``version_dir``: its relative path and its bytes, in sorted order."""
+    files = version_files(version_dir)
     if not files:
         raise ExportError(f"{version_dir}: no files; not a SavedModel version directory.")
     h = hashlib.sha256()
-    for rel, path in sorted(files):
+    for rel, path in files:
         h.update(rel.encode("utf-8") + b"\0")
         h.update(hashlib.sha256(fileio.read_bytes(path)).digest())
     return "sha256:" + h.hexdigest()
@@ -347,7 +371,8 @@ def _check_thresholds(auc_tolerance, max_logloss_increase, max_calibration_error
         raise ExportError(f"`min_auc` must be in [0, 1]. Received: min_auc={min_auc}")
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The time now, UTC, ISO 8601 to the second (the records' ``time``)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -412,7 +437,7 @@ def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SP
         "decision": "blessed" if not failed else "refused",
         "reasons": failed,
         "first_version": base_dir is None,
-        "time": _now(),
+        "time": utc_now(),
         "thresholds": {"auc_tolerance": auc_tolerance, "max_logloss_increase": max_logloss_increase,
                        "max_calibration_error": max_calibration_error, "min_auc": min_auc},
         "candidate": {"path": fileio.absolute(cand_dir), "version": version_number(cand_dir),

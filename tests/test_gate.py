@@ -411,3 +411,25 @@ def test_tensorflow_error_text_becomes_one_plain_line():
     assert validate._tf_line(message) == "assertion failed: [`item_id`: ids must be >= 0] [x = ] [-5]"
     assert validate._tf_line("{{function_node __inference_f_1}} Key: item_seq. Can't parse serialized Example.") \
         == "Key: item_seq. Can't parse serialized Example."
+
+
+def test_push_and_rollback_on_a_url(gate, sample_spec, tmp_path):
+    """A serving base on another filesystem (TensorFlow's ram://, as gs://): copy with saved_model.pb last."""
+    from qin_tf import fileio
+
+    base = f"ram://gate-{tmp_path.name}/serving"
+    fileio.copy_tree(gate[0], base + "/1", last=("saved_model.pb",))
+    cand = candidate_copy(gate[0], tmp_path, "candidate")
+    record = validate.validate(cand, base, sample_spec.base_dir, split="test", log=lambda line: None)
+    assert record["blessed"] and record["serving"]["version"] == 1
+    assert record["serving"]["fingerprint"] == record["candidate"]["fingerprint"]  # the same bytes
+    pushed = push_mod.push(cand, base)
+    assert pushed["pushed"]["serving_version"] == 2
+    assert exporter.list_versions(base) == [1, 2]
+    assert validate.fingerprint(base + "/2") == record["candidate"]["fingerprint"]
+    assert fileio.read_json(base + "/2.validation.json") == pushed
+    action = rollback_mod.rollback(base)
+    assert action["moved"] == {"2": base + ".rolled_back/2"}
+    assert exporter.latest_version_dir(base) == base + "/1"
+    assert validate.fingerprint(base + ".rolled_back/2") == record["candidate"]["fingerprint"]
+    assert fileio.read_json(base + ".rolled_back/2.validation.json") == pushed
