@@ -416,6 +416,9 @@ def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SP
     files, kind, used_split = data_files(data, split)
     if used_split is not None:
         _check_same_signature(FeatureSpec.load(data), cand_spec, data, cand_dir)
+    # the bytes about to be scored: push checks that they are the bytes it copies
+    cand_fingerprint = fingerprint(cand_dir)
+    base_fingerprint = fingerprint(base_dir) if base_dir else None
 
     labels, cand_scores = score_version(cand_dir, files, kind, batch_size)
     cand = version_metrics(labels, cand_scores)
@@ -441,11 +444,11 @@ def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SP
         "thresholds": {"auc_tolerance": auc_tolerance, "max_logloss_increase": max_logloss_increase,
                        "max_calibration_error": max_calibration_error, "min_auc": min_auc},
         "candidate": {"path": fileio.absolute(cand_dir), "version": version_number(cand_dir),
-                      "fingerprint": fingerprint(cand_dir), "metrics": cand},
+                      "fingerprint": cand_fingerprint, "metrics": cand},
         "serving": {"model_base_path": fileio.absolute(serving),
                     "path": fileio.absolute(base_dir) if base_dir else None,
                     "version": versions[-1] if versions else None,
-                    "fingerprint": fingerprint(base_dir) if base_dir else None,
+                    "fingerprint": base_fingerprint,
                     "metrics": base},
         "data": {"input": data, "split": used_split, "files": list(files), "num_rows": int(labels.size)},
         "pushed": None,
