@@ -123,34 +123,11 @@ def make_dataset(spec: FeatureSpec, split: str, batch_size: int, *, training: bo
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
     files, split_labelled = _resolve_files(spec, split)
     labelled = split_labelled if labelled is None else labelled
-    per_pipeline_batch = batch_size
-    files_ds = tf.data.Dataset.from_tensor_slices(files)
-    shard_records = False
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        per_pipeline_batch = input_context.get_per_replica_batch_size(batch_size)
-        if len(files) >= input_context.num_input_pipelines:
-            files_ds = files_ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        else:
-            shard_records = True
-    elif input_context is not None:
-        per_pipeline_batch = input_context.get_per_replica_batch_size(batch_size)
-
+    files_ds, per_pipeline_batch, shard_records = _pipeline_share(files, batch_size, input_context)
     compression = spec.compression or ""
     features = example_parse_spec(spec, labelled=labelled, with_meta=with_meta)
-    label_name = spec.label
-
-    def parse(serialized):
-        parsed = tf.io.parse_example(serialized, features)
-        if not labelled:
-            return parsed
-        label = tf.cast(parsed.pop(label_name), tf.float32)
-        return parsed, label
-
-    options = tf.data.Options()
-    options.deterministic = (not training) or seed is not None
-    if input_context is not None:
-        # Sharding is done above, by hand; do not let tf.distribute shard again.
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    parse = _parser(features, spec.label, labelled)
+    options = _options(training=training, seed=seed, input_context=input_context)
 
     def records_in_order():
         """The pipeline's records, file after file in the split's order (its shard of them)."""
@@ -164,25 +141,15 @@ def make_dataset(spec: FeatureSpec, split: str, batch_size: int, *, training: bo
                  and _parsed_bytes(spec, split, features, input_context) <= IN_MEMORY_LIMIT_BYTES)
     if training and cache:
         key = _memory_key(files, input_context, shard_records, compression, features, labelled)
-        columns = _LOADED.get(key)
-        if columns is None:
-            read = records_in_order().batch(65_536).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                                                        deterministic=True)
-            columns = _load(read)
-            _LOADED.clear()  # keep one split's records at most
-            _LOADED[key] = columns
+        columns = _loaded_columns(key, lambda: records_in_order().batch(65_536).map(
+            parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
         ds = _in_memory_passes(columns, per_pipeline_batch, seed=seed, repeat=repeat, drop_remainder=drop_remainder)
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
     if training:
-        files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        ds = files_ds.interleave(
-            lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
-            cycle_length=min(len(files), 4), block_length=16,
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None)
-        if shard_records:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = _shuffled_records(files_ds, len(files), compression, seed=seed, shuffle_buffer=shuffle_buffer,
+                               shard=(input_context.num_input_pipelines, input_context.input_pipeline_id)
+                               if shard_records else None)
     else:
         ds = records_in_order()
     if repeat:
@@ -192,6 +159,73 @@ def make_dataset(spec: FeatureSpec, split: str, batch_size: int, *, training: bo
     if cache:
         ds = ds.cache()
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _pipeline_share(files: list[str], batch_size: int,
+                    input_context: tf.distribute.InputContext | None) -> tuple[tf.data.Dataset, int, bool]:
+    """``(files of this input pipeline, its batch size, whether to shard by record)``.
+
+    With several input pipelines each reads its share: by file when there
+    are at least as many files as pipelines, by record otherwise.
+    """
+    per_pipeline_batch = batch_size
+    files_ds = tf.data.Dataset.from_tensor_slices(files)
+    shard_records = False
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        per_pipeline_batch = input_context.get_per_replica_batch_size(batch_size)
+        if len(files) >= input_context.num_input_pipelines:
+            files_ds = files_ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        else:
+            shard_records = True
+    elif input_context is not None:
+        per_pipeline_batch = input_context.get_per_replica_batch_size(batch_size)
+    return files_ds, per_pipeline_batch, shard_records
+
+
+def _parser(features: Mapping, label_name: str, labelled: bool):
+    """Batch of serialized records -> ``(features, float32 label)``, or ``features`` without labels."""
+
+    def parse(serialized):
+        parsed = tf.io.parse_example(serialized, features)
+        if not labelled:
+            return parsed
+        label = tf.cast(parsed.pop(label_name), tf.float32)
+        return parsed, label
+
+    return parse
+
+
+def _options(*, training: bool, seed: int | None, input_context) -> tf.data.Options:
+    """Deterministic unless training without a seed; no automatic sharding under tf.distribute."""
+    options = tf.data.Options()
+    options.deterministic = (not training) or seed is not None
+    if input_context is not None:
+        # Sharding is done by hand (_pipeline_share); do not let tf.distribute shard again.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return options
+
+
+def _loaded_columns(key: tuple, read):
+    """The parsed records under ``key``, read with ``read()`` (a dataset of parsed batches) unless held."""
+    columns = _LOADED.get(key)
+    if columns is None:
+        columns = _load(read())
+        _LOADED.clear()  # keep one split's records at most
+        _LOADED[key] = columns
+    return columns
+
+
+def _shuffled_records(files_ds: tf.data.Dataset, num_files: int, compression: str, *, seed: int | None,
+                      shuffle_buffer: int, shard: tuple[int, int] | None) -> tf.data.Dataset:
+    """Training from the files: shuffled files, interleaved readers, [record shard], shuffle buffer."""
+    files_ds = files_ds.shuffle(num_files, seed=seed, reshuffle_each_iteration=True)
+    ds = files_ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+        cycle_length=min(num_files, 4), block_length=16,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None)
+    if shard is not None:
+        ds = ds.shard(*shard)
+    return ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
 
 def _parsed_bytes(spec: FeatureSpec, split: str, features: Mapping, input_context) -> int:

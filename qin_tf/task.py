@@ -4,8 +4,10 @@
 
 :func:`create_strategy` must run before anything else starts TensorFlow's
 runtime (``MultiWorkerMirroredStrategy`` configures collective ops at
-startup; logical CPU devices are fixed at startup too); :func:`run` does the
-rest and leaves in ``model_dir``:
+startup; logical CPU devices are fixed at startup too); :func:`run` checks
+the inputs and ``model_dir``, and a :class:`Trainer` takes the named steps
+(start, build, watch, restore, fit = fit_epoch + evaluate, finish) that
+leave in ``model_dir``:
 
     config.json         the resolved ExperimentConfig
     feature_spec.json   a copy of the spec the model was trained on
@@ -504,7 +506,8 @@ def _save_weights_atomic(model: keras.Model, path: str) -> None:
 
 def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = None,
         callbacks: Sequence[keras.callbacks.Callback] = (),
-        print_fn: Callable[[str], None] | None = None) -> TrainResult:
+        print_fn: Callable[[str], None] | None = None,
+        export_fn: Callable[[str], str] | None = None) -> TrainResult:
     """Trains, evaluates and writes every artefact (see the module docstring).
 
     Args:
@@ -515,6 +518,14 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
         callbacks: more Keras callbacks, called after the built-in ones.
         print_fn: progress output; default: print to stdout, with a progress
             bar within epochs if stdout is a terminal (else periodic lines).
+        export_fn: with ``config.train.export_base``, what exports the
+            finished run: called on the chief with ``model_dir`` once
+            ``metrics.json`` is written (before the backup is removed, so a
+            failed export leaves a run that the same command resumes and
+            exports again); returns the version directory, recorded in
+            ``metrics.json`` as ``export``. The training command
+            (:mod:`qin_tf.train`) passes one; this library does not import
+            ``export/``.
 
     Returns:
         A :class:`TrainResult`; the model holds the best epoch's weights.
@@ -523,11 +534,14 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
         TrainingError: on a missing/bad input, a model_dir that holds a
             finished or different run, or a diverged (NaN) loss.
     """
-    tc, mc = config.train, config.model
+    tc = config.train
     if not tc.data_dir:
         raise TrainingError("--data_dir is required: the output directory of pipelines.preprocess.")
     if not tc.model_dir:
         raise TrainingError("--model_dir is required: where the run writes checkpoints and results.")
+    if tc.export_base and export_fn is None:
+        raise TrainingError("--export_base needs an export_fn: python -m qin_tf.train passes one "
+                            "(qin_tf.task does not import export/).")
     try:
         spec = FeatureSpec.load(tc.data_dir)
     except SpecError as e:
@@ -544,20 +558,40 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
         raise TrainingError(f"--global_batch_size={tc.global_batch_size} is not divisible by the "
                             f"{replicas} replicas in sync.")
 
+    state, source = _prepare_model_dir(config, spec, chief)
+    write_dir = tc.model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
+    trainer = Trainer(config, spec, strategy, chief=chief, write_dir=write_dir, say=say, label=label,
+                      callbacks=list(callbacks), interactive=print_fn is None and sys.stdout.isatty(),
+                      warm_source=source)
+    try:
+        return trainer.run(state, export_fn=export_fn if tc.export_base else None)
+    except warm_start.WarmStartError as e:
+        raise TrainingError(str(e)) from None
+    except tf.errors.DataLossError as e:
+        raise _data_loss(spec, tc, e) from None
+    finally:
+        if not chief:
+            fileio.remove(write_dir)
+
+
+def _prepare_model_dir(config: ExperimentConfig, spec: FeatureSpec, chief: bool):
+    """``(state, source)``: the backup state of an unfinished run to resume (checked: same
+    configuration, same data), else ``None``; and for a fresh run with ``--warm_start_from``, the
+    checked :class:`~qin_tf.warm_start` source, else ``None``. With ``--overwrite``, the chief
+    removes a finished run's artefacts first."""
+    tc = config.train
     model_dir = tc.model_dir
-    backup_read_dir = os.path.join(model_dir, BACKUP_DIR)
-    state = qcb.TrainingBackup.read(backup_read_dir)
-    config_dict = config.to_dict()
+    state = qcb.TrainingBackup.read(os.path.join(model_dir, BACKUP_DIR))
     source = None
     if state is None and tc.warm_start_from:  # a resumed run's backup holds the warm-started weights
-        try:
-            source = warm_start.load_source(tc.warm_start_from, spec, mc, model_dir=model_dir)
+        try:  # loaded and checked before anything is written or removed
+            source = warm_start.load_source(tc.warm_start_from, spec, config.model, model_dir=model_dir)
         except warm_start.WarmStartError as e:
             raise TrainingError(str(e)) from None
     if state is not None:
         saved_path = os.path.join(model_dir, CONFIG_FILENAME)
         if tf.io.gfile.exists(saved_path):
-            diff = _config_diff(fileio.read_json(saved_path), config_dict)
+            diff = _config_diff(fileio.read_json(saved_path), config.to_dict())
             if diff:
                 raise TrainingError(f"{model_dir} holds an unfinished run with a different configuration "
                                     f"({'; '.join(diff)}). Resume it with the same configuration, or use "
@@ -569,236 +603,298 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
                                 f"--overwrite to replace it, or use another --model_dir.")
         for name in ARTEFACTS:
             fileio.remove(os.path.join(model_dir, name))
-
-    write_dir = model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
-    try:
-        return _run(config, spec, strategy, state, chief, write_dir, say, list(callbacks),
-                    interactive=print_fn is None and sys.stdout.isatty(), label=label, source=source)
-    except warm_start.WarmStartError as e:
-        raise TrainingError(str(e)) from None
-    except tf.errors.DataLossError as e:
-        raise _data_loss(spec, tc, e) from None
-    finally:
-        if not chief:
-            fileio.remove(write_dir)
+    return state, source
 
 
-def _run(config, spec, strategy, state, chief, write_dir, say, extra_callbacks, interactive,
-         label="", source=None) -> TrainResult:
-    tc, mc = config.train, config.model
-    replicas = strategy.num_replicas_in_sync
-    tf.io.gfile.makedirs(os.path.join(write_dir, CHECKPOINT_DIR))
-    if chief:
-        qcb.write_json(os.path.join(write_dir, CONFIG_FILENAME), config.to_dict())
-        qcb.write_json(os.path.join(write_dir, FINGERPRINT_FILENAME), data_fingerprint(spec))
-        spec.save(write_dir)
+class _LatestCheckpoint(keras.callbacks.Callback):
+    """Saves the model's weights to ``path`` at the end of every epoch."""
 
-    keras.utils.set_random_seed(tc.seed)
-    if tc.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    def __init__(self, model: keras.Model, path: str):
+        super().__init__()
+        self._weights_of = model
+        self.path = path
 
-    steps = tc.steps_per_epoch or math.ceil(spec.splits[tc.train_split].num_rows / tc.global_batch_size)
-    say(f"qin-tf: training {mc.name} on {tc.data_dir} ({spec.splits[tc.train_split].num_rows:,} train rows, "
-        f"dataset config {spec.dataset}) "
-        f"with {strategy_name(strategy)}, num_replicas_in_sync={replicas}, global batch "
-        f"{tc.global_batch_size} ({tc.global_batch_size // replicas} per replica), {steps} steps per epoch")
+    def on_epoch_end(self, epoch, logs=None):
+        _save_weights_atomic(self._weights_of, self.path)
 
-    with strategy.scope():
-        model = build_model(spec, mc)
-        warm = warm_start.apply(model, spec, source) if source is not None else None
-        optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
-        optimizer.build(model.trainable_variables)
-        loop = TrainLoop(model, optimizer, strategy, global_batch_size=tc.global_batch_size,
-                         clipnorm=tc.clipnorm)
-    say(f"model {model.name}: {model.count_params():,} parameters "
-        f"({sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} trainable)")
-    if warm is not None:
-        if chief:
-            warm_start.write_record(write_dir, warm)
-        say(warm_start.summary(warm))
 
-    evaluator = SplitEvaluator(spec, tc.valid_split, tc.resolved_eval_batch_size)
-    monitors = {split: SplitEvaluator(spec, split, tc.resolved_eval_batch_size) for split in tc.monitor_splits}
-    ckpt_dir = os.path.join(write_dir, CHECKPOINT_DIR)
-    # The scores of the splits evaluated at the end of each epoch, and those of the best epoch: the
-    # final evaluation reuses them for the best weights instead of predicting the splits again.
-    scored, best_scored = {}, {}
+class Trainer:
+    """One run of the training loop, in named steps; :meth:`run` takes them in order:
 
-    def on_improvement(epoch):
-        _save_weights_atomic(model, os.path.join(ckpt_dir, BEST_CHECKPOINT))
-        best_scored.clear()
-        best_scored.update(scored)
+        start      write config.json, data_fingerprint.json, feature_spec.json (chief); seed
+        build      the model, its optimizer and the training loop (a fresh run's model is made here)
+        watch      the evaluators and the callbacks (progress, schedule, history, checkpoints, backup)
+        restore    a resumed run: every variable and the callbacks' state from the backup
+        fit        fit_epoch + evaluate per epoch, until the last epoch or an early stop
+        finish     chief: final evaluation, best.keras, curves.png, metrics.json, export
 
-    plateau = qcb.PlateauSchedule(
-        optimizer, monitor=MONITOR, min_delta=tc.min_delta, factor=tc.lr_decay_factor, min_lr=tc.min_lr,
-        patience=tc.patience, print_fn=say, on_improvement=on_improvement)
-    history = qcb.History()
-    all_variables = lambda: list(model.variables) + list(optimizer.variables)  # noqa: E731
-    backup = qcb.TrainingBackup(
-        os.path.join(write_dir, BACKUP_DIR), variables=all_variables,
-        state_fn=lambda: {"plateau": plateau.get_state(), "history": history.get_state()},
-        best_epoch_fn=lambda: plateau.best_epoch)
+    ``write_dir`` is ``model_dir`` on the chief and a temporary directory on
+    other workers; the backup is read from ``model_dir`` on every worker.
+    """
 
-    class _Latest(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            _save_weights_atomic(model, os.path.join(ckpt_dir, LATEST_CHECKPOINT))
+    def __init__(self, config: ExperimentConfig, spec: FeatureSpec, strategy: tf.distribute.Strategy, *,
+                 chief: bool, write_dir: str, say: Callable[[str], None], label: str = "",
+                 callbacks: Sequence[keras.callbacks.Callback] = (), interactive: bool = False,
+                 warm_source=None):
+        self.config, self.spec, self.strategy = config, spec, strategy
+        self.warm_source = warm_source
+        self.tc, self.mc = config.train, config.model
+        self.chief, self.write_dir, self.say, self.label = chief, write_dir, say, label
+        self.extra_callbacks = list(callbacks)
+        self.interactive = interactive
+        self.backup_dir = os.path.join(self.tc.model_dir, BACKUP_DIR)
+        self.ckpt_dir = os.path.join(write_dir, CHECKPOINT_DIR)
+        self.steps = self.tc.steps_per_epoch or math.ceil(spec.splits[self.tc.train_split].num_rows
+                                                          / self.tc.global_batch_size)
+        # Steps per call of the training function: one, as Keras' fit, so that the progress
+        # callbacks see every step. Under multi_worker, as before, as many as between two
+        # progress lines: with one, the two-worker test run ended with the chief logging a
+        # CoordinationServiceError (worker 1, done, had left while the chief finished) in
+        # 3 runs of 3 on a loaded machine; the same error shows, less often, without it.
+        self.chunk = (self.tc.log_every_steps or self.steps) if strategy_name(strategy) == "multi_worker" else 1
+        # The scores of the splits evaluated at the end of each epoch, and those of the best epoch: the
+        # final evaluation reuses them for the best weights instead of predicting the splits again.
+        self.scored, self.best_scored = {}, {}
 
-    cbs = [qcb.ProgressLogger(epochs=tc.epochs, steps_per_epoch=steps, global_batch_size=tc.global_batch_size,
-                              every_steps=tc.log_every_steps, every_seconds=tc.log_every_seconds,
-                              interactive=interactive, print_fn=say),
-           plateau, history, _Latest(), backup,
-           qcb.TensorBoardLogger(os.path.join(write_dir, LOG_DIR), steps_per_epoch=steps), *extra_callbacks]
-    callback_list = keras.callbacks.CallbackList(cbs, model=model)
+    def run(self, state: dict | None, *, export_fn: Callable[[str], str] | None = None) -> TrainResult:
+        """Every step in order; ``state`` is the backup to resume from, or ``None``."""
+        self.start()
+        self.build()
+        self.watch()
+        initial_epoch, finished = self.restore(state) if state is not None else (0, False)
+        train_seconds = self.fit(initial_epoch, finished)
+        metrics = None
+        if self.chief:
+            metrics = self.finish(train_seconds, export_fn=export_fn)
+            fileio.remove(os.path.join(self.write_dir, BACKUP_DIR))
+        return TrainResult(model=self.model, metrics=metrics, history=self.history.get_state(),
+                           is_chief=self.chief, num_replicas_in_sync=self.strategy.num_replicas_in_sync)
 
-    # Steps per call of the training function: one, as Keras' fit, so that the progress
-    # callbacks see every step. Under multi_worker, as before, as many as between two
-    # progress lines: with one, the two-worker test run ended with the chief logging a
-    # CoordinationServiceError (worker 1, done, had left while the chief finished) in
-    # 3 runs of 3 on a loaded machine; the same error shows, less often, without it.
-    chunk = (tc.log_every_steps or steps) if strategy_name(strategy) == "multi_worker" else 1
-    initial_epoch, finished = 0, False
-    if state is not None:
-        best_weights = qcb.TrainingBackup.restore(os.path.join(tc.model_dir, BACKUP_DIR), state,
-                                                  all_variables(), model.weights)
-        plateau.set_state(state["callbacks"]["plateau"])
-        plateau.best_weights = best_weights
-        history.set_state(state["callbacks"]["history"])
+    def start(self) -> None:
+        """Writes what identifies the run (chief), seeds every generator and says what runs where."""
+        tc, spec, strategy = self.tc, self.spec, self.strategy
+        tf.io.gfile.makedirs(self.ckpt_dir)
+        if self.chief:
+            qcb.write_json(os.path.join(self.write_dir, CONFIG_FILENAME), self.config.to_dict())
+            qcb.write_json(os.path.join(self.write_dir, FINGERPRINT_FILENAME), data_fingerprint(spec))
+            spec.save(self.write_dir)
+        keras.utils.set_random_seed(tc.seed)
+        if tc.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        replicas = strategy.num_replicas_in_sync
+        self.say(f"qin-tf: training {self.mc.name} on {tc.data_dir} ({spec.splits[tc.train_split].num_rows:,} "
+                 f"train rows, dataset config {spec.dataset}) "
+                 f"with {strategy_name(strategy)}, num_replicas_in_sync={replicas}, global batch "
+                 f"{tc.global_batch_size} ({tc.global_batch_size // replicas} per replica), "
+                 f"{self.steps} steps per epoch")
+
+    def build(self) -> None:
+        """The model, its optimizer and the training loop, under the strategy's scope."""
+        tc = self.tc
+        with self.strategy.scope():
+            self.model = model = build_model(self.spec, self.mc)
+            # --warm_start_from (a fresh run): the earlier run's weights by name, tables grown.
+            warm = warm_start.apply(model, self.spec, self.warm_source) if self.warm_source is not None else None
+            self.optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
+            self.optimizer.build(model.trainable_variables)
+            self.loop = TrainLoop(model, self.optimizer, self.strategy, global_batch_size=tc.global_batch_size,
+                                  clipnorm=tc.clipnorm)
+        self.say(f"model {model.name}: {model.count_params():,} parameters "
+                 f"({sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} trainable)")
+        if warm is not None:
+            if self.chief:
+                warm_start.write_record(self.write_dir, warm)
+            self.say(warm_start.summary(warm))
+        self.warm_source = None  # the source weights are not needed any more
+
+    def _variables(self) -> list:
+        """Every variable of the training state: the model's, then the optimizer's."""
+        return list(self.model.variables) + list(self.optimizer.variables)
+
+    def watch(self) -> None:
+        """The evaluators of the validation and monitored splits, and the callbacks, in their order."""
+        tc, model = self.tc, self.model
+        self.evaluator = SplitEvaluator(self.spec, tc.valid_split, tc.resolved_eval_batch_size)
+        self.monitors = {split: SplitEvaluator(self.spec, split, tc.resolved_eval_batch_size)
+                         for split in tc.monitor_splits}
+        self.plateau = qcb.PlateauSchedule(
+            self.optimizer, monitor=MONITOR, min_delta=tc.min_delta, factor=tc.lr_decay_factor,
+            min_lr=tc.min_lr, patience=tc.patience, print_fn=self.say, on_improvement=self._on_improvement)
+        self.history = qcb.History()
+        self.backup = qcb.TrainingBackup(
+            os.path.join(self.write_dir, BACKUP_DIR), variables=self._variables,
+            state_fn=lambda: {"plateau": self.plateau.get_state(), "history": self.history.get_state()},
+            best_epoch_fn=lambda: self.plateau.best_epoch)
+        cbs = [qcb.ProgressLogger(epochs=tc.epochs, steps_per_epoch=self.steps,
+                                  global_batch_size=tc.global_batch_size, every_steps=tc.log_every_steps,
+                                  every_seconds=tc.log_every_seconds, interactive=self.interactive,
+                                  print_fn=self.say),
+               self.plateau, self.history, _LatestCheckpoint(model, os.path.join(self.ckpt_dir, LATEST_CHECKPOINT)),
+               self.backup, qcb.TensorBoardLogger(os.path.join(self.write_dir, LOG_DIR), steps_per_epoch=self.steps),
+               *self.extra_callbacks]
+        self.callback_list = keras.callbacks.CallbackList(cbs, model=model)
+
+    def _on_improvement(self, epoch) -> None:
+        """A better epoch: its weights become best.weights.h5, its scores the best scores."""
+        _save_weights_atomic(self.model, os.path.join(self.ckpt_dir, BEST_CHECKPOINT))
+        self.best_scored.clear()
+        self.best_scored.update(self.scored)
+
+    def restore(self, state: dict) -> tuple[int, bool]:
+        """Resumes from the backup: ``(the first epoch to run, whether training had finished)``."""
+        best_weights = qcb.TrainingBackup.restore(self.backup_dir, state, self._variables(), self.model.weights)
+        self.plateau.set_state(state["callbacks"]["plateau"])
+        self.plateau.best_weights = best_weights
+        self.history.set_state(state["callbacks"]["history"])
         initial_epoch = int(state["next_epoch"])
-        finished = bool(state["stopped"]) or initial_epoch >= tc.epochs
-        say(f"resumed from {os.path.join(tc.model_dir, BACKUP_DIR)}: {initial_epoch} epochs done"
-            + (" (training had finished)" if finished else ""))
+        finished = bool(state["stopped"]) or initial_epoch >= self.tc.epochs
+        self.say(f"resumed from {self.backup_dir}: {initial_epoch} epochs done"
+                 + (" (training had finished)" if finished else ""))
+        return initial_epoch, finished
 
-    def collective(fn, epoch, step):
+    def fit(self, initial_epoch: int, finished: bool) -> float:
+        """Trains and evaluates epoch after epoch; leaves the best weights in the model.
+
+        Returns the seconds it took."""
+        model, callback_list = self.model, self.callback_list
+        model.stop_training = False
+        t_start = time.perf_counter()
+        callback_list.on_train_begin()
+        epoch = initial_epoch
+        while not finished and epoch < self.tc.epochs:
+            callback_list.on_epoch_begin(epoch)
+            logs = self.fit_epoch(epoch)
+            logs.update(self.evaluate())
+            callback_list.on_epoch_end(epoch, logs)
+            epoch += 1
+            if model.stop_training:
+                break
+        callback_list.on_train_end()
+        self.plateau.restore_best()
+        return time.perf_counter() - t_start
+
+    def _dataset_fn(self, epoch: int):
+        """The input function of one epoch: the endless shuffled stream seeded with (seed, epoch)."""
+        spec, tc, seed = self.spec, self.tc, _epoch_seed(self.tc.seed, epoch)
+
+        def dataset_fn(ctx):
+            return make_dataset(spec, tc.train_split, tc.global_batch_size, training=True, input_context=ctx,
+                                seed=seed, repeat=True, drop_remainder=True)
+
+        return dataset_fn
+
+    def fit_epoch(self, epoch: int) -> dict:
+        """Trains one epoch of ``steps`` batches; returns its logs (loss, logloss, auc, lr)."""
+        loop, steps = self.loop, self.steps
+        loop.auc.reset_state()
+        loop.logloss.reset_state()
+        lr = self.plateau.learning_rate
+        iterator = iter(self.strategy.distribute_datasets_from_function(self._dataset_fn(epoch)))
+        done_steps, loss_sum, auc = 0, 0.0, float("nan")
+        while done_steps < steps:
+            n = min(self.chunk, steps - done_steps)
+            total, done, last, auc = self._collective(lambda: self._run_steps(iterator, n), epoch, done_steps)
+            if not math.isfinite(last):
+                raise self._diverged(last, epoch, done_steps + done, lr)
+            done_steps += done
+            loss_sum += total
+            self.callback_list.on_train_batch_end(done_steps - 1, {"loss": loss_sum / done_steps, "auc": auc})
+        logloss = self._collective(lambda: float(loop.logloss.result()), epoch, done_steps)
+        return {"loss": loss_sum / steps, "logloss": logloss, "auc": auc, "lr": lr}
+
+    def _run_steps(self, iterator, n: int) -> tuple[float, int, float, float]:
+        total, done, last = self.loop.run(iterator, tf.constant(n))
+        return float(total), int(done), float(last), float(self.loop.auc.result())
+
+    def _collective(self, fn, epoch: int, step: int):
         """``fn()``; under multi_worker, a failed collective is one line naming the peer and the step.
         Reading the running metrics all-reduces them across the workers, as the step does."""
         try:
             return fn()
         except COLLECTIVE_ERRORS as e:
-            if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
                 raise
-            raise ClusterError(_collective_failure(e, label=label, epoch=epoch, step=step,
-                                                   model_dir=tc.model_dir)) from None
+            raise ClusterError(_collective_failure(e, label=self.label, epoch=epoch, step=step,
+                                                   model_dir=self.tc.model_dir)) from None
 
-    def run_steps(iterator, n):
-        total, done, last = loop.run(iterator, tf.constant(n))
-        return float(total), int(done), float(last), float(loop.auc.result())
+    def _diverged(self, loss: float, epoch: int, step: int, lr: float) -> NonFiniteLossError:
+        """The error of a non-finite training loss at ``step`` (1-based) of ``epoch``."""
+        last_good = (f"the last good state is the backup after epoch {epoch} in {self.backup_dir}" if epoch
+                     else "no epoch had finished")
+        return NonFiniteLossError(
+            f"the training loss is {loss} at epoch {epoch + 1}, step {step} "
+            f"(global step {epoch * self.steps + step}): training diverged. Lower "
+            f"--learning_rate (now {lr:g}) or check the data; {last_good}.")
 
-    model.stop_training = False
-    t_start = time.perf_counter()
-    callback_list.on_train_begin()
-    epoch = initial_epoch
-    while not finished and epoch < tc.epochs:
-        callback_list.on_epoch_begin(epoch)
-        loop.auc.reset_state()
-        loop.logloss.reset_state()
-        lr = plateau.learning_rate
-        seed = _epoch_seed(tc.seed, epoch)
+    def evaluate(self) -> dict:
+        """Scores the validation and monitored splits with the model's weights now; returns their logs.
 
-        def dataset_fn(ctx, seed=seed):
-            return make_dataset(spec, tc.train_split, tc.global_batch_size, training=True, input_context=ctx,
-                                seed=seed, repeat=True, drop_remainder=True)
-
-        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-        done_steps, loss_sum = 0, 0.0
-        while done_steps < steps:
-            total, done, last, auc = collective(lambda: run_steps(iterator, min(chunk, steps - done_steps)),
-                                                epoch, done_steps)
-            if not math.isfinite(last):
-                last_good = (f"the last good state is the backup after epoch {epoch} in "
-                             f"{os.path.join(tc.model_dir, BACKUP_DIR)}" if epoch else "no epoch had finished")
-                raise NonFiniteLossError(
-                    f"the training loss is {last} at epoch {epoch + 1}, step {done_steps + done} "
-                    f"(global step {epoch * steps + done_steps + done}): training diverged. Lower "
-                    f"--learning_rate (now {lr:g}) or check the data; {last_good}.")
-            done_steps += done
-            loss_sum += total
-            callback_list.on_train_batch_end(done_steps - 1, {"loss": loss_sum / done_steps, "auc": auc})
-        logloss = collective(lambda: float(loop.logloss.result()), epoch, done_steps)
-        val, cal = evaluator.evaluate(model)
-        scored.clear()
-        scored[tc.valid_split] = (val, cal)
-        logs = {"loss": loss_sum / steps, "logloss": logloss, "auc": auc, "lr": lr}
-        logs.update({f"val_{k}": val[k] for k in ("auc", "logloss", "gauc") if k in val})
-        for split, monitor in monitors.items():
-            m, cal = monitor.evaluate(model)
-            scored[split] = (m, cal)
+        Their scores are kept for the final evaluation, should this epoch be the best."""
+        tc = self.tc
+        val, cal = self.evaluator.evaluate(self.model)
+        self.scored.clear()
+        self.scored[tc.valid_split] = (val, cal)
+        logs = {f"val_{k}": val[k] for k in ("auc", "logloss", "gauc") if k in val}
+        for split, monitor in self.monitors.items():
+            m, cal = monitor.evaluate(self.model)
+            self.scored[split] = (m, cal)
             logs.update({f"{split}_{k}": m[k] for k in ("auc", "logloss", "gauc") if k in m})
-        callback_list.on_epoch_end(epoch, logs)
-        epoch += 1
-        if model.stop_training:
-            break
-    callback_list.on_train_end()
-    plateau.restore_best()
-    train_seconds = time.perf_counter() - t_start
+        return logs
 
-    metrics = None
-    if chief:
-        metrics = _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds,
-                          best_scored)
-        fileio.remove(os.path.join(write_dir, BACKUP_DIR))
-    return TrainResult(model=model, metrics=metrics, history=history.get_state(), is_chief=chief,
-                       num_replicas_in_sync=strategy.num_replicas_in_sync)
+    def final_scores(self) -> tuple[dict, dict, dict]:
+        """``(metrics, skipped, calibration)`` of the best weights on every labelled evaluation split.
 
+        The splits scored at the end of the best epoch in this process are
+        not predicted again."""
+        tc, spec, say = self.tc, self.spec, self.say
+        splits, skipped, calibration = {}, {}, {}
+        order = [tc.valid_split] + sorted(s for s in spec.splits if s not in (tc.train_split, tc.valid_split))
+        for split in order:
+            if not spec.splits[split].labelled:
+                skipped[split] = "unlabelled"
+                say(f"split `{split}` has no labels: no metrics")
+                continue
+            if split in self.best_scored:
+                m, cal = self.best_scored[split]
+            else:
+                m, cal = SplitEvaluator(spec, split, tc.resolved_eval_batch_size).evaluate(self.model)
+            splits[split], calibration[split] = m, cal
+            say(f"best model on {split}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
+                f"gAUC {m.get('gauc', float('nan')):.4f}  ({m['num_examples']:,} rows)")
+        return splits, skipped, calibration
 
-def _finish(config, spec, strategy, model, plateau, history, write_dir, say, train_seconds,
-            scored: dict) -> dict:
-    """Chief only: final evaluation, best.keras, curves.png, metrics.json, export.
-
-    ``scored`` maps a split to the ``(metrics, calibration)`` of the best
-    weights, as evaluated at the end of their epoch in this process; those
-    splits are not predicted again.
-    """
-    tc, mc = config.train, config.model
-    splits, skipped, calibration = {}, {}, {}
-    order = [tc.valid_split] + sorted(s for s in spec.splits if s not in (tc.train_split, tc.valid_split))
-    for split in order:
-        if not spec.splits[split].labelled:
-            skipped[split] = "unlabelled"
-            say(f"split `{split}` has no labels: no metrics")
-            continue
-        if split in scored:
-            m, cal = scored[split]
-        else:
-            m, cal = SplitEvaluator(spec, split, tc.resolved_eval_batch_size).evaluate(model)
-        splits[split], calibration[split] = m, cal
-        say(f"best model on {split}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  "
-            f"gAUC {m.get('gauc', float('nan')):.4f}  ({m['num_examples']:,} rows)")
-
-    tmp = os.path.join(write_dir, "best.tmp.keras")
-    model.save(tmp)
-    fileio.replace(tmp, os.path.join(write_dir, MODEL_FILENAME))
-    best_epoch = plateau.best_epoch + 1 if plateau.best_epoch is not None else None
-    records = history.get_state()
-    report.plot_curves(records, calibration, os.path.join(write_dir, CURVES_FILENAME), best_epoch=best_epoch,
-                       title=f"{mc.name} on {os.path.normpath(tc.data_dir) if fileio.is_local(tc.data_dir) else tc.data_dir}")
-    metrics = {
-        "model": mc.name,
-        "dataset": spec.dataset,
-        "best_epoch": best_epoch,
-        "epochs_run": len(records),
-        "stopped_early": plateau.stopped_epoch is not None,
-        "monitor": f"{tc.valid_split} auc",
-        "strategy": strategy_name(strategy),
-        "num_replicas_in_sync": strategy.num_replicas_in_sync,
-        "train_seconds": train_seconds,
-        "splits": splits,
-        "skipped_splits": skipped,
-        "history": records,
-    }
-    qcb.write_json(os.path.join(write_dir, METRICS_FILENAME), metrics)
-    say(f"wrote {os.path.join(write_dir, METRICS_FILENAME)}, {MODEL_FILENAME}, {CURVES_FILENAME}")
-    if tc.export_base:
-        try:
-            from export.exporter import export_from_model_dir
-        except ImportError as e:
-            raise TrainingError(f"--export_base needs export.exporter ({e}).") from None
-        try:
-            path = export_from_model_dir(write_dir, tc.export_base, data_dir=tc.data_dir)
-        except Exception as e:  # the run itself succeeded: say so, and how to retry the export
-            raise TrainingError(f"training finished ({os.path.join(write_dir, METRICS_FILENAME)}), but the export "
-                                f"to {tc.export_base} failed: {e}. Retry it with: python -m export.exporter "
-                                f"--model_dir={write_dir} --export_base={tc.export_base}") from e
-        metrics["export"] = path
-        qcb.write_json(os.path.join(write_dir, METRICS_FILENAME), metrics)
-        say(f"exported the best model to {path}")
-    return metrics
+    def finish(self, train_seconds: float, *, export_fn: Callable[[str], str] | None = None) -> dict:
+        """Chief only: final evaluation, best.keras, curves.png, metrics.json, then ``export_fn``."""
+        tc, mc, write_dir, plateau = self.tc, self.mc, self.write_dir, self.plateau
+        splits, skipped, calibration = self.final_scores()
+        tmp = os.path.join(write_dir, "best.tmp.keras")
+        self.model.save(tmp)
+        fileio.replace(tmp, os.path.join(write_dir, MODEL_FILENAME))
+        best_epoch = plateau.best_epoch + 1 if plateau.best_epoch is not None else None
+        records = self.history.get_state()
+        data_name = os.path.normpath(tc.data_dir) if fileio.is_local(tc.data_dir) else tc.data_dir
+        report.plot_curves(records, calibration, os.path.join(write_dir, CURVES_FILENAME), best_epoch=best_epoch,
+                           title=f"{mc.name} on {data_name}")
+        metrics = {
+            "model": mc.name,
+            "dataset": self.spec.dataset,
+            "best_epoch": best_epoch,
+            "epochs_run": len(records),
+            "stopped_early": plateau.stopped_epoch is not None,
+            "monitor": f"{tc.valid_split} auc",
+            "strategy": strategy_name(self.strategy),
+            "num_replicas_in_sync": self.strategy.num_replicas_in_sync,
+            "train_seconds": train_seconds,
+            "splits": splits,
+            "skipped_splits": skipped,
+            "history": records,
+        }
+        metrics_path = os.path.join(write_dir, METRICS_FILENAME)
+        qcb.write_json(metrics_path, metrics)
+        self.say(f"wrote {metrics_path}, {MODEL_FILENAME}, {CURVES_FILENAME}")
+        if export_fn is not None:
+            path = export_fn(write_dir)
+            metrics["export"] = path
+            qcb.write_json(metrics_path, metrics)
+            self.say(f"exported the best model to {path}")
+        return metrics

@@ -2,8 +2,11 @@
 
 A thin absl ``main``: flags -> :class:`~qin_tf.config.ExperimentConfig` ->
 strategy -> :func:`qin_tf.task.run` (which does the work and writes
-``model_dir``). Every field of ``ModelConfig`` and ``TrainConfig`` is a flag
-of the same name, with the dataclass default. Precedence: defaults <
+``model_dir``) -> with ``--export_base``, :func:`export_trained` (this
+command is the one composition root that reaches ``export/``, lazily, as
+TF Model Garden's ranking ``train.py`` does). Every field of
+``ModelConfig`` and ``TrainConfig`` is a flag of the same name, with the
+dataclass default. Precedence: defaults <
 ``--flagfile`` < flags given on the command line, wherever on the command
 line the ``--flagfile`` stands. Optional values take ``none``
 (``--eval_batch_size=none``); tuples take commas (``--din_dnn_units=512,256``).
@@ -21,7 +24,9 @@ message names the problem), 2 on bad flags.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import os
 import re
 import sys
 import types
@@ -203,7 +208,7 @@ def run_main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 
     try:
         strategy = task.create_strategy(config.train.strategy, logical_cpus=flag_values["logical_cpus"].value)
-        result = task.run(config, strategy=strategy)
+        result = task.run(config, strategy=strategy, export_fn=functools.partial(export_trained, config))
     except task.TrainingError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -213,6 +218,30 @@ def run_main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
                             f"gAUC {v.get('gauc', float('nan')):.4f}" for split, v in m["splits"].items())
         print(f"done: best epoch {m['best_epoch']}: {summary}", flush=True)
     return 0
+
+
+def export_trained(config: ExperimentConfig, model_dir: str) -> str:
+    """``--export_base``: exports the finished run in ``model_dir``; returns the version directory.
+
+    :func:`qin_tf.task.run` calls it on the chief once training succeeded and
+    ``metrics.json`` is written. ``export/`` is imported here, lazily: this
+    command is the one composition root that reaches it (``qin_tf/`` does
+    not import ``export/``). A failed export is a ``TrainingError`` saying
+    that training finished and how to retry the export alone.
+    """
+    from qin_tf import task
+
+    tc = config.train
+    try:
+        from export.exporter import export_from_model_dir
+    except ImportError as e:
+        raise task.TrainingError(f"--export_base needs export.exporter ({e}).") from None
+    try:
+        return export_from_model_dir(model_dir, tc.export_base, data_dir=tc.data_dir)
+    except Exception as e:  # the run itself succeeded: say so, and how to retry the export
+        raise task.TrainingError(f"training finished ({os.path.join(model_dir, task.METRICS_FILENAME)}), but the "
+                                 f"export to {tc.export_base} failed: {e}. Retry it with: python -m export.exporter "
+                                 f"--model_dir={model_dir} --export_base={tc.export_base}") from e
 
 
 def main(argv):

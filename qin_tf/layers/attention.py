@@ -11,7 +11,7 @@ from keras import ops
 from qin_tf.layers.mlp import MLPBlock
 
 
-def _as_mask(mask, like):
+def as_mask(mask, like):
     """A boolean ``[batch, L]`` mask (non-zero = real item); all True if ``mask`` is None."""
     if mask is None:
         return ops.ones(ops.shape(like)[:2], dtype="bool")
@@ -27,7 +27,7 @@ def _real_items(history, history_mask, history_index):
     of the ``n`` real (mask != 0) slots, in row-major order, and ``items``
     ``[n, D]`` = ``history[history_index[row, slot]]``.
     """
-    positions = tf.where(_as_mask(history_mask, history_index))       # [n, 2]
+    positions = tf.where(as_mask(history_mask, history_index))       # [n, 2]
     items = tf.gather(history, tf.gather_nd(history_index, positions))
     return positions[:, 0], items
 
@@ -183,7 +183,7 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
             if self.use_scale:
                 key_query = key_query * ops.convert_to_tensor(1.0 / math.sqrt(self._att), dtype=key_query.dtype)
         if history_index is None:
-            mask = _as_mask(history_mask, history)
+            mask = as_mask(history_mask, history)
             scores = ops.einsum("bd,bld->bl", key_query, history)     # [B, L]
             weights = ops.relu(ops.where(mask, scores, ops.zeros_like(scores)))
             pooled = ops.einsum("bl,bld->bd", weights, history)        # [B, D]
@@ -201,7 +201,7 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
         query = ops.matmul(target, self.W_q)                                  # [B, A]
         scale = ops.convert_to_tensor(1.0 / math.sqrt(self._att) if self.use_scale else 1.0, dtype=query.dtype)
         if history_index is None:
-            mask = _as_mask(history_mask, history)
+            mask = as_mask(history_mask, history)
             # As torch.nn.Linear does it: one [B*L, D] x [D, A] product each (an einsum's
             # gradient here would build a [B, D, A] intermediate).
             shape = ops.shape(history)
@@ -214,7 +214,7 @@ class AdaptiveSparseTargetAttention(keras.layers.Layer):
         else:
             keys = ops.matmul(history, self.W_k)                              # [U, A]: each item once
             values = ops.matmul(history, self.W_v)
-            positions = tf.where(_as_mask(history_mask, history_index))
+            positions = tf.where(as_mask(history_mask, history_index))
             rows = positions[:, 0]
             slots = tf.gather_nd(history_index, positions)
             scores = ops.sum(ops.take(query, rows, axis=0) * ops.take(keys, slots, axis=0), axis=-1) * scale
@@ -336,7 +336,7 @@ class DINAttention(keras.layers.Layer):
         k_t, k_h, k_diff, k_prod = (kernel[i * d:(i + 1) * d] for i in range(4))
         per_target = ops.matmul(target, k_t + k_diff) + self.first_dense.bias   # [B, U]
         if history_index is None:
-            mask = _as_mask(history_mask, history)
+            mask = as_mask(history_mask, history)
             items, item_targets = history, ops.expand_dims(target, 1)  # [B, L, D], [B, 1, D]
             item_biases = ops.expand_dims(per_target, 1)
         else:

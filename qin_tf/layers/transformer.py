@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from qin_tf.layers.attention import _as_mask
+from qin_tf.layers.attention import as_mask
 
 
 @keras.saving.register_keras_serializable(package="qin_tf")
@@ -144,7 +144,7 @@ class TargetTransformer(keras.layers.Layer):
     def call(self, target, history, history_mask=None, history_index=None, training=None):
         if history_index is not None:
             history = ops.take(history, history_index, axis=0)                  # [B, L, D]
-        real = _as_mask(history_mask, history_index if history_index is not None else history)
+        real = as_mask(history_mask, history_index if history_index is not None else history)
         history = ops.where(ops.expand_dims(real, -1), history, ops.zeros_like(history))
         # A row without real items counts its last slot, [0 | t], as real (the winner's adjust_mask).
         empty = ops.logical_not(ops.any(real, axis=1, keepdims=True))          # [B, 1]
