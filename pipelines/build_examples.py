@@ -97,7 +97,6 @@ import bisect
 import csv
 import datetime
 import hashlib
-import io
 import json
 import logging
 import os
@@ -112,8 +111,8 @@ import pyarrow.parquet as pq
 
 from pipelines import preprocess as pp  # Beam import (quietly), file helpers, options, atomic commit
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source
-from pipelines.validation import PreprocessError, where
-from qin_tf.spec import SpecError
+from pipelines.validation import PreprocessError, beam_failure, unwrap_beam_error, where
+from qin_tf.spec import RAW_ID_RULE, SpecError, raw_id_problem
 
 beam = pp.beam
 
@@ -147,6 +146,39 @@ def _bad_record(path, fidx, row, column, reason, text):
             "reason": reason, "message": f"{where(path, row, column)}: {text}"}
 
 
+class _Lines:
+    """The lines of a binary text file, decoded as UTF-8; the first line that is not UTF-8 is remembered.
+
+    Such a line is still yielded (its bad bytes as surrogate escapes) so that the
+    reader can say which row and column hold them; it then stops with
+    :func:`_not_utf8`. Bytes that do not decode are the file's fault, not a
+    row's: an error whatever ``on_bad_row`` says (as in :mod:`pipelines.preprocess`).
+    """
+
+    def __init__(self, raw):
+        self.raw, self.bad = raw, None
+
+    def __iter__(self):
+        for n, b in enumerate(self.raw):
+            try:
+                yield b.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if self.bad is None:
+                    self.bad = (n, f"byte 0x{b[e.start]:02x} at offset {e.start} of line {n + 1}")
+                yield b.decode("utf-8", "surrogateescape")
+
+
+def _has_bad_bytes(value) -> bool:
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def _not_utf8(path: str, row, values: dict | None, lines: _Lines):
+    """Raises the one line for a file that is not UTF-8: file, row, the column holding the bytes, which byte."""
+    column = next((c for c, v in (values or {}).items() if _has_bad_bytes(v)), None)
+    raise PreprocessError(f"{where(path, row, column)}: not UTF-8 text ({lines.bad[1]})", file=path, row=row,
+                          column=column, reason="not_utf8")
+
+
 def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int, dict]]:
     """Yields ``(0-based row, {column: value})``; raises _Bad(column, 'missing_column') for a missing column."""
     if src.format == "parquet":
@@ -162,9 +194,15 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
             row += batch.num_rows
         return
     with pp._open(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        text = _Lines(raw)
         if src.format == "jsonl":
             for row, line in enumerate(text):
+                if text.bad is not None:
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        obj = None
+                    _not_utf8(path, row, obj if isinstance(obj, dict) else None, text)
                 if not line.strip():
                     continue
                 try:
@@ -176,6 +214,9 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
             return
         reader = csv.reader(text, delimiter=src.delimiter)
         names = next(reader, None) if src.header else None
+        if text.bad is not None:
+            raise PreprocessError(f"{path}: the header is not UTF-8 text ({text.bad[1]})", file=path,
+                                  reason="not_utf8")
         if src.header:
             names = names or []
             missing = [c for c in columns if c not in names]
@@ -185,40 +226,63 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
         else:
             index = {c: int(c) for c in columns}
         for row, fields in enumerate(reader):
+            if text.bad is not None:
+                _not_utf8(path, row, dict(zip(names, fields)) if names else
+                          {str(i): f for i, f in enumerate(fields)}, text)
             if not fields:
                 continue
             yield row, {c: (fields[i] if i < len(fields) and fields[i] != "" else None) for c, i in index.items()}
 
 
+#: The reason (``stats.json``'s ``bad_rows`` key) of an id, tag or context value that breaks
+#: :data:`qin_tf.spec.RAW_ID_RULE`.
+BAD_RAW_ID = "bad_raw_id"
+
+
+def _check_raw(value, column: str):
+    """``value`` if it keeps the raw-id rule (a vocabulary file round-trips it), else a bad row."""
+    why = raw_id_problem(value)
+    if why is not None:
+        raise _Bad(column, BAD_RAW_ID, f"{why}; {RAW_ID_RULE}")
+    return value
+
+
 def _parse_id(value, dtype: str, column: str):
+    """A raw user or item id: an int (``dtype`` int64) or a str, kept only if it keeps the raw-id rule."""
     if value is None or (isinstance(value, float) and value != value):
         raise _Bad(column, "null", "null value")
     if dtype == "string":
-        return str(value)
+        return _check_raw(str(value), column)
     if isinstance(value, bool):
         raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r}")
     if isinstance(value, int):
-        return value
+        return _check_raw(value, column)
     try:
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return int(str(value).strip())
-    except ValueError:
+            return _check_raw(int(value), column)
+        v = int(str(value).strip())
+    except (ValueError, OverflowError):
         raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r} (set \"id_dtype\": \"string\" "
                                              "for string ids)") from None
+    return _check_raw(v, column)
 
 
 def _parse_time(value, column: str) -> float:
-    if value is None or (isinstance(value, float) and value != value):
+    """Seconds (a finite float): from a number, a datetime or an ISO 8601 string; else a bad row.
+
+    ``nan`` and ``inf`` (as numbers or as text) are bad rows (``non_finite_time``): they
+    cannot be ordered, so such an event would land in other events' histories.
+    """
+    if value is None:
         raise _Bad(column, "null", "null value")
     if isinstance(value, datetime.datetime):
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite_time(float(value), value, column)
     s = str(value).strip()
     try:
-        return float(s)
-    except ValueError:
+        return _finite_time(float(s), value, column)
+    except (ValueError, OverflowError):
         pass
     try:
         t = datetime.datetime.fromisoformat(s)
@@ -228,6 +292,12 @@ def _parse_time(value, column: str) -> float:
     if t.tzinfo is None:
         t = t.replace(tzinfo=datetime.timezone.utc)
     return t.timestamp()
+
+
+def _finite_time(t: float, value, column: str) -> float:
+    if t != t or t in (float("inf"), float("-inf")):
+        raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number")
+    return t
 
 
 _OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
@@ -263,7 +333,7 @@ def _context_value(value, c) -> str | None:
         return str(bisect.bisect_right(c.buckets, x))
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return str(value)
+    return _check_raw(str(value), c.column)  # a line of vocab/<context>.txt
 
 
 class ReadEvents(beam.DoFn):
@@ -323,8 +393,12 @@ class ReadEvents(beam.DoFn):
     def _sequence_rows(self, path):
         ev = self.cfg.events
         with pp._open(path) as raw:
-            for row, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8")):
+            lines = _Lines(raw)
+            for row, line in enumerate(lines):
                 line = line.rstrip("\r\n")
+                if lines.bad is not None:
+                    user, _, rest = line.partition(ev.source.delimiter)
+                    _not_utf8(path, row, {ev.user: user, ev.item: rest}, lines)
                 if not line.strip():
                     continue
                 user, sep, rest = line.partition(ev.source.delimiter)
@@ -379,10 +453,16 @@ def _tags_of(value, t) -> list[str]:
 
 
 class JoinCatalog(beam.DoFn):
-    """(item, {catalog: rows, vector: rows}) -> (item, (tags, vector)); duplicates are bad rows."""
+    """(item, {catalog: rows, vector: rows}) -> (item, (tags, vector)); duplicates are bad rows.
 
-    def __init__(self, cfg: LogsConfig):
-        self.cfg = cfg
+    A tag that breaks the raw-id rule (it would break ``vocab/tags.txt``) and a
+    vector that is not a list of finite floats are bad rows (the item keeps the
+    rest of its row). ``located``: the value is ``(tags, vector, where)``, with
+    ``where`` the vector's file, row and column (to name it if widths differ).
+    """
+
+    def __init__(self, cfg: LogsConfig, located: bool = False):
+        self.cfg, self.located = cfg, located
 
     def process(self, element):
         yield from self._process(element)
@@ -401,21 +481,35 @@ class JoinCatalog(beam.DoFn):
             return
         path, fidx, row, values = rows[0]
         tags = _tags_of(values.get(cat.tags.column), cat.tags) if cat.tags else []
-        vec = None
+        for t in tags:
+            why = raw_id_problem(t)
+            if why is not None:
+                yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, cat.tags.column, BAD_RAW_ID,
+                                                                  f"tag {why}; {RAW_ID_RULE}"))
+        tags = [t for t in tags if raw_id_problem(t) is None]
+        vec, at = None, None
         if cat.vector is not None:
             vrow = vecs[0] if cat.vector.source is not None and vecs else (None if cat.vector.source else rows[0])
             if vrow is not None:
                 raw = vrow[3].get(cat.vector.column)
                 if raw is not None:
-                    if isinstance(raw, str):
-                        raw = json.loads(raw)
-                    vec = np.asarray(raw, dtype=np.float32)
-                    if vec.ndim != 1 or not np.isfinite(vec).all():
+                    try:
+                        vec = np.asarray(json.loads(raw) if isinstance(raw, str) else raw, dtype=np.float32)
+                        problem = None if vec.ndim == 1 and vec.size and np.isfinite(vec).all() else \
+                            f"the vector must be a non-empty list of finite floats (got {_short(raw)})"
+                    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+                        problem = f"the vector must be a JSON list of finite floats: {_short(raw)} ({e})"
+                    if problem is not None:
                         yield beam.pvalue.TaggedOutput("bad", _bad_record(
-                            vrow[0], vrow[1], vrow[2], cat.vector.column, "bad_vector",
-                            "the vector must be a list of finite floats"))
+                            vrow[0], vrow[1], vrow[2], cat.vector.column, "bad_vector", problem))
                         vec = None
-        yield item, (tags, vec)
+                    at = where(vrow[0], vrow[2], cat.vector.column)
+        yield item, ((tags, vec, at) if self.located else (tags, vec))
+
+
+def _short(value, n: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def read_catalog(cfg: LogsConfig) -> dict:
@@ -633,22 +727,38 @@ class MakeExamples(beam.DoFn):
                                                             for s in SPLITS}})
 
     def _negatives(self, rng, own, n_ids, items):
+        """``min(per_positive, candidates)`` distinct dense ids in ``[2, n_ids)`` outside ``own``.
+
+        Draws one at a time and rejects what the user has or what was drawn, for at
+        most ``4 * k + 64`` draws; whatever is still missing then (a user who has
+        touched almost every item, or ``k`` near the vocabulary's size) is drawn
+        without replacement from the exact complement, vectorised. So it always ends,
+        in ``O(k + n_ids)``.
+        """
         k = self.cfg.negatives_per_positive
         candidates = n_ids - 2 - len([x for x in own if x >= 2])
-        if candidates <= 0:
+        want = min(k, candidates)
+        if want <= 0:
             return []
-        out = []
-        if self.cfg.negative_sampling == "popularity":
-            p = items["weights"]
-            while len(out) < min(k, candidates):
-                x = int(rng.choice(len(p), p=p)) + 2
-                if x not in own and x not in out:
-                    out.append(x)
-            return out
-        while len(out) < min(k, candidates):
-            x = int(rng.integers(2, n_ids))
-            if x not in own and x not in out:
+        out: list[int] = []
+        picked: set[int] = set()
+        popularity = self.cfg.negative_sampling == "popularity"
+        p = items["weights"] if popularity else None
+        for _ in range(4 * want + 64):
+            if len(out) == want:
+                return out
+            x = int(rng.choice(len(p), p=p)) + 2 if popularity else int(rng.integers(2, n_ids))
+            if x not in own and x not in picked:
                 out.append(x)
+                picked.add(x)
+        if len(out) < want:
+            rest = np.setdiff1d(np.arange(2, n_ids, dtype=np.int64),
+                                np.fromiter(own | picked, np.int64, len(own | picked)), assume_unique=True)
+            w = None
+            if popularity:
+                w = np.asarray(p, np.float64)[rest - 2]
+                w = w / w.sum()
+            out += [int(x) for x in rng.choice(rest, size=want - len(out), replace=False, p=w)]
         return out
 
 
@@ -741,6 +851,11 @@ def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig) -> dict:
     c = np.zeros(len(order) + 2, np.float64)
     for x, i in dense.items():
         c[i] = counts.get(x, 0)
+    k = cfg.negatives_per_positive
+    if cfg.sample_negatives and k >= len(order):
+        raise LogsConfigError(f"{cfg.path}: negatives.per_positive must be below the item vocabulary's size "
+                              f"({len(order):,} items; a positive's own item is never its negative). "
+                              f"Received: {k:,}")
     weights = c[2:] + 1.0  # popularity sampling: training count + 1 (unseen items stay drawable)
     edges = popularity_edges(c)
     return {"order": order, "dense": dense, "counts": c.astype(np.int64).tolist(), "edges": edges.tolist(),
@@ -818,18 +933,29 @@ class ConcatSplit(beam.DoFn):
 
 
 def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
-    """Item table: row i = dense item i; rows not given (padding, OOV, no catalog row) are empty."""
-    dim = next((len(v) for _, _, v in rows if v is not None), 1)
+    """Item table: row i = dense item i; rows not given (padding, OOV, no catalog row) are empty.
+
+    ``rows``: ``(dense id, tag ids, vector or None[, where])``; ``where`` (the
+    vector's file, row and column) names both vectors when widths differ: the
+    width is that of the lowest dense id's vector.
+    """
+    rows = sorted(rows, key=lambda r: r[0])
+    first = next((r for r in rows if r[2] is not None and r[0] >= 2), None)
+    dim = len(first[2]) if first is not None else 1
     tags = np.zeros((n_ids, tag_width), np.int64)
     emb = np.zeros((n_ids, dim), np.float32)
-    for i, t, v in rows:
+    for r in rows:
+        i, t, v = r[:3]
         if i < 2:
             continue  # OOV / unmapped items carry nothing
         if t:
             tags[i, tag_width - len(t):] = t
         if v is not None:
             if len(v) != dim:
-                raise PreprocessError(f"item vectors differ in width ({len(v)} and {dim}); every vector "
+                at = r[3] if len(r) > 3 and r[3] else None
+                ref = first[3] if len(first) > 3 and first[3] else None
+                raise PreprocessError(f"{at + ': ' if at else ''}the item vector has width {len(v)}, but "
+                                      f"{'the one at ' + ref if ref else 'another'} has width {dim}; every vector "
                                       "must have the same width")
             emb[i] = v
     table = pa.table({
@@ -883,7 +1009,7 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                  .with_outputs("bad", "stats", main="rows"))
             vec_rows, bads, stats = v.rows, bads + [v.bad], stats + [v.stats]
         joined = ({"catalog": c.rows, "vector": vec_rows} | "JoinCatalog" >> beam.CoGroupByKey()
-                  | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg)).with_outputs("bad", main="rows"))
+                  | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg, located=True)).with_outputs("bad", main="rows"))
         catalog, bads = joined.rows, bads + [joined.bad]
     catalog_ids = catalog | "CatalogIds" >> beam.Keys()
     catalog_list = catalog_ids | "CatalogIdList" >> beam.combiners.ToList()
@@ -925,9 +1051,9 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
     max_tags = cfg.catalog.tags.max_tags if cfg.catalog is not None and cfg.catalog.tags else 1
 
     def item_row(kv, items, tags):
-        item, (tag_list, vec) = kv
+        item, (tag_list, vec, at) = kv
         ids = [tags["dense"][t] for t in tag_list if t in tags["dense"]][:max_tags]
-        return (items["dense"].get(item, OOV_ID), ids, None if vec is None else vec.tolist())
+        return (items["dense"].get(item, OOV_ID), ids, None if vec is None else vec.tolist(), at)
 
     def write_items(rows, items):
         write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
@@ -1008,7 +1134,7 @@ def _dataset_config(cfg: LogsConfig, vocabs: dict) -> dict:
 
 
 class RunnerError(RuntimeError):
-    """The runner's counts do not add up (elements lost); nothing was written."""
+    """The Beam runner failed, or its counts do not add up (elements lost); nothing was written."""
 
 
 def _check_counts(raw: dict, work_dir: str):
@@ -1028,6 +1154,27 @@ def _check_counts(raw: dict, work_dir: str):
             if pp._exists(path) else 0
         if got != want:
             raise RunnerError(f"the Beam runner lost rows: {want} {s} rows made, {got} written")
+
+
+def run_pipeline(p, errors=(PreprocessError, LogsConfigError, SpecError)):
+    """Runs the Beam pipeline ``p`` to the end; a worker's own error comes back as itself.
+
+    Beam reports what a worker raised as a ``RuntimeError`` holding the worker's
+    traceback: the project's errors (``errors``) are rebuilt from it
+    (:func:`pipelines.validation.unwrap_beam_error`), anything else becomes a
+    :class:`RunnerError` of one line.
+    """
+    try:
+        state = p.run().wait_until_finish()
+    except Exception as e:  # noqa: BLE001  (a runner wraps whatever a worker raised)
+        own = unwrap_beam_error(e, errors)
+        if own is not None:
+            raise own from None
+        if os.environ.get("QIN_TF_VERBOSE"):
+            raise
+        raise RunnerError(beam_failure(e)) from None
+    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        raise RunnerError(f"the Beam pipeline ended in state {state}")
 
 
 def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
@@ -1061,9 +1208,7 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
         pp._makedirs(pp._join(work_dir, _PARTS_DIR))
         p = beam.Pipeline(options=opts)
         _build_pipeline(p, cfg, files, work_dir)
-        state = p.run().wait_until_finish()
-        if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-            raise RuntimeError(f"the Beam pipeline ended in state {state}")
+        run_pipeline(p)
         if pp._exists(pp._join(work_dir, _ERROR_FILE)):
             e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
             raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
