@@ -100,6 +100,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import Counter
@@ -125,6 +126,7 @@ EMBEDDING_COLUMN = "item_emb_d128"
 _ERROR_FILE = "_error.json"
 _STATS_PART = "_stats.json"
 _PARTS_DIR = "_parts"
+_REFUSED = "_refused.json"  # a config value the data makes impossible (negatives.per_positive)
 #: Every entry a run may write into its output directory: a rerun replaces these and keeps the rest.
 _OWNED = {*(f"{s}.parquet" for s in ("train", "valid", "test")), "item_info.parquet", "vocab",
           "dataset_config.json", "stats.json", "_vocab.json", "_bad.json", _ERROR_FILE, _STATS_PART, _PARTS_DIR}
@@ -141,9 +143,18 @@ class _Bad(Exception):
         self.column, self.reason, self.text = column, reason, text
 
 
-def _bad_record(path, fidx, row, column, reason, text):
-    return {"order": [fidx, -1 if row is None else row], "file": path, "row": row, "column": column,
-            "reason": reason, "message": f"{where(path, row, column)}: {text}"}
+class _FileError(_Bad):
+    """The file's fault, not a row's (bytes that are not UTF-8): an error whatever ``on_bad_row`` says."""
+
+    def __init__(self, column, reason, text, row):
+        super().__init__(column, reason, text)
+        self.row = row
+
+
+def _bad_record(path, fidx, row, column, reason, text, fatal=False):
+    out = {"order": [fidx, -1 if row is None else row], "file": path, "row": row, "column": column,
+           "reason": reason, "message": f"{where(path, row, column)}: {text}"}
+    return {**out, "fatal": True} if fatal else out
 
 
 class _Lines:
@@ -173,10 +184,9 @@ def _has_bad_bytes(value) -> bool:
 
 
 def _not_utf8(path: str, row, values: dict | None, lines: _Lines):
-    """Raises the one line for a file that is not UTF-8: file, row, the column holding the bytes, which byte."""
+    """Stops reading a file that is not UTF-8, naming its row, the column holding the bytes and the byte."""
     column = next((c for c, v in (values or {}).items() if _has_bad_bytes(v)), None)
-    raise PreprocessError(f"{where(path, row, column)}: not UTF-8 text ({lines.bad[1]})", file=path, row=row,
-                          column=column, reason="not_utf8")
+    raise _FileError(column, "not_utf8", f"not UTF-8 text ({lines.bad[1]})", row)
 
 
 def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int, dict]]:
@@ -215,8 +225,7 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
         reader = csv.reader(text, delimiter=src.delimiter)
         names = next(reader, None) if src.header else None
         if text.bad is not None:
-            raise PreprocessError(f"{path}: the header is not UTF-8 text ({text.bad[1]})", file=path,
-                                  reason="not_utf8")
+            raise _FileError(None, "not_utf8", f"the header is not UTF-8 text ({text.bad[1]})", None)
         if src.header:
             names = names or []
             missing = [c for c in columns if c not in names]
@@ -385,8 +394,10 @@ class ReadEvents(beam.DoFn):
                 if len(pending) >= self.BATCH:
                     yield from pending.items()
                     pending = {}
-        except _Bad as b:  # schema-level: a missing column
-            yield bad(None, b.column, b.reason, b.text)
+        except _Bad as b:  # schema-level (a missing column) or the file's bytes
+            bad_counts[b.reason] += 1
+            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
+                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
         yield from pending.items()
         yield beam.pvalue.TaggedOutput("stats", {"events_in": n_in, "events_bad": dict(bad_counts)})
 
@@ -432,8 +443,9 @@ class ReadTable(beam.DoFn):
                     yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, b.column, b.reason, b.text))
                     continue
                 yield key, (path, fidx, row, values)
-        except _Bad as b:
-            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, None, b.column, b.reason, b.text))
+        except _Bad as b:  # schema-level (a missing column) or the file's bytes
+            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
+                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
         yield beam.pvalue.TaggedOutput("stats", {f"{self.what}_rows_in": n})
 
 
@@ -676,12 +688,34 @@ def _shard_of(user, shards: int) -> int:
 
 
 class MakeExamples(beam.DoFn):
-    """(user, record) -> ((split, shard), (sort key, row)) with dense ids, levels and sampled negatives."""
+    """(user, record) -> ((split, shard), (sort key, row)) with dense ids, levels and sampled negatives.
+
+    Work that runs long (many negatives per positive) says how far it got on
+    stderr every :attr:`PROGRESS_S` seconds.
+    """
+
+    PROGRESS_S = 30.0
 
     def __init__(self, cfg: LogsConfig):
         self.cfg = cfg
+        self._users, self._said = 0, None
+
+    def _progress(self):
+        self._users += 1
+        now = time.monotonic()
+        if self._said is None:
+            self._said = now
+        elif now - self._said >= self.PROGRESS_S:
+            self._said = now
+            print(f"build_examples: making examples: {self._users:,} users done by this worker "
+                  f"({self.cfg.negatives_per_positive:,} negatives per positive)", file=sys.stderr, flush=True)
 
     def process(self, element, items, contexts, users):
+        # An impossible negatives.per_positive: nothing is made, the launcher reports it.
+        yield from () if items.get("refused") else self._process(element, items, contexts, users)
+
+    def _process(self, element, items, contexts, users):
+        self._progress()
         user, rec = element
         cfg = self.cfg
         dense = items["dense"]
@@ -852,15 +886,15 @@ def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig) -> dict:
     for x, i in dense.items():
         c[i] = counts.get(x, 0)
     k = cfg.negatives_per_positive
-    if cfg.sample_negatives and k >= len(order):
-        raise LogsConfigError(f"{cfg.path}: negatives.per_positive must be below the item vocabulary's size "
-                              f"({len(order):,} items; a positive's own item is never its negative). "
-                              f"Received: {k:,}")
+    refused = None
+    if cfg.sample_negatives and order and k >= len(order):  # (no item at all: no row has a negative)
+        refused = (f"{cfg.path}: negatives.per_positive must be below the item vocabulary's size "
+                   f"({len(order):,} items; a positive's own item is never its negative). Received: {k:,}")
     weights = c[2:] + 1.0  # popularity sampling: training count + 1 (unseen items stay drawable)
     edges = popularity_edges(c)
     return {"order": order, "dense": dense, "counts": c.astype(np.int64).tolist(), "edges": edges.tolist(),
             "level": popularity_levels(c, edges).tolist(),
-            "weights": weights / weights.sum() if len(order) else weights}
+            "weights": weights / weights.sum() if len(order) else weights, "refused": refused}
 
 
 def build_contexts(ctx_counts: list, cfg: LogsConfig) -> dict:
@@ -1040,6 +1074,8 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                      | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
                      | "TagVocab" >> beam.Map(lambda c: _indexed(vocabulary(dict(c), cfg.catalog.tags.min_count))))
 
+    _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and pp._write_text(
+        pp._join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
     made = (per_user.records
             | "MakeExamples" >> beam.ParDo(MakeExamples(cfg), items=beam.pvalue.AsSingleton(items),
                                            contexts=beam.pvalue.AsSingleton(contexts),
@@ -1096,6 +1132,10 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
         _ = (bad_all | "FirstError" >> beam.CombineGlobally(FirstError())
              | "WriteError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE), json.dumps(e))))
     else:  # drop: count by reason (rows of the event log, the catalog and the user table alike)
+        _ = (bad_all | "FileErrors" >> beam.Filter(lambda e: e.get("fatal", False))  # a file that does not decode
+             | "FirstFileError" >> beam.CombineGlobally(FirstError())
+             | "WriteFileError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE),
+                                                                           json.dumps(e))))
         _ = (bad_all | "BadReasons" >> beam.Map(lambda e: {"bad_rows": {e["reason"]: 1}})
              | "MergeBad" >> beam.CombineGlobally(MergeDicts())
              | "WriteBad" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, "_bad.json"), json.dumps(s))))
@@ -1212,6 +1252,8 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
         if pp._exists(pp._join(work_dir, _ERROR_FILE)):
             e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
             raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
+        if pp._exists(pp._join(work_dir, _REFUSED)):
+            raise LogsConfigError(json.loads(pp._read_text(pp._join(work_dir, _REFUSED)))["message"])
         raw = json.loads(pp._read_text(pp._join(work_dir, _STATS_PART)))
         if not raw.get("events_in"):
             raise PreprocessError(f"{', '.join(files['events'])}: the event log has no events")
