@@ -112,7 +112,8 @@ import pyarrow.parquet as pq
 
 from pipelines import preprocess as pp  # Beam import (quietly), file helpers, options, atomic commit
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source
-from pipelines.validation import PreprocessError, beam_failure, unwrap_beam_error, where
+from pipelines.validation import (PreprocessError, beam_failure, beam_worker_errors_unlogged,
+                                  unwrap_beam_error, where)
 from qin_tf.spec import RAW_ID_RULE, SpecError, raw_id_problem
 
 beam = pp.beam
@@ -127,6 +128,7 @@ _ERROR_FILE = "_error.json"
 _STATS_PART = "_stats.json"
 _PARTS_DIR = "_parts"
 _REFUSED = "_refused.json"  # a config value the data makes impossible (negatives.per_positive)
+_ITEM_ERROR = "_item_error.json"  # the item table cannot be written (vectors of differing widths)
 #: Every entry a run may write into its output directory: a rerun replaces these and keeps the rest.
 _OWNED = {*(f"{s}.parquet" for s in ("train", "valid", "test")), "item_info.parquet", "vocab",
           "dataset_config.json", "stats.json", "_vocab.json", "_bad.json", _ERROR_FILE, _STATS_PART, _PARTS_DIR}
@@ -707,8 +709,9 @@ class MakeExamples(beam.DoFn):
             self._said = now
         elif now - self._said >= self.PROGRESS_S:
             self._said = now
+            # sys.__stderr__: the launcher keeps the runner's own printing off sys.stderr while it runs
             print(f"build_examples: making examples: {self._users:,} users done by this worker "
-                  f"({self.cfg.negatives_per_positive:,} negatives per positive)", file=sys.stderr, flush=True)
+                  f"({self.cfg.negatives_per_positive:,} negatives per positive)", file=sys.__stderr__, flush=True)
 
     def process(self, element, items, contexts, users):
         # An impossible negatives.per_positive: nothing is made, the launcher reports it.
@@ -1092,7 +1095,10 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
         return (items["dense"].get(item, OOV_ID), ids, None if vec is None else vec.tolist(), at)
 
     def write_items(rows, items):
-        write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
+        try:
+            write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
+        except PreprocessError as e:  # vectors of differing widths: for the launcher to raise (no retries)
+            pp._write_text(pp._join(work_dir, _ITEM_ERROR), json.dumps({"message": str(e)}))
         return True
 
     _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(items),
@@ -1205,7 +1211,8 @@ def run_pipeline(p, errors=(PreprocessError, LogsConfigError, SpecError)):
     :class:`RunnerError` of one line.
     """
     try:
-        state = p.run().wait_until_finish()
+        with beam_worker_errors_unlogged():
+            state = p.run().wait_until_finish()
     except Exception as e:  # noqa: BLE001  (a runner wraps whatever a worker raised)
         own = unwrap_beam_error(e, errors)
         if own is not None:
@@ -1252,6 +1259,8 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
         if pp._exists(pp._join(work_dir, _ERROR_FILE)):
             e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
             raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
+        if pp._exists(pp._join(work_dir, _ITEM_ERROR)):
+            raise PreprocessError(json.loads(pp._read_text(pp._join(work_dir, _ITEM_ERROR)))["message"])
         if pp._exists(pp._join(work_dir, _REFUSED)):
             raise LogsConfigError(json.loads(pp._read_text(pp._join(work_dir, _REFUSED)))["message"])
         raw = json.loads(pp._read_text(pp._join(work_dir, _STATS_PART)))

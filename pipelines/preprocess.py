@@ -105,9 +105,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.example_codec import DEFAULT_GZIP_LEVEL, GzipTFRecordWriter, encode_tfrecords
-from pipelines.validation import (CORRUPT, Columns, PreprocessError, beam_failure, check_columns, convert_batch,
-                                  fail, item_table_columns, iter_row_groups, one_line, read_item_table,
-                                  split_columns, unwrap_beam_error)
+from pipelines.validation import (CORRUPT, Columns, PreprocessError, beam_failure, beam_worker_errors_unlogged,
+                                  check_columns, convert_batch, fail, item_table_columns, iter_row_groups, one_line,
+                                  read_item_table, split_columns, unwrap_beam_error)
 from qin_tf.runtime import process_alive
 from qin_tf.spec import (OOV_ID, RAW_ID_RULE, VOCAB_DIR, ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME,
                          ITEM_TABLE_TAGS_KEY, SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
@@ -518,7 +518,8 @@ def _run_pipeline(work: list[WorkItem], job: Job, beam_options):
          | "Spread" >> beam.Reshuffle()
          | "ConvertShards" >> beam.ParDo(ConvertShard(job)))
     try:
-        state = p.run().wait_until_finish()
+        with beam_worker_errors_unlogged():
+            state = p.run().wait_until_finish()
     except Exception as e:  # noqa: BLE001  (Beam wraps a worker's error in a RuntimeError of its traceback)
         own = unwrap_beam_error(e, (PreprocessError, SpecError))
         if own is not None:

@@ -27,7 +27,11 @@ besides the padding row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
+import os
 import re
 from typing import Any, Callable, Iterator, Sequence
 
@@ -102,6 +106,30 @@ def unwrap_beam_error(e: BaseException, classes: Sequence[type]) -> BaseExceptio
             if found is None or m.start() > found[0]:
                 found = (m.start(), cls, _WHILE_RUNNING.sub("", m.group(1)).strip())
     return None if found is None else found[1](found[2])
+
+
+@contextlib.contextmanager
+def beam_worker_errors_unlogged():
+    """Keeps Beam's runner from printing a worker's error with its traceback while a pipeline runs.
+
+    The in-process runner prints what a worker raised to ``sys.stderr`` and logs
+    it (``bundle_processor``, at ERROR), the whole traceback each time, before
+    it re-raises it; the launcher reports it as one line
+    (:func:`unwrap_beam_error`). So while the pipeline runs, ``sys.stderr`` is
+    set aside and the runner's log keeps CRITICAL only; ``QIN_TF_VERBOSE=1``
+    keeps both.
+    """
+    if os.environ.get("QIN_TF_VERBOSE"):
+        yield
+        return
+    log = logging.getLogger("apache_beam.runners")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def beam_failure(e: BaseException) -> str:

@@ -491,3 +491,41 @@ def test_cli_sweep_over_malformed_inputs(tmp_path, built):
         assert stdout == "", (name, stdout)
         left = sorted(x for x in os.listdir(d) if x == "out" or x == "data" or ".tmp-" in x)
         assert left == [], (name, left)
+
+
+# --------------------------------------------------------------------------
+# Beam's wrapper: a worker's own error comes back as itself, quietly
+# --------------------------------------------------------------------------
+
+
+def _raise(x):
+    raise PreprocessError("f.csv: row 3, column `x`: bad")
+
+
+def _raise_type_error(x):
+    raise TypeError("odd")
+
+
+@pytest.mark.parametrize("fn,cls,message", [(_raise, PreprocessError, "f.csv: row 3, column `x`: bad"),
+                                             (_raise_type_error, RunnerError,
+                                              "the Beam pipeline failed: TypeError: odd")])
+def test_run_pipeline_unwraps_a_workers_error(capfd, monkeypatch, fn, cls, message):
+    monkeypatch.delenv("QIN_TF_VERBOSE", raising=False)
+    p = be.beam.Pipeline(options=pp.pipeline_options(None))
+    _ = p | be.beam.Create([1]) | be.beam.Map(fn)
+    with pytest.raises(cls) as e:
+        be.run_pipeline(p)
+    assert type(e.value) is cls and str(e.value) == message
+    assert "Traceback" not in capfd.readouterr().err  # the runner's own printing of it is kept off stderr
+
+
+def test_preprocess_unwraps_a_workers_error(built, tmp_path, monkeypatch):
+    def convert_shard(item, job):
+        raise PreprocessError(f"{item.file}: row 0, column `label`: raised in a worker")
+
+    monkeypatch.setattr(pp, "convert_shard", convert_shard)
+    with pytest.raises(PreprocessError) as e:
+        pp.preprocess(built, str(tmp_path / "data"), os.path.join(built, DATASET_CONFIG_FILENAME))
+    assert str(e.value).endswith(".parquet: row 0, column `label`: raised in a worker")
+    assert "\n" not in str(e.value) and "while running" not in str(e.value)
+    assert os.listdir(tmp_path) == []
