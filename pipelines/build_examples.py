@@ -54,7 +54,12 @@ The rules (each tested in ``tests/test_build_examples.py``):
   uniform (or weighted by training-period popularity) over the item
   vocabulary minus every item the user has in the whole log, with the
   positive's history and context; drawn from a generator seeded by
-  ``(seed, user)``, so the same seed gives the same bytes on any runner.
+  ``(seed, user)``, so the same seed gives the same bytes on any runner. A
+  user with fewer such items than ``per_positive`` gets all of them (the
+  shortfall is counted as ``negatives_unavailable``); the sampler always
+  ends (:meth:`MakeExamples._negatives`). ``per_positive`` at or above the
+  item vocabulary's size is refused once the vocabulary is known (one line
+  naming the config and the field), and above 1,000 by the config check.
 * **Vocabularies** count the **training period** only (events of the train
   split, including those without a history). Items get a dense id if they
   have a catalog row (the catalog is not time-bound: a test-period item
@@ -74,11 +79,19 @@ The rules (each tested in ``tests/test_build_examples.py``):
   tags, zero vector), ``drop`` (their events are dropped, counted as
   ``unknown_item``) or ``fail``. **Catalog rows never in the log** keep their
   dense id (after every item with a training count): they can be negatives.
-* **Bad rows** (a null or unparseable user, item, time or label, a label
-  column other than 0/1, a duplicate catalog row, an unknown item under
-  ``fail``): ``on_bad_row: fail`` (default) stops with one line naming file,
-  row (0-based, in the file) and column; ``drop`` counts them by reason. An
-  empty log is an error.
+* **Bad rows** (a null or unparseable user, item, time or label, a time
+  that is not finite (``nan``, ``inf``), a label column other than 0/1, a
+  duplicate catalog row, a malformed catalog vector, an unknown item under
+  ``fail``, and any user id, item id, tag or context value that breaks the
+  raw-id rule, :data:`qin_tf.spec.RAW_ID_RULE`: int64 ids >= 1, strings
+  non-empty and without control characters or line breaks, so that every
+  vocabulary file round-trips the ids it holds): ``on_bad_row: fail``
+  (default) stops with one line naming file, row (0-based, in the file) and
+  column; ``drop`` counts them by reason (``bad_raw_id``,
+  ``non_finite_time``, ...). An empty log is an error, and so are bytes
+  that are not UTF-8 (the file's fault, whatever ``on_bad_row`` says) and
+  catalog vectors of differing widths. An error raised in a Beam worker
+  reaches the user as the same one line (:func:`run_pipeline`).
 
 How it scales: the launching process only expands the globs. The Beam
 pipeline reads every file in a worker (streaming), groups events by user
@@ -289,7 +302,10 @@ def _parse_time(value, column: str) -> float:
     if isinstance(value, datetime.datetime):
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _finite_time(float(value), value, column)
+        try:
+            return _finite_time(float(value), value, column)
+        except OverflowError:  # an int beyond a float
+            raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number") from None
     s = str(value).strip()
     try:
         return _finite_time(float(s), value, column)

@@ -39,6 +39,10 @@ A JSON file, relative paths resolved against the file's own directory::
       "shards": 4                                   # parts per split while writing (output: one file a split)
     }
 
+Every value is checked for its type and range when the config is read: a
+wrong one (``"max_len": "abc"``, ``"seed": null``, a list where an object
+goes) is one :class:`LogsConfigError` line naming the file and the field.
+
 ``format: "sequences"`` reads lines ``user<delimiter>item item item ...``
 (``item_delimiter``, default a space): each user's events in time order, as
 MicroLens ships them; an event's order is (file, line, position).
