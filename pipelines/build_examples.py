@@ -439,8 +439,25 @@ class ReadEvents(beam.DoFn):
                 yield row, [(pos, {ev.user: user or None, ev.item: x}) for pos, x in enumerate(items)]
 
 
+def _is_padding_row(key_value, values: dict, key: str) -> bool:
+    """Whether a catalog or vector-file row is an item table's padding row: id 0 and nothing else in it
+    (no tags, an all-zero vector), as the challenge layout's ``item_info.parquet`` has."""
+    def empty(v):
+        if isinstance(v, (list, tuple)):
+            return all(empty(x) for x in v)
+        return v is None or v == "" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+
+    return (isinstance(key_value, (int, str)) and not isinstance(key_value, bool) and str(key_value).strip() == "0"
+            and all(empty(v) for c, v in values.items() if c != key))
+
+
 class ReadTable(beam.DoFn):
-    """(file index, path) -> (key, (file, row, values)) for the catalog, the vector file or the user table."""
+    """(file index, path) -> (key, (file, row, values)) for the catalog, the vector file or the user table.
+
+    Item tables (``what`` catalog or vector_file) may hold the challenge layout's
+    padding row (item id 0, no tags, an all-zero vector): it is no item and is
+    skipped. Any other id 0 breaks the raw-id rule (a bad row).
+    """
 
     def __init__(self, src: Source, key: str, columns: list[str], id_dtype: str, what: str):
         self.src, self.key, self.columns, self.id_dtype, self.what = src, key, columns, id_dtype, what
@@ -458,6 +475,9 @@ class ReadTable(beam.DoFn):
                 try:
                     key = _parse_id(values[self.key], self.id_dtype, self.key)
                 except _Bad as b:
+                    if b.reason == BAD_RAW_ID and self.what in ("catalog", "vector_file") \
+                            and self.id_dtype == "int64" and _is_padding_row(values[self.key], values, self.key):
+                        continue
                     yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, b.column, b.reason, b.text))
                     continue
                 yield key, (path, fidx, row, values)

@@ -139,6 +139,26 @@ def test_catalog_vector_and_user_table_keep_the_rule(tmp_path, files, cfg, messa
     fails(tmp_path, {"events.csv": INT_EVENTS, **files}, cfg, f"{tmp_path}/{message}")
 
 
+@pytest.mark.parametrize("tags0,vec0,error", [([0, 0], [0.0, 0.0], None),
+                                              ([0, 3], [0.0, 0.0], "items.parquet: row 0, column `iid`: 0 is padding"),
+                                              ([0, 0], [0.0, 1.0], "items.parquet: row 0, column `iid`: 0 is padding")])
+def test_an_item_tables_padding_row_is_skipped_any_other_id_0_is_bad(tmp_path, tags0, vec0, error):
+    """The challenge layout's item_info.parquet (a catalog or vector file) starts with a padding row:
+    item id 0, no tags, a zero vector. It is no item; an id 0 with content breaks the rule."""
+    catalog = pa.table({"iid": pa.array([0, 5, 6, 7], pa.int64()), "tags": [tags0, [1, 2], [2, 0], [3, 0]],
+                        "v": [vec0, [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]})
+    cfg = int_cfg(catalog={"files": "items.parquet", "item": "iid", "tags": {"column": "tags"},
+                           "vector": {"column": "v"}}, negatives={"per_positive": 0})
+    files = {"events.parquet": int_events([1, 1, 1, 2, 2], [5, 6, 7, 5, 7]), "items.parquet": catalog}
+    if error:
+        fails(tmp_path, files, cfg, f"{tmp_path}/{error}")
+        return
+    path = write(str(tmp_path), files, cfg)
+    stats = build_examples(path, str(tmp_path / "out"))
+    assert sorted(read_vocab(str(tmp_path / "out" / "vocab" / "item_id.txt"), "int64")) == [5, 6, 7]
+    assert stats["bad_rows"] == {} and stats["catalog_rows_in"] == 4
+
+
 def test_a_context_value_with_a_line_break_is_a_bad_row(tmp_path):
     events = 'user,item,ts,device\nu1,i1,1,a\nu1,i2,2,"b\nc"\n'
     cfg = string_cfg()
