@@ -549,3 +549,16 @@ def test_preprocess_unwraps_a_workers_error(built, tmp_path, monkeypatch):
     assert str(e.value).endswith(".parquet: row 0, column `label`: raised in a worker")
     assert "\n" not in str(e.value) and "while running" not in str(e.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_long_example_making_says_how_far_it_got(capfd):
+    cfg = LogsConfig.from_dict({"name": "x", "events": {"files": "a.csv", "user": "u", "item": "i"},
+                                "negatives": {"per_positive": 700}})
+    fn = be.MakeExamples(cfg)
+    fn.PROGRESS_S = 0.0  # every user is "long" here
+    fn._progress()
+    fn._progress()
+    fn._progress()
+    assert capfd.readouterr().err.splitlines() == [
+        "build_examples: making examples: 2 users done by this worker (700 negatives per positive)",
+        "build_examples: making examples: 3 users done by this worker (700 negatives per positive)"]
