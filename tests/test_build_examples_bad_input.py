@@ -485,6 +485,8 @@ def _cli_cases(tmp_path):
          string_cfg(id_dtype="int64", negatives={"per_positive": 3}),
          "logs.json: negatives.per_positive must be below the item vocabulary's size (3 items")
     case("type", {"events.csv": EVENTS}, string_cfg(max_len="abc"), "logs.json: max_len must be an integer >= 1")
+    case("bound", {"events.csv": EVENTS}, string_cfg(negatives={"per_positive": 4000}),  # hung before, no output
+         "logs.json: negatives.per_positive must be an integer in [0, 1,000]. Received: 4000")
     return cases
 
 
