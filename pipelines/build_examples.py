@@ -55,7 +55,12 @@ The rules (each tested in ``tests/test_build_examples.py``):
   uniform (or weighted by training-period popularity) over the item
   vocabulary minus every item the user has in the whole log, with the
   positive's history and context; drawn from a generator seeded by
-  ``(seed, user)``, so the same seed gives the same bytes on any runner.
+  ``(seed, user)``, so the same seed gives the same bytes on any runner. A
+  user with fewer such items than ``per_positive`` gets all of them (the
+  shortfall is counted as ``negatives_unavailable``); the sampler always
+  ends (:meth:`MakeExamples._negatives`). ``per_positive`` at or above the
+  item vocabulary's size is refused once the vocabulary is known (one line
+  naming the config and the field), and above 1,000 by the config check.
 * **Vocabularies** count the **training period** only (events of the train
   split, including those without a history). Items get a dense id if they
   have a catalog row (the catalog is not time-bound: a test-period item
@@ -75,11 +80,19 @@ The rules (each tested in ``tests/test_build_examples.py``):
   tags, zero vector), ``drop`` (their events are dropped, counted as
   ``unknown_item``) or ``fail``. **Catalog rows never in the log** keep their
   dense id (after every item with a training count): they can be negatives.
-* **Bad rows** (a null or unparseable user, item, time or label, a label
-  column other than 0/1, a duplicate catalog row, an unknown item under
-  ``fail``): ``on_bad_row: fail`` (default) stops with one line naming file,
-  row (0-based, in the file) and column; ``drop`` counts them by reason. An
-  empty log is an error.
+* **Bad rows** (a null or unparseable user, item, time or label, a time
+  that is not finite (``nan``, ``inf``), a label column other than 0/1, a
+  duplicate catalog row, a malformed catalog vector, an unknown item under
+  ``fail``, and any user id, item id, tag or context value that breaks the
+  raw-id rule, :data:`qin_tf.spec.RAW_ID_RULE`: int64 ids >= 1, strings
+  non-empty and without control characters or line breaks, so that every
+  vocabulary file round-trips the ids it holds): ``on_bad_row: fail``
+  (default) stops with one line naming file, row (0-based, in the file) and
+  column; ``drop`` counts them by reason (``bad_raw_id``,
+  ``non_finite_time``, ...). An empty log is an error, and so are bytes
+  that are not UTF-8 (the file's fault, whatever ``on_bad_row`` says) and
+  catalog vectors of differing widths. An error raised in a Beam worker
+  reaches the user as the same one line (:func:`run_pipeline`).
 
 How it scales: the launching process only expands the globs. The Beam
 pipeline reads every file in a worker (streaming), groups events by user
@@ -103,10 +116,10 @@ import bisect
 import csv
 import datetime
 import hashlib
-import io
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import Counter
@@ -118,8 +131,9 @@ import pyarrow.parquet as pq
 
 from pipelines import preprocess as pp  # Beam import (quietly), file helpers, options, atomic commit
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source
-from pipelines.validation import PreprocessError, where
-from qin_tf.spec import SpecError
+from pipelines.validation import (PreprocessError, beam_failure, beam_worker_errors_unlogged,
+                                  unwrap_beam_error, where)
+from qin_tf.spec import RAW_ID_RULE, SpecError, raw_id_problem
 
 beam = pp.beam
 
@@ -139,6 +153,8 @@ LEDGER = pp.Ledger(tool="pipelines.build_examples", manifest=MANIFEST_FILENAME, 
 #: The top-level files of an output written before manifests (its vocabularies: those its dataset config names).
 _LEGACY_FILES = {*(f"{s}.parquet" for s in ("train", "valid", "test")), ITEM_INFO_FILENAME, DATASET_CONFIG_FILENAME,
                  "stats.json"}
+_REFUSED = "_refused.json"  # a config value the data makes impossible (negatives.per_positive)
+_ITEM_ERROR = "_item_error.json"  # the item table cannot be written (vectors of differing widths)
 
 
 # --------------------------------------------------------------------------
@@ -152,9 +168,50 @@ class _Bad(Exception):
         self.column, self.reason, self.text = column, reason, text
 
 
-def _bad_record(path, fidx, row, column, reason, text):
-    return {"order": [fidx, -1 if row is None else row], "file": path, "row": row, "column": column,
-            "reason": reason, "message": f"{where(path, row, column)}: {text}"}
+class _FileError(_Bad):
+    """The file's fault, not a row's (bytes that are not UTF-8): an error whatever ``on_bad_row`` says."""
+
+    def __init__(self, column, reason, text, row):
+        super().__init__(column, reason, text)
+        self.row = row
+
+
+def _bad_record(path, fidx, row, column, reason, text, fatal=False):
+    out = {"order": [fidx, -1 if row is None else row], "file": path, "row": row, "column": column,
+           "reason": reason, "message": f"{where(path, row, column)}: {text}"}
+    return {**out, "fatal": True} if fatal else out
+
+
+class _Lines:
+    """The lines of a binary text file, decoded as UTF-8; the first line that is not UTF-8 is remembered.
+
+    Such a line is still yielded (its bad bytes as surrogate escapes) so that the
+    reader can say which row and column hold them; it then stops with
+    :func:`_not_utf8`. Bytes that do not decode are the file's fault, not a
+    row's: an error whatever ``on_bad_row`` says (as in :mod:`pipelines.preprocess`).
+    """
+
+    def __init__(self, raw):
+        self.raw, self.bad = raw, None
+
+    def __iter__(self):
+        for n, b in enumerate(self.raw):
+            try:
+                yield b.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if self.bad is None:
+                    self.bad = (n, f"byte 0x{b[e.start]:02x} at offset {e.start} of line {n + 1}")
+                yield b.decode("utf-8", "surrogateescape")
+
+
+def _has_bad_bytes(value) -> bool:
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def _not_utf8(path: str, row, values: dict | None, lines: _Lines):
+    """Stops reading a file that is not UTF-8, naming its row, the column holding the bytes and the byte."""
+    column = next((c for c, v in (values or {}).items() if _has_bad_bytes(v)), None)
+    raise _FileError(column, "not_utf8", f"not UTF-8 text ({lines.bad[1]})", row)
 
 
 def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int, dict]]:
@@ -172,9 +229,15 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
             row += batch.num_rows
         return
     with pp._open(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        text = _Lines(raw)
         if src.format == "jsonl":
             for row, line in enumerate(text):
+                if text.bad is not None:
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        obj = None
+                    _not_utf8(path, row, obj if isinstance(obj, dict) else None, text)
                 if not line.strip():
                     continue
                 try:
@@ -186,6 +249,8 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
             return
         reader = csv.reader(text, delimiter=src.delimiter)
         names = next(reader, None) if src.header else None
+        if text.bad is not None:
+            raise _FileError(None, "not_utf8", f"the header is not UTF-8 text ({text.bad[1]})", None)
         if src.header:
             names = names or []
             missing = [c for c in columns if c not in names]
@@ -195,40 +260,66 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
         else:
             index = {c: int(c) for c in columns}
         for row, fields in enumerate(reader):
+            if text.bad is not None:
+                _not_utf8(path, row, dict(zip(names, fields)) if names else
+                          {str(i): f for i, f in enumerate(fields)}, text)
             if not fields:
                 continue
             yield row, {c: (fields[i] if i < len(fields) and fields[i] != "" else None) for c, i in index.items()}
 
 
+#: The reason (``stats.json``'s ``bad_rows`` key) of an id, tag or context value that breaks
+#: :data:`qin_tf.spec.RAW_ID_RULE`.
+BAD_RAW_ID = "bad_raw_id"
+
+
+def _check_raw(value, column: str):
+    """``value`` if it keeps the raw-id rule (a vocabulary file round-trips it), else a bad row."""
+    why = raw_id_problem(value)
+    if why is not None:
+        raise _Bad(column, BAD_RAW_ID, f"{why}; {RAW_ID_RULE}")
+    return value
+
+
 def _parse_id(value, dtype: str, column: str):
+    """A raw user or item id: an int (``dtype`` int64) or a str, kept only if it keeps the raw-id rule."""
     if value is None or (isinstance(value, float) and value != value):
         raise _Bad(column, "null", "null value")
     if dtype == "string":
-        return str(value)
+        return _check_raw(str(value), column)
     if isinstance(value, bool):
         raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r}")
     if isinstance(value, int):
-        return value
+        return _check_raw(value, column)
     try:
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return int(str(value).strip())
-    except ValueError:
+            return _check_raw(int(value), column)
+        v = int(str(value).strip())
+    except (ValueError, OverflowError):
         raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r} (set \"id_dtype\": \"string\" "
                                              "for string ids)") from None
+    return _check_raw(v, column)
 
 
 def _parse_time(value, column: str) -> float:
-    if value is None or (isinstance(value, float) and value != value):
+    """Seconds (a finite float): from a number, a datetime or an ISO 8601 string; else a bad row.
+
+    ``nan`` and ``inf`` (as numbers or as text) are bad rows (``non_finite_time``): they
+    cannot be ordered, so such an event would land in other events' histories.
+    """
+    if value is None:
         raise _Bad(column, "null", "null value")
     if isinstance(value, datetime.datetime):
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return _finite_time(float(value), value, column)
+        except OverflowError:  # an int beyond a float
+            raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number") from None
     s = str(value).strip()
     try:
-        return float(s)
-    except ValueError:
+        return _finite_time(float(s), value, column)
+    except (ValueError, OverflowError):
         pass
     try:
         t = datetime.datetime.fromisoformat(s)
@@ -238,6 +329,12 @@ def _parse_time(value, column: str) -> float:
     if t.tzinfo is None:
         t = t.replace(tzinfo=datetime.timezone.utc)
     return t.timestamp()
+
+
+def _finite_time(t: float, value, column: str) -> float:
+    if t != t or t in (float("inf"), float("-inf")):
+        raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number")
+    return t
 
 
 _OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
@@ -273,7 +370,7 @@ def _context_value(value, c) -> str | None:
         return str(bisect.bisect_right(c.buckets, x))
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return str(value)
+    return _check_raw(str(value), c.column)  # a line of vocab/<context>.txt
 
 
 class ReadEvents(beam.DoFn):
@@ -325,16 +422,22 @@ class ReadEvents(beam.DoFn):
                 if len(pending) >= self.BATCH:
                     yield from pending.items()
                     pending = {}
-        except _Bad as b:  # schema-level: a missing column
-            yield bad(None, b.column, b.reason, b.text)
+        except _Bad as b:  # schema-level (a missing column) or the file's bytes
+            bad_counts[b.reason] += 1
+            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
+                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
         yield from pending.items()
         yield beam.pvalue.TaggedOutput("stats", {"events_in": n_in, "events_bad": dict(bad_counts)})
 
     def _sequence_rows(self, path):
         ev = self.cfg.events
         with pp._open(path) as raw:
-            for row, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8")):
+            lines = _Lines(raw)
+            for row, line in enumerate(lines):
                 line = line.rstrip("\r\n")
+                if lines.bad is not None:
+                    user, _, rest = line.partition(ev.source.delimiter)
+                    _not_utf8(path, row, {ev.user: user, ev.item: rest}, lines)
                 if not line.strip():
                     continue
                 user, sep, rest = line.partition(ev.source.delimiter)
@@ -346,8 +449,25 @@ class ReadEvents(beam.DoFn):
                 yield row, [(pos, {ev.user: user or None, ev.item: x}) for pos, x in enumerate(items)]
 
 
+def _is_padding_row(key_value, values: dict, key: str) -> bool:
+    """Whether a catalog or vector-file row is an item table's padding row: id 0 and nothing else in it
+    (no tags, an all-zero vector), as the challenge layout's ``item_info.parquet`` has."""
+    def empty(v):
+        if isinstance(v, (list, tuple)):
+            return all(empty(x) for x in v)
+        return v is None or v == "" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+
+    return (isinstance(key_value, (int, str)) and not isinstance(key_value, bool) and str(key_value).strip() == "0"
+            and all(empty(v) for c, v in values.items() if c != key))
+
+
 class ReadTable(beam.DoFn):
-    """(file index, path) -> (key, (file, row, values)) for the catalog, the vector file or the user table."""
+    """(file index, path) -> (key, (file, row, values)) for the catalog, the vector file or the user table.
+
+    Item tables (``what`` catalog or vector_file) may hold the challenge layout's
+    padding row (item id 0, no tags, an all-zero vector): it is no item and is
+    skipped. Any other id 0 breaks the raw-id rule (a bad row).
+    """
 
     def __init__(self, src: Source, key: str, columns: list[str], id_dtype: str, what: str):
         self.src, self.key, self.columns, self.id_dtype, self.what = src, key, columns, id_dtype, what
@@ -365,11 +485,15 @@ class ReadTable(beam.DoFn):
                 try:
                     key = _parse_id(values[self.key], self.id_dtype, self.key)
                 except _Bad as b:
+                    if b.reason == BAD_RAW_ID and self.what in ("catalog", "vector_file") \
+                            and self.id_dtype == "int64" and _is_padding_row(values[self.key], values, self.key):
+                        continue
                     yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, b.column, b.reason, b.text))
                     continue
                 yield key, (path, fidx, row, values)
-        except _Bad as b:
-            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, None, b.column, b.reason, b.text))
+        except _Bad as b:  # schema-level (a missing column) or the file's bytes
+            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
+                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
         yield beam.pvalue.TaggedOutput("stats", {f"{self.what}_rows_in": n})
 
 
@@ -389,10 +513,16 @@ def _tags_of(value, t) -> list[str]:
 
 
 class JoinCatalog(beam.DoFn):
-    """(item, {catalog: rows, vector: rows}) -> (item, (tags, vector)); duplicates are bad rows."""
+    """(item, {catalog: rows, vector: rows}) -> (item, (tags, vector)); duplicates are bad rows.
 
-    def __init__(self, cfg: LogsConfig):
-        self.cfg = cfg
+    A tag that breaks the raw-id rule (it would break ``vocab/tags.txt``) and a
+    vector that is not a list of finite floats are bad rows (the item keeps the
+    rest of its row). ``located``: the value is ``(tags, vector, where)``, with
+    ``where`` the vector's file, row and column (to name it if widths differ).
+    """
+
+    def __init__(self, cfg: LogsConfig, located: bool = False):
+        self.cfg, self.located = cfg, located
 
     def process(self, element):
         yield from self._process(element)
@@ -411,21 +541,35 @@ class JoinCatalog(beam.DoFn):
             return
         path, fidx, row, values = rows[0]
         tags = _tags_of(values.get(cat.tags.column), cat.tags) if cat.tags else []
-        vec = None
+        for t in tags:
+            why = raw_id_problem(t)
+            if why is not None:
+                yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, cat.tags.column, BAD_RAW_ID,
+                                                                  f"tag {why}; {RAW_ID_RULE}"))
+        tags = [t for t in tags if raw_id_problem(t) is None]
+        vec, at = None, None
         if cat.vector is not None:
             vrow = vecs[0] if cat.vector.source is not None and vecs else (None if cat.vector.source else rows[0])
             if vrow is not None:
                 raw = vrow[3].get(cat.vector.column)
                 if raw is not None:
-                    if isinstance(raw, str):
-                        raw = json.loads(raw)
-                    vec = np.asarray(raw, dtype=np.float32)
-                    if vec.ndim != 1 or not np.isfinite(vec).all():
+                    try:
+                        vec = np.asarray(json.loads(raw) if isinstance(raw, str) else raw, dtype=np.float32)
+                        problem = None if vec.ndim == 1 and vec.size and np.isfinite(vec).all() else \
+                            f"the vector must be a non-empty list of finite floats (got {_short(raw)})"
+                    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+                        problem = f"the vector must be a JSON list of finite floats: {_short(raw)} ({e})"
+                    if problem is not None:
                         yield beam.pvalue.TaggedOutput("bad", _bad_record(
-                            vrow[0], vrow[1], vrow[2], cat.vector.column, "bad_vector",
-                            "the vector must be a list of finite floats"))
+                            vrow[0], vrow[1], vrow[2], cat.vector.column, "bad_vector", problem))
                         vec = None
-        yield item, (tags, vec)
+                    at = where(vrow[0], vrow[2], cat.vector.column)
+        yield item, ((tags, vec, at) if self.located else (tags, vec))
+
+
+def _short(value, n: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def read_catalog(cfg: LogsConfig) -> dict:
@@ -592,12 +736,35 @@ def _shard_of(user, shards: int) -> int:
 
 
 class MakeExamples(beam.DoFn):
-    """(user, record) -> ((split, shard), (sort key, row)) with dense ids, levels and sampled negatives."""
+    """(user, record) -> ((split, shard), (sort key, row)) with dense ids, levels and sampled negatives.
+
+    Work that runs long (many negatives per positive) says how far it got on
+    stderr every :attr:`PROGRESS_S` seconds.
+    """
+
+    PROGRESS_S = 30.0
 
     def __init__(self, cfg: LogsConfig):
         self.cfg = cfg
+        self._users, self._said = 0, None
+
+    def _progress(self):
+        self._users += 1
+        now = time.monotonic()
+        if self._said is None:
+            self._said = now
+        elif now - self._said >= self.PROGRESS_S:
+            self._said = now
+            # sys.__stderr__: the launcher keeps the runner's own printing off sys.stderr while it runs
+            print(f"build_examples: making examples: {self._users:,} users done by this worker "
+                  f"({self.cfg.negatives_per_positive:,} negatives per positive)", file=sys.__stderr__, flush=True)
 
     def process(self, element, items, contexts, users):
+        # An impossible negatives.per_positive: nothing is made, the launcher reports it.
+        yield from () if items.get("refused") else self._process(element, items, contexts, users)
+
+    def _process(self, element, items, contexts, users):
+        self._progress()
         user, rec = element
         cfg = self.cfg
         dense = items["dense"]
@@ -643,22 +810,38 @@ class MakeExamples(beam.DoFn):
                                                             for s in SPLITS}})
 
     def _negatives(self, rng, own, n_ids, items):
+        """``min(per_positive, candidates)`` distinct dense ids in ``[2, n_ids)`` outside ``own``.
+
+        Draws one at a time and rejects what the user has or what was drawn, for at
+        most ``4 * k + 64`` draws; whatever is still missing then (a user who has
+        touched almost every item, or ``k`` near the vocabulary's size) is drawn
+        without replacement from the exact complement, vectorised. So it always ends,
+        in ``O(k + n_ids)``.
+        """
         k = self.cfg.negatives_per_positive
         candidates = n_ids - 2 - len([x for x in own if x >= 2])
-        if candidates <= 0:
+        want = min(k, candidates)
+        if want <= 0:
             return []
-        out = []
-        if self.cfg.negative_sampling == "popularity":
-            p = items["weights"]
-            while len(out) < min(k, candidates):
-                x = int(rng.choice(len(p), p=p)) + 2
-                if x not in own and x not in out:
-                    out.append(x)
-            return out
-        while len(out) < min(k, candidates):
-            x = int(rng.integers(2, n_ids))
-            if x not in own and x not in out:
+        out: list[int] = []
+        picked: set[int] = set()
+        popularity = self.cfg.negative_sampling == "popularity"
+        p = items["weights"] if popularity else None
+        for _ in range(4 * want + 64):
+            if len(out) == want:
+                return out
+            x = int(rng.choice(len(p), p=p)) + 2 if popularity else int(rng.integers(2, n_ids))
+            if x not in own and x not in picked:
                 out.append(x)
+                picked.add(x)
+        if len(out) < want:
+            rest = np.setdiff1d(np.arange(2, n_ids, dtype=np.int64),
+                                np.fromiter(own | picked, np.int64, len(own | picked)), assume_unique=True)
+            w = None
+            if popularity:
+                w = np.asarray(p, np.float64)[rest - 2]
+                w = w / w.sum()
+            out += [int(x) for x in rng.choice(rest, size=want - len(out), replace=False, p=w)]
         return out
 
 
@@ -751,11 +934,16 @@ def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig) -> dict:
     c = np.zeros(len(order) + 2, np.float64)
     for x, i in dense.items():
         c[i] = counts.get(x, 0)
+    k = cfg.negatives_per_positive
+    refused = None
+    if cfg.sample_negatives and order and k >= len(order):  # (no item at all: no row has a negative)
+        refused = (f"{cfg.path}: negatives.per_positive must be below the item vocabulary's size "
+                   f"({len(order):,} items; a positive's own item is never its negative). Received: {k:,}")
     weights = c[2:] + 1.0  # popularity sampling: training count + 1 (unseen items stay drawable)
     edges = popularity_edges(c)
     return {"order": order, "dense": dense, "counts": c.astype(np.int64).tolist(), "edges": edges.tolist(),
             "level": popularity_levels(c, edges).tolist(),
-            "weights": weights / weights.sum() if len(order) else weights}
+            "weights": weights / weights.sum() if len(order) else weights, "refused": refused}
 
 
 def build_contexts(ctx_counts: list, cfg: LogsConfig) -> dict:
@@ -828,18 +1016,29 @@ class ConcatSplit(beam.DoFn):
 
 
 def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
-    """Item table: row i = dense item i; rows not given (padding, OOV, no catalog row) are empty."""
-    dim = next((len(v) for _, _, v in rows if v is not None), 1)
+    """Item table: row i = dense item i; rows not given (padding, OOV, no catalog row) are empty.
+
+    ``rows``: ``(dense id, tag ids, vector or None[, where])``; ``where`` (the
+    vector's file, row and column) names both vectors when widths differ: the
+    width is that of the lowest dense id's vector.
+    """
+    rows = sorted(rows, key=lambda r: r[0])
+    first = next((r for r in rows if r[2] is not None and r[0] >= 2), None)
+    dim = len(first[2]) if first is not None else 1
     tags = np.zeros((n_ids, tag_width), np.int64)
     emb = np.zeros((n_ids, dim), np.float32)
-    for i, t, v in rows:
+    for r in rows:
+        i, t, v = r[:3]
         if i < 2:
             continue  # OOV / unmapped items carry nothing
         if t:
             tags[i, tag_width - len(t):] = t
         if v is not None:
             if len(v) != dim:
-                raise PreprocessError(f"item vectors differ in width ({len(v)} and {dim}); every vector "
+                at = r[3] if len(r) > 3 and r[3] else None
+                ref = first[3] if len(first) > 3 and first[3] else None
+                raise PreprocessError(f"{at + ': ' if at else ''}the item vector has width {len(v)}, but "
+                                      f"{'the one at ' + ref if ref else 'another'} has width {dim}; every vector "
                                       "must have the same width")
             emb[i] = v
     table = pa.table({
@@ -893,7 +1092,7 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                  .with_outputs("bad", "stats", main="rows"))
             vec_rows, bads, stats = v.rows, bads + [v.bad], stats + [v.stats]
         joined = ({"catalog": c.rows, "vector": vec_rows} | "JoinCatalog" >> beam.CoGroupByKey()
-                  | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg)).with_outputs("bad", main="rows"))
+                  | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg, located=True)).with_outputs("bad", main="rows"))
         catalog, bads = joined.rows, bads + [joined.bad]
     catalog_ids = catalog | "CatalogIds" >> beam.Keys()
     catalog_list = catalog_ids | "CatalogIdList" >> beam.combiners.ToList()
@@ -924,6 +1123,8 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                      | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
                      | "TagVocab" >> beam.Map(lambda c: _indexed(vocabulary(dict(c), cfg.catalog.tags.min_count))))
 
+    _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and pp._write_text(
+        pp._join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
     made = (per_user.records
             | "MakeExamples" >> beam.ParDo(MakeExamples(cfg), items=beam.pvalue.AsSingleton(items),
                                            contexts=beam.pvalue.AsSingleton(contexts),
@@ -935,12 +1136,15 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
     max_tags = cfg.catalog.tags.max_tags if cfg.catalog is not None and cfg.catalog.tags else 1
 
     def item_row(kv, items, tags):
-        item, (tag_list, vec) = kv
+        item, (tag_list, vec, at) = kv
         ids = [tags["dense"][t] for t in tag_list if t in tags["dense"]][:max_tags]
-        return (items["dense"].get(item, OOV_ID), ids, None if vec is None else vec.tolist())
+        return (items["dense"].get(item, OOV_ID), ids, None if vec is None else vec.tolist(), at)
 
     def write_items(rows, items):
-        write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
+        try:
+            write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
+        except PreprocessError as e:  # vectors of differing widths: for the launcher to raise (no retries)
+            pp._write_text(pp._join(work_dir, _ITEM_ERROR), json.dumps({"message": str(e)}))
         return True
 
     _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(items),
@@ -980,6 +1184,10 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
         _ = (bad_all | "FirstError" >> beam.CombineGlobally(FirstError())
              | "WriteError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE), json.dumps(e))))
     else:  # drop: count by reason (rows of the event log, the catalog and the user table alike)
+        _ = (bad_all | "FileErrors" >> beam.Filter(lambda e: e.get("fatal", False))  # a file that does not decode
+             | "FirstFileError" >> beam.CombineGlobally(FirstError())
+             | "WriteFileError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE),
+                                                                           json.dumps(e))))
         _ = (bad_all | "BadReasons" >> beam.Map(lambda e: {"bad_rows": {e["reason"]: 1}})
              | "MergeBad" >> beam.CombineGlobally(MergeDicts())
              | "WriteBad" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, "_bad.json"), json.dumps(s))))
@@ -1040,7 +1248,7 @@ def _dataset_config(cfg: LogsConfig, vocabs: dict) -> dict:
 
 
 class RunnerError(RuntimeError):
-    """The runner's counts do not add up (elements lost); nothing was written."""
+    """The Beam runner failed, or its counts do not add up (elements lost); nothing was written."""
 
 
 def _check_counts(raw: dict, work_dir: str):
@@ -1060,6 +1268,28 @@ def _check_counts(raw: dict, work_dir: str):
             if pp._exists(path) else 0
         if got != want:
             raise RunnerError(f"the Beam runner lost rows: {want} {s} rows made, {got} written")
+
+
+def run_pipeline(p, errors=(PreprocessError, LogsConfigError, SpecError)):
+    """Runs the Beam pipeline ``p`` to the end; a worker's own error comes back as itself.
+
+    Beam reports what a worker raised as a ``RuntimeError`` holding the worker's
+    traceback: the project's errors (``errors``) are rebuilt from it
+    (:func:`pipelines.validation.unwrap_beam_error`), anything else becomes a
+    :class:`RunnerError` of one line.
+    """
+    try:
+        with beam_worker_errors_unlogged():
+            state = p.run().wait_until_finish()
+    except Exception as e:  # noqa: BLE001  (a runner wraps whatever a worker raised)
+        own = unwrap_beam_error(e, errors)
+        if own is not None:
+            raise own from None
+        if os.environ.get("QIN_TF_VERBOSE"):
+            raise
+        raise RunnerError(beam_failure(e)) from None
+    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        raise RunnerError(f"the Beam pipeline ended in state {state}")
 
 
 def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
@@ -1094,12 +1324,14 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
         pp._makedirs(pp._join(work_dir, _PARTS_DIR))
         p = beam.Pipeline(options=opts)
         _build_pipeline(p, cfg, files, work_dir)
-        state = p.run().wait_until_finish()
-        if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-            raise RuntimeError(f"the Beam pipeline ended in state {state}")
+        run_pipeline(p)
         if pp._exists(pp._join(work_dir, _ERROR_FILE)):
             e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
             raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
+        if pp._exists(pp._join(work_dir, _ITEM_ERROR)):
+            raise PreprocessError(json.loads(pp._read_text(pp._join(work_dir, _ITEM_ERROR)))["message"])
+        if pp._exists(pp._join(work_dir, _REFUSED)):
+            raise LogsConfigError(json.loads(pp._read_text(pp._join(work_dir, _REFUSED)))["message"])
         raw = json.loads(pp._read_text(pp._join(work_dir, _STATS_PART)))
         if not raw.get("events_in"):
             raise PreprocessError(f"{', '.join(files['events'])}: the event log has no events")

@@ -31,12 +31,17 @@ A JSON file, relative paths resolved against the file's own directory::
       "item_min_count": 1, "context_min_count": 1,  # vocabulary min counts (training period)
       "popularity_level": "views_level",            # derived context column name, or null for none
       "history": {"events": "positives", "max_len": 100, "duplicates": "keep", "min_len": 1},
-      "negatives": {"per_positive": 1, "sampling": "uniform", "seed": 0},
+      "negatives": {"per_positive": 1, "sampling": "uniform", "seed": 0},   # per_positive <= 1000 and
+                                                    # below the item vocabulary's size
       "split": {"method": "leave_last_out"},        # or {"method": "time", "valid_from": T1, "test_from": T2}
       "on_bad_row": "fail",                         # fail | drop (a counted drop, by reason, in stats.json)
       "max_len": 64,                                # max_len of the written dataset config (preprocessing)
       "shards": 4                                   # parts per split while writing (output: one file a split)
     }
+
+Every value is checked for its type and range when the config is read: a
+wrong one (``"max_len": "abc"``, ``"seed": null``, a list where an object
+goes) is one :class:`LogsConfigError` line naming the file and the field.
 
 ``format: "sequences"`` reads lines ``user<delimiter>item item item ...``
 (``item_delimiter``, default a space): each user's events in time order, as
@@ -83,10 +88,45 @@ def _choice(value, choices, where):
     return value
 
 
-def _int(value, where, low=0):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise LogsConfigError(f"{where} must be an integer >= {low}. Received: {value!r}")
+def _int(value, where, low=0, high=None):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high:,}]"
+        raise LogsConfigError(f"{where} must be an integer {bound}. Received: {value!r}")
     return value
+
+
+def _str(value, where, optional=False, one_char=False):
+    """A non-empty string (a column name, a delimiter); None too when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value or (one_char and len(value) != 1):
+        what = "a one-character string" if one_char else "a non-empty string"
+        raise LogsConfigError(f"{where} must be {what}{' or null' if optional else ''}. Received: {value!r}")
+    return value
+
+
+def _bool(value, where):
+    if not isinstance(value, bool):
+        raise LogsConfigError(f"{where} must be true or false. Received: {value!r}")
+    return value
+
+
+def _number(value, where):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")):
+        raise LogsConfigError(f"{where} must be a finite number. Received: {value!r}")
+    return value
+
+
+def _list(value, where):
+    if not isinstance(value, list):
+        raise LogsConfigError(f"{where} must be a JSON list. Received: {value!r}")
+    return value
+
+
+#: The most negatives a positive may get (``negatives.per_positive``): beyond it the examples
+#: would be mostly sampled rows; a build also refuses a value at or above the item vocabulary's size.
+MAX_NEGATIVES_PER_POSITIVE = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +142,16 @@ class Source:
     @classmethod
     def parse(cls, d: Mapping[str, Any], where: str, base: str) -> "Source":
         files = _get(d, "files", where)
-        files = [files] if isinstance(files, str) else list(files)
-        if not files or not all(isinstance(f, str) and f for f in files):
+        files = [files] if isinstance(files, str) else files
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
             raise LogsConfigError(f"{where}.files must be a glob or a list of globs. Received: {files!r}")
         files = tuple(f if "://" in f or os.path.isabs(f) else _resolve(base, f) for f in files)
         fmt = _choice(_get(d, "format", where, None) or _guess_format(files[0]), FORMATS, f"{where}.format")
-        return cls(files=files, format=fmt, delimiter=d.get("delimiter", "\t" if fmt == "sequences" else ","),
-                   header=bool(d.get("header", fmt == "csv")), item_delimiter=d.get("item_delimiter", " "))
+        delimiter = _str(d.get("delimiter", "\t" if fmt == "sequences" else ","), f"{where}.delimiter",
+                         one_char=fmt == "csv")
+        return cls(files=files, format=fmt, delimiter=delimiter,
+                   header=_bool(d.get("header", fmt == "csv"), f"{where}.header"),
+                   item_delimiter=_str(d.get("item_delimiter", " "), f"{where}.item_delimiter"))
 
     def match(self) -> list[str]:
         """The files the globs name, in sorted order (metadata only)."""
@@ -155,14 +198,17 @@ class ContextColumn:
 
     @classmethod
     def parse(cls, d, where) -> "ContextColumn":
-        if isinstance(d, str):
+        if isinstance(d, str) and d:
             return cls(column=d, name=d)
+        if not isinstance(d, dict):
+            raise LogsConfigError(f"{where}: a context column is a column name or an object. Received: {d!r}")
         _known(d, {"column", "name", "buckets"}, where)
-        col = _get(d, "column", where)
+        col = _str(_get(d, "column", where), f"{where}.column")
         b = d.get("buckets")
-        if b is not None and (not isinstance(b, list) or sorted(b) != b or not b):
+        if b is not None and (not isinstance(b, list) or not b or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in b) or sorted(b) != b):
             raise LogsConfigError(f"{where}.buckets must be a sorted non-empty list of numbers. Received: {b!r}")
-        return cls(column=col, name=d.get("name", col), buckets=tuple(b) if b else None)
+        return cls(column=col, name=_str(d.get("name", col), f"{where}.name"), buckets=tuple(b) if b else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +311,8 @@ class LogsConfig:
             raise LogsConfigError(f"{path}: log config not found") from None
         except json.JSONDecodeError as e:
             raise LogsConfigError(f"{path}: not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise LogsConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         return cls.from_dict(d, where=path, base=os.path.dirname(os.path.abspath(path)) if local
                              else path.rsplit("/", 1)[0])
 
@@ -278,16 +326,23 @@ class LogsConfig:
                                                 "user", "item", "time", "label", "context"}, f"{where}: events")
         label = ev.get("label")
         if isinstance(label, str):
-            label = LabelRule(column=label)
+            label = LabelRule(column=_str(label, f"{where}: events.label"))
         elif label is not None:
             _known(label, {"column", "op", "value"}, f"{where}: events.label")
-            label = LabelRule(column=_get(label, "column", f"{where}: events.label"),
+            value = _get(label, "value", f"{where}: events.label")
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise LogsConfigError(f"{where}: events.label.value must be a number or a string. "
+                                      f"Received: {value!r}")
+            label = LabelRule(column=_str(_get(label, "column", f"{where}: events.label"),
+                                          f"{where}: events.label.column"),
                               op=_choice(label.get("op", ">="), OPS, f"{where}: events.label.op"),
-                              value=_get(label, "value", f"{where}: events.label"), binary=False)
-        events = Events(source=Source.parse(ev, f"{where}: events", base), user=_get(ev, "user", f"{where}: events"),
-                        item=_get(ev, "item", f"{where}: events"), time=ev.get("time"), label=label,
+                              value=value, binary=False)
+        events = Events(source=Source.parse(ev, f"{where}: events", base),
+                        user=_str(_get(ev, "user", f"{where}: events"), f"{where}: events.user"),
+                        item=_str(_get(ev, "item", f"{where}: events"), f"{where}: events.item"),
+                        time=_str(ev.get("time"), f"{where}: events.time", optional=True), label=label,
                         context=tuple(ContextColumn.parse(c, f"{where}: events.context")
-                                      for c in ev.get("context", ())))
+                                      for c in _list(ev.get("context", []), f"{where}: events.context")))
         if events.source.format == "sequences" and (events.time or label or events.context):
             raise LogsConfigError(f"{where}: events of format `sequences` have only a user and its items "
                                   "(no time, label or context columns)")
@@ -300,8 +355,10 @@ class LogsConfig:
                 t = c["tags"]
                 t = {"column": t} if isinstance(t, str) else _known(t, {"column", "delimiter", "hashtags"},
                                                                   f"{where}: catalog.tags")
-                tags = Tags(column=_get(t, "column", f"{where}: catalog.tags"), delimiter=t.get("delimiter"),
-                            hashtags=bool(t.get("hashtags", False)), lowercase=bool(c.get("lowercase_tags", False)),
+                tags = Tags(column=_str(_get(t, "column", f"{where}: catalog.tags"), f"{where}: catalog.tags.column"),
+                            delimiter=_str(t.get("delimiter"), f"{where}: catalog.tags.delimiter", optional=True),
+                            hashtags=_bool(t.get("hashtags", False), f"{where}: catalog.tags.hashtags"),
+                            lowercase=_bool(c.get("lowercase_tags", False), f"{where}: catalog.lowercase_tags"),
                             min_count=_int(c.get("tag_min_count", 1), f"{where}: catalog.tag_min_count", 1),
                             max_tags=_int(c.get("max_tags", 5), f"{where}: catalog.max_tags", 1))
             vector = None
@@ -310,36 +367,45 @@ class LogsConfig:
                 v = {"column": v} if isinstance(v, str) else _known(
                     v, {"column", "files", "format", "item"}, f"{where}: catalog.vector")
                 vsrc = Source.parse(v, f"{where}: catalog.vector", base) if "files" in v else None
-                vector = Vector(column=_get(v, "column", f"{where}: catalog.vector"), source=vsrc,
-                                item=v.get("item", c.get("item")) if vsrc else None)
+                vector = Vector(column=_str(_get(v, "column", f"{where}: catalog.vector"),
+                                            f"{where}: catalog.vector.column"), source=vsrc,
+                                item=_str(v.get("item", c.get("item")), f"{where}: catalog.vector.item")
+                                if vsrc else None)
             catalog = Catalog(source=Source.parse(c, f"{where}: catalog", base),
-                              item=_get(c, "item", f"{where}: catalog"), tags=tags, vector=vector)
+                              item=_str(_get(c, "item", f"{where}: catalog"), f"{where}: catalog.item"),
+                              tags=tags, vector=vector)
         users = None
         if d.get("users") is not None:
             u = _known(d["users"], {"files", "format", "delimiter", "header", "user", "context"}, f"{where}: users")
-            users = Users(source=Source.parse(u, f"{where}: users", base), user=_get(u, "user", f"{where}: users"),
+            users = Users(source=Source.parse(u, f"{where}: users", base),
+                          user=_str(_get(u, "user", f"{where}: users"), f"{where}: users.user"),
                           context=tuple(ContextColumn.parse(x, f"{where}: users.context")
-                                        for x in u.get("context", ())))
+                                        for x in _list(u.get("context", []), f"{where}: users.context")))
         h = _known(d.get("history", {}), {"events", "max_len", "duplicates", "min_len"}, f"{where}: history")
         n = _known(d.get("negatives", {}), {"per_positive", "sampling", "seed"}, f"{where}: negatives")
         s = _known(d.get("split", {}), {"method", "valid_from", "test_from"}, f"{where}: split")
         method = _choice(s.get("method", "leave_last_out"), ("leave_last_out", "time"), f"{where}: split.method")
-        if method == "time" and ("valid_from" not in s or "test_from" not in s or s["valid_from"] > s["test_from"]):
+        if method == "time":
+            for key in ("valid_from", "test_from"):
+                _number(_get(s, key, f"{where}: split"), f"{where}: split.{key}")
+        if method == "time" and s["valid_from"] > s["test_from"]:
             raise LogsConfigError(f"{where}: split `time` needs valid_from <= test_from. Received: {dict(s)}")
         if method == "time" and not events.time:
             raise LogsConfigError(f"{where}: split `time` needs a time column (events.time)")
         cfg = cls(
-            name=_get(d, "name", where), events=events, catalog=catalog, users=users,
+            name=_str(_get(d, "name", where), f"{where}: name"), events=events, catalog=catalog, users=users,
             id_dtype=_choice(d.get("id_dtype", "int64"), ("int64", "string"), f"{where}: id_dtype"),
             unknown_items=_choice(d.get("unknown_items", "keep"), ("keep", "drop", "fail"), f"{where}: unknown_items"),
             item_min_count=_int(d.get("item_min_count", 1), f"{where}: item_min_count", 1),
             context_min_count=_int(d.get("context_min_count", 1), f"{where}: context_min_count", 1),
-            popularity_level=d.get("popularity_level", "views_level"),
+            popularity_level=_str(d.get("popularity_level", "views_level"), f"{where}: popularity_level",
+                                  optional=True),
             history_events=_choice(h.get("events", "positives"), ("positives", "all"), f"{where}: history.events"),
             history_max_len=_int(h.get("max_len", 100), f"{where}: history.max_len", 1),
             history_duplicates=_choice(h.get("duplicates", "keep"), ("keep", "last"), f"{where}: history.duplicates"),
             history_min_len=_int(h.get("min_len", 1), f"{where}: history.min_len", 0),
-            negatives_per_positive=_int(n.get("per_positive", 1), f"{where}: negatives.per_positive", 0),
+            negatives_per_positive=_int(n.get("per_positive", 1), f"{where}: negatives.per_positive", 0,
+                                        MAX_NEGATIVES_PER_POSITIVE),
             negative_sampling=_choice(n.get("sampling", "uniform"), ("uniform", "popularity"),
                                       f"{where}: negatives.sampling"),
             seed=_int(n.get("seed", 0), f"{where}: negatives.seed", 0),

@@ -107,13 +107,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.example_codec import DEFAULT_GZIP_LEVEL, GzipTFRecordWriter, encode_tfrecords
-from pipelines.validation import (CORRUPT, Columns, PreprocessError, check_columns, convert_batch, fail,
-                                  item_table_columns, iter_row_groups, one_line, read_item_table,
-                                  split_columns)
+from pipelines.validation import (CORRUPT, Columns, PreprocessError, beam_failure, beam_worker_errors_unlogged,
+                                  check_columns, convert_batch, fail, item_table_columns, iter_row_groups, one_line,
+                                  read_item_table, split_columns, unwrap_beam_error)
 from qin_tf.runtime import process_alive
-from qin_tf.spec import (OOV_ID, VOCAB_DIR, ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME, ITEM_TABLE_TAGS_KEY,
-                         SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
-                         SplitInfo)
+from qin_tf.spec import (OOV_ID, RAW_ID_RULE, VOCAB_DIR, ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME,
+                         ITEM_TABLE_TAGS_KEY, SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
+                         SplitInfo, raw_id_problem)
 
 #: The dataset configurations shipped inside the package, ``NAME.json`` (package data;
 #: ``configs/datasets`` in a checkout links here).
@@ -519,8 +519,16 @@ def _run_pipeline(work: list[WorkItem], job: Job, beam_options):
          | "WorkItems" >> beam.Create(work)
          | "Spread" >> beam.Reshuffle()
          | "ConvertShards" >> beam.ParDo(ConvertShard(job)))
-    result = p.run()
-    state = result.wait_until_finish()
+    try:
+        with beam_worker_errors_unlogged():
+            state = p.run().wait_until_finish()
+    except Exception as e:  # noqa: BLE001  (Beam wraps a worker's error in a RuntimeError of its traceback)
+        own = unwrap_beam_error(e, (PreprocessError, SpecError))
+        if own is not None:
+            raise own from None
+        if os.environ.get("QIN_TF_VERBOSE"):
+            raise
+        raise PreprocessError(beam_failure(e)) from None
     if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
         raise RuntimeError(f"the Beam pipeline ended in state {state}")
 
@@ -1034,7 +1042,10 @@ def _copy_vocabularies(cfg: DatasetConfig, config_dir: str, work_dir: str) -> di
     """Checks the config's vocabulary files and copies them to ``work_dir/vocab/``; returns the spec's entries.
 
     A vocabulary file is UTF-8 text, one raw id a line (line n is dense id
-    n + 1), no empty line, no repeated id, decimal integers for dtype int64.
+    n + 1), no empty line, no repeated id, decimal integers for dtype int64,
+    every id keeping :data:`qin_tf.spec.RAW_ID_RULE` (a ``\\r`` left by a CRLF
+    file, an int64 id 0, a negative one or one beyond int64 are refused: the
+    export's lookup table would not hold them as written).
     """
     out = {}
     for key, v in sorted(cfg.vocabularies.items()):
@@ -1058,6 +1069,9 @@ def _copy_vocabularies(cfg: DatasetConfig, config_dir: str, work_dir: str) -> di
                 fail(src, row, None, f"raw id {raw!r} repeats line {seen[raw]}; a vocabulary lists each id once")
             if dtype == "int64" and not (raw.lstrip("-").isdigit() and str(int(raw)) == raw):
                 fail(src, row, None, f"{raw!r} is not a decimal int64 (vocabularies.{key}.dtype is int64)")
+            why = raw_id_problem(int(raw) if dtype == "int64" else raw)
+            if why is not None:
+                fail(src, row, None, f"{why}; {RAW_ID_RULE}")
             seen[raw] = row
         rel = f"{VOCAB_DIR}/{key}.txt"
         _makedirs(_join(work_dir, VOCAB_DIR))

@@ -27,7 +27,12 @@ besides the padding row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
+import os
+import re
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -70,6 +75,69 @@ def fail(file: str, row: int | None, column: str | None, text: str, reason: str 
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (Arrow's and TensorFlow's span several)."""
     return " ".join(str(e).split())
+
+
+#: Beam's note on the step a worker's error came from (``... [while running 'MakeExamples']``).
+_WHILE_RUNNING = re.compile(r"( \[while running '[^']*'\])+$")
+
+
+def unwrap_beam_error(e: BaseException, classes: Sequence[type]) -> BaseException | None:
+    """The project's own error that a Beam worker raised, rebuilt from the runner's wrapper, or None.
+
+    A runner (Beam's in-process FnApiRunner among them) reports an error
+    raised in a worker as a ``RuntimeError`` whose text is the worker's whole
+    traceback, ending ``pipelines.validation.PreprocessError: <message>
+    [while running '<step>']``; the exception object itself does not travel.
+    This finds the last such line for one of ``classes`` (matched by
+    name) and returns ``cls(message)``, without Beam's step note, so the
+    user sees the same one line as when the check runs in the launching
+    process.
+
+    >>> e = RuntimeError("Traceback ...\\npipelines.validation.PreprocessError: f: row 1: bad [while running 'X']")
+    >>> str(unwrap_beam_error(e, [PreprocessError]))
+    'f: row 1: bad'
+    """
+    if isinstance(e, tuple(classes)):
+        return e
+    text = str(e)
+    found = None
+    for cls in classes:
+        for m in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(cls.__qualname__)}: (.+)$", text, re.M):
+            if found is None or m.start() > found[0]:
+                found = (m.start(), cls, _WHILE_RUNNING.sub("", m.group(1)).strip())
+    return None if found is None else found[1](found[2])
+
+
+@contextlib.contextmanager
+def beam_worker_errors_unlogged():
+    """Keeps Beam's runner from printing a worker's error with its traceback while a pipeline runs.
+
+    The in-process runner prints what a worker raised to ``sys.stderr`` and logs
+    it (``bundle_processor``, at ERROR), the whole traceback each time, before
+    it re-raises it; the launcher reports it as one line
+    (:func:`unwrap_beam_error`). So while the pipeline runs, ``sys.stderr`` is
+    set aside and the runner's log keeps CRITICAL only; ``QIN_TF_VERBOSE=1``
+    keeps both.
+    """
+    if os.environ.get("QIN_TF_VERBOSE"):
+        yield
+        return
+    log = logging.getLogger("apache_beam.runners")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def beam_failure(e: BaseException) -> str:
+    """One line for a Beam pipeline's failure that is none of the project's own errors: the worker's
+    last exception line (``TypeError: ...``) without the traceback and Beam's step note."""
+    lines = [x for x in str(e).splitlines() if x.strip() and not x.startswith(" ")]
+    last = lines[-1] if lines else type(e).__name__
+    return f"the Beam pipeline failed: {_WHILE_RUNNING.sub('', last).strip()}"
 
 
 def iter_row_groups(pf, file: str, columns: Sequence[str], batch_size: int,
