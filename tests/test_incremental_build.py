@@ -1,0 +1,261 @@
+"""Incremental builds (``build_examples --previous``) on a timestamped version of the bundled sample.
+
+The sample's raw events (``user<TAB>item item ...``, each user's events in
+order) get a synthetic time: an event's position in its user's list, halved
+(so a user's events come in pairs with the same time). The log is cut into
+four days by the global order (time, user, position): the cuts fall inside
+a time, so a day starts with events at exactly the previous day's end. One
+build over all four days is compared with four builds chained with
+``--previous``, each reading only its own day's file. The module builds each
+once; the bad-input checks reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import incremental
+from pipelines.build_examples import DATASET_CONFIG_FILENAME, build_examples, read_vocab
+from pipelines.validation import PreprocessError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAW_EVENTS = os.path.join(REPO, "data", "microlens_sample", "raw", "events.tsv")
+DAYS = 4
+MAX_LEN = 5  # short, so that the state's kept history is cut
+
+
+def timestamped_events():
+    """[(user, item, time)] in the global order (time, user's line, position)."""
+    out = []
+    with open(RAW_EVENTS) as f:
+        for line_no, line in enumerate(f):
+            user, items = line.rstrip("\n").split("\t")
+            for j, item in enumerate(items.split()):
+                out.append((j // 2, line_no, j, int(user), int(item)))
+    out.sort()
+    return [(u, i, t) for t, _, _, u, i in out]
+
+
+def write_events(path, events):
+    pq.write_table(pa.table({"user": pa.array([e[0] for e in events], pa.int64()),
+                             "item": pa.array([e[1] for e in events], pa.int64()),
+                             "ts": pa.array([e[2] for e in events], pa.int64())}), path)
+
+
+def write_config(path, files, **over):
+    cfg = {"name": "sample_days", "shards": 2,
+           "events": {"files": files, "format": "parquet", "user": "user", "item": "item", "time": "ts"},
+           "history": {"max_len": MAX_LEN},
+           # The config's own cut lies after every event; each run gives the cut by flag.
+           "split": {"method": "time", "valid_from": 1000, "test_from": 1000}}
+    cfg.update(over)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+def tree_hash(d):
+    h = {}
+    for root, _, files in os.walk(d):
+        for name in files:
+            p = os.path.join(root, name)
+            with open(p, "rb") as f:
+                h[os.path.relpath(p, d)] = hashlib.sha256(f.read()).hexdigest()
+    return h
+
+
+def positives_raw(out):
+    """{(user, raw history, raw target, split)} of the positive rows (dense ids mapped back; None = OOV)."""
+    with open(os.path.join(out, DATASET_CONFIG_FILENAME)) as f:
+        vocabs = json.load(f)["vocabularies"]
+    items = read_vocab(os.path.join(out, vocabs["item_id"]["path"]), "int64")
+
+    def raw(d):
+        return items[d - 2] if d >= 2 else None
+
+    rows = []
+    for split in ("train", "valid", "test"):
+        for r in pq.read_table(os.path.join(out, f"{split}.parquet")).to_pylist():
+            if r["label"] == 1:
+                rows.append((r["user_id"], tuple(raw(x) for x in r["item_seq"]), raw(r["item_id"]), split))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    d = tmp_path_factory.mktemp("days")
+    events = timestamped_events()
+    times = sorted(e[2] for e in events)
+    cut = {"valid_from": float(times[int(len(times) * 0.7)]), "test_from": float(times[int(len(times) * 0.85)])}
+    n = len(events)
+    bounds = [n * k // DAYS for k in range(DAYS + 1)]
+    day_files = []
+    for k in range(DAYS):
+        path = str(d / f"events-day{k + 1}.parquet")
+        write_events(path, events[bounds[k]:bounds[k + 1]])
+        day_files.append(path)
+    full_cfg = write_config(d / "all.json", day_files)
+    full = str(d / "full")
+    full_stats = build_examples(full_cfg, full, **cut)
+    outs, stats = [], []
+    for k in range(DAYS):
+        cfg = write_config(d / f"day{k + 1}.json", day_files[k])
+        out = str(d / f"day{k + 1}")
+        if k == DAYS - 1:  # the last day as a user runs it: the CLI
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipelines.build_examples", f"--config={cfg}", f"--output_dir={out}",
+                 f"--previous={outs[-1]}", f"--valid_from={cut['valid_from']}", f"--test_from={cut['test_from']}"],
+                cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+            assert proc.returncode == 0, proc.stderr
+            with open(os.path.join(out, "stats.json")) as f:
+                stats.append(json.load(f))
+        else:
+            stats.append(build_examples(cfg, out, previous=outs[-1] if outs else None, **cut))
+        outs.append(out)
+    return {"dir": d, "events": events, "bounds": bounds, "day_files": day_files, "cut": cut,
+            "full": full, "full_stats": full_stats, "days": outs, "day_stats": stats}
+
+
+def test_day_by_day_positives_equal_one_build(chain):
+    full = positives_raw(chain["full"])
+    assert {s: sum(1 for r in full if r[3] == s) for s in ("valid", "test")} == {
+        s: chain["full_stats"]["splits"][s]["positives"] for s in ("valid", "test")}
+    assert all(chain["full_stats"]["splits"][s]["positives"] > 0 for s in ("train", "valid", "test"))
+    chained = [r for out in chain["days"] for r in positives_raw(out)]
+    assert sorted(chained, key=repr) == sorted(full, key=repr)
+    assert max(len(r[1]) for r in full) == MAX_LEN  # histories were cut, the state kept enough
+
+
+def test_histories_across_days_and_equal_times(chain):
+    """A known answer: the history of a user's event at the start of day 2, from day 1's state."""
+    events, (b1, b2) = chain["events"], chain["bounds"][1:3]
+    end = max(e[2] for e in events[:b1])
+    assert events[b1][2] == end  # day 2 starts at exactly day 1's end
+    user, item, t = next(e for e in events[b1:b2] if sum(1 for x in events[:b1] if x[0] == e[0]) >= 2)
+    before = [x[1] for x in events[:b1 + events[b1:].index((user, item, t))] if x[0] == user and x[2] < t]
+    rows = [r for r in positives_raw(chain["days"][1]) if r[0] == user and r[2] == item]
+    assert [list(r[1]) for r in rows] == [before[-MAX_LEN:]]
+
+
+def test_vocabularies_are_appended_never_renumbered(chain):
+    orders = [read_vocab(os.path.join(out, "vocab", "item_id.txt"), "int64") for out in chain["days"]]
+    for a, b in zip(orders, orders[1:]):
+        assert b[:len(a)] == a
+    assert len(orders[0]) < len(orders[1])  # later days brought new items
+    counts = pq.read_table(os.path.join(chain["days"][-1], "state", "item_counts.parquet")).to_pylist()
+    full_counts = pq.read_table(os.path.join(chain["full"], "state", "item_counts.parquet")).to_pylist()
+    assert counts == full_counts  # cumulative training counts: those of one build over all days
+
+
+def test_each_day_reads_only_its_file_and_the_state_continues(chain):
+    for k, stats in enumerate(chain["day_stats"]):
+        assert stats["files"]["events"] == [chain["day_files"][k]]
+        assert stats["events_in"] == chain["bounds"][k + 1] - chain["bounds"][k]
+    states = []
+    for out in chain["days"] + [chain["full"]]:
+        with open(os.path.join(out, "state", "state.json")) as f:
+            states.append(json.load(f))
+    assert [s["builds"] for s in states] == [1, 2, 3, 4, 1]
+    assert [s["end_time"] for s in states[:DAYS]] == [
+        float(max(e[2] for e in chain["events"][:b])) for b in chain["bounds"][1:]]
+    assert states[DAYS - 1]["end_time"] == states[DAYS]["end_time"]
+    assert states[0]["fingerprint"]["history.max_len"] == MAX_LEN
+
+
+def test_negatives_exclude_the_users_items_of_every_day(chain):
+    touched = {}
+    for u, i, _ in chain["events"]:
+        touched.setdefault(u, set()).add(i)
+    out = chain["days"][-1]
+    items = read_vocab(os.path.join(out, "vocab", "item_id.txt"), "int64")
+    negatives = [(r["user_id"], items[r["item_id"] - 2]) for s in ("train", "valid", "test")
+                 for r in pq.read_table(os.path.join(out, f"{s}.parquet")).to_pylist() if r["label"] == 0]
+    assert negatives
+    assert not [x for x in negatives if x[1] in touched[x[0]]]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _refused(chain, tmp_path, message_parts, previous, output, config=None, **kw):
+    prev_hash = tree_hash(previous)
+    config = config or write_config(tmp_path / "day3.json", chain["day_files"][2])
+    with pytest.raises(PreprocessError) as e:
+        build_examples(config, output, previous=previous, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in message_parts:
+        assert part in msg, msg
+    assert tree_hash(previous) == prev_hash
+    return msg
+
+
+def test_another_config_is_refused_naming_the_field(chain, tmp_path):
+    cfg = write_config(tmp_path / "other.json", chain["day_files"][2], history={"max_len": 7})
+    _refused(chain, tmp_path, ["`history.max_len` is 5 there and 7 here"], chain["days"][1],
+             str(tmp_path / "out"), config=cfg)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_previous_without_state_is_refused(chain, tmp_path):
+    old = str(tmp_path / "old")
+    shutil.copytree(chain["days"][0], old)
+    shutil.rmtree(os.path.join(old, "state"))
+    _refused(chain, tmp_path, [old, "has no state/state.json", "without --previous"], old, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_leave_last_out_cannot_continue(chain, tmp_path):
+    cfg = write_config(tmp_path / "llo.json", chain["day_files"][2], split={"method": "leave_last_out"})
+    _refused(chain, tmp_path, ["leave_last_out cannot continue"], chain["days"][1], str(tmp_path / "out"), config=cfg)
+
+
+def test_previous_and_output_must_not_nest(chain, tmp_path):
+    prev = chain["days"][1]
+    _refused(chain, tmp_path, ["is the output directory or inside it"], prev, prev)
+    _refused(chain, tmp_path, ["is inside --previous"], prev, os.path.join(prev, "next"))
+    _refused(chain, tmp_path, ["is the output directory or inside it"], prev, str(chain["dir"]))
+    assert not os.path.exists(os.path.join(prev, "next"))
+
+
+def test_events_before_the_previous_end_are_refused_by_the_cli(chain, tmp_path):
+    """Day 2's file again after day 3: one line naming file, row, column and both times; nothing written."""
+    prev = chain["days"][2]
+    prev_hash = tree_hash(prev)
+    cfg = write_config(tmp_path / "late.json", chain["day_files"][1])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build_examples", f"--config={cfg}",
+                           f"--output_dir={out}", f"--previous={prev}"],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    events, (b1, b2, b3) = chain["events"], chain["bounds"][1:4]
+    end = max(e[2] for e in events[:b3])
+    row = next(r for r, e in enumerate(events[b1:b2]) if e[2] < end)
+    assert proc.stderr.strip() == (
+        f"build_examples: error: {chain['day_files'][1]}: row {row}, column `ts`: event time {events[b1 + row][2]} "
+        f"is before the previous build's end {end}; a build continues only with events at or after it (build the "
+        "earlier days again from the start instead)")
+    assert tree_hash(prev) == prev_hash
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith("out.tmp-")]
+
+
+def test_fingerprint_ignores_paths_and_the_run_split():
+    from pipelines.logs_config import LogsConfig
+
+    base = {"name": "a", "events": {"files": "a.parquet", "user": "u", "item": "i", "time": "t"},
+            "split": {"method": "time", "valid_from": 1, "test_from": 2}}
+    other = {**base, "name": "b", "events": {**base["events"], "files": "b/*.parquet"},
+             "split": {"method": "time", "valid_from": 5, "test_from": 9}, "shards": 8}
+    assert incremental.fingerprint(LogsConfig.from_dict(base)) == incremental.fingerprint(LogsConfig.from_dict(other))
+    changed = LogsConfig.from_dict({**base, "negatives": {"seed": 3}})
+    assert incremental.fingerprint(changed)["negatives.seed"] == 3
