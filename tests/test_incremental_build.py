@@ -1,8 +1,9 @@
 """Incremental builds (``build_examples --previous``) on a timestamped version of the bundled sample.
 
 The sample's raw events (``user<TAB>item item ...``, each user's events in
-order) get a synthetic time: an event's position in its user's list, halved
-(so a user's events come in pairs with the same time). The log is cut into
+order) get a synthetic time: an event's position ``j`` in its user's list as
+``(j + 1) // 2`` (so after the first, a user's events come in pairs with the
+same time). The log is cut into
 four days by the global order (time, user, position): the cuts fall inside
 a time, so a day starts with events at exactly the previous day's end. One
 build over all four days is compared with four builds chained with
@@ -40,7 +41,7 @@ def timestamped_events():
         for line_no, line in enumerate(f):
             user, items = line.rstrip("\n").split("\t")
             for j, item in enumerate(items.split()):
-                out.append((j // 2, line_no, j, int(user), int(item)))
+                out.append(((j + 1) // 2, line_no, j, int(user), int(item)))
     out.sort()
     return [(u, i, t) for t, _, _, u, i in out]
 
