@@ -4,6 +4,8 @@
         --output_dir=/tmp/ml50k_built [Beam options]
     python -m pipelines.preprocess --input_dir=/tmp/ml50k_built --output_dir=/tmp/ml50k_data \\
         --dataset_config=/tmp/ml50k_built/dataset_config.json
+    python -m pipelines.build_examples --config=DAY2.json --output_dir=/tmp/day2 \\
+        --previous=/tmp/day1 [--valid_from=T] [--test_from=T]
 
 The log configuration (:mod:`pipelines.logs_config`, documented field by
 field there) names the event log, the item catalog, an optional user table
@@ -29,6 +31,8 @@ and the rules below. The output directory holds:
   vocabulary files (paths relative to it).
 * ``stats.json``: events in and out, events dropped by reason, users, items,
   vocabulary sizes, history lengths and rows and positive rate per split.
+* ``state/``: what a later build continues from (**Incremental builds**
+  below; the files in :mod:`pipelines.incremental`).
 
 The rules (each tested in ``tests/test_build_examples.py``):
 
@@ -79,6 +83,27 @@ The rules (each tested in ``tests/test_build_examples.py``):
   ``fail``): ``on_bad_row: fail`` (default) stops with one line naming file,
   row (0-based, in the file) and column; ``drop`` counts them by reason. An
   empty log is an error.
+* **Incremental builds** (``--previous=DIR``; the state and its checks in
+  :mod:`pipelines.incremental`). Every build writes ``state/``: the config's
+  rules fingerprint, the end of the data (the largest event time), per user
+  the kept history entries, every item touched and the items at its last
+  time, and the cumulative training-period item and context counts. A build
+  with ``--previous`` reads only the files its config names plus that state,
+  and its output equals the new events' rows of one build over everything:
+  a history is the previous build's kept entries strictly earlier (the
+  equal-timestamp rule) then the new events; negatives exclude the user's
+  items of every build; the vocabularies and popularity levels use the
+  cumulative counts. Existing raw ids keep their dense ids; ids that now
+  qualify are appended (among themselves: count descending, ties by raw id),
+  never renumbered. **Splits over time**: continuing needs ``split: time``
+  (leave-last-out cannot know a user's last event before the log ends);
+  ``--valid_from`` / ``--test_from`` override the config's cut per run (a
+  daily build can make the end of its day the valid rows). Refused with one
+  line, the previous build untouched: a previous build of other rules (the
+  field is named), one without ``state/``, an event older than its end
+  (file, row, column and both times, whatever ``on_bad_row`` says; events at
+  exactly the end are allowed), ``--previous`` equal to or inside the
+  output, or the output inside it.
 
 How it scales: the launching process only expands the globs. The Beam
 pipeline reads every file in a worker (streaming), groups events by user

@@ -260,3 +260,17 @@ def test_fingerprint_ignores_paths_and_the_run_split():
     assert incremental.fingerprint(LogsConfig.from_dict(base)) == incremental.fingerprint(LogsConfig.from_dict(other))
     changed = LogsConfig.from_dict({**base, "negatives": {"seed": 3}})
     assert incremental.fingerprint(changed)["negatives.seed"] == 3
+
+
+def test_the_last_days_state_equals_one_builds(chain):
+    """Users without events on a day are carried over; the chain's final state is that of one build."""
+    def users(out):
+        sdir = os.path.join(out, "state")
+        rows = [r for n in sorted(os.listdir(sdir)) if n.startswith("users-")
+                for r in pq.read_table(os.path.join(sdir, n)).to_pylist()]
+        return sorted(rows, key=lambda r: r["user"])
+
+    last, full = users(chain["days"][-1]), users(chain["full"])
+    assert len(full) == len({e[0] for e in chain["events"]})
+    assert last == full
+    assert max(len(r["hist_items"]) for r in full) >= MAX_LEN
