@@ -274,3 +274,72 @@ def test_the_last_days_state_equals_one_builds(chain):
     assert len(full) == len({e[0] for e in chain["events"]})
     assert last == full
     assert max(len(r["hist_items"]) for r in full) >= MAX_LEN
+
+
+# ------------------------------------------------------------------ a hand-made log, known answers
+
+# u1's (c, 4) is on both days (a duplicate across builds); day 2 starts at day 1's end (4).
+DAY1 = "user,item,ts\nu1,a,1\nu1,b,2\nu1,a,3\nu1,c,4\nu2,a,1\n"
+DAY2 = "user,item,ts\nu1,c,4\nu1,d,4\nu2,d,4\nu3,d,4\nu1,b,5\nu3,b,6\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "day1.csv").write_text(DAY1)
+    (d / "day2.csv").write_text(DAY2)
+    rules = {"id_dtype": "string", "history": {"max_len": 2, "duplicates": "last"},
+             "negatives": {"per_positive": 0}, "split": {"method": "time", "valid_from": 5, "test_from": 6}}
+
+    def cfg(name, files):
+        return write_config(d / f"{name}.json", files, **rules, events={
+            "files": files, "format": "csv", "user": "user", "item": "item", "time": "ts"})
+
+    out = {"full": str(d / "full"), "day1": str(d / "d1"), "day2": str(d / "d2")}
+    stats = {"full": build_examples(cfg("all", ["day1.csv", "day2.csv"]), out["full"]),
+             "day1": build_examples(cfg("day1", "day1.csv"), out["day1"])}
+    stats["day2"] = build_examples(cfg("day2", "day2.csv"), out["day2"], previous=out["day1"])
+    return out, stats
+
+
+def tiny_rows(out):
+    with open(os.path.join(out, DATASET_CONFIG_FILENAME)) as f:
+        vocabs = json.load(f)["vocabularies"]
+    users = read_vocab(os.path.join(out, vocabs["user_id"]["path"]))
+    items = read_vocab(os.path.join(out, vocabs["item_id"]["path"]))
+    return sorted((users[r["user_id"] - 2], [items[x - 2] for x in r["item_seq"]], items[r["item_id"] - 2], s)
+                  for s in ("train", "valid", "test") for r in pq.read_table(os.path.join(out, f"{s}.parquet"))
+                  .to_pylist())
+
+
+def test_known_answer_across_two_builds(tiny):
+    out, stats = tiny
+    day2 = tiny_rows(out["day2"])
+    assert day2 == [("u1", ["b", "a"], "d", "train"),  # time 4: not day 1's (c, 4); "last" keeps one a
+                    ("u1", ["c", "d"], "b", "valid"),  # b a c d -> the last 2
+                    ("u2", ["a"], "d", "train"),  # u2's day-1 event, from the state
+                    ("u3", ["d"], "b", "test")]
+    assert sorted(tiny_rows(out["day1"]) + day2) == tiny_rows(out["full"])
+    assert stats["day2"]["events_dropped"] == {"duplicate_event": 1, "empty_history": 1}
+    assert stats["full"]["events_dropped"] == {"duplicate_event": 1, "empty_history": 3}
+
+
+def test_new_ids_are_appended_where_one_build_would_order_them_otherwise(tiny):
+    out, _ = tiny
+    assert read_vocab(os.path.join(out["day1"], "vocab", "item_id.txt")) == ["a", "b", "c"]
+    assert read_vocab(os.path.join(out["day2"], "vocab", "item_id.txt")) == ["a", "b", "c", "d"]
+    assert read_vocab(os.path.join(out["full"], "vocab", "item_id.txt")) == ["a", "d", "b", "c"]
+    assert read_vocab(os.path.join(out["day2"], "vocab", "user_id.txt")) == ["u1", "u2", "u3"]
+    counts = {r["item"]: r["count"] for r in pq.read_table(os.path.join(out["day2"], "state", "item_counts.parquet"))
+              .to_pylist()}
+    assert counts == {"a": 3, "b": 1, "c": 1, "d": 3}
+
+
+def test_split_overrides_need_a_time_split(tmp_path):
+    path = write_config(tmp_path / "llo.json", "none.parquet", split={"method": "leave_last_out"})
+    with pytest.raises(PreprocessError, match="--valid_from / --test_from need split `time`"):
+        build_examples(path, str(tmp_path / "out"), valid_from=3.0)
+    path = write_config(tmp_path / "t.json", "none.parquet")
+    with pytest.raises(PreprocessError, match=r"valid_from \(2000.0\) must be <= test_from \(1000\)"):
+        build_examples(path, str(tmp_path / "out"), valid_from=2000.0)
+    assert not (tmp_path / "out").exists()
