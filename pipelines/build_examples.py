@@ -84,7 +84,8 @@ The rules (each tested in ``tests/test_build_examples.py``):
   row (0-based, in the file) and column; ``drop`` counts them by reason. An
   empty log is an error.
 * **Incremental builds** (``--previous=DIR``; the state and its checks in
-  :mod:`pipelines.incremental`). Every build writes ``state/``: the config's
+  :mod:`pipelines.incremental`, tested in ``tests/test_incremental_build.py``).
+  Every build writes ``state/``: the config's
   rules fingerprint, the end of the data (the largest event time), per user
   the kept history entries, every item touched and the items at its last
   time, and the cumulative training-period item and context counts. A build

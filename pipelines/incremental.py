@@ -339,7 +339,8 @@ def write_state(p, cfg, resume: dict | None, work_dir: str, user_states, item_co
 
     def write_items(counts):
         rows = sorted(counts, key=lambda kv: _sort_key(kv[0]))
-        table = pa.table({"item": pa.array([k for k, _ in rows], t), "count": pa.array([n for _, n in rows], pa.int64())})
+        table = pa.table({"item": pa.array([k for k, _ in rows], t),
+                          "count": pa.array([n for _, n in rows], pa.int64())})
         with pp._create(pp._join(work_dir, STATE_DIR, ITEM_COUNTS)) as f:
             pq.write_table(table, f)
         return True
