@@ -108,7 +108,8 @@ The rules (each tested in ``tests/test_build_examples.py``):
 
 How it scales: the launching process only expands the globs. The Beam
 pipeline reads every file in a worker (streaming), groups events by user
-(``CoGroupByKey`` with the user table), works on one user's events at a time,
+(``CoGroupByKey`` with the user table and the previous build's user states),
+works on one user's events at a time,
 computes the vocabularies and the popularity levels with combiners, and
 writes each split as sorted parts that one worker streams into the split's
 file. The vocabularies reach the workers as side inputs, so a worker holds

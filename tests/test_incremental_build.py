@@ -343,3 +343,23 @@ def test_split_overrides_need_a_time_split(tmp_path):
     with pytest.raises(PreprocessError, match=r"valid_from \(2000.0\) must be <= test_from \(1000\)"):
         build_examples(path, str(tmp_path / "out"), valid_from=2000.0)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_log_without_time_writes_its_order_as_the_state(tmp_path):
+    """The bundled sample's MicroLens lines (no time column): the state's end is the build count."""
+    out = str(tmp_path / "out")
+    build_examples(os.path.join(REPO, "configs", "logs", "microlens_sample.json"), out)
+    with open(os.path.join(out, "state", "state.json")) as f:
+        state = json.load(f)
+    assert (state["end_time"], state["builds"], state["fingerprint"]["split.method"]) == (None, 1, "leave_last_out")
+    sdir = os.path.join(out, "state")
+    rows = {r["user"]: r for n in os.listdir(sdir) if n.startswith("users-")
+            for r in pq.read_table(os.path.join(sdir, n)).to_pylist()}
+    with open(RAW_EVENTS) as f:
+        lines = [line.rstrip("\n").split("\t") for line in f]
+    assert len(rows) == len(lines)
+    for user, items in lines:
+        items = [int(x) for x in items.split()]
+        r = rows[int(user)]
+        assert r["hist_items"] == items[-100:] and r["items"] == sorted(set(items))
+        assert (r["last_time"], r["last_items"]) == (None, [])
