@@ -4,6 +4,8 @@
         --output_dir=/tmp/ml50k_built [Beam options]
     python -m pipelines.preprocess --input_dir=/tmp/ml50k_built --output_dir=/tmp/ml50k_data \\
         --dataset_config=/tmp/ml50k_built/dataset_config.json
+    python -m pipelines.build_examples --config=DAY2.json --output_dir=/tmp/day2 \\
+        --previous=/tmp/day1 [--valid_from=T] [--test_from=T]
 
 The log configuration (:mod:`pipelines.logs_config`, documented field by
 field there) names the event log, the item catalog, an optional user table
@@ -29,6 +31,8 @@ and the rules below. The output directory holds:
   vocabulary files (paths relative to it).
 * ``stats.json``: events in and out, events dropped by reason, users, items,
   vocabulary sizes, history lengths and rows and positive rate per split.
+* ``state/``: what a later build continues from (**Incremental builds**
+  below; the files in :mod:`pipelines.incremental`).
 * ``build_examples_manifest.json``: the files above (paths relative to the output).
 
 The rules (each tested in ``tests/test_build_examples.py``):
@@ -93,10 +97,33 @@ The rules (each tested in ``tests/test_build_examples.py``):
   that are not UTF-8 (the file's fault, whatever ``on_bad_row`` says) and
   catalog vectors of differing widths. An error raised in a Beam worker
   reaches the user as the same one line (:func:`run_pipeline`).
+* **Incremental builds** (``--previous=DIR``; the state and its checks in
+  :mod:`pipelines.incremental`, tested in ``tests/test_incremental_build.py``).
+  Every build writes ``state/``: the config's
+  rules fingerprint, the end of the data (the largest event time), per user
+  the kept history entries, every item touched and the items at its last
+  time, and the cumulative training-period item and context counts. A build
+  with ``--previous`` reads only the files its config names plus that state,
+  and its output equals the new events' rows of one build over everything:
+  a history is the previous build's kept entries strictly earlier (the
+  equal-timestamp rule) then the new events; negatives exclude the user's
+  items of every build; the vocabularies and popularity levels use the
+  cumulative counts. Existing raw ids keep their dense ids; ids that now
+  qualify are appended (among themselves: count descending, ties by raw id),
+  never renumbered. **Splits over time**: continuing needs ``split: time``
+  (leave-last-out cannot know a user's last event before the log ends);
+  ``--valid_from`` / ``--test_from`` override the config's cut per run (a
+  daily build can make the end of its day the valid rows). Refused with one
+  line, the previous build untouched: a previous build of other rules (the
+  field is named), one without ``state/``, an event older than its end
+  (file, row, column and both times, whatever ``on_bad_row`` says; events at
+  exactly the end are allowed), ``--previous`` equal to or inside the
+  output, or the output inside it.
 
 How it scales: the launching process only expands the globs. The Beam
 pipeline reads every file in a worker (streaming), groups events by user
-(``CoGroupByKey`` with the user table), works on one user's events at a time,
+(``CoGroupByKey`` with the user table and the previous build's user states),
+works on one user's events at a time,
 computes the vocabularies and the popularity levels with combiners, and
 writes each split as sorted parts that one worker streams into the split's
 file. The vocabularies reach the workers as side inputs, so a worker holds
@@ -129,6 +156,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import incremental
 from pipelines import preprocess as pp  # Beam import (quietly), file helpers, options, atomic commit
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source
 from pipelines.validation import (PreprocessError, beam_failure, beam_worker_errors_unlogged,
@@ -622,8 +650,9 @@ class UserEvents(beam.DoFn):
     A record is ``{"examples": [(split, t, item, label, history, context)], "items": set of raw items}``.
     """
 
-    def __init__(self, cfg: LogsConfig, files: dict[int, str]):
+    def __init__(self, cfg: LogsConfig, files: dict[int, str], resume: dict | None = None):
         self.cfg, self._files = cfg, files
+        self.end = resume.get("end_time") if resume else None  # incremental: the previous build's end
 
     def process(self, element, catalog_ids=None):
         yield from self._process(element, catalog_ids)
@@ -632,13 +661,20 @@ class UserEvents(beam.DoFn):
         user, groups = element
         cfg = self.cfg
         events = [e for part in groups["events"] for e in part]
+        prev = incremental.previous_of(groups)  # incremental: the user's state from --previous
         if not events:
+            if prev is not None:
+                yield beam.pvalue.TaggedOutput("state", (user, prev))
             return  # a user-table row without events
         stats = Counter()
         drops = Counter()
         events.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
+        late = incremental.late_event(events, self.end, self._files, cfg.events.time)
+        if late is not None:
+            yield beam.pvalue.TaggedOutput("late", late)
+            return
         if cfg.events.time:
-            seen, kept = set(), []
+            seen, kept = incremental.seen_at_end(prev), []
             for e in events:
                 if (e[4], e[0]) in seen:
                     drops["duplicate_event"] += 1
@@ -673,6 +709,8 @@ class UserEvents(beam.DoFn):
                 user_ctx = (None,) * len(cfg.users.context)
         if not events:
             yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
+            if prev is not None:
+                yield beam.pvalue.TaggedOutput("state", (user, prev))
             return
         keys = [(e[0], e[1], e[2], e[3]) for e in events]
         if cfg.split == "leave_last_out":
@@ -705,7 +743,7 @@ class UserEvents(beam.DoFn):
                     if v is not None:
                         train_ctx[(name, v)] += 1
             n = bisect.bisect_left(hkeys, e[0] if cfg.events.time else k)
-            hist = [h[4] for h in in_history[:n]]
+            hist = incremental.earlier(prev, e[0], bool(cfg.events.time)) + [h[4] for h in in_history[:n]]
             if cfg.history_duplicates == "last":
                 hist = list(reversed(list(dict.fromkeys(reversed(hist)))))
             hist = hist[-cfg.history_max_len:]
@@ -719,8 +757,9 @@ class UserEvents(beam.DoFn):
         yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
         yield beam.pvalue.TaggedOutput("item_counts", list(train_items.items()))
         yield beam.pvalue.TaggedOutput("ctx_counts", list(train_ctx.items()))
+        yield beam.pvalue.TaggedOutput("state", (user, incremental.next_state(cfg, prev, in_history, events)))
         if examples:
-            yield user, {"examples": examples, "items": sorted({e[4] for e in events}, key=_raw_key)}
+            yield user, {"examples": examples, "items": sorted(incremental.all_items(prev, events), key=_raw_key)}
 
 
 def _raw_key(x):
@@ -927,9 +966,9 @@ def popularity_levels(counts: np.ndarray, edges: np.ndarray | None = None) -> np
     return out
 
 
-def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig) -> dict:
+def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig, previous: list | None = None) -> dict:
     counts = dict(item_counts)
-    order = vocabulary(counts, cfg.item_min_count, always=catalog_ids)
+    order = incremental.appended(previous, vocabulary(counts, cfg.item_min_count, always=catalog_ids))
     dense = {x: i + 2 for i, x in enumerate(order)}
     c = np.zeros(len(order) + 2, np.float64)
     for x, i in dense.items():
@@ -946,13 +985,14 @@ def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig) -> dict:
             "weights": weights / weights.sum() if len(order) else weights, "refused": refused}
 
 
-def build_contexts(ctx_counts: list, cfg: LogsConfig) -> dict:
+def build_contexts(ctx_counts: list, cfg: LogsConfig, previous: dict | None = None) -> dict:
     per: dict[str, dict] = {n: {} for n in cfg.categorical_context}
     for (name, v), n in ctx_counts:
         per[name][v] = per[name].get(v, 0) + n
     out = {}
     for name, counts in per.items():
-        out[name] = _indexed(vocabulary(counts, cfg.context_min_count))
+        out[name] = _indexed(incremental.appended((previous or {}).get(name),
+                                                  vocabulary(counts, cfg.context_min_count)))
     return out
 
 
@@ -1062,7 +1102,7 @@ def _files(src: Source, what: str) -> list[str]:
     return found
 
 
-def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: str):
+def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: str, resume: dict | None = None):
     ev_files = list(enumerate(files["events"]))
     read = (p | "EventFiles" >> beam.Create(ev_files) | "Spread" >> beam.Reshuffle()
             | "ReadEvents" >> beam.ParDo(ReadEvents(cfg)).with_outputs("bad", "stats", main="events"))
@@ -1097,31 +1137,44 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
     catalog_ids = catalog | "CatalogIds" >> beam.Keys()
     catalog_list = catalog_ids | "CatalogIdList" >> beam.combiners.ToList()
 
-    user_fn = UserEvents(cfg, dict(ev_files))
+    user_fn = UserEvents(cfg, dict(ev_files), resume)
     side = {}
     if cfg.catalog is not None and cfg.unknown_items != "keep":
         side["catalog_ids"] = beam.pvalue.AsSingleton(catalog_list | "CatalogSet" >> beam.Map(set))
-    per_user = ({"events": read.events, "user": user_rows} | "GroupByUser" >> beam.CoGroupByKey()
+    # Incremental: the previous build's user states join the new events by user; its vocabularies and
+    # cumulative counts are extended (pipelines/incremental.py).
+    state_rows = incremental.read_user_states(p, resume)
+    prev_vocabs = beam.pvalue.AsSingleton(p | "PrevVocabTrigger" >> beam.Create([resume])
+                                          | "PrevVocabs" >> beam.Map(incremental.read_vocabularies))
+    per_user = ({"events": read.events, "user": user_rows, "state": state_rows} | "GroupByUser" >> beam.CoGroupByKey()
                 | "UserEvents" >> beam.ParDo(user_fn, **side).with_outputs("bad", "stats", "item_counts", "ctx_counts",
-                                                                           main="records"))
+                                                                           "state", "late", main="records"))
     bads, stats = bads + [per_user.bad], stats + [per_user.stats]
 
-    item_counts = (per_user.item_counts | "FlatItemCounts" >> beam.FlatMap(lambda x: x)
+    item_counts = ((per_user.item_counts | "FlatItemCounts" >> beam.FlatMap(lambda x: x),
+                    incremental.previous_item_counts(p, resume)) | "WithPrevItemCounts" >> beam.Flatten()
                    | "SumItems" >> beam.CombinePerKey(sum) | "ItemCountList" >> beam.combiners.ToList())
-    items = (item_counts | "ItemVocab" >> beam.Map(lambda c, ids: build_items(c, ids, cfg),
-                                                   ids=beam.pvalue.AsSingleton(catalog_list)))
-    ctx_counts = (per_user.ctx_counts | "FlatCtxCounts" >> beam.FlatMap(lambda x: x)
+    items = (item_counts | "ItemVocab" >> beam.Map(lambda c, ids, prev: build_items(c, ids, cfg, (prev or {}).get(
+        "item_id")), ids=beam.pvalue.AsSingleton(catalog_list), prev=prev_vocabs))
+    ctx_counts = ((per_user.ctx_counts | "FlatCtxCounts" >> beam.FlatMap(lambda x: x),
+                   incremental.previous_context_counts(p, resume)) | "WithPrevCtxCounts" >> beam.Flatten()
                   | "SumCtx" >> beam.CombinePerKey(sum) | "CtxCountList" >> beam.combiners.ToList())
-    contexts = ctx_counts | "CtxVocab" >> beam.Map(lambda c: build_contexts(c, cfg))
+    contexts = ctx_counts | "CtxVocab" >> beam.Map(lambda c, prev: build_contexts(c, cfg, prev), prev=prev_vocabs)
     users = p | "NoUserVocab" >> beam.Create([None])
     if cfg.id_dtype == "string":  # string user ids: the output's user_id is a dense id (meta only)
         users = (per_user.records | "UserKeys" >> beam.Keys() | "UserList" >> beam.combiners.ToList()
-                 | "UserVocab" >> beam.Map(lambda us: _indexed(sorted(us, key=_raw_key))))
+                 | "UserVocab" >> beam.Map(lambda us, prev: _indexed(incremental.appended(
+                     (prev or {}).get("user_id"), sorted(us, key=_raw_key))), prev=prev_vocabs))
     tag_vocab = p | "NoTags" >> beam.Create([{"order": [], "dense": {}}])
     if cfg.catalog is not None and cfg.catalog.tags is not None:
         tag_vocab = (catalog | "TagsOfItems" >> beam.FlatMap(lambda kv: [(t, 1) for t in kv[1][0]])
                      | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
-                     | "TagVocab" >> beam.Map(lambda c: _indexed(vocabulary(dict(c), cfg.catalog.tags.min_count))))
+                     | "TagVocab" >> beam.Map(lambda c, prev: _indexed(incremental.appended(
+                         (prev or {}).get("tags"), vocabulary(dict(c), cfg.catalog.tags.min_count))), prev=prev_vocabs))
+    incremental.write_state(p, cfg, resume, work_dir, per_user.state, item_counts, ctx_counts, _shard_of)
+    _ = (per_user.late | "FirstLate" >> beam.CombineGlobally(FirstError())
+         | "WriteLate" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, incremental.LATE_FILE),
+                                                                  json.dumps(e))))
 
     _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and pp._write_text(
         pp._join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
@@ -1292,13 +1345,17 @@ def run_pipeline(p, errors=(PreprocessError, LogsConfigError, SpecError)):
         raise RunnerError(f"the Beam pipeline ended in state {state}")
 
 
-def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
+def build_examples(config, output_dir: str, *, beam_options=None, previous: str | None = None,
+                   valid_from: float | None = None, test_from: float | None = None) -> dict:
     """Builds examples, item table, vocabularies, dataset config and stats from raw logs.
 
     Args:
         config: a :class:`LogsConfig` or the path of its JSON.
         output_dir: where to write; replaced as a whole on success only.
         beam_options: as :func:`pipelines.preprocess.pipeline_options`.
+        previous: an earlier build's output directory to continue from (its ``state/``; the config
+            names only the new events); see "Incremental builds" above. Never modified.
+        valid_from, test_from: override the config's time split for this run (split ``time`` only).
 
     Returns:
         The stats (as written to ``stats.json``).
@@ -1308,6 +1365,7 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
         LogsConfigError: a malformed log config.
     """
     cfg = config if isinstance(config, LogsConfig) else LogsConfig.load(config)
+    cfg, resume = incremental.prepare(cfg, output_dir, previous, valid_from, test_from)
     files = {"events": _files(cfg.events.source, "the event log")}
     if cfg.catalog is not None:
         files["catalog"] = _files(cfg.catalog.source, "the item catalog")
@@ -1323,8 +1381,9 @@ def build_examples(config, output_dir: str, *, beam_options=None) -> dict:
         pp._write_manifest(work_dir, None, name=MANIFEST_FILENAME, tool=LEDGER.tool)  # marks our temporary dir
         pp._makedirs(pp._join(work_dir, _PARTS_DIR))
         p = beam.Pipeline(options=opts)
-        _build_pipeline(p, cfg, files, work_dir)
+        _build_pipeline(p, cfg, files, work_dir, resume)
         run_pipeline(p)
+        incremental.raise_late(work_dir, resume)
         if pp._exists(pp._join(work_dir, _ERROR_FILE)):
             e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
             raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
@@ -1409,6 +1468,10 @@ def _define_flags():
                         "config and stats.")
     flags.DEFINE_string("preprocess_dir", None, "Where to also write the TFRecords of pipelines.preprocess run on "
                         "the output; unset, preprocessing is left to you.")
+    flags.DEFINE_string("previous", None, "An earlier build's output directory to continue from (its state/): "
+                        "the config names only the new events; ids are appended, never renumbered.")
+    flags.DEFINE_float("valid_from", None, "Overrides the config's split.valid_from for this run (split time).")
+    flags.DEFINE_float("test_from", None, "Overrides the config's split.test_from for this run (split time).")
     flags.mark_flags_as_required(["config", "output_dir"])
     return flags.FLAGS
 
@@ -1424,7 +1487,8 @@ def main(argv):
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     t0 = time.time()
     try:
-        stats = build_examples(FLAGS.config, FLAGS.output_dir, beam_options=argv[1:])
+        stats = build_examples(FLAGS.config, FLAGS.output_dir, beam_options=argv[1:], previous=FLAGS.previous,
+                               valid_from=FLAGS.valid_from, test_from=FLAGS.test_from)
         rows = ", ".join(f"{s} {v['rows']:,} rows" for s, v in stats["splits"].items())
         print(f"build_examples: {stats['events_in']:,} events -> {rows}; {stats['users_out']:,} users; "
               f"{stats['items']['vocabulary']:,} items; wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s")

@@ -34,6 +34,8 @@ A JSON file, relative paths resolved against the file's own directory::
       "negatives": {"per_positive": 1, "sampling": "uniform", "seed": 0},   # per_positive <= 1000 and
                                                     # below the item vocabulary's size
       "split": {"method": "leave_last_out"},        # or {"method": "time", "valid_from": T1, "test_from": T2}
+                                                    # (build_examples --valid_from/--test_from override
+                                                    #  T1/T2 per run; --previous needs "time")
       "on_bad_row": "fail",                         # fail | drop (a counted drop, by reason, in stats.json)
       "max_len": 64,                                # max_len of the written dataset config (preprocessing)
       "shards": 4                                   # parts per split while writing (output: one file a split)
