@@ -13,6 +13,10 @@ warmup rows) and writes ``export_base/<version>/``, the layout
     <version>/assets.extra/tf_serving_warmup_requests
                                                PredictionLog records TF Serving replays
                                                before it marks the version AVAILABLE
+    <version>/assets.extra/model_fingerprint.json
+                                               which training run the version serves
+                                               (:func:`model_fingerprint`), for
+                                               ``export.refresh_catalog``
 
 Signatures (every input and output is named; no ``inputs_1`` / ``output_0``):
 
@@ -55,6 +59,7 @@ other file is there.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -86,6 +91,8 @@ SERVE_TAG = "serve"
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 #: The feature spec inside the export, relative to the version directory.
 SPEC_ASSET_PATH = os.path.join("assets", SPEC_FILENAME)
+#: The fingerprints of a version (:func:`model_fingerprint`), relative to the version directory.
+FINGERPRINT_PATH = os.path.join("assets.extra", "model_fingerprint.json")
 #: Rows used for warmup requests (TF Serving accepts at most 1000 records).
 DEFAULT_WARMUP_ROWS = 8
 #: The model file ``qin_tf.train`` leaves in its model_dir.
@@ -156,6 +163,67 @@ def latest_version_dir(export_base: str, log=None) -> str:
         raise ExportError(f"{export_base}: no SavedModel version here (no directory named by a number "
                           "holding a saved_model.pb); run `python -m export.exporter` first.")
     return os.path.join(export_base, str(versions[-1]))
+
+
+# --------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------
+
+
+def weights_digest(model) -> str:
+    """sha256 (hex) of a Keras model's weights: each one's path, dtype, shape and bytes, in path order.
+
+    Two models digest alike exactly when they hold the same variables with the
+    same values, bit for bit, however their ``.keras`` files were zipped.
+    """
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for v in sorted(model.weights, key=lambda w: w.path):
+        value = np.ascontiguousarray(np.asarray(v))
+        h.update(f"{v.path}\0{value.dtype.str}\0{value.shape}\0".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model, spec: FeatureSpec) -> str:
+    """sha256 (hex) of a training run: its model's weights (:func:`weights_digest`) and its feature spec.
+
+    The spec counts as its JSON (without its directory) and the bytes of
+    every vocabulary file it names, so a model retrained on the same data with
+    another seed, or the same weights over other vocabularies, differ.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(weights_digest(model).encode())
+    h.update(spec.to_json().encode())
+    for key, v in sorted(spec.vocabularies.items()):
+        h.update(f"\0{key}\0".encode())
+        h.update(fileio.read_bytes(spec.path(v["path"])))
+    return h.hexdigest()
+
+
+def read_fingerprint(version_dir: str) -> dict | None:
+    """The fingerprints an export version holds (``{"source": ..., "weights": ...}``), or None before they existed.
+
+    ``source`` is the :func:`model_fingerprint` of the training run the
+    version was exported from (for a refreshed version, the run it was
+    refreshed from); ``weights`` is the :func:`weights_digest` of the model
+    the version serves, before folding (a refresh's grown item table).
+    """
+    path = os.path.join(version_dir, FINGERPRINT_PATH)
+    if not fileio.gfile().exists(path):
+        return None
+    try:
+        d = json.loads(fileio.read_text(path))
+    except ValueError as e:
+        raise ExportError(f"{path}: not a fingerprint file ({e}).") from None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("source", "weights")):
+        raise ExportError(f"{path}: not a fingerprint file (needs the strings `source` and `weights`).")
+    return d
 
 
 # --------------------------------------------------------------------------
@@ -605,7 +673,8 @@ def _verify(export_dir: str, model, spec: FeatureSpec, examples: Sequence[bytes]
 def export_model(model, spec: FeatureSpec, export_base: str, version: int | None = None, *,
                  warmup_examples: Sequence[bytes] | None = None, num_warmup_rows: int = DEFAULT_WARMUP_ROWS,
                  model_name: str = "qin", verify: bool = True, fold_qnn: bool = True,
-                 fold_attention: bool = True, fold_item_vectors: bool = True) -> str:
+                 fold_attention: bool = True, fold_item_vectors: bool = True,
+                 source_fingerprint: str | None = None) -> str:
     """Writes ``model`` as version ``version`` of a TF Serving model in ``export_base``.
 
     Args:
@@ -630,6 +699,10 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
             attention weights and operations.
         fold_item_vectors: serve every item's vector from one precomputed
             ``[num_items, 3E]`` table (:func:`fold_for_inference`).
+        source_fingerprint: the :func:`model_fingerprint` of the training run
+            this version serves, written to :data:`FINGERPRINT_PATH`; default:
+            that of ``model`` and ``spec`` (``export.refresh_catalog`` passes
+            the run it grew the item table of).
 
     Returns:
         The path of the new version directory.
@@ -676,6 +749,9 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
                 signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
             tf.saved_model.save(module, tmp, signatures=signatures)
         write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
+        fingerprint = {"source": source_fingerprint or model_fingerprint(model, spec),
+                       "weights": weights_digest(model)}
+        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
         if verify:
             _verify(tmp, model, spec, warmup_examples)
         try:
