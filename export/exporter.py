@@ -42,7 +42,11 @@ Ids the model has never seen are handled inside the graph as in training:
 context ids at or beyond the vocabulary map to the out-of-vocabulary row,
 item ids beyond the table to padding. A negative id breaks the spec's id
 rule (:data:`qin_tf.spec.ID_RULE`): an assertion in both signatures refuses
-the request (``INVALID_ARGUMENT`` from TF Serving).
+the request (``INVALID_ARGUMENT`` from TF Serving). The raw-id signatures
+apply the raw-id rule (:data:`qin_tf.spec.RAW_ID_RULE`, the rule the
+pipeline builds vocabularies by) the same way: raw 0 or ``""`` is padding in
+the history and refused as the target item or a context id; a negative raw
+id, or a string with a control character or line break, is refused anywhere.
 
 A version is written to a hidden temporary directory inside ``export_base``
 (TF Serving only loads directories named by a number) and renamed into
@@ -61,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,7 +75,7 @@ from typing import Iterable, Mapping, Sequence
 from absl import logging
 
 from qin_tf import fileio
-from qin_tf.spec import ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError
+from qin_tf.spec import ID_RULE, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, raw_id_problem
 
 #: Name of the per-feature signature (TF Serving's default).
 SERVING_SIGNATURE = "serving_default"
@@ -115,6 +120,37 @@ def _quiet_tf_logging():
 
 class ExportError(RuntimeError):
     """The model, the spec or the export directory does not allow an export."""
+
+
+#: TensorFlow's runtime decorations of an op error: ``{{function_node ...}}``, ``[[{{node ...}}]]``, ``[Op:...]``.
+_TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\[\[[^\]]*\]\]|\[Op:[^\]]*\]")
+_TF_NOISE_LINES = ("Graph execution error", "Detected at node", "File ", "Traceback", "return ")
+
+
+def tf_error_line(error: Exception) -> str:
+    """One plain line for a TensorFlow error: its meaningful line, without TF's runtime decorations.
+
+    Drops the graph-execution preamble and Python frames, ``{{function_node
+    ...}}``, ``[[{{node ...}}]]`` and ``[Op:...]``; an assertion becomes its
+    message (``assertion failed: [`item_id`: raw ids are ...] [Condition ...]``
+    -> ``refused by the graph: `item_id`: raw ids are ...``).
+
+    >>> class E(Exception): message = "{{function_node __inference_f_9}} bad row\\n\\t [[{{node x}}]] [Op:f]"
+    >>> tf_error_line(E())
+    'bad row'
+    """
+    if isinstance(error, UnicodeDecodeError):
+        return "the input holds bytes that are not a serialized tf.train.Example."
+    text = getattr(error, "message", None) or str(error)
+    lines = [" ".join(_TF_DECORATION.sub(" ", line).split()) for line in str(text).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(_TF_NOISE_LINES)]
+    if not lines:
+        return type(error).__name__
+    line = lines[-1]
+    m = re.match(r"assertion failed: \[(.*?)\](?: \[|$)", line)
+    if not m:
+        return line
+    return "refused by the graph: " + m.group(1).replace('\\"', '"')  # TF escapes the message's quotes
 
 
 # --------------------------------------------------------------------------
@@ -277,6 +313,48 @@ def raw_example_parse_spec(spec: FeatureSpec) -> dict:
     return out
 
 
+#: RE2 pattern of a string holding a character :data:`qin_tf.spec.RAW_ID_RULE` forbids (every C0/C1
+#: control character, line breaks among them, and the Unicode line and paragraph separators).
+_RAW_ID_FORBIDDEN_RE = r"(?s).*[\x00-\x1f\x7f-\x9f\x{2028}\x{2029}].*"
+
+
+def first_bad_raw_input(spec: FeatureSpec, name: str, values):
+    """``(index, reason)`` of the first value of raw-signature input ``name`` breaking :data:`RAW_ID_RULE`, or None.
+
+    The Python twin of the graph's check (:meth:`RawIdLookup.check`), for a
+    server that names the row at fault: a feature with a vocabulary holds raw
+    ids (in the history, the raw padding value is allowed anywhere); one
+    without holds dense ids (:data:`ID_RULE`). ``values``: a numpy array,
+    strings as ``bytes`` or ``str``.
+    """
+    import numpy as np
+
+    arr = np.asarray(values)
+    key = spec.vocabulary_key(name)
+    if key is None:
+        if arr.dtype.kind in "iu" and (arr < 0).any():
+            index = tuple(int(i) for i in np.argwhere(arr < 0)[0])
+            return index, f"{int(arr[index])} is negative; {ID_RULE}"
+        return None
+    padding = raw_padding(spec.vocabularies[key].get("dtype", "string"))
+    history = name == spec.sequence
+    for index in np.ndindex(arr.shape):
+        value = arr[index]
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                return index, f"{value!r} is not valid UTF-8; {RAW_ID_RULE}"
+        elif isinstance(value, np.integer):
+            value = int(value)
+        if history and value == padding:
+            continue
+        why = raw_id_problem(value)
+        if why is not None:
+            return index, f"{why}; {RAW_ID_RULE}"
+    return None
+
+
 def pad_recent_graph(ids, max_len: int):
     """The spec's sequence rule (:func:`qin_tf.spec.left_pad_recent`) in the graph: ``[B, W]`` -> ``[B, max_len]``.
 
@@ -296,7 +374,9 @@ class RawIdLookup:
 
     Line n (1-based) of a vocabulary file is dense id n + 1; an unknown raw id
     is the vocabulary's ``oov_id`` (1); in a history, the raw padding value
-    (:func:`raw_padding`) is dense 0. Features without a vocabulary pass through.
+    (:func:`raw_padding`) is dense 0. A raw id breaking
+    :data:`qin_tf.spec.RAW_ID_RULE` is refused (:meth:`check`). Features
+    without a vocabulary pass through.
     """
 
     def __init__(self, spec: FeatureSpec):
@@ -309,6 +389,29 @@ class RawIdLookup:
                                                  tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
             self.tables[key] = tf.lookup.StaticHashTable(init, default_value=-1, name=f"vocab_{key}")
 
+    def check(self, name: str, raw):
+        """The assertion of :data:`qin_tf.spec.RAW_ID_RULE` on raw input ``name`` (None without a vocabulary).
+
+        A negative int, a string with a control character or line break or
+        that is not UTF-8, and raw 0 / ``""`` outside the history are refused
+        (``INVALID_ARGUMENT`` naming the input and the rule); in the history,
+        0 / ``""`` is padding. The same rule the pipeline applies when it builds
+        the vocabularies, so the graph accepts exactly the ids a build accepts.
+        """
+        import tensorflow as tf
+
+        if self.spec.vocabulary_key(name) is None:
+            return None
+        history = name == self.spec.sequence
+        if raw.dtype == tf.string:
+            bad = tf.strings.regex_full_match(raw, _RAW_ID_FORBIDDEN_RE)
+            bad |= tf.not_equal(tf.strings.unicode_transcode(raw, "UTF-8", "UTF-8", errors="replace"), raw)
+            if not history:
+                bad |= tf.equal(raw, "")
+        else:
+            bad = raw < (0 if history else 1)
+        return tf.debugging.assert_equal(tf.reduce_any(bad), False, message=f"`{name}`: {RAW_ID_RULE}")
+
     def dense(self, name: str, raw):
         import tensorflow as tf
 
@@ -316,6 +419,8 @@ class RawIdLookup:
         if key is None:
             return raw
         v = self.spec.vocabularies[key]
+        with tf.control_dependencies([self.check(name, raw)]):
+            raw = tf.identity(raw)
         text = raw if raw.dtype == tf.string else tf.strings.as_string(raw)
         line = self.tables[key].lookup(text)
         ids = tf.where(line >= 0, line + 2, tf.constant(int(v.get("oov_id", 1)), tf.int64))
@@ -448,7 +553,12 @@ def raw_rows(spec: FeatureSpec, features: Mapping) -> tuple[dict, dict]:
             continue
         v, words = spec.vocabularies[key], vocabs[key]
         as_int = v.get("dtype", "string") == "int64"
-        unknown = str(max((int(w) for w in words), default=0) + 1) if as_int else "\x00unknown"
+        if as_int:
+            unknown = str(max((int(w) for w in words), default=0) + 1)
+        else:  # a valid raw id (no control character) that the vocabulary lacks
+            unknown, known_words = "unknown", set(words)
+            while unknown in known_words:
+                unknown = "~" + unknown
         table = np.asarray(["", unknown] + words, dtype=object)
         known = (value >= 2) & (value < len(table))
         text = np.where(known, table[np.where(known, value, 0)], unknown)
@@ -834,7 +944,7 @@ def main(argv):
     except (ExportError, SpecError, OSError) as e:  # bad paths or inputs: one line, no traceback
         sys.exit(f"error: {e}")
     except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
-        sys.exit(f"error: {' '.join(e.message.split())}")
+        sys.exit(f"error: {tf_error_line(e)}")
     print(path)
 
 

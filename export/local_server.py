@@ -44,6 +44,7 @@ from typing import Mapping
 
 from absl import logging
 
+from export.exporter import RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, first_bad_raw_input, tf_error_line
 from qin_tf.spec import ID_RULE, first_negative_id
 
 #: The input of the serialized-example signature (export.exporter.EXAMPLES_INPUT).
@@ -167,7 +168,11 @@ class ServedModel:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"inputs disagree on the batch size: `{name}` has {value.shape[0]} rows, "
                                    f"the others {batch}.")
-            if value.dtype.kind in "iu":
+            if signature_name == RAW_SIGNATURE and self.spec is not None:  # the graph's raw-id rule, row named
+                bad = first_bad_raw_input(self.spec, name, value)
+                if bad is not None:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input `{name}`, row {bad[0][0]}: {bad[1]}.")
+            elif value.dtype.kind in "iu":
                 bad = first_negative_id(value)
                 if bad is not None:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -178,15 +183,18 @@ class ServedModel:
                                f"batch of {batch} rows exceeds the server's max_batch_size {self.max_batch_size}.")
         return out
 
-    def _explain(self, inputs: Mapping, error: Exception) -> str:
+    def _explain(self, signature_name: str, inputs: Mapping, error: Exception) -> str:
         """One line for a request the graph refused: the first bad example and why, when it can tell."""
         import tensorflow as tf
 
+        from export.exporter import raw_example_parse_spec
         from qin_tf.data import example_parse_spec
 
         examples = inputs.get(EXAMPLES_INPUT)
         if self.spec is not None and examples is not None and examples.ndim == 1:
-            parse_spec = example_parse_spec(self.spec, labelled=False, with_meta=False)
+            raw = signature_name == RAW_EXAMPLES_SIGNATURE
+            parse_spec = (raw_example_parse_spec(self.spec) if raw else
+                          example_parse_spec(self.spec, labelled=False, with_meta=False))
             for i, record in enumerate(examples.tolist()):
                 try:
                     parsed = tf.io.parse_example(tf.constant([record], tf.string), parse_spec)
@@ -194,7 +202,14 @@ class ServedModel:
                     return (f"{EXAMPLES_INPUT}[{i}] is not a tf.train.Example of this model's features: "
                             f"{_tf_error_line(e)}")
                 for name in self.spec.model_feature_names:
-                    bad = first_negative_id(parsed[name].numpy())
+                    value = parsed[name]
+                    value = (value.values if isinstance(value, tf.SparseTensor) else value).numpy()
+                    if raw:
+                        bad = first_bad_raw_input(self.spec, name, value)
+                        if bad is not None:
+                            return f"{EXAMPLES_INPUT}[{i}], feature `{name}`: {bad[1]}."
+                        continue
+                    bad = first_negative_id(value)
                     if bad is not None:
                         return f"{EXAMPLES_INPUT}[{i}], feature `{name}`: negative id {bad[1]}; {ID_RULE}."
         return _tf_error_line(error)
@@ -225,7 +240,7 @@ class ServedModel:
         except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
             # e.g. an undecodable or incomplete tf.train.Example, or an id the graph refuses
             # (TF raises UnicodeDecodeError when its message quotes undecodable bytes).
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, self._explain(inputs, e)) from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, self._explain(signature_name, inputs, e)) from None
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.model_name
         response.model_spec.version.value = self.version
@@ -268,14 +283,8 @@ class ServedModel:
         return response
 
 
-def _tf_error_line(error: Exception) -> str:
-    """The one meaningful line of a TensorFlow op error (not its Python traceback)."""
-    if isinstance(error, UnicodeDecodeError):
-        return "the input holds bytes that are not a serialized tf.train.Example."
-    lines = [line.strip() for line in getattr(error, "message", str(error)).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(
-        ("Graph execution error", "Detected at node", "File ", "[[", "return ", "Traceback"))]
-    return lines[-1] if lines else type(error).__name__
+#: The one plain line of a TensorFlow error (:func:`export.exporter.tf_error_line`; export.client uses this name).
+_tf_error_line = tf_error_line
 
 
 def _dtype_name(enum_value: int) -> str:
@@ -302,7 +311,7 @@ def _handler(method):
             context.abort(e.code, str(e))
         except Exception as e:  # keep serving; report the failure to this caller only
             logging.exception("request failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {tf_error_line(e)}")
 
     return rpc
 

@@ -276,7 +276,7 @@ def main(argv):
 
         if not isinstance(e, tf.errors.OpError):
             raise
-        sys.exit(f"error: {' '.join(e.message.split())}")
+        sys.exit(f"error: {exporter.tf_error_line(e)}")
     if path is not None:
         print(path)
 
