@@ -27,6 +27,14 @@ pick it up without a restart). The model is the training run's
 * Every weight of the model is unchanged, so a request that touches only
   items whose catalog row is unchanged scores bit for bit as before.
 
+Before anything is written, the newest version must be one exported (or
+refreshed) from ``--model_dir``'s model: its
+``assets.extra/model_fingerprint.json`` (:func:`export.exporter.model_fingerprint`
+of the training run) must match ``--model_dir``'s, else the refresh is refused
+(a model retrained since, even on the same data, would change every score).
+An empty catalog, or one that changes nothing the newest version serves,
+writes no version.
+
 The version goes through the exporter's own path
 (:func:`export.exporter.export_model`): written to a hidden temporary
 directory, checked against the Keras model and renamed into place, so a
