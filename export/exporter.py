@@ -336,23 +336,31 @@ def first_bad_raw_input(spec: FeatureSpec, name: str, values):
             index = tuple(int(i) for i in np.argwhere(arr < 0)[0])
             return index, f"{int(arr[index])} is negative; {ID_RULE}"
         return None
-    padding = raw_padding(spec.vocabularies[key].get("dtype", "string"))
     history = name == spec.sequence
-    for index in np.ndindex(arr.shape):
-        value = arr[index]
+    if arr.dtype.kind in "iu":  # vectorised: the rule for ints is a bound
+        bad = arr < (0 if history else 1)
+        if not bad.any():
+            return None
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        return index, f"{raw_id_problem(int(arr[index]))}; {RAW_ID_RULE}"
+    padding = raw_padding(spec.vocabularies[key].get("dtype", "string"))
+
+    def problem(value):
         if isinstance(value, bytes):
             try:
                 value = value.decode("utf-8")
             except UnicodeDecodeError:
-                return index, f"{value!r} is not valid UTF-8; {RAW_ID_RULE}"
+                return f"{value!r} is not valid UTF-8"
         elif isinstance(value, np.integer):
             value = int(value)
-        if history and value == padding:
-            continue
-        why = raw_id_problem(value)
-        if why is not None:
-            return index, f"{why}; {RAW_ID_RULE}"
-    return None
+        return None if history and value == padding else raw_id_problem(value)
+
+    flat = arr.reshape(-1).tolist()
+    bad_values = {v for v in set(flat) if problem(v) is not None}  # each distinct id checked once
+    if not bad_values:
+        return None
+    i = next(i for i, v in enumerate(flat) if v in bad_values)
+    return tuple(int(x) for x in np.unravel_index(i, arr.shape)), f"{problem(flat[i])}; {RAW_ID_RULE}"
 
 
 def pad_recent_graph(ids, max_len: int):
@@ -870,7 +878,8 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
             else:
                 fileio.copy_tree(tmp, final, last=("saved_model.pb",))
         except (OSError, tf.errors.OpError) as e:
-            raise ExportError(f"could not publish {final}: {e} (was it created concurrently?)") from None
+            why = tf_error_line(e) if isinstance(e, tf.errors.OpError) else e
+            raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
     except BaseException:
         if local:
             shutil.rmtree(tmp, ignore_errors=True)

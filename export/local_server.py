@@ -538,6 +538,7 @@ class LocalServer:
 
 def main(argv):
     del argv
+    import tensorflow as tf
     from absl import flags
 
     from export.exporter import ExportError
@@ -551,6 +552,8 @@ def main(argv):
                              log=lambda line: print(line, flush=True)).start()
     except (ExportError, SpecError, OSError) as e:  # a wrong path, a port in use: one line, no traceback
         sys.exit(f"error: {e}")
+    except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
+        sys.exit(f"error: {tf_error_line(e)}")
     # The one ready line (stdout): scripts wait for it.
     # SIGTERM (docker stop, kill) and SIGINT (Ctrl-C) stop it gracefully.
     signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.stop).start())
