@@ -75,7 +75,8 @@ from typing import Iterable, Mapping, Sequence
 from absl import logging
 
 from qin_tf import fileio
-from qin_tf.spec import ID_RULE, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, raw_id_problem
+from qin_tf.spec import (ID_RULE, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, first_bad_raw_id,
+                         raw_id_problem)
 
 #: Name of the per-feature signature (TF Serving's default).
 SERVING_SIGNATURE = "serving_default"
@@ -761,6 +762,30 @@ def _check_model(model, spec: FeatureSpec) -> None:
                           f"{sorted(expected)}; was it trained on another spec?")
 
 
+def _check_vocabularies(spec: FeatureSpec) -> None:
+    """Every raw id of the spec's vocabularies keeps :data:`RAW_ID_RULE`, so the raw signatures can reach it.
+
+    A vocabulary built before the rule (holding raw 0, a negative id, a line
+    break) would serve ids the graph now refuses: refused here, in one line
+    naming the file and the line.
+    """
+    for key, v in sorted(spec.vocabularies.items()):
+        words = spec.read_vocabulary(key)
+        values: list = words
+        if v.get("dtype", "string") == "int64":
+            values = []
+            for i, w in enumerate(words):
+                try:
+                    values.append(int(w))
+                except ValueError:
+                    raise ExportError(f"{spec.path(v['path'])}: line {i + 1}: {w!r} is not an int64 raw id "
+                                      f"(the vocabulary's dtype).") from None
+        bad = first_bad_raw_id(values)
+        if bad is not None:
+            raise ExportError(f"{spec.path(v['path'])}: line {bad[0] + 1}: {bad[1]}; {RAW_ID_RULE}. The vocabulary "
+                              "was built before this rule: rebuild the data (pipelines.build_examples) and retrain.")
+
+
 def _verify(export_dir: str, model, spec: FeatureSpec, examples: Sequence[bytes]) -> None:
     """Reloads the export and checks both signatures against the Keras model on ``examples``."""
     import numpy as np
@@ -828,6 +853,7 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
     import tensorflow as tf
 
     _check_model(model, spec)
+    _check_vocabularies(spec)
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ExportError(f"`version` must be an integer >= 1. Received: version={version!r}")
     if num_warmup_rows < 1:

@@ -758,3 +758,22 @@ def test_tf_error_line_drops_tensorflows_decorations():
     assert exporter.tf_error_line(E()) == "refused by the graph: `item_id`: bad"
     E.message = "{{function_node __inference_f_1}} Key: item_seq.  Can't parse serialized Example.\n\t [[{{node p}}]]"
     assert exporter.tf_error_line(E()) == "Key: item_seq. Can't parse serialized Example."
+
+
+@pytest.mark.parametrize("line,why", [("0", "0 is padding, not an id"), ("-4", "-4 is negative"),
+                                      (str(2 ** 63), f"{2 ** 63} is beyond int64")])
+def test_a_vocabulary_breaking_the_raw_id_rule_is_not_exported(line, why, sample_spec, trained, tmp_path):
+    """A vocabulary built before the rule would hold ids the graph refuses: one line naming file and line."""
+    from qin_tf.spec import RAW_ID_RULE
+
+    spec = make_int_raw_spec(sample_spec, str(tmp_path / "data"))
+    path = os.path.join(str(tmp_path / "data"), "vocab", "item_id.txt")
+    with open(path) as f:
+        words = f.read().split("\n")
+    words[4] = line
+    with open(path, "w") as f:
+        f.write("\n".join(words))
+    with pytest.raises(exporter.ExportError) as err:
+        exporter.export_model(trained[1], spec, str(tmp_path / "export"))
+    assert str(err.value).startswith(f"{path}: line 5: {why}; {RAW_ID_RULE}. The vocabulary was built before")
+    assert not os.path.exists(tmp_path / "export" / "1")
