@@ -13,6 +13,10 @@ warmup rows) and writes ``export_base/<version>/``, the layout
     <version>/assets.extra/tf_serving_warmup_requests
                                                PredictionLog records TF Serving replays
                                                before it marks the version AVAILABLE
+    <version>/assets.extra/model_fingerprint.json
+                                               which training run the version serves
+                                               (:func:`model_fingerprint`), for
+                                               ``export.refresh_catalog``
 
 Signatures (every input and output is named; no ``inputs_1`` / ``output_0``):
 
@@ -38,7 +42,11 @@ Ids the model has never seen are handled inside the graph as in training:
 context ids at or beyond the vocabulary map to the out-of-vocabulary row,
 item ids beyond the table to padding. A negative id breaks the spec's id
 rule (:data:`qin_tf.spec.ID_RULE`): an assertion in both signatures refuses
-the request (``INVALID_ARGUMENT`` from TF Serving).
+the request (``INVALID_ARGUMENT`` from TF Serving). The raw-id signatures
+apply the raw-id rule (:data:`qin_tf.spec.RAW_ID_RULE`, the rule the
+pipeline builds vocabularies by) the same way: raw 0 or ``""`` is padding in
+the history and refused as the target item or a context id; a negative raw
+id, or a string with a control character or line break, is refused anywhere.
 
 A version is written to a hidden temporary directory inside ``export_base``
 (TF Serving only loads directories named by a number) and renamed into
@@ -55,7 +63,9 @@ other file is there.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -65,7 +75,8 @@ from typing import Iterable, Mapping, Sequence
 from absl import logging
 
 from qin_tf import fileio
-from qin_tf.spec import ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError
+from qin_tf.spec import (ID_RULE, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, first_bad_raw_id,
+                         raw_id_problem)
 
 #: Name of the per-feature signature (TF Serving's default).
 SERVING_SIGNATURE = "serving_default"
@@ -86,6 +97,8 @@ SERVE_TAG = "serve"
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 #: The feature spec inside the export, relative to the version directory.
 SPEC_ASSET_PATH = os.path.join("assets", SPEC_FILENAME)
+#: The fingerprints of a version (:func:`model_fingerprint`), relative to the version directory.
+FINGERPRINT_PATH = os.path.join("assets.extra", "model_fingerprint.json")
 #: Rows used for warmup requests (TF Serving accepts at most 1000 records).
 DEFAULT_WARMUP_ROWS = 8
 #: The model file ``qin_tf.train`` leaves in its model_dir.
@@ -108,6 +121,37 @@ def _quiet_tf_logging():
 
 class ExportError(RuntimeError):
     """The model, the spec or the export directory does not allow an export."""
+
+
+#: TensorFlow's runtime decorations of an op error: ``{{function_node ...}}``, ``[[{{node ...}}]]``, ``[Op:...]``.
+_TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\[\[[^\]]*\]\]|\[Op:[^\]]*\]")
+_TF_NOISE_LINES = ("Graph execution error", "Detected at node", "File ", "Traceback", "return ")
+
+
+def tf_error_line(error: Exception) -> str:
+    """One plain line for a TensorFlow error: its meaningful line, without TF's runtime decorations.
+
+    Drops the graph-execution preamble and Python frames, ``{{function_node
+    ...}}``, ``[[{{node ...}}]]`` and ``[Op:...]``; an assertion becomes its
+    message (``assertion failed: [`item_id`: raw ids are ...] [Condition ...]``
+    -> ``refused by the graph: `item_id`: raw ids are ...``).
+
+    >>> class E(Exception): message = "{{function_node __inference_f_9}} bad row\\n\\t [[{{node x}}]] [Op:f]"
+    >>> tf_error_line(E())
+    'bad row'
+    """
+    if isinstance(error, UnicodeDecodeError):
+        return "the input holds bytes that are not a serialized tf.train.Example."
+    text = getattr(error, "message", None) or str(error)
+    lines = [" ".join(_TF_DECORATION.sub(" ", line).split()) for line in str(text).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(_TF_NOISE_LINES)]
+    if not lines:
+        return type(error).__name__
+    line = lines[-1]
+    m = re.match(r"assertion failed: \[(.*?)\](?: \[|$)", line)
+    if not m:
+        return line
+    return "refused by the graph: " + m.group(1).replace('\\"', '"')  # TF escapes the message's quotes
 
 
 # --------------------------------------------------------------------------
@@ -156,6 +200,67 @@ def latest_version_dir(export_base: str, log=None) -> str:
         raise ExportError(f"{export_base}: no SavedModel version here (no directory named by a number "
                           "holding a saved_model.pb); run `python -m export.exporter` first.")
     return os.path.join(export_base, str(versions[-1]))
+
+
+# --------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------
+
+
+def weights_digest(model) -> str:
+    """sha256 (hex) of a Keras model's weights: each one's path, dtype, shape and bytes, in path order.
+
+    Two models digest alike exactly when they hold the same variables with the
+    same values, bit for bit, however their ``.keras`` files were zipped.
+    """
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for v in sorted(model.weights, key=lambda w: w.path):
+        value = np.ascontiguousarray(np.asarray(v))
+        h.update(f"{v.path}\0{value.dtype.str}\0{value.shape}\0".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model, spec: FeatureSpec) -> str:
+    """sha256 (hex) of a training run: its model's weights (:func:`weights_digest`) and its feature spec.
+
+    The spec counts as its JSON (without its directory) and the bytes of
+    every vocabulary file it names, so a model retrained on the same data with
+    another seed, or the same weights over other vocabularies, differ.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(weights_digest(model).encode())
+    h.update(spec.to_json().encode())
+    for key, v in sorted(spec.vocabularies.items()):
+        h.update(f"\0{key}\0".encode())
+        h.update(fileio.read_bytes(spec.path(v["path"])))
+    return h.hexdigest()
+
+
+def read_fingerprint(version_dir: str) -> dict | None:
+    """The fingerprints an export version holds (``{"source": ..., "weights": ...}``), or None before they existed.
+
+    ``source`` is the :func:`model_fingerprint` of the training run the
+    version was exported from (for a refreshed version, the run it was
+    refreshed from); ``weights`` is the :func:`weights_digest` of the model
+    the version serves, before folding (a refresh's grown item table).
+    """
+    path = os.path.join(version_dir, FINGERPRINT_PATH)
+    if not fileio.gfile().exists(path):
+        return None
+    try:
+        d = json.loads(fileio.read_text(path))
+    except ValueError as e:
+        raise ExportError(f"{path}: not a fingerprint file ({e}).") from None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("source", "weights")):
+        raise ExportError(f"{path}: not a fingerprint file (needs the strings `source` and `weights`).")
+    return d
 
 
 # --------------------------------------------------------------------------
@@ -209,6 +314,56 @@ def raw_example_parse_spec(spec: FeatureSpec) -> dict:
     return out
 
 
+#: RE2 pattern of a string holding a character :data:`qin_tf.spec.RAW_ID_RULE` forbids (every C0/C1
+#: control character, line breaks among them, and the Unicode line and paragraph separators).
+_RAW_ID_FORBIDDEN_RE = r"(?s).*[\x00-\x1f\x7f-\x9f\x{2028}\x{2029}].*"
+
+
+def first_bad_raw_input(spec: FeatureSpec, name: str, values):
+    """``(index, reason)`` of the first value of raw-signature input ``name`` breaking :data:`RAW_ID_RULE`, or None.
+
+    The Python twin of the graph's check (:meth:`RawIdLookup.check`), for a
+    server that names the row at fault: a feature with a vocabulary holds raw
+    ids (in the history, the raw padding value is allowed anywhere); one
+    without holds dense ids (:data:`ID_RULE`). ``values``: a numpy array,
+    strings as ``bytes`` or ``str``.
+    """
+    import numpy as np
+
+    arr = np.asarray(values)
+    key = spec.vocabulary_key(name)
+    if key is None:
+        if arr.dtype.kind in "iu" and (arr < 0).any():
+            index = tuple(int(i) for i in np.argwhere(arr < 0)[0])
+            return index, f"{int(arr[index])} is negative; {ID_RULE}"
+        return None
+    history = name == spec.sequence
+    if arr.dtype.kind in "iu":  # vectorised: the rule for ints is a bound
+        bad = arr < (0 if history else 1)
+        if not bad.any():
+            return None
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        return index, f"{raw_id_problem(int(arr[index]))}; {RAW_ID_RULE}"
+    padding = raw_padding(spec.vocabularies[key].get("dtype", "string"))
+
+    def problem(value):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"{value!r} is not valid UTF-8"
+        elif isinstance(value, np.integer):
+            value = int(value)
+        return None if history and value == padding else raw_id_problem(value)
+
+    flat = arr.reshape(-1).tolist()
+    bad_values = {v for v in set(flat) if problem(v) is not None}  # each distinct id checked once
+    if not bad_values:
+        return None
+    i = next(i for i, v in enumerate(flat) if v in bad_values)
+    return tuple(int(x) for x in np.unravel_index(i, arr.shape)), f"{problem(flat[i])}; {RAW_ID_RULE}"
+
+
 def pad_recent_graph(ids, max_len: int):
     """The spec's sequence rule (:func:`qin_tf.spec.left_pad_recent`) in the graph: ``[B, W]`` -> ``[B, max_len]``.
 
@@ -228,7 +383,9 @@ class RawIdLookup:
 
     Line n (1-based) of a vocabulary file is dense id n + 1; an unknown raw id
     is the vocabulary's ``oov_id`` (1); in a history, the raw padding value
-    (:func:`raw_padding`) is dense 0. Features without a vocabulary pass through.
+    (:func:`raw_padding`) is dense 0. A raw id breaking
+    :data:`qin_tf.spec.RAW_ID_RULE` is refused (:meth:`check`). Features
+    without a vocabulary pass through.
     """
 
     def __init__(self, spec: FeatureSpec):
@@ -241,6 +398,29 @@ class RawIdLookup:
                                                  tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
             self.tables[key] = tf.lookup.StaticHashTable(init, default_value=-1, name=f"vocab_{key}")
 
+    def check(self, name: str, raw):
+        """The assertion of :data:`qin_tf.spec.RAW_ID_RULE` on raw input ``name`` (None without a vocabulary).
+
+        A negative int, a string with a control character or line break or
+        that is not UTF-8, and raw 0 / ``""`` outside the history are refused
+        (``INVALID_ARGUMENT`` naming the input and the rule); in the history,
+        0 / ``""`` is padding. The same rule the pipeline applies when it builds
+        the vocabularies, so the graph accepts exactly the ids a build accepts.
+        """
+        import tensorflow as tf
+
+        if self.spec.vocabulary_key(name) is None:
+            return None
+        history = name == self.spec.sequence
+        if raw.dtype == tf.string:
+            bad = tf.strings.regex_full_match(raw, _RAW_ID_FORBIDDEN_RE)
+            bad |= tf.not_equal(tf.strings.unicode_transcode(raw, "UTF-8", "UTF-8", errors="replace"), raw)
+            if not history:
+                bad |= tf.equal(raw, "")
+        else:
+            bad = raw < (0 if history else 1)
+        return tf.debugging.assert_equal(tf.reduce_any(bad), False, message=f"`{name}`: {RAW_ID_RULE}")
+
     def dense(self, name: str, raw):
         import tensorflow as tf
 
@@ -248,6 +428,8 @@ class RawIdLookup:
         if key is None:
             return raw
         v = self.spec.vocabularies[key]
+        with tf.control_dependencies([self.check(name, raw)]):
+            raw = tf.identity(raw)
         text = raw if raw.dtype == tf.string else tf.strings.as_string(raw)
         line = self.tables[key].lookup(text)
         ids = tf.where(line >= 0, line + 2, tf.constant(int(v.get("oov_id", 1)), tf.int64))
@@ -380,7 +562,12 @@ def raw_rows(spec: FeatureSpec, features: Mapping) -> tuple[dict, dict]:
             continue
         v, words = spec.vocabularies[key], vocabs[key]
         as_int = v.get("dtype", "string") == "int64"
-        unknown = str(max((int(w) for w in words), default=0) + 1) if as_int else "\x00unknown"
+        if as_int:
+            unknown = str(max((int(w) for w in words), default=0) + 1)
+        else:  # a valid raw id (no control character) that the vocabulary lacks
+            unknown, known_words = "unknown", set(words)
+            while unknown in known_words:
+                unknown = "~" + unknown
         table = np.asarray(["", unknown] + words, dtype=object)
         known = (value >= 2) & (value < len(table))
         text = np.where(known, table[np.where(known, value, 0)], unknown)
@@ -575,6 +762,30 @@ def _check_model(model, spec: FeatureSpec) -> None:
                           f"{sorted(expected)}; was it trained on another spec?")
 
 
+def _check_vocabularies(spec: FeatureSpec) -> None:
+    """Every raw id of the spec's vocabularies keeps :data:`RAW_ID_RULE`, so the raw signatures can reach it.
+
+    A vocabulary built before the rule (holding raw 0, a negative id, a line
+    break) would serve ids the graph now refuses: refused here, in one line
+    naming the file and the line.
+    """
+    for key, v in sorted(spec.vocabularies.items()):
+        words = spec.read_vocabulary(key)
+        values: list = words
+        if v.get("dtype", "string") == "int64":
+            values = []
+            for i, w in enumerate(words):
+                try:
+                    values.append(int(w))
+                except ValueError:
+                    raise ExportError(f"{spec.path(v['path'])}: line {i + 1}: {w!r} is not an int64 raw id "
+                                      f"(the vocabulary's dtype).") from None
+        bad = first_bad_raw_id(values)
+        if bad is not None:
+            raise ExportError(f"{spec.path(v['path'])}: line {bad[0] + 1}: {bad[1]}; {RAW_ID_RULE}. The vocabulary "
+                              "was built before this rule: rebuild the data (pipelines.build_examples) and retrain.")
+
+
 def _verify(export_dir: str, model, spec: FeatureSpec, examples: Sequence[bytes]) -> None:
     """Reloads the export and checks both signatures against the Keras model on ``examples``."""
     import numpy as np
@@ -605,7 +816,8 @@ def _verify(export_dir: str, model, spec: FeatureSpec, examples: Sequence[bytes]
 def export_model(model, spec: FeatureSpec, export_base: str, version: int | None = None, *,
                  warmup_examples: Sequence[bytes] | None = None, num_warmup_rows: int = DEFAULT_WARMUP_ROWS,
                  model_name: str = "qin", verify: bool = True, fold_qnn: bool = True,
-                 fold_attention: bool = True, fold_item_vectors: bool = True) -> str:
+                 fold_attention: bool = True, fold_item_vectors: bool = True,
+                 source_fingerprint: str | None = None) -> str:
     """Writes ``model`` as version ``version`` of a TF Serving model in ``export_base``.
 
     Args:
@@ -630,6 +842,10 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
             attention weights and operations.
         fold_item_vectors: serve every item's vector from one precomputed
             ``[num_items, 3E]`` table (:func:`fold_for_inference`).
+        source_fingerprint: the :func:`model_fingerprint` of the training run
+            this version serves, written to :data:`FINGERPRINT_PATH`; default:
+            that of ``model`` and ``spec`` (``export.refresh_catalog`` passes
+            the run it grew the item table of).
 
     Returns:
         The path of the new version directory.
@@ -637,6 +853,7 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
     import tensorflow as tf
 
     _check_model(model, spec)
+    _check_vocabularies(spec)
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ExportError(f"`version` must be an integer >= 1. Received: version={version!r}")
     if num_warmup_rows < 1:
@@ -676,6 +893,9 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
                 signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
             tf.saved_model.save(module, tmp, signatures=signatures)
         write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
+        fingerprint = {"source": source_fingerprint or model_fingerprint(model, spec),
+                       "weights": weights_digest(model)}
+        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
         if verify:
             _verify(tmp, model, spec, warmup_examples)
         try:
@@ -684,7 +904,8 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
             else:
                 fileio.copy_tree(tmp, final, last=("saved_model.pb",))
         except (OSError, tf.errors.OpError) as e:
-            raise ExportError(f"could not publish {final}: {e} (was it created concurrently?)") from None
+            why = tf_error_line(e) if isinstance(e, tf.errors.OpError) else e
+            raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
     except BaseException:
         if local:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -758,7 +979,7 @@ def main(argv):
     except (ExportError, SpecError, OSError) as e:  # bad paths or inputs: one line, no traceback
         sys.exit(f"error: {e}")
     except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
-        sys.exit(f"error: {' '.join(e.message.split())}")
+        sys.exit(f"error: {tf_error_line(e)}")
     print(path)
 
 

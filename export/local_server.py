@@ -14,17 +14,25 @@ installed. It speaks the same protocol, from the official
   ``saved_model.pb``, exactly the SignatureDefs TF Serving reports);
 * ``tensorflow.serving.ModelService/GetModelStatus``.
 
-It serves one model, the newest version in ``model_base_path`` (TF
-Serving's default version policy), loaded with ``tf.saved_model.load`` (no
-model code). Like TF Serving (``--file_system_poll_wait_seconds``, default
-1 s) it polls the base path every ``--poll_interval_s`` seconds and, when a
+It serves one model, the newest version in ``model_base_path`` that loads
+(TF Serving's default version policy, ``latest``), loaded with
+``tf.saved_model.load`` (no model code). Like TF Serving
+(``--file_system_poll_wait_seconds``, default 1 s) it polls the base path
+every ``--poll_interval_s`` seconds (:meth:`LocalServer.poll_once`): when a
 higher complete version appears (a numbered directory holding a
 ``saved_model.pb``; the exporter and ``export.refresh_catalog`` rename a
-version into place only once it is whole; on a URL, ``saved_model.pb``
-is copied last), loads it and switches to it
-without a restart, logging the switch; requests in flight finish on the
-version they started on. A version that fails to load is logged and
-skipped, and the server goes on serving the one it has. Requests are validated against the
+version into place only once it is whole; on a URL, ``saved_model.pb`` is
+copied last), it loads it while the current one goes on serving and then
+switches, logging the switch; requests in flight finish on the version they
+started on. A version that fails to load (still being copied by hand, or
+broken) is logged once and loaded again once its files change. When the
+version served is deleted, the newest remaining version takes over the same
+way (TF Serving unloads a deleted version: the rollback export/SERVING.md
+documents). At start, a newest version that does not load is logged in one
+line and the newest older one that loads is served; if none loads, the one
+line names the newest version directory and the exit code is 1 (here we
+differ from TF Serving, whose ``latest`` policy waits on the newest version
+alone). Requests are validated against the
 signature before they run; a malformed request gets ``NOT_FOUND`` (unknown
 model or version) or ``INVALID_ARGUMENT`` (unknown signature or output,
 missing or extra inputs, wrong dtype or shape, a batch larger than
@@ -44,6 +52,7 @@ from typing import Mapping
 
 from absl import logging
 
+from export.exporter import RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, first_bad_raw_input, tf_error_line
 from qin_tf.spec import ID_RULE, first_negative_id
 
 #: The input of the serialized-example signature (export.exporter.EXAMPLES_INPUT).
@@ -167,7 +176,11 @@ class ServedModel:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"inputs disagree on the batch size: `{name}` has {value.shape[0]} rows, "
                                    f"the others {batch}.")
-            if value.dtype.kind in "iu":
+            if signature_name == RAW_SIGNATURE and self.spec is not None:  # the graph's raw-id rule, row named
+                bad = first_bad_raw_input(self.spec, name, value)
+                if bad is not None:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input `{name}`, row {bad[0][0]}: {bad[1]}.")
+            elif value.dtype.kind in "iu":
                 bad = first_negative_id(value)
                 if bad is not None:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -178,15 +191,18 @@ class ServedModel:
                                f"batch of {batch} rows exceeds the server's max_batch_size {self.max_batch_size}.")
         return out
 
-    def _explain(self, inputs: Mapping, error: Exception) -> str:
+    def _explain(self, signature_name: str, inputs: Mapping, error: Exception) -> str:
         """One line for a request the graph refused: the first bad example and why, when it can tell."""
         import tensorflow as tf
 
+        from export.exporter import raw_example_parse_spec
         from qin_tf.data import example_parse_spec
 
         examples = inputs.get(EXAMPLES_INPUT)
         if self.spec is not None and examples is not None and examples.ndim == 1:
-            parse_spec = example_parse_spec(self.spec, labelled=False, with_meta=False)
+            raw = signature_name == RAW_EXAMPLES_SIGNATURE
+            parse_spec = (raw_example_parse_spec(self.spec) if raw else
+                          example_parse_spec(self.spec, labelled=False, with_meta=False))
             for i, record in enumerate(examples.tolist()):
                 try:
                     parsed = tf.io.parse_example(tf.constant([record], tf.string), parse_spec)
@@ -194,7 +210,14 @@ class ServedModel:
                     return (f"{EXAMPLES_INPUT}[{i}] is not a tf.train.Example of this model's features: "
                             f"{_tf_error_line(e)}")
                 for name in self.spec.model_feature_names:
-                    bad = first_negative_id(parsed[name].numpy())
+                    value = parsed[name]
+                    value = (value.values if isinstance(value, tf.SparseTensor) else value).numpy()
+                    if raw:
+                        bad = first_bad_raw_input(self.spec, name, value)
+                        if bad is not None:
+                            return f"{EXAMPLES_INPUT}[{i}], feature `{name}`: {bad[1]}."
+                        continue
+                    bad = first_negative_id(value)
                     if bad is not None:
                         return f"{EXAMPLES_INPUT}[{i}], feature `{name}`: negative id {bad[1]}; {ID_RULE}."
         return _tf_error_line(error)
@@ -225,7 +248,7 @@ class ServedModel:
         except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
             # e.g. an undecodable or incomplete tf.train.Example, or an id the graph refuses
             # (TF raises UnicodeDecodeError when its message quotes undecodable bytes).
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, self._explain(inputs, e)) from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, self._explain(signature_name, inputs, e)) from None
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.model_name
         response.model_spec.version.value = self.version
@@ -268,14 +291,8 @@ class ServedModel:
         return response
 
 
-def _tf_error_line(error: Exception) -> str:
-    """The one meaningful line of a TensorFlow op error (not its Python traceback)."""
-    if isinstance(error, UnicodeDecodeError):
-        return "the input holds bytes that are not a serialized tf.train.Example."
-    lines = [line.strip() for line in getattr(error, "message", str(error)).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(
-        ("Graph execution error", "Detected at node", "File ", "[[", "return ", "Traceback"))]
-    return lines[-1] if lines else type(error).__name__
+#: The one plain line of a TensorFlow error (:func:`export.exporter.tf_error_line`; export.client uses this name).
+_tf_error_line = tf_error_line
 
 
 def _dtype_name(enum_value: int) -> str:
@@ -302,7 +319,7 @@ def _handler(method):
             context.abort(e.code, str(e))
         except Exception as e:  # keep serving; report the failure to this caller only
             logging.exception("request failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {tf_error_line(e)}")
 
     return rpc
 
@@ -336,9 +353,9 @@ class LocalServer:
         port: TCP port; 0 picks a free one (see :attr:`port` after start).
         model_name, max_batch_size: see :class:`ServedModel`.
         max_workers: threads answering requests concurrently.
-        poll_interval_s: seconds between looks for a higher version in
-            ``model_base_path`` (TF Serving's ``--file_system_poll_wait_seconds``);
-            0 serves the version found at start only.
+        poll_interval_s: seconds between looks at ``model_base_path`` for a
+            version to switch to (:meth:`poll_once`; TF Serving's
+            ``--file_system_poll_wait_seconds``); 0 serves the version found at start only.
         log: a callable taking one line (a version switch, a version that
             failed to load); default: absl logging.
     """
@@ -350,13 +367,17 @@ class LocalServer:
             raise ValueError(f"`max_workers` must be >= 1. Received: max_workers={max_workers}")
         if poll_interval_s < 0:
             raise ValueError(f"`poll_interval_s` must be >= 0. Received: poll_interval_s={poll_interval_s}")
+        if max_batch_size < 1:
+            raise ValueError(f"`max_batch_size` must be >= 1. Received: max_batch_size={max_batch_size}")
         self.model_base_path = model_base_path
         self.max_batch_size = max_batch_size
-        #: The version served now; replaced (one assignment) when a higher version appears.
-        self.model = ServedModel(model_base_path, model_name, max_batch_size)
         self.poll_interval_s = poll_interval_s
         self._log = log or logging.info
-        self._failed: set[int] = set()
+        #: version -> the state of its files when it failed to load (retried once they change).
+        self._failed: dict[int, object] = {}
+        self._gone_reported: int | None = None
+        #: The version served now; replaced (one assignment) when the version to serve changes.
+        self.model = self._load_at_start(model_name)
         self._stop = threading.Event()
         self._poller = None
         self.host = host
@@ -398,24 +419,95 @@ class LocalServer:
                 self._poller.start()
         return self
 
+    # ---- versions ------------------------------------------------------------
+
+    def _files_state(self, version: int):
+        """The names, sizes and times of a version's files: a failed load is retried once they change."""
+        import tensorflow as tf
+
+        root = os.path.join(self.model_base_path, str(version))
+        try:
+            state = []
+            for directory, _, files in tf.io.gfile.walk(root):
+                for name in files:
+                    st = tf.io.gfile.stat(os.path.join(directory, name))
+                    state.append((os.path.relpath(os.path.join(directory, name), root), st.length, st.mtime_nsec))
+            return tuple(sorted(state))
+        except Exception:  # e.g. a file removed while we looked: it changed
+            return None
+
+    def _try_load(self, version: int, model_name: str):
+        """``(ServedModel, None)``, or ``(None, one-line reason)`` when ``version`` does not load."""
+        path = os.path.join(self.model_base_path, str(version))
+        state = self._files_state(version)
+        try:
+            model = ServedModel(self.model_base_path, model_name, self.max_batch_size, version_dir=path)
+        except Exception as e:  # a version still being copied, or a broken one
+            self._failed[version] = state
+            return None, f"{type(e).__name__}: {tf_error_line(e)}"
+        self._failed.pop(version, None)
+        return model, None
+
+    def _load_at_start(self, model_name: str) -> "ServedModel":
+        """The newest version that loads; a newer one that does not is reported (one line each).
+
+        Raises :class:`~export.exporter.ExportError` naming the newest version
+        directory when no version loads.
+        """
+        from export.exporter import ExportError, latest_version_dir, servable_versions
+
+        latest_version_dir(self.model_base_path, log=logging.warning)  # no directory, no version: one line
+        broken = []
+        for version in reversed(servable_versions(self.model_base_path)):
+            model, reason = self._try_load(version, model_name)
+            if model is None:
+                broken.append((os.path.join(self.model_base_path, str(version)), reason))
+                continue
+            for path, why in broken:
+                logging.warning("%s: could not load this version (%s); serving version %d instead.",
+                                path, why, version)
+            return model
+        path, why = broken[0]
+        raise ExportError(f"{path}: could not load this version ({why}); "
+                          + ("no older version loads either." if len(broken) > 1 else "no other version to serve."))
+
     def poll_once(self) -> bool:
-        """Switches to the highest complete version if it is higher than the one served; True if it did."""
+        """Serves the newest version that loads, as TF Serving's file system poll does; True if it switched.
+
+        A higher version is loaded while the current one goes on serving, then
+        takes over (one assignment). When the version served was deleted, the
+        newest remaining version takes over the same way (TF Serving unloads a
+        deleted version: the documented rollback); with none left that loads,
+        the deleted version goes on serving from memory, reported once. A
+        version that failed to load (still being copied, or broken) is
+        reported once and tried again when its files change.
+        """
         from export.exporter import servable_versions
 
-        versions = [v for v in servable_versions(self.model_base_path) if v not in self._failed]
-        if not versions or versions[-1] <= self.model.version:
-            return False
-        path = os.path.join(self.model_base_path, str(versions[-1]))
-        try:
-            model = ServedModel(self.model_base_path, self.model.model_name, self.max_batch_size, version_dir=path)
-        except Exception as e:  # keep serving the version we have
-            self._failed.add(versions[-1])
-            self._log(f"{path}: could not load this version ({type(e).__name__}: {e}); "
-                      f"still serving version {self.model.version}.")
-            return False
-        old, self.model = self.model.version, model
-        self._log(f"Serving `{model.model_name}` version {model.version} (was version {old}) from {path}.")
-        return True
+        current = self.model.version
+        versions = servable_versions(self.model_base_path)
+        present = current in versions
+        for version in reversed(versions):
+            if version == current or (present and version < current):
+                return False
+            if version in self._failed and self._failed[version] == self._files_state(version):
+                continue  # failed before and unchanged since
+            reported = version in self._failed
+            model, reason = self._try_load(version, self.model.model_name)
+            if model is None:
+                if not reported:
+                    self._log(f"{os.path.join(self.model_base_path, str(version))}: could not load this version "
+                              f"({reason}); will retry when its files change; still serving version {current}.")
+                continue
+            self.model = model
+            why = "" if present else f"; version {current} was deleted"
+            self._log(f"Serving `{model.model_name}` version {version} (was version {current}{why}) from {model.path}.")
+            return True
+        if not present and self._gone_reported != current:
+            self._gone_reported = current
+            self._log(f"{os.path.join(self.model_base_path, str(current))}: this version was deleted and no other "
+                      f"version loads; still serving version {current} from memory.")
+        return False
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
@@ -446,6 +538,7 @@ class LocalServer:
 
 def main(argv):
     del argv
+    import tensorflow as tf
     from absl import flags
 
     from export.exporter import ExportError
@@ -459,6 +552,8 @@ def main(argv):
                              log=lambda line: print(line, flush=True)).start()
     except (ExportError, SpecError, OSError) as e:  # a wrong path, a port in use: one line, no traceback
         sys.exit(f"error: {e}")
+    except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
+        sys.exit(f"error: {tf_error_line(e)}")
     # The one ready line (stdout): scripts wait for it.
     # SIGTERM (docker stop, kill) and SIGINT (Ctrl-C) stop it gracefully.
     signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.stop).start())

@@ -27,6 +27,14 @@ pick it up without a restart). The model is the training run's
 * Every weight of the model is unchanged, so a request that touches only
   items whose catalog row is unchanged scores bit for bit as before.
 
+Before anything is written, the newest version must be one exported (or
+refreshed) from ``--model_dir``'s model: its
+``assets.extra/model_fingerprint.json`` (:func:`export.exporter.model_fingerprint`
+of the training run) must match ``--model_dir``'s, else the refresh is refused
+(a model retrained since, even on the same data, would change every score).
+An empty catalog, or one that changes nothing the newest version serves,
+writes no version.
+
 The version goes through the exporter's own path
 (:func:`export.exporter.export_model`): written to a hidden temporary
 directory, checked against the Keras model and renamed into place, so a
@@ -156,7 +164,14 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
         log: a callable taking one line (what was added and changed).
 
     Returns:
-        The new version's directory.
+        The new version's directory, or None when the catalog is empty or
+        changes nothing the newest version serves (no version is written).
+
+    Raises:
+        ExportError: ``model_dir``'s model is not the one the newest version
+            was exported from (:func:`export.exporter.model_fingerprint`
+            differs, or the version predates fingerprints), or the export
+            serves no raw ids.
     """
     log = log or (lambda line: None)
     spec = FeatureSpec.load(model_dir) if fileio.gfile().isdir(model_dir) else None
@@ -168,6 +183,21 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
                           "ids (pipelines.build_examples) can take new items.")
     latest = exporter.latest_version_dir(export_base)
     served_spec = FeatureSpec.load(os.path.join(latest, "assets", SPEC_FILENAME))
+    if served_spec.vocabulary_key(served_spec.target_item) != key:
+        raise ExportError(f"{latest}: this version serves no raw item ids (its feature spec has no item "
+                          f"vocabulary), so it was not exported from {model_dir}; pass the export base of "
+                          "that training run.")
+    fingerprint = exporter.read_fingerprint(latest)
+    if fingerprint is None:
+        raise ExportError(f"{latest}: exported before versions carried a fingerprint "
+                          f"({exporter.FINGERPRINT_PATH}), so nothing proves it serves {model_dir}'s weights; "
+                          f"export {model_dir} again (python -m export.exporter) and refresh that version.")
+    model = exporter.load_keras_model(model_dir)
+    source = exporter.model_fingerprint(model, spec)
+    if source != fingerprint["source"]:
+        raise ExportError(f"{model_dir}: its model (fingerprint {source[:16]}) is not the one {latest} serves "
+                          f"(fingerprint {fingerprint['source'][:16]}); was it retrained since that export? "
+                          "Refresh from the training run the export came from, or export this one first.")
     served_vocab = _read_lines(export_vocabulary_path(latest, served_spec, key))
     trained_vocab = spec.read_vocabulary(key)
     if served_vocab[:len(trained_vocab)] != trained_vocab or served_spec.num_items != len(served_vocab) + 2:
@@ -187,8 +217,14 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
     vocab = served_vocab + new
     num_items = len(vocab) + 2
 
-    model = exporter.load_keras_model(model_dir)
+    if not rows:
+        log(f"{latest}: the catalog is empty; nothing changed, no new version written.")
+        return None
     clone = enlarged_model(model, num_items, {dense[raw]: r for raw, r in rows.items()}, spec.num_items)
+    if not new and exporter.weights_digest(clone) == fingerprint["weights"]:
+        log(f"{latest}: nothing changed ({len(rows)} catalog items, all served with these tags and vectors "
+            "already); no new version written.")
+        return None
     scratch = tempfile.mkdtemp(prefix="qin_refresh_")  # local: the new spec's vocabularies, for the export
     try:
         vocabularies = {}
@@ -203,7 +239,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
                 fileio.gfile().copy(spec.path(v["path"]), dst, overwrite=True)
             vocabularies[k] = dict(v)
         new_spec = dataclasses.replace(spec, num_items=num_items, vocabularies=vocabularies, base_dir=scratch)
-        path = exporter.export_model(clone, new_spec, export_base, version,
+        path = exporter.export_model(clone, new_spec, export_base, version, source_fingerprint=source,
                                      warmup_examples=warmup_examples(latest), model_name=model_name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -248,8 +284,9 @@ def main(argv):
 
         if not isinstance(e, tf.errors.OpError):
             raise
-        sys.exit(f"error: {' '.join(e.message.split())}")
-    print(path)
+        sys.exit(f"error: {exporter.tf_error_line(e)}")
+    if path is not None:
+        print(path)
 
 
 def _define_flags():

@@ -654,3 +654,126 @@ def test_raw_warmup_covers_the_raw_signatures(raw_exported):
         sigs.append(log.predict_log.request.model_spec.signature_name)
     assert sorted(set(sigs)) == ["predict_examples", "predict_raw_examples", "serving_default", "serving_raw"]
     assert len(sigs) == 8
+
+
+# --------------------------------------------------------------------------
+# The raw-id rule in the graph (qin_tf.spec.RAW_ID_RULE)
+# --------------------------------------------------------------------------
+
+
+def make_int_raw_spec(spec: FeatureSpec, directory: str) -> FeatureSpec:
+    """``make_raw_spec`` with int64 raw item ids, as a build from logs with numeric ids makes them.
+
+    Dense d is raw ``7 d``, except dense 2, raw ``2**63 - 6`` (near the top of int64).
+    """
+    import dataclasses
+
+    spec = make_raw_spec(spec, directory)
+    with open(os.path.join(directory, "vocab", "item_id.txt"), "w") as f:
+        f.write("".join(f"{2 ** 63 - 6 if d == 2 else 7 * d}\n" for d in range(2, spec.num_items)))
+    spec = dataclasses.replace(spec, vocabularies={**spec.vocabularies, "item_id": {
+        **spec.vocabularies["item_id"], "dtype": "int64"}})
+    spec.save(directory)
+    return FeatureSpec.load(directory)
+
+
+@pytest.fixture(scope="module")
+def int_raw_exported(sample_spec, trained, tmp_path_factory):
+    """(int64 raw-id spec, version dir) of the tiny QIN."""
+    spec = make_int_raw_spec(sample_spec, str(tmp_path_factory.mktemp("int_raw_data")))
+    base = str(tmp_path_factory.mktemp("int_raw_export") / "qin")
+    return spec, exporter.export_model(trained[1], spec, base)
+
+
+def _serve_raw(version_dir, inputs, signature="serving_raw"):
+    loaded = tf.saved_model.load(version_dir)
+    return loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})["ctr"].numpy()
+
+
+def test_every_accepted_int_raw_id_scores_as_its_dense_id(int_raw_exported, test_rows):
+    from qin_tf.spec import pad_sequence
+
+    spec, version_dir = int_raw_exported
+    features = {k: v.copy() for k, v in test_rows[0].items()}
+    features[spec.target_item][:3] = 2                       # raw 2**63 - 6
+    features[spec.sequence][3, :] = 2
+    features[spec.target_item][4] = 1                        # OOV: a raw id the vocabulary lacks
+    raw, dense = exporter.raw_rows(spec, features)
+    assert raw[spec.target_item][0] == 2 ** 63 - 6 and raw[spec.target_item][9] == 7 * features[spec.target_item][9]
+    raw[spec.sequence] = np.concatenate([np.zeros_like(raw[spec.sequence][:, :2]), raw[spec.sequence]], axis=1)
+    raw[spec.sequence][:, [3, 7]] = 0                        # raw 0 inside a history: padding, dropped
+    to_dense = {0: 0, 2 ** 63 - 6: 2, 2 ** 63 - 5: 1, **{7 * d: d for d in range(3, spec.num_items)}}
+    dense[spec.sequence] = np.stack([pad_sequence([to_dense[int(x)] for x in r if x], spec.max_len)
+                                     for r in raw[spec.sequence]])
+    want = _serve_raw(version_dir, dense, "serving_default")
+    np.testing.assert_array_equal(_serve_raw(version_dir, raw), want)
+    np.testing.assert_array_equal(
+        _serve_raw(version_dir, {"examples": exporter.raw_examples(spec, raw)}, "predict_raw_examples"), want)
+    assert np.std(want) > 1e-3
+
+
+def _bad_raw_request(spec, case):
+    """One row of raw ids that the raw-id rule refuses, and the input at fault."""
+    is_int = spec.vocabularies["item_id"]["dtype"] == "int64"
+    row = {spec.target_item: np.array([14 if is_int else "item-2"], dtype=np.int64 if is_int else object),
+           spec.sequence: np.array([[0, 21, 28] if is_int else ["", "item-3", "item-4"]],
+                                   dtype=np.int64 if is_int else object),
+           spec.context[0]: np.array([23])}
+    name, value = {"target 0": (spec.target_item, 0), "target -7": (spec.target_item, -7),
+                   "history -3": (spec.sequence, -3), "context 0": (spec.context[0], 0),
+                   "context -1": (spec.context[0], -1), 'target ""': (spec.target_item, ""),
+                   "history \\n": (spec.sequence, "item-5\nitem-6"), "target \\r": (spec.target_item, "x\r"),
+                   "history \\u2028": (spec.sequence, "a\u2028")}[case]
+    row[name] = row[name].copy()
+    row[name].reshape(-1)[-1] = value
+    return row, name
+
+
+INT_CASES = ["target 0", "target -7", "history -3", "context 0", "context -1"]
+STRING_CASES = ['target ""', "history \\n", "target \\r", "history \\u2028"]
+
+
+@pytest.mark.parametrize("case", INT_CASES + STRING_CASES)
+def test_the_graph_refuses_what_the_raw_id_rule_refuses(case, int_raw_exported, raw_exported):
+    from qin_tf.spec import RAW_ID_RULE
+
+    spec, version_dir = int_raw_exported if case in INT_CASES else raw_exported
+    row, name = _bad_raw_request(spec, case)
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        _serve_raw(version_dir, row)
+    assert exporter.tf_error_line(err.value) == f"refused by the graph: `{name}`: {RAW_ID_RULE}"
+    examples = exporter.raw_examples(spec, row)
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        _serve_raw(version_dir, {"examples": examples}, "predict_raw_examples")
+    assert exporter.tf_error_line(err.value) == f"refused by the graph: `{name}`: {RAW_ID_RULE}"
+
+
+def test_tf_error_line_drops_tensorflows_decorations():
+    class E(Exception):
+        message = ("Graph execution error:\n\nDetected at node x defined at (most recent call last):\n"
+                   "  File \"a.py\", line 3, in f\n\n{{function_node __inference_serve_123}} assertion failed: "
+                   "[`item_id`: bad] [Condition x == y did not hold element-wise:] [x (Any:0) = ] [1]\n"
+                   "\t [[{{node assert_equal_1/Assert/AssertGuard/Assert}}]] [Op:__inference_serve_99]")
+
+    assert exporter.tf_error_line(E()) == "refused by the graph: `item_id`: bad"
+    E.message = "{{function_node __inference_f_1}} Key: item_seq.  Can't parse serialized Example.\n\t [[{{node p}}]]"
+    assert exporter.tf_error_line(E()) == "Key: item_seq. Can't parse serialized Example."
+
+
+@pytest.mark.parametrize("line,why", [("0", "0 is padding, not an id"), ("-4", "-4 is negative"),
+                                      (str(2 ** 63), f"{2 ** 63} is beyond int64")])
+def test_a_vocabulary_breaking_the_raw_id_rule_is_not_exported(line, why, sample_spec, trained, tmp_path):
+    """A vocabulary built before the rule would hold ids the graph refuses: one line naming file and line."""
+    from qin_tf.spec import RAW_ID_RULE
+
+    spec = make_int_raw_spec(sample_spec, str(tmp_path / "data"))
+    path = os.path.join(str(tmp_path / "data"), "vocab", "item_id.txt")
+    with open(path) as f:
+        words = f.read().split("\n")
+    words[4] = line
+    with open(path, "w") as f:
+        f.write("\n".join(words))
+    with pytest.raises(exporter.ExportError) as err:
+        exporter.export_model(trained[1], spec, str(tmp_path / "export"))
+    assert str(err.value).startswith(f"{path}: line 5: {why}; {RAW_ID_RULE}. The vocabulary was built before")
+    assert not os.path.exists(tmp_path / "export" / "1")

@@ -37,15 +37,24 @@ def refreshed(sample_spec, tmp_path_factory):
     make_model_dir(spec, str(tmp / "model"), seed=11)
     base = str(tmp / "export")
     old = exporter.export_from_model_dir(str(tmp / "model"), base)
+    new = rc.refresh_catalog(str(tmp / "model"), base, refresh_catalog_rows(spec))
+    return spec, base, old, new, str(tmp / "model")
+
+
+def training_catalog(spec: FeatureSpec) -> dict:
+    """Catalog rows of items 2..39 exactly as the training item table holds them."""
     tags, emb = spec.load_item_table()
-    rng = np.random.default_rng(0)
-    new_vec = rng.normal(0.0, 3.0, spec.mm_dim).astype(np.float32)
-    catalog = {f"item-{d}": ([f"tag-{t}" for t in tags[d] if t], emb[d]) for d in range(2, 40)}
-    catalog[f"item-{CHANGED}"] = (catalog[f"item-{CHANGED}"][0], emb[CHANGED] + 1.0)
+    return {f"item-{d}": ([f"tag-{t}" for t in tags[d] if t], emb[d]) for d in range(2, 40)}
+
+
+def refresh_catalog_rows(spec: FeatureSpec) -> dict:
+    """The fixture's catalog: the training rows, item CHANGED with another vector, two new items."""
+    catalog = training_catalog(spec)
+    new_vec = np.random.default_rng(0).normal(0.0, 3.0, spec.mm_dim).astype(np.float32)
+    catalog[f"item-{CHANGED}"] = (catalog[f"item-{CHANGED}"][0], catalog[f"item-{CHANGED}"][1] + 1.0)
     catalog[NEW_WITH_VECTOR] = (["tag-2", "no-such-tag", "tag-3"], new_vec)
     catalog[NEW_BARE] = ([], None)
-    new = rc.refresh_catalog(str(tmp / "model"), base, catalog)
-    return spec, base, old, new, str(tmp / "model")
+    return catalog
 
 
 def _serve(version_dir, signature, inputs):
@@ -189,3 +198,113 @@ def test_cli_errors_are_one_line(refreshed, tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'typo'}: no such directory; pass the export "
                                                 "base that `python -m export.exporter --export_base=...` wrote."]
+
+
+# --------------------------------------------------------------------------
+# A refresh starts from the weights of the version it extends
+# --------------------------------------------------------------------------
+
+
+def _copy_versions(base: str, dst, versions) -> str:
+    import shutil
+
+    out = str(dst / "export")
+    for v in versions:
+        shutil.copytree(os.path.join(base, str(v)), os.path.join(out, str(v)))
+    return out
+
+
+def test_every_export_carries_the_fingerprint_of_its_training_run(refreshed):
+    _, _, old, new, model_dir = refreshed
+    model = exporter.load_keras_model(model_dir)
+    source = exporter.model_fingerprint(model, FeatureSpec.load(model_dir))
+    assert exporter.read_fingerprint(old) == {"source": source, "weights": exporter.weights_digest(model)}
+    # The refreshed version serves the same run's weights with a grown item table.
+    assert exporter.read_fingerprint(new)["source"] == source
+    assert exporter.read_fingerprint(new)["weights"] != exporter.weights_digest(model)
+
+
+def test_a_retrained_model_dir_is_refused_naming_both(refreshed, tmp_path):
+    """Same data, another seed: refreshing with it would silently change every served score."""
+    import shutil
+
+    spec, base, _, _, model_dir = refreshed
+    base = _copy_versions(base, tmp_path, [1, 2])
+    retrained = str(tmp_path / "retrained")
+    shutil.copytree(model_dir, retrained)
+    make_model_dir(FeatureSpec.load(model_dir), retrained, seed=12)
+    with pytest.raises(exporter.ExportError) as err:
+        rc.refresh_catalog(retrained, base, {"zz-other": ([], None)})
+    line = str(err.value)
+    assert line.startswith(f"{retrained}: its model (fingerprint ") and f"not the one {base}/2 serves" in line
+    assert "\n" not in line and sorted(os.listdir(base)) == ["1", "2"]
+
+
+def test_an_export_without_a_fingerprint_is_refused(refreshed, tmp_path):
+    _, base, _, _, model_dir = refreshed
+    base = _copy_versions(base, tmp_path, [1])
+    os.remove(os.path.join(base, "1", exporter.FINGERPRINT_PATH))
+    with pytest.raises(exporter.ExportError, match=r"/1: exported before versions carried a fingerprint"):
+        rc.refresh_catalog(model_dir, base, {"zz-other": ([], None)})
+    assert sorted(os.listdir(base)) == ["1"]
+
+
+def test_a_catalog_that_changes_nothing_writes_no_version(refreshed, tmp_path):
+    spec, base, _, _, model_dir = refreshed
+    lines = []
+    only_trained = _copy_versions(base, tmp_path / "a", [1])
+    assert rc.refresh_catalog(model_dir, only_trained, training_catalog(spec), log=lines.append) is None
+    refreshed_base = _copy_versions(base, tmp_path / "b", [1, 2])
+    assert rc.refresh_catalog(model_dir, refreshed_base, refresh_catalog_rows(spec), log=lines.append) is None
+    assert rc.refresh_catalog(model_dir, refreshed_base, {}, log=lines.append) is None
+    assert sorted(os.listdir(only_trained)) == ["1"] and sorted(os.listdir(refreshed_base)) == ["1", "2"]
+    assert lines == [f"{only_trained}/1: nothing changed (38 catalog items, all served with these tags and vectors "
+                     "already); no new version written.",
+                     f"{refreshed_base}/2: nothing changed (40 catalog items, all served with these tags and "
+                     "vectors already); no new version written.",
+                     f"{refreshed_base}/2: the catalog is empty; nothing changed, no new version written."]
+    # One changed vector is a change.
+    catalog = training_catalog(spec)
+    catalog["item-3"] = (catalog["item-3"][0], catalog["item-3"][1] + 0.5)
+    assert rc.refresh_catalog(model_dir, only_trained, catalog) == os.path.join(only_trained, "2")
+
+
+def _cli(model_dir, base, *extra):
+    import subprocess
+    import sys
+
+    from tests.test_export import REPO
+
+    config = os.path.join(REPO, "configs", "logs", "microlens_sample.json")
+    return subprocess.run([sys.executable, "-m", "export.refresh_catalog", f"--model_dir={model_dir}",
+                           f"--export_base={base}", f"--config={config}", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_refuses_a_retrained_model_dir_and_an_export_without_raw_ids(refreshed, sample_spec, tmp_path):
+    import shutil
+
+    _, base, _, _, model_dir = refreshed
+    base = _copy_versions(base, tmp_path, [1, 2])
+    retrained = str(tmp_path / "retrained")
+    shutil.copytree(model_dir, retrained)
+    make_model_dir(FeatureSpec.load(model_dir), retrained, seed=12)
+    dense_base = str(tmp_path / "dense_export")
+    make_model_dir(sample_spec, str(tmp_path / "dense_model"), seed=4)
+    exporter.export_from_model_dir(str(tmp_path / "dense_model"), dense_base)
+    for run, want in ((_cli(retrained, base), f"error: {retrained}: its model (fingerprint "),
+                      (_cli(model_dir, dense_base), f"error: {dense_base}/1: this version serves no raw item ids")):
+        assert run.returncode == 1 and run.stdout == "", run.stderr[-3000:]
+        assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith(want), run.stderr[-3000:]
+    assert sorted(os.listdir(base)) == ["1", "2"] and sorted(os.listdir(dense_base)) == ["1"]
+
+
+def test_cli_with_an_empty_catalog_writes_no_version(refreshed, tmp_path):
+    _, base, _, _, model_dir = refreshed
+    base = _copy_versions(base, tmp_path, [1, 2])
+    (tmp_path / "empty.csv").write_text("item,title\n")
+    run = _cli(model_dir, base, f"--catalog={tmp_path / 'empty.csv'}")
+    assert run.returncode == 0 and run.stdout == "", run.stderr[-3000:]
+    assert run.stderr.strip().splitlines() == [f"{base}/2: the catalog is empty; nothing changed, no new version "
+                                               "written."]
+    assert sorted(os.listdir(base)) == ["1", "2"]
