@@ -126,6 +126,7 @@ def test_an_output_written_before_manifests_keeps_a_users_file_in_vocab(built, t
     out = tmp_path / "out"
     shutil.copytree(built["dir"] / "older", out)
     os.remove(out / MANIFEST_FILENAME)
+    shutil.rmtree(out / "state")  # outputs before manifests had no state/ either (it came later)
     add_user_files(out)
     build_examples(built["config"], str(out))
     assert contents(out) == {**built["clean"], **USER_FILES}
