@@ -421,34 +421,23 @@ def _find_bad_record(serialized: Sequence[bytes], parse_spec) -> tuple[int, str]
 # --------------------------------------------------------------------------
 
 
-def check_output(output: str, inputs: Sequence[str], *, overwrite: bool = False) -> None:
+def check_output(output: str, inputs: Sequence[str], *, overwrite: bool = False,
+                 saved_model: str | None = None) -> None:
     """Refuses, before any work, an output that would lose data or cannot be created.
 
+    The rule is :func:`qin_tf.fileio.check_output_path`, the one
+    ``export.client`` applies too: never one of ``inputs`` or inside the
+    export ``saved_model`` (its base and version directories), never a
+    directory or a device, an existing file replaced only with ``overwrite``.
+
     Raises:
-        PreprocessError: ``output`` is one of ``inputs``, exists (without
-            ``overwrite``), is a directory, or lies under a file.
+        PreprocessError: naming ``output`` and the reason.
     """
-    if not fileio.is_local(output):  # a URL: no symlinks, and no directory is ever "a file"
-        g = fileio.gfile()
-        if g.isdir(output):
-            fail(output, None, None, "the output is a directory; give the path of a file")
-        if output in inputs:
-            fail(output, None, None, "the output is one of the inputs; write the scores to another file")
-        if g.exists(output) and not overwrite:
-            fail(output, None, None, "the output exists; pass --overwrite to replace it, or choose another file")
-        return
-    path = os.path.abspath(output)
-    if os.path.isdir(path):
-        fail(output, None, None, "the output is a directory; give the path of a file")
-    if any(os.path.realpath(path) == os.path.realpath(f) for f in inputs):
-        fail(output, None, None, "the output is one of the inputs; write the scores to another file")
-    if os.path.lexists(path) and not overwrite:
-        fail(output, None, None, "the output exists; pass --overwrite to replace it, or choose another file")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        fail(output, None, None, f"cannot create the output: {parent} is a file, not a directory")
+    try:
+        fileio.check_output_path(output, inputs, overwrite=overwrite,
+                                 read_trees=fileio.export_trees(saved_model) if saved_model else ())
+    except fileio.OutputPathError as e:
+        fail(output, None, None, e.reason)
 
 
 def _temp_pattern(path: str) -> re.Pattern:
@@ -607,7 +596,7 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     files, kind = input_files(input_pattern, raw_ids)
     if output:
-        check_output(output, files, overwrite=overwrite)
+        check_output(output, files, overwrite=overwrite, saved_model=saved_model)
     loaded, spec, version_dir = load_export(saved_model)
     serve_examples = loaded.signatures["predict_examples"]
     if raw_ids:
