@@ -109,13 +109,55 @@ def resolve_saved_model(path: str) -> str:
                             "numbered versions; run `python -m export.exporter` first.")
 
 
-def load_export(path: str):
-    """Returns ``(loaded SavedModel, FeatureSpec from its assets, version dir)``."""
+_TF_MARKUP = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\{\{node [^}]*\}\}")
+_TF_NOISE = ("Graph execution error", "Detected at node", "File ", "[[", "return ", "Traceback", "Stack trace")
+_TF_HINTS = re.compile(r"\s*You may be trying to load on a different device.*$|\s*Consider setting the "
+                       r"`experimental_io_device`.*$")
+
+
+def tf_error_text(error: BaseException) -> str:
+    """A TensorFlow (or protobuf) error as one plain line: no ``{{function_node ...}}``,
+    ``[[{{node ...}}]]``, Python frames or loading hints.
+
+    >>> tf_error_text(ValueError("{{function_node __inference_f_1}} bad id\\n\\t [[{{node Lookup}}]]"))
+    'bad id'
+    """
+    text = _TF_MARKUP.sub("", getattr(error, "message", None) or str(error))
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(_TF_NOISE)]
+    line = _TF_HINTS.sub("", " ".join(" ".join(lines).split()))
+    return line.strip(" :") or type(error).__name__
+
+
+def load_saved_model(path: str):
+    """``(tf.saved_model.load of the version dir, version dir)`` for an export base or version directory.
+
+    Raises:
+        PreprocessError: naming the version directory when it cannot be loaded
+            (a truncated or garbage ``saved_model.pb``, missing variables, ...).
+        FileNotFoundError: ``path`` holds no SavedModel.
+    """
     import tensorflow as tf
 
     version_dir = resolve_saved_model(path)
-    spec = FeatureSpec.load(os.path.join(version_dir, "assets", SPEC_FILENAME))
-    return tf.saved_model.load(version_dir, tags=["serve"]), spec, version_dir
+    try:
+        return tf.saved_model.load(version_dir, tags=["serve"]), version_dir
+    except Exception as e:  # DecodeError (OSError), NotFoundError, ValueError: all mean a broken version
+        fail(version_dir, None, None, f"cannot load this SavedModel ({tf_error_text(e)}); re-export it, or "
+                                      "remove this version to use the one before")
+
+
+def load_export(path: str):
+    """Returns ``(loaded SavedModel, FeatureSpec from its assets, version dir)``."""
+    from qin_tf.spec import SpecError
+
+    loaded, version_dir = load_saved_model(path)
+    try:
+        spec = FeatureSpec.load(os.path.join(version_dir, "assets", SPEC_FILENAME))
+    except (OSError, SpecError, ValueError) as e:
+        fail(version_dir, None, None, f"cannot read the export's feature spec (assets/{SPEC_FILENAME}): "
+                                      f"{one_line(e)}")
+    return loaded, spec, version_dir
 
 
 # --------------------------------------------------------------------------
@@ -333,12 +375,18 @@ def iter_raw(files: Sequence[str], kind: str, spec: FeatureSpec, batch_size: int
     """Batches of raw-id rows (parquet or JSON lines), checked as ``export.client --raw_ids`` checks them.
 
     The label and the meta columns are carried when the file's first row has
-    them (then every row must); a label must be 0 or 1.
+    them (then every row must); a label must be 0 or 1. A meta value (a user
+    id) is an int64 or a string, one type for every row of every file: the
+    output column has one type, so a row whose type differs from the first
+    row's is refused, naming it. Ids of inputs with a vocabulary follow the
+    raw-id rule (:data:`qin_tf.spec.RAW_ID_RULE`); the others are dense ids.
     """
     from export.client import check_row_value, rows_to_inputs
 
     features = raw_features(spec)
+    raw = {f.name: spec.vocabulary_key(f.name) is not None for f in features}
     extras = (spec.label, *spec.meta)
+    meta_type: dict[str, tuple[type, str, int]] = {}  # the first row's type, file and row
     for path in files:
         present = None
         for first, rows in _raw_rows(path, kind, [f.name for f in features] + list(extras), batch_size):
@@ -350,7 +398,7 @@ def iter_raw(files: Sequence[str], kind: str, spec: FeatureSpec, batch_size: int
                 for f in features:
                     if obj.get(f.name) is None:
                         fail(path, first + i, f.name, "missing" if f.name not in obj else "null value")
-                    values[f.name] = check_row_value(obj[f.name], f, path, first + i)
+                    values[f.name] = check_row_value(obj[f.name], f, path, first + i, raw=raw[f.name])
                 checked.append(values)
                 for n in present:
                     v = obj.get(n)
@@ -358,10 +406,26 @@ def iter_raw(files: Sequence[str], kind: str, spec: FeatureSpec, batch_size: int
                         fail(path, first + i, n, "missing, while other rows have it")
                     if n == spec.label and (isinstance(v, bool) or v not in (0, 1)):
                         fail(path, first + i, n, f"label {v!r}; expected 0 or 1")
+                    if n != spec.label:
+                        _check_meta(v, n, path, first + i, meta_type)
                     cols[n].append(v)
             label = np.asarray(cols.pop(spec.label), np.int64) if spec.label in cols else None
-            meta = {n: np.asarray(v) for n, v in cols.items()}
+            meta = {n: np.asarray(v, dtype=np.int64 if meta_type[n][0] is int else str) for n, v in cols.items()}
             yield Batch(path, first, features=rows_to_inputs(checked, features), label=label, meta=meta)
+
+
+def _check_meta(value, name: str, path: str, row: int, seen: dict) -> None:
+    """A meta value of a raw-id row: an int64 or a string, of the type of the first row's (``seen``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        fail(path, row, name, f"expected an integer or a string, got {value!r}"[:200])
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        fail(path, row, name, f"{value} is beyond int64")
+    kind = int if isinstance(value, int) else str
+    first = seen.setdefault(name, (kind, path, row))
+    if first[0] is not kind:
+        fail(path, row, name, f"{'an integer' if kind is int else 'a string'}, while {first[1]} row {first[2]} "
+                              f"has {'an integer' if first[0] is int else 'a string'}; the column takes one "
+                              "type in every row")
 
 
 def _compression(path: str) -> str:
@@ -626,7 +690,12 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
                         raise
                     fail(batch.source, batch.first_row + bad[0], None, bad[1])
             else:
-                out = serve(**{k: tf.constant(v) for k, v in batch.features.items()})["ctr"]
+                try:
+                    out = serve(**{k: tf.constant(v) for k, v in batch.features.items()})["ctr"]
+                except (tf.errors.OpError, TypeError, ValueError) as e:  # the graph's own checks
+                    last = batch.first_row + batch.num_rows - 1
+                    fail(batch.source, None, None, f"rows {batch.first_row}..{last}: the model refused "
+                                                   f"them: {tf_error_text(e)}")
             scores = out.numpy().astype(np.float32).reshape(-1)
             if labelled is None:
                 labelled = batch.label is not None
@@ -689,7 +758,7 @@ def main(argv):
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"score: error: {one_line(e)}")
     except tf.errors.OpError as e:  # a TensorFlow filesystem's error (gs://: permission, network)
-        sys.exit(f"score: error: {one_line(e.message)}")
+        sys.exit(f"score: error: {tf_error_text(e)}")
     summary = {k: v for k, v in result.items() if k != "scores"}
     if FLAGS.output:
         summary["output"] = FLAGS.output
