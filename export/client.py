@@ -24,12 +24,17 @@ each request with a deadline of ``--deadline_s`` seconds.
 
       {"item_id": 1523, "item_seq": [88, 4021, 17], "views_level": 3}
 
-With ``--raw_ids`` JSON lines hold ids as the log had them (strings, or
-int64s, as the export's vocabularies say) and go to ``serving_raw``: the
-export maps them to dense ids (unknown ids to the OOV id) and pads or cuts
-the history itself::
+With ``--raw_ids`` JSON lines (or parquet, one column per input) hold ids
+as the log had them (strings, or int64s, as the export's vocabularies say)
+and go to ``serving_raw``: the export maps them to dense ids (unknown ids to
+the OOV id) and pads or cuts the history itself::
 
       {"item_id": "v1523", "item_seq": ["v88", "v4021"], "views_level": 3}
+
+Raw ids follow the raw-id rule (:data:`qin_tf.spec.RAW_ID_RULE`; 0 and ``""``
+only as history padding), checked before anything is sent: for the inputs
+with a vocabulary when the export's spec is known (``--saved_model``,
+``--feature_spec``), for every input of ``serving_raw`` otherwise.
 
 ``--saved_model=DIR`` (an export base or version directory) scores in
 process instead of over gRPC, with the same inputs and the same scores. Ids
@@ -38,7 +43,10 @@ refused before anything is sent, with ``INVALID_ARGUMENT`` as the server
 would.
 
 Scores are printed one per line, or written to ``--output`` (``.parquet``, or
-CSV otherwise) with the columns ``row`` and ``ctr``.
+CSV otherwise) with the columns ``row`` and ``ctr``. ``--output`` follows
+``qin_tf.score``'s rule (:func:`qin_tf.fileio.check_output_path`), checked
+before any request: never an input, never inside the export read, never a
+device; an existing regular file is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations

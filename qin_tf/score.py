@@ -27,9 +27,11 @@ r"""Batch scoring with an exported SavedModel: no model code, bounded memory.
   and renamed when complete: a failed run leaves nothing behind, and a run
   removes the temporary files of killed runs into the same output (those
   whose process is gone). The output follows the umask.
-* ``--output`` must not be one of the inputs; an existing output is replaced
-  only with ``--overwrite`` (the rule of training's ``--model_dir``); an
-  output that is a directory, or under a file, is refused before any work.
+* ``--output`` follows :func:`qin_tf.fileio.check_output_path`, the rule
+  ``export.client`` follows too, checked before any work: never one of the
+  inputs, never inside the export being read (its base and versions), never
+  a directory, a path under a file or a device; an existing regular file is
+  replaced only with ``--overwrite`` (the rule of training's ``--model_dir``).
 * ``--raw_ids``: the rows hold ids as the log had them (strings, or int64s,
   as the export's vocabularies say): parquet files with one column per
   model input (the history a list, oldest first, unpadded), or JSON lines
@@ -38,16 +40,22 @@ r"""Batch scoring with an exported SavedModel: no model code, bounded memory.
   ``serving_raw`` signature, which maps them to dense ids with the
   vocabularies inside the SavedModel (an unknown id is the OOV id 1) and pads
   or cuts the history by the spec's rule: a row's score is bit for bit the
-  score of its dense ids. The label and the meta columns (keys) are carried
-  when the input has them.
+  score of its dense ids. Ids of inputs with a vocabulary follow the raw-id
+  rule (:data:`qin_tf.spec.RAW_ID_RULE`: 0 and ``""`` only as history
+  padding), the others the dense :data:`qin_tf.spec.ID_RULE`. The label and
+  the meta columns (keys) are carried when the input has them; a meta
+  column holds one type (int64 or string) in every row, else the first row
+  of the other type is refused.
 * When the input has labels, the AUC (and log loss, and the gAUC over the
   first meta column) is printed, from :mod:`qin_tf.metrics`.
 
 Bad input stops the run with an error naming the file, the row (0-based in
 that file) and the column: a missing column, a null, a non-integer type, a
-negative id, a malformed record; a corrupt parquet file names the row group
-(``x.parquet: row group 3 (rows 3072..4095): corrupt parquet (...)``), a
-corrupt TFRecord file the record.
+negative id, an id beyond int64, a malformed record; a corrupt parquet file
+names the row group (``x.parquet: row group 3 (rows 3072..4095): corrupt
+parquet (...)``), a corrupt TFRecord file the record, an export version that
+cannot be loaded its directory. TensorFlow's own text reaches the user as one
+plain line (:func:`tf_error_text`).
 """
 
 from __future__ import annotations
@@ -109,7 +117,8 @@ def resolve_saved_model(path: str) -> str:
                             "numbered versions; run `python -m export.exporter` first.")
 
 
-_TF_MARKUP = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\{\{node [^}]*\}\}")
+_TF_MARKUP = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\{\{node [^}]*\}\}|"
+                        r"\s*\[Op:[^\]]*\]")
 _TF_NOISE = ("Graph execution error", "Detected at node", "File ", "[[", "return ", "Traceback", "Stack trace")
 _TF_HINTS = re.compile(r"\s*You may be trying to load on a different device.*$|\s*Consider setting the "
                        r"`experimental_io_device`.*$")
