@@ -172,8 +172,10 @@ class ServingClient:
         try:
             return method(request, timeout=self.deadline_s)
         except grpc.RpcError as e:
+            from qin_tf.score import tf_error_text
+
             code = e.code() if hasattr(e, "code") else None
-            details = e.details() if hasattr(e, "details") else str(e)
+            details = tf_error_text(e.details() if hasattr(e, "details") else str(e))  # TF Serving's op errors
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"server {self.server} unavailable: {details}"
             raise ServingError(code, details) from None
@@ -252,8 +254,6 @@ class InProcessModel:
     """
 
     def __init__(self, saved_model: str):
-        import tensorflow as tf
-
         from export.local_server import read_signature_defs
         from pipelines.validation import fail
         from qin_tf.score import load_saved_model, tf_error_text

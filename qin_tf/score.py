@@ -124,18 +124,18 @@ _TF_HINTS = re.compile(r"\s*You may be trying to load on a different device.*$|\
                        r"`experimental_io_device`.*$")
 
 
-def tf_error_text(error: BaseException) -> str:
-    """A TensorFlow (or protobuf) error as one plain line: no ``{{function_node ...}}``,
-    ``[[{{node ...}}]]``, Python frames or loading hints.
+def tf_error_text(error: BaseException | str) -> str:
+    """A TensorFlow (or protobuf) error, or its text (a gRPC status' details), as one plain line: no
+    ``{{function_node ...}}``, ``[[{{node ...}}]]``, ``[Op:...]``, Python frames or loading hints.
 
     >>> tf_error_text(ValueError("{{function_node __inference_f_1}} bad id\\n\\t [[{{node Lookup}}]]"))
     'bad id'
     """
-    text = _TF_MARKUP.sub("", getattr(error, "message", None) or str(error))
+    text = _TF_MARKUP.sub("", error if isinstance(error, str) else getattr(error, "message", None) or str(error))
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith(_TF_NOISE)]
     line = _TF_HINTS.sub("", " ".join(" ".join(lines).split()))
-    return line.strip(" :") or type(error).__name__
+    return line.strip(" :") or ("error" if isinstance(error, str) else type(error).__name__)
 
 
 def load_saved_model(path: str):

@@ -266,3 +266,26 @@ def test_raw_history_padding_is_dropped_and_client_reads_raw_parquet(raw_scored,
                "--batch_size=16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_scores_equal(np.array(proc.stdout.split(), dtype=np.float32), want)
+
+
+def test_grpc_details_with_tf_markup_become_one_plain_line():
+    """TF Serving answers an op error with TensorFlow's own text; the client shows it plain."""
+    import grpc
+
+    from export.client import ServingClient, ServingError
+
+    class Refusal(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+        def details(self):
+            return ("{{function_node __inference_serve_123}} indices[3] = 9 is not in [0, 5)\n\t "
+                    "[[{{node embedding_lookup}}]] [Op:__inference_serve_123]")
+
+    def method(request, timeout):
+        raise Refusal()
+
+    with ServingClient("127.0.0.1:1", "qin") as client:
+        with pytest.raises(ServingError) as err:
+            client._call(method, None)
+    assert str(err.value) == "INVALID_ARGUMENT: indices[3] = 9 is not in [0, 5)"
