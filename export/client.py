@@ -331,7 +331,7 @@ def check_row_value(value, feature: Feature, source: str, row: int, *, raw: bool
     if raw is None:
         raw = feature.dtype == "string" or bool(feature.shape and feature.shape[-1] < 0)
     text = feature.dtype == "string"
-    kind = "raw string id" if text else ("raw id (an int64)" if raw else "integer id")
+    kind = "raw string id" if text else ("raw int64 id" if raw else "integer id")
 
     def ok(v):
         return isinstance(v, str) if text else isinstance(v, int) and not isinstance(v, bool)
@@ -351,7 +351,8 @@ def check_row_value(value, feature: Feature, source: str, row: int, *, raw: bool
                                                 f"list; {ID_RULE}")
         return value
     if not ok(value):
-        fail(source, row, feature.name, f"expected a {kind}, got {json_snippet(value)}")
+        fail(source, row, feature.name, f"expected {'an' if kind[0] == 'i' else 'a'} {kind}, got "
+                                        f"{json_snippet(value)}")
     if raw:
         why = raw_id_problem(value)
         if why is not None:
