@@ -289,3 +289,25 @@ def test_grpc_details_with_tf_markup_become_one_plain_line():
         with pytest.raises(ServingError) as err:
             client._call(method, None)
     assert str(err.value) == "INVALID_ARGUMENT: indices[3] = 9 is not in [0, 5)"
+
+
+def test_parquet_uint64_ids_beyond_int64_are_one_line(scored, raw_scored, tmp_path):
+    """Dense ids: uint64 is not an id type; raw ids: a uint64 beyond int64 breaks the raw-id rule."""
+    from pipelines.validation import PreprocessError
+
+    table = pq.read_table(TEST_PARQUET)
+    i = table.column_names.index("views_level")
+    values = table["views_level"].to_numpy().astype(np.uint64)
+    pq.write_table(table.set_column(i, "views_level", pa.array(values, pa.uint64())), tmp_path / "dense.parquet")
+    with pytest.raises(PreprocessError, match=r"dense\.parquet: column `views_level`: has type uint64"):
+        score.score(scored[0], str(tmp_path / "dense.parquet"), None, log=lambda line: None)
+
+    base, spec, raw, _, labels = raw_scored
+    raw_table = pa.Table.from_pylist(_raw_records(spec, raw, labels)[:5])
+    levels = raw_table["views_level"].to_numpy().astype(np.uint64)
+    levels[3] = 2 ** 63
+    j = raw_table.column_names.index("views_level")
+    pq.write_table(raw_table.set_column(j, "views_level", pa.array(levels, pa.uint64())), tmp_path / "raw.parquet")
+    with pytest.raises(PreprocessError, match=r"raw\.parquet: row 3, column `views_level`: 9223372036854775808 is "
+                                              r"beyond int64; raw ids are"):
+        score.score(base, str(tmp_path / "raw.parquet"), None, raw_ids=True, log=lambda line: None)
