@@ -24,12 +24,17 @@ each request with a deadline of ``--deadline_s`` seconds.
 
       {"item_id": 1523, "item_seq": [88, 4021, 17], "views_level": 3}
 
-With ``--raw_ids`` JSON lines hold ids as the log had them (strings, or
-int64s, as the export's vocabularies say) and go to ``serving_raw``: the
-export maps them to dense ids (unknown ids to the OOV id) and pads or cuts
-the history itself::
+With ``--raw_ids`` JSON lines (or parquet, one column per input) hold ids
+as the log had them (strings, or int64s, as the export's vocabularies say)
+and go to ``serving_raw``: the export maps them to dense ids (unknown ids to
+the OOV id) and pads or cuts the history itself::
 
       {"item_id": "v1523", "item_seq": ["v88", "v4021"], "views_level": 3}
+
+Raw ids follow the raw-id rule (:data:`qin_tf.spec.RAW_ID_RULE`; 0 and ``""``
+only as history padding), checked before anything is sent: for the inputs
+with a vocabulary when the export's spec is known (``--saved_model``,
+``--feature_spec``), for every input of ``serving_raw`` otherwise.
 
 ``--saved_model=DIR`` (an export base or version directory) scores in
 process instead of over gRPC, with the same inputs and the same scores. Ids
@@ -38,7 +43,10 @@ refused before anything is sent, with ``INVALID_ARGUMENT`` as the server
 would.
 
 Scores are printed one per line, or written to ``--output`` (``.parquet``, or
-CSV otherwise) with the columns ``row`` and ``ctr``.
+CSV otherwise) with the columns ``row`` and ``ctr``. ``--output`` follows
+``qin_tf.score``'s rule (:func:`qin_tf.fileio.check_output_path`), checked
+before any request: never an input, never inside the export read, never a
+device; an existing regular file is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from qin_tf import fileio
-from qin_tf.spec import ID_RULE, Feature, FeatureSpec, first_negative_id, left_pad_recent
+from qin_tf.spec import (ID_RULE, INT64_MAX, RAW_ID_RULE, Feature, FeatureSpec, first_negative_id, left_pad_recent,
+                         raw_id_problem)
 
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_DEADLINE_S = 10.0
@@ -163,8 +172,10 @@ class ServingClient:
         try:
             return method(request, timeout=self.deadline_s)
         except grpc.RpcError as e:
+            from qin_tf.score import tf_error_text
+
             code = e.code() if hasattr(e, "code") else None
-            details = e.details() if hasattr(e, "details") else str(e)
+            details = tf_error_text(e.details() if hasattr(e, "details") else str(e))  # TF Serving's op errors
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"server {self.server} unavailable: {details}"
             raise ServingError(code, details) from None
@@ -243,15 +254,22 @@ class InProcessModel:
     """
 
     def __init__(self, saved_model: str):
-        import tensorflow as tf
-
-        from export.exporter import SERVE_TAG
         from export.local_server import read_signature_defs
-        from qin_tf.score import resolve_saved_model
+        from pipelines.validation import fail
+        from qin_tf.score import load_saved_model, tf_error_text
+        from qin_tf.spec import SPEC_FILENAME, SpecError
 
-        self.path = resolve_saved_model(saved_model)
-        self._signature_defs = read_signature_defs(self.path)
-        self._loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])
+        self._loaded, self.path = load_saved_model(saved_model)
+        try:
+            self._signature_defs = read_signature_defs(self.path)
+        except Exception as e:  # loaded above, so hardly ever; still one line naming the version
+            fail(self.path, None, None, f"cannot read the SignatureDefs ({tf_error_text(e)})")
+        #: The export's feature spec (which inputs are raw ids); None when the export lacks it.
+        self.spec = None
+        try:
+            self.spec = FeatureSpec.load(os.path.join(self.path, "assets", SPEC_FILENAME))
+        except (OSError, SpecError, ValueError):
+            pass
 
     def signature_defs(self) -> dict:
         return self._signature_defs
@@ -269,10 +287,13 @@ class InProcessModel:
                                f"has {sorted(self._loaded.signatures)}.")
         try:
             out = self._loaded.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
-        except (tf.errors.InvalidArgumentError, TypeError, ValueError, UnicodeDecodeError) as e:
-            from export.local_server import _tf_error_line
+        except (tf.errors.OpError, TypeError, ValueError, UnicodeDecodeError) as e:
+            from qin_tf.score import tf_error_text
 
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, _tf_error_line(e)) from None
+            if isinstance(e, UnicodeDecodeError):
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "the input holds bytes that are not a "
+                                   "serialized tf.train.Example.") from None
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, tf_error_text(e)) from None
         return out[output].numpy()
 
     predict_examples = ServingClient.predict_examples
@@ -292,34 +313,54 @@ class InProcessModel:
 # --------------------------------------------------------------------------
 
 
-def check_row_value(value, feature: Feature, source: str, row: int):
-    """One JSON value of a model input -> an int, or for the history a list of ints (unpadded)."""
+def check_row_value(value, feature: Feature, source: str, row: int, *, raw: bool | None = None):
+    """One JSON value of a model input -> an int or string, or for the history a list of them (unpadded).
+
+    With ``raw`` (default: a string feature, or a history of any width: the
+    raw-id signature's inputs) the value holds raw ids, checked by the raw-id
+    rule (:data:`qin_tf.spec.RAW_ID_RULE`; 0 and ``""`` are padding in a
+    history only); otherwise dense ids, checked by :data:`qin_tf.spec.ID_RULE`
+    and the int64 range. The type must be the feature's: strings for a string
+    feature, integers otherwise.
+
+    Raises:
+        PreprocessError: naming ``source``, ``row`` and the feature.
+    """
     from pipelines.validation import fail
 
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
+    if raw is None:
+        raw = feature.dtype == "string" or bool(feature.shape and feature.shape[-1] < 0)
+    text = feature.dtype == "string"
+    kind = "raw string id" if text else ("raw int64 id" if raw else "integer id")
 
-    if feature.dtype == "string":  # raw ids as the log had them (the raw-id signature)
-        ok = (lambda v: isinstance(v, str))
-        if feature.shape and not (isinstance(value, list) and all(ok(v) for v in value)):
-            fail(source, row, feature.name, f"expected a list of raw string ids (the history, oldest first, "
-                                            f"unpadded), got {json_snippet(value)}")
-        if not feature.shape and not ok(value):
-            fail(source, row, feature.name, f"expected a raw string id, got {json_snippet(value)}")
-        return value
+    def ok(v):
+        return isinstance(v, str) if text else isinstance(v, int) and not isinstance(v, bool)
+
     if feature.shape:
-        if not isinstance(value, list) or not all(is_int(v) for v in value):
-            fail(source, row, feature.name, f"expected a list of integer ids (the history, oldest first, "
-                                            f"unpadded), got {json_snippet(value)}")
-        bad = first_negative_id(value) if value else None
-        if bad is not None:
-            fail(source, row, feature.name, f"negative item id {bad[1]} at position {bad[0][0]} of the list; "
-                                            f"{ID_RULE}")
+        if not isinstance(value, list) or not all(ok(v) for v in value):
+            fail(source, row, feature.name, f"expected a list of {kind}s (the history, oldest first, unpadded), "
+                                            f"got {json_snippet(value)}")
+        for pos, v in enumerate(value):
+            if raw and v not in (0, ""):  # raw padding is dropped by the graph
+                why = raw_id_problem(v)
+                if why is not None:
+                    fail(source, row, feature.name, f"{why} at position {pos} of the list; {RAW_ID_RULE}")
+            elif not raw and (v < 0 or v > INT64_MAX):
+                fail(source, row, feature.name, f"{'negative item id' if v < 0 else 'item id'} {v} "
+                                                f"{'' if v < 0 else 'is beyond int64 '}at position {pos} of the "
+                                                f"list; {ID_RULE}")
         return value
-    if not is_int(value):
-        fail(source, row, feature.name, f"expected an integer id, got {json_snippet(value)}")
-    if value < 0:
+    if not ok(value):
+        fail(source, row, feature.name, f"expected {'an' if kind[0] == 'i' else 'a'} {kind}, got "
+                                        f"{json_snippet(value)}")
+    if raw:
+        why = raw_id_problem(value)
+        if why is not None:
+            fail(source, row, feature.name, f"{why}; {RAW_ID_RULE}")
+    elif value < 0:
         fail(source, row, feature.name, f"negative id {value}; {ID_RULE}")
+    elif value > INT64_MAX:
+        fail(source, row, feature.name, f"id {value} is beyond int64; {ID_RULE}")
     return value
 
 
@@ -371,13 +412,15 @@ def rows_to_inputs(rows: Sequence[Mapping], features: Sequence[Feature]) -> dict
     return out
 
 
-def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int, stream=None) -> Iterator[dict]:
+def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int, stream=None, *,
+                        raw: frozenset[str] | None = None) -> Iterator[dict]:
     """Batches of model inputs from JSON lines (``path``, or ``stream`` when given; ``-``: stdin).
 
     Each line is one JSON object with a key per feature; the history is a
     list of any length, padded or cut by the spec's sequence rule. Keys that
     are not model inputs are ignored. Errors name the source, the row (the
-    0-based line number) and the key.
+    0-based line number) and the key. ``raw``: the names of the features
+    holding raw ids (:func:`check_row_value`'s default when None).
     """
     from pipelines.validation import fail
 
@@ -398,7 +441,8 @@ def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int,
             for f in features:
                 if f.name not in obj:
                     fail(source, row, f.name, f"missing key; the model's inputs are {[g.name for g in features]}")
-                values[f.name] = check_row_value(obj[f.name], f, source, row)
+                values[f.name] = check_row_value(obj[f.name], f, source, row,
+                                                 raw=None if raw is None else f.name in raw)
             rows.append(values)
             if len(rows) == batch_size:
                 yield flush()
@@ -425,6 +469,38 @@ def iter_parquet_requests(path: str, features: Sequence[Feature], batch_size: in
     for rb in pf.iter_batches(batch_size=batch_size, columns=[f.name for f in features]):
         yield arrow_batch_features(rb, features, source=path, first_row=row)
         row += rb.num_rows
+
+
+def iter_raw_parquet_requests(path: str, features: Sequence[Feature], batch_size: int, *,
+                              raw: frozenset[str] | None = None) -> Iterator[dict]:
+    """Batches of raw-id model inputs from a parquet file: one column per input, the history a list
+    (oldest first, unpadded), checked row by row as JSON lines are (:func:`check_row_value`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.validation import fail, one_line
+
+    try:
+        pf = pq.ParquetFile(fileio.binary_source(path))
+    except (pa.ArrowException, OSError) as e:
+        fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
+    have = pf.schema_arrow.names
+    for f in features:
+        if f.name not in have:
+            fail(path, None, f.name, f"missing column; the file has columns {have}")
+    first = 0
+    for rb in pf.iter_batches(batch_size=batch_size, columns=[f.name for f in features]):
+        rows = []
+        for i, obj in enumerate(rb.to_pylist()):
+            values = {}
+            for f in features:
+                if obj[f.name] is None:
+                    fail(path, first + i, f.name, "null value")
+                values[f.name] = check_row_value(obj[f.name], f, path, first + i,
+                                                 raw=None if raw is None else f.name in raw)
+            rows.append(values)
+        yield rows_to_inputs(rows, features)
+        first += rb.num_rows
 
 
 def iter_tfrecord_requests(path: str, batch_size: int) -> Iterator[list[bytes]]:
@@ -455,7 +531,7 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
         float32 ``[rows]``, in the file's row order.
     """
     from pipelines.validation import fail
-    from qin_tf.score import PARQUET_SUFFIXES, TFRECORD_SUFFIXES, iter_parquet
+    from qin_tf.score import PARQUET_SUFFIXES, TFRECORD_SUFFIXES, iter_parquet, raw_features
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
@@ -463,17 +539,25 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
                               fileio.gfile().exists(path) and not fileio.gfile().isdir(path)):
         fail(path, None, None, "no such file")
     scores, done = [], 0
+    raw = signature_name == RAW_SIGNATURE
+    spec = feature_spec if feature_spec is not None else getattr(client, "spec", None)
+    if raw:  # raw ids where the export has a vocabulary; all inputs when only the signature is known
+        features = raw_features(spec) if spec is not None else client.features(signature_name)
+        raw_names = frozenset(f.name for f in features if spec is None or spec.vocabulary_key(f.name))
     if path == STDIN or path.endswith(JSONL_SUFFIXES):
         signature_name = signature_name or SERVING_SIGNATURE
-        features = feature_spec.model_features if feature_spec is not None else client.features(signature_name)
-        for inputs in iter_jsonl_requests(path, features, batch_size):
+        if not raw:
+            features = feature_spec.model_features if feature_spec is not None else client.features(signature_name)
+        for inputs in iter_jsonl_requests(path, features, batch_size, raw=raw_names if raw else None):
             scores.append(np.asarray(client.predict(inputs, signature_name), dtype=np.float32).reshape(-1))
             done += scores[-1].shape[0]
             if progress:
                 progress(done)
     elif path.endswith(PARQUET_SUFFIXES):
         signature_name = signature_name or SERVING_SIGNATURE
-        if feature_spec is not None:  # preprocessing's own checks, item ids against the table included
+        if raw:
+            batches = iter_raw_parquet_requests(path, features, batch_size, raw=raw_names)
+        elif feature_spec is not None:  # preprocessing's own checks, item ids against the table included
             batches = (b.features for b in iter_parquet([path], feature_spec, batch_size))
         else:
             batches = iter_parquet_requests(path, client.features(signature_name), batch_size)
@@ -483,6 +567,9 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
             if progress:
                 progress(done)
     elif path.endswith(TFRECORD_SUFFIXES):
+        if raw:
+            fail(path, None, None, "--raw_ids takes JSON lines or parquet; a TFRecord file holds "
+                                   "tf.train.Examples: score it without --raw_ids")
         signature_name = signature_name or EXAMPLES_SIGNATURE
         for examples in iter_tfrecord_requests(path, batch_size):
             scores.append(np.asarray(client.predict_examples(examples, signature_name),
@@ -514,12 +601,18 @@ def main(argv):
     del argv
     from absl import flags
 
-    from qin_tf.score import InputError
+    import tensorflow as tf
 
+    from pipelines.validation import one_line
+    from qin_tf.score import InputError, tf_error_text
     from qin_tf.spec import SpecError
 
     FLAGS = flags.FLAGS
     try:
+        if FLAGS.output:  # the rule of qin_tf.score, before any work
+            fileio.check_output_path(FLAGS.output, [p for p in (FLAGS.input, FLAGS.feature_spec) if p and p != STDIN],
+                                     overwrite=FLAGS.overwrite,
+                                     read_trees=fileio.export_trees(FLAGS.saved_model) if FLAGS.saved_model else ())
         spec = FeatureSpec.load(FLAGS.feature_spec) if FLAGS.feature_spec else None
         if FLAGS.saved_model:
             client = InProcessModel(FLAGS.saved_model)
@@ -529,8 +622,10 @@ def main(argv):
             signature = FLAGS.signature_name or (RAW_SIGNATURE if FLAGS.raw_ids else None)
             scores = score_file(client, FLAGS.input, signature_name=signature,
                                 batch_size=FLAGS.batch_size, feature_spec=spec)
-    except (ServingError, InputError, SpecError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (ServingError, InputError, SpecError, FileNotFoundError, fileio.OutputPathError) as e:
+        sys.exit(f"error: {one_line(e)}")
+    except tf.errors.OpError as e:  # a TensorFlow file system's or reader's error (gs://, a corrupt TFRecord)
+        sys.exit(f"error: {tf_error_text(e)}")
     if FLAGS.output:
         write_scores(FLAGS.output, scores)
         print(f"wrote {scores.shape[0]:,} scores to {FLAGS.output}", file=sys.stderr)
@@ -547,12 +642,14 @@ def _define_flags():
                         "and JSON lines, predict_examples for TFRecords.")
     flags.DEFINE_string("input", None, "A parquet (MMCTR layout), TFRecord or JSON-lines file, or - for JSON "
                         "lines on stdin.", required=True)
-    flags.DEFINE_bool("raw_ids", False, "Whether the JSON lines hold ids as the log had them (strings or int64s, "
-                      "mapped by the export's vocabularies), sent to the serving_raw signature.")
+    flags.DEFINE_bool("raw_ids", False, "Whether the JSON lines or parquet rows hold ids as the log had them "
+                      "(strings or int64s, mapped by the export's vocabularies), sent to the serving_raw signature.")
     flags.DEFINE_string("saved_model", None, "An export (base or version directory) to score with in process "
                         "instead of asking --server.")
     flags.DEFINE_string("output", None, "Where to write the columns row,ctr (.parquet, else CSV); default: "
                         "print the scores.")
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing --output (a regular file; never an input, "
+                         "nor inside the export read).")
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Rows per request.", lower_bound=1)
     flags.DEFINE_float("deadline_s", DEFAULT_DEADLINE_S, "Deadline of each request, in seconds.", lower_bound=0.001)
     flags.DEFINE_string("feature_spec", None, "A feature_spec.json (or its directory) to take the inputs "

@@ -30,6 +30,8 @@ import errno
 import io
 import json
 import os
+import posixpath
+import stat
 from typing import Sequence
 
 
@@ -52,6 +54,106 @@ def is_local(path: str) -> bool:
 def absolute(path: str) -> str:
     """``os.path.abspath`` of a local path; a URL is already absolute (``abspath`` would mangle it)."""
     return os.path.abspath(path) if is_local(path) else path
+
+
+class OutputPathError(ValueError):
+    """An output path that would lose data or cannot be created; ``path`` and ``reason`` as attributes.
+
+    The message is ``"{path}: {reason}"``, one line.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _normal_url(url: str) -> str:
+    """``url`` with its path normalised (``a//b/./c/`` -> ``a/b/c``), for comparing URLs as strings."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+
+
+def _within(path: str, root: str, sep: str) -> bool:
+    return path == root or path.startswith(root.rstrip(sep) + sep)
+
+
+def check_output_path(output: str, inputs: Sequence[str] = (), *, overwrite: bool = False,
+                      read_trees: Sequence[str] = ()) -> None:
+    """The one rule for a command's output file (batch scoring, the serving client), checked before any work.
+
+    Refused:
+
+    * an output that is one of ``inputs`` or lies inside one (an input may be a directory);
+    * an output inside one of ``read_trees``: directories the command reads
+      (an export base and its version directories);
+    * a directory, or a path under a file;
+    * anything but a regular file where the output exists (a device such as
+      ``/dev/full``, a pipe, a socket): ``--overwrite`` replaces only a regular file;
+    * an existing output without ``overwrite``.
+
+    Local paths are compared after resolving symbolic links (``realpath``);
+    URLs (``gs://``, ``ram://``) as normalised strings.
+
+    Raises:
+        OutputPathError: naming ``output`` and the reason.
+    """
+    trees = [p for p in (*inputs, *read_trees) if p]
+    if not is_local(output):
+        g = gfile()
+        out = _normal_url(output)
+        if g.isdir(output):
+            raise OutputPathError(output, "the output is a directory; give the path of a file")
+        for p in trees:
+            if not is_local(p) and _within(out, _normal_url(p), "/"):
+                raise OutputPathError(output, _inside(p, inputs, out == _normal_url(p)))
+        if g.exists(output) and not overwrite:
+            raise OutputPathError(output, "the output exists; pass --overwrite to replace it, or choose "
+                                          "another file")
+        return
+    path = os.path.abspath(output)
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise OutputPathError(output, "the output is a directory; give the path of a file")
+    for p in trees:
+        if is_local(p) and _within(real, os.path.realpath(p), os.sep):
+            raise OutputPathError(output, _inside(p, inputs, real == os.path.realpath(p)))
+    if os.path.lexists(path):
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:  # a dangling symbolic link: writing would create its target
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            raise OutputPathError(output, "the output is not a regular file (a device, pipe or socket); "
+                                          "--overwrite replaces only a regular file")
+        if not overwrite:
+            raise OutputPathError(output, "the output exists; pass --overwrite to replace it, or choose "
+                                          "another file")
+    parent = os.path.dirname(real)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputPathError(output, f"cannot create the output: {parent} is a file, not a directory")
+
+
+def _inside(tree: str, inputs: Sequence[str], same: bool) -> str:
+    if tree in inputs:
+        return ("the output is one of the inputs; write the scores to another file" if same else
+                f"the output lies inside the input {tree}; write the scores to another file")
+    return f"the output lies inside {tree}, which this command reads; write the scores elsewhere"
+
+
+def export_trees(saved_model: str) -> list[str]:
+    """What a command that loads ``saved_model`` reads: the path, and the export base above a version directory.
+
+    ``saved_model`` is an export base (its numbered versions inside) or one
+    version directory (``.../export/3``): then its parent, the export base,
+    is read too (the next version appears there).
+    """
+    trees = [saved_model]
+    name = os.path.basename(saved_model.rstrip("/"))
+    if name.isdigit():
+        trees.append(os.path.dirname(saved_model.rstrip("/")))
+    return trees
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -27,9 +27,11 @@ r"""Batch scoring with an exported SavedModel: no model code, bounded memory.
   and renamed when complete: a failed run leaves nothing behind, and a run
   removes the temporary files of killed runs into the same output (those
   whose process is gone). The output follows the umask.
-* ``--output`` must not be one of the inputs; an existing output is replaced
-  only with ``--overwrite`` (the rule of training's ``--model_dir``); an
-  output that is a directory, or under a file, is refused before any work.
+* ``--output`` follows :func:`qin_tf.fileio.check_output_path`, the rule
+  ``export.client`` follows too, checked before any work: never one of the
+  inputs, never inside the export being read (its base and versions), never
+  a directory, a path under a file or a device; an existing regular file is
+  replaced only with ``--overwrite`` (the rule of training's ``--model_dir``).
 * ``--raw_ids``: the rows hold ids as the log had them (strings, or int64s,
   as the export's vocabularies say): parquet files with one column per
   model input (the history a list, oldest first, unpadded), or JSON lines
@@ -38,16 +40,22 @@ r"""Batch scoring with an exported SavedModel: no model code, bounded memory.
   ``serving_raw`` signature, which maps them to dense ids with the
   vocabularies inside the SavedModel (an unknown id is the OOV id 1) and pads
   or cuts the history by the spec's rule: a row's score is bit for bit the
-  score of its dense ids. The label and the meta columns (keys) are carried
-  when the input has them.
+  score of its dense ids. Ids of inputs with a vocabulary follow the raw-id
+  rule (:data:`qin_tf.spec.RAW_ID_RULE`: 0 and ``""`` only as history
+  padding), the others the dense :data:`qin_tf.spec.ID_RULE`. The label and
+  the meta columns (keys) are carried when the input has them; a meta
+  column holds one type (int64 or string) in every row, else the first row
+  of the other type is refused.
 * When the input has labels, the AUC (and log loss, and the gAUC over the
   first meta column) is printed, from :mod:`qin_tf.metrics`.
 
 Bad input stops the run with an error naming the file, the row (0-based in
 that file) and the column: a missing column, a null, a non-integer type, a
-negative id, a malformed record; a corrupt parquet file names the row group
-(``x.parquet: row group 3 (rows 3072..4095): corrupt parquet (...)``), a
-corrupt TFRecord file the record.
+negative id, an id beyond int64, a malformed record; a corrupt parquet file
+names the row group (``x.parquet: row group 3 (rows 3072..4095): corrupt
+parquet (...)``), a corrupt TFRecord file the record, an export version that
+cannot be loaded its directory. TensorFlow's own text reaches the user as one
+plain line (:func:`tf_error_text`).
 """
 
 from __future__ import annotations
@@ -109,13 +117,56 @@ def resolve_saved_model(path: str) -> str:
                             "numbered versions; run `python -m export.exporter` first.")
 
 
-def load_export(path: str):
-    """Returns ``(loaded SavedModel, FeatureSpec from its assets, version dir)``."""
+_TF_MARKUP = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\{\{node [^}]*\}\}|"
+                        r"\s*\[Op:[^\]]*\]")
+_TF_NOISE = ("Graph execution error", "Detected at node", "File ", "[[", "return ", "Traceback", "Stack trace")
+_TF_HINTS = re.compile(r"\s*You may be trying to load on a different device.*$|\s*Consider setting the "
+                       r"`experimental_io_device`.*$")
+
+
+def tf_error_text(error: BaseException | str) -> str:
+    """A TensorFlow (or protobuf) error, or its text (a gRPC status' details), as one plain line: no
+    ``{{function_node ...}}``, ``[[{{node ...}}]]``, ``[Op:...]``, Python frames or loading hints.
+
+    >>> tf_error_text(ValueError("{{function_node __inference_f_1}} bad id\\n\\t [[{{node Lookup}}]]"))
+    'bad id'
+    """
+    text = _TF_MARKUP.sub("", error if isinstance(error, str) else getattr(error, "message", None) or str(error))
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(_TF_NOISE)]
+    line = _TF_HINTS.sub("", " ".join(" ".join(lines).split()))
+    return line.strip(" :") or ("error" if isinstance(error, str) else type(error).__name__)
+
+
+def load_saved_model(path: str):
+    """``(tf.saved_model.load of the version dir, version dir)`` for an export base or version directory.
+
+    Raises:
+        PreprocessError: naming the version directory when it cannot be loaded
+            (a truncated or garbage ``saved_model.pb``, missing variables, ...).
+        FileNotFoundError: ``path`` holds no SavedModel.
+    """
     import tensorflow as tf
 
     version_dir = resolve_saved_model(path)
-    spec = FeatureSpec.load(os.path.join(version_dir, "assets", SPEC_FILENAME))
-    return tf.saved_model.load(version_dir, tags=["serve"]), spec, version_dir
+    try:
+        return tf.saved_model.load(version_dir, tags=["serve"]), version_dir
+    except Exception as e:  # DecodeError (OSError), NotFoundError, ValueError: all mean a broken version
+        fail(version_dir, None, None, f"cannot load this SavedModel ({tf_error_text(e)}); re-export it, or "
+                                      "remove this version to use the one before")
+
+
+def load_export(path: str):
+    """Returns ``(loaded SavedModel, FeatureSpec from its assets, version dir)``."""
+    from qin_tf.spec import SpecError
+
+    loaded, version_dir = load_saved_model(path)
+    try:
+        spec = FeatureSpec.load(os.path.join(version_dir, "assets", SPEC_FILENAME))
+    except (OSError, SpecError, ValueError) as e:
+        fail(version_dir, None, None, f"cannot read the export's feature spec (assets/{SPEC_FILENAME}): "
+                                      f"{one_line(e)}")
+    return loaded, spec, version_dir
 
 
 # --------------------------------------------------------------------------
@@ -333,12 +384,18 @@ def iter_raw(files: Sequence[str], kind: str, spec: FeatureSpec, batch_size: int
     """Batches of raw-id rows (parquet or JSON lines), checked as ``export.client --raw_ids`` checks them.
 
     The label and the meta columns are carried when the file's first row has
-    them (then every row must); a label must be 0 or 1.
+    them (then every row must); a label must be 0 or 1. A meta value (a user
+    id) is an int64 or a string, one type for every row of every file: the
+    output column has one type, so a row whose type differs from the first
+    row's is refused, naming it. Ids of inputs with a vocabulary follow the
+    raw-id rule (:data:`qin_tf.spec.RAW_ID_RULE`); the others are dense ids.
     """
     from export.client import check_row_value, rows_to_inputs
 
     features = raw_features(spec)
+    raw = {f.name: spec.vocabulary_key(f.name) is not None for f in features}
     extras = (spec.label, *spec.meta)
+    meta_type: dict[str, tuple[type, str, int]] = {}  # the first row's type, file and row
     for path in files:
         present = None
         for first, rows in _raw_rows(path, kind, [f.name for f in features] + list(extras), batch_size):
@@ -350,7 +407,7 @@ def iter_raw(files: Sequence[str], kind: str, spec: FeatureSpec, batch_size: int
                 for f in features:
                     if obj.get(f.name) is None:
                         fail(path, first + i, f.name, "missing" if f.name not in obj else "null value")
-                    values[f.name] = check_row_value(obj[f.name], f, path, first + i)
+                    values[f.name] = check_row_value(obj[f.name], f, path, first + i, raw=raw[f.name])
                 checked.append(values)
                 for n in present:
                     v = obj.get(n)
@@ -358,10 +415,26 @@ def iter_raw(files: Sequence[str], kind: str, spec: FeatureSpec, batch_size: int
                         fail(path, first + i, n, "missing, while other rows have it")
                     if n == spec.label and (isinstance(v, bool) or v not in (0, 1)):
                         fail(path, first + i, n, f"label {v!r}; expected 0 or 1")
+                    if n != spec.label:
+                        _check_meta(v, n, path, first + i, meta_type)
                     cols[n].append(v)
             label = np.asarray(cols.pop(spec.label), np.int64) if spec.label in cols else None
-            meta = {n: np.asarray(v) for n, v in cols.items()}
+            meta = {n: np.asarray(v, dtype=np.int64 if meta_type[n][0] is int else str) for n, v in cols.items()}
             yield Batch(path, first, features=rows_to_inputs(checked, features), label=label, meta=meta)
+
+
+def _check_meta(value, name: str, path: str, row: int, seen: dict) -> None:
+    """A meta value of a raw-id row: an int64 or a string, of the type of the first row's (``seen``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        fail(path, row, name, f"expected an integer or a string, got {value!r}"[:200])
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        fail(path, row, name, f"{value} is beyond int64")
+    kind = int if isinstance(value, int) else str
+    first = seen.setdefault(name, (kind, path, row))
+    if first[0] is not kind:
+        fail(path, row, name, f"{'an integer' if kind is int else 'a string'}, while {first[1]} row {first[2]} "
+                              f"has {'an integer' if first[0] is int else 'a string'}; the column takes one "
+                              "type in every row")
 
 
 def _compression(path: str) -> str:
@@ -421,34 +494,23 @@ def _find_bad_record(serialized: Sequence[bytes], parse_spec) -> tuple[int, str]
 # --------------------------------------------------------------------------
 
 
-def check_output(output: str, inputs: Sequence[str], *, overwrite: bool = False) -> None:
+def check_output(output: str, inputs: Sequence[str], *, overwrite: bool = False,
+                 saved_model: str | None = None) -> None:
     """Refuses, before any work, an output that would lose data or cannot be created.
 
+    The rule is :func:`qin_tf.fileio.check_output_path`, the one
+    ``export.client`` applies too: never one of ``inputs`` or inside the
+    export ``saved_model`` (its base and version directories), never a
+    directory or a device, an existing file replaced only with ``overwrite``.
+
     Raises:
-        PreprocessError: ``output`` is one of ``inputs``, exists (without
-            ``overwrite``), is a directory, or lies under a file.
+        PreprocessError: naming ``output`` and the reason.
     """
-    if not fileio.is_local(output):  # a URL: no symlinks, and no directory is ever "a file"
-        g = fileio.gfile()
-        if g.isdir(output):
-            fail(output, None, None, "the output is a directory; give the path of a file")
-        if output in inputs:
-            fail(output, None, None, "the output is one of the inputs; write the scores to another file")
-        if g.exists(output) and not overwrite:
-            fail(output, None, None, "the output exists; pass --overwrite to replace it, or choose another file")
-        return
-    path = os.path.abspath(output)
-    if os.path.isdir(path):
-        fail(output, None, None, "the output is a directory; give the path of a file")
-    if any(os.path.realpath(path) == os.path.realpath(f) for f in inputs):
-        fail(output, None, None, "the output is one of the inputs; write the scores to another file")
-    if os.path.lexists(path) and not overwrite:
-        fail(output, None, None, "the output exists; pass --overwrite to replace it, or choose another file")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        fail(output, None, None, f"cannot create the output: {parent} is a file, not a directory")
+    try:
+        fileio.check_output_path(output, inputs, overwrite=overwrite,
+                                 read_trees=fileio.export_trees(saved_model) if saved_model else ())
+    except fileio.OutputPathError as e:
+        fail(output, None, None, e.reason)
 
 
 def _temp_pattern(path: str) -> re.Pattern:
@@ -607,7 +669,7 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     files, kind = input_files(input_pattern, raw_ids)
     if output:
-        check_output(output, files, overwrite=overwrite)
+        check_output(output, files, overwrite=overwrite, saved_model=saved_model)
     loaded, spec, version_dir = load_export(saved_model)
     serve_examples = loaded.signatures["predict_examples"]
     if raw_ids:
@@ -637,7 +699,12 @@ def score(saved_model: str, input_pattern: str, output: str | None = None, *, fm
                         raise
                     fail(batch.source, batch.first_row + bad[0], None, bad[1])
             else:
-                out = serve(**{k: tf.constant(v) for k, v in batch.features.items()})["ctr"]
+                try:
+                    out = serve(**{k: tf.constant(v) for k, v in batch.features.items()})["ctr"]
+                except (tf.errors.OpError, TypeError, ValueError) as e:  # the graph's own checks
+                    last = batch.first_row + batch.num_rows - 1
+                    fail(batch.source, None, None, f"rows {batch.first_row}..{last}: the model refused "
+                                                   f"them: {tf_error_text(e)}")
             scores = out.numpy().astype(np.float32).reshape(-1)
             if labelled is None:
                 labelled = batch.label is not None
@@ -700,7 +767,7 @@ def main(argv):
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"score: error: {one_line(e)}")
     except tf.errors.OpError as e:  # a TensorFlow filesystem's error (gs://: permission, network)
-        sys.exit(f"score: error: {one_line(e.message)}")
+        sys.exit(f"score: error: {tf_error_text(e)}")
     summary = {k: v for k, v in result.items() if k != "scores"}
     if FLAGS.output:
         summary["output"] = FLAGS.output
