@@ -90,7 +90,8 @@ for ((d = 1; d <= DAYS; d++)); do
         SERVING_MODEL="$DAY/model"
         echo "day $d: validate: blessed ($DAY/export/$d.validation.json); pushed as version $VERSION -> $SERVING/$VERSION"
     elif ((RC == 1)) && [[ "$LAST" == "validate: refused: "* ]]; then
-        echo "day $d: ${LAST} ($DAY/export/$d.validation.json); still serving $(ls "$SERVING" | grep -E '^[0-9]+$' | sort -n | tail -n 1)"
+        echo "day $d: validate (exit $RC): ${LAST#validate: } ($DAY/export/$d.validation.json); not pushed," \
+            "still serving version $(ls "$SERVING" | grep -E '^[0-9]+$' | sort -n | tail -n 1)"
     else
         echo "run_sample_cycle: error: day $d validate failed: $LAST (log: $LOG)" >&2
         exit 1
