@@ -251,3 +251,41 @@ def test_a_failing_step_stops_the_cycle_with_one_line(tmp_path):
     assert proc.stderr == ("run_sample_cycle: error: day 0 cut failed: cut_days: error: --days must be in "
                            f"1..2211, got 0 (log: {out}/logs/day0-cut.log)\n")
     assert os.listdir(out / "serving") == []
+
+
+# ------------------------------------------------------------------ the days
+
+
+def test_cut_days_is_deterministic_and_spreads_each_day_over_its_day(tmp_path):
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import cut_days
+
+    a = cut_days.cut_days(str(tmp_path / "a"), 3)
+    b = cut_days.cut_days(str(tmp_path / "b"), 3)
+    assert a == b == [(d, float(cut_days.DAY0 + (d - 1) * 86400 + 0.6 * 86400),
+                       float(cut_days.DAY0 + (d - 1) * 86400 + 0.8 * 86400)) for d in (1, 2, 3)]
+    events = []
+    for d in (1, 2, 3):
+        with open(tmp_path / "a" / f"events-day{d}.parquet", "rb") as f, \
+                open(tmp_path / "b" / f"events-day{d}.parquet", "rb") as g:
+            assert f.read() == g.read()
+        rows = pq.read_table(tmp_path / "a" / f"events-day{d}.parquet").to_pylist()
+        ts = [r["ts"] for r in rows]
+        start = cut_days.DAY0 + (d - 1) * 86400
+        assert ts[0] == start and ts == sorted(set(ts)) and ts[-1] < start + 86400
+        assert len(rows) in (737, 738)
+        events += [(r["user"], r["item"]) for r in rows]
+        with open(tmp_path / "a" / f"day{d}.json") as f:
+            cfg = json.load(f)
+        assert cfg["events"]["files"] == str(tmp_path / "a" / f"events-day{d}.parquet")
+        assert cfg["split"]["method"] == "time" and os.path.isfile(cfg["catalog"]["files"])
+    assert events == cut_days.ordered_events() and len(events) == 2211
+    # each user's events keep their order
+    first = {}
+    with open(cut_days.RAW_EVENTS) as f:
+        for line in f:
+            user, items = line.rstrip("\n").split("\t")
+            first[int(user)] = [int(i) for i in items.split()]
+    assert {u: [i for uu, i in events if uu == u] for u in first} == first
