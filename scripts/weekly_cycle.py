@@ -238,6 +238,7 @@ def score(model_dir: str, data: str) -> dict:
     import keras
     import tensorflow as tf
 
+    import qin_tf.model  # noqa: F401  (registers the layers for load_model)
     from qin_tf import metrics as qmetrics
     from qin_tf.data import make_dataset, model_inputs
     from qin_tf.spec import FeatureSpec
