@@ -130,7 +130,7 @@ file. The vocabularies reach the workers as side inputs, so a worker holds
 one user's events plus the vocabularies (and the item-table writer holds the
 item table). Nothing is half written: the output is built in
 ``{output_dir}.tmp-*``, then its files are renamed into place one by one under
-a journal (:func:`pipelines.preprocess.journalled_commit`), which the next run
+a journal (:func:`pipelines.commit.journalled_commit`), which the next run
 completes if this one is killed meanwhile. ``build_examples_manifest.json``
 lists every file written (``vocab/item_id.txt``, ...): a rerun replaces exactly
 those and keeps every other file, refusing one that has the name of a file it
@@ -156,14 +156,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import incremental
-from pipelines import preprocess as pp  # Beam import (quietly), file helpers, options, atomic commit
+from pipelines import beamio, incremental
+from pipelines import preprocess as pp
+from pipelines.beamio import beam  # imported quietly
+from pipelines.commit import (Ledger, journalled_commit, read_manifest, recover_commit, remove_stale_siblings,
+                              resolve_output_dir, write_manifest)
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source
-from pipelines.validation import (PreprocessError, beam_failure, beam_worker_errors_unlogged,
-                                  unwrap_beam_error, where)
+from pipelines.validation import PreprocessError, one_line, where
 from qin_tf.spec import RAW_ID_RULE, SpecError, raw_id_problem
-
-beam = pp.beam
 
 SPLITS = ("train", "valid", "test")
 VOCAB_DIR = "vocab"
@@ -176,8 +176,8 @@ _STATS_PART = "_stats.json"
 _PARTS_DIR = "_parts"
 MANIFEST_FILENAME = "build_examples_manifest.json"
 #: The output's manifest lists every file a run wrote (``vocab/item_id.txt``, ...): a rerun replaces
-#: exactly those and keeps every other file, in ``vocab/`` too (:func:`pipelines.preprocess.journalled_commit`).
-LEDGER = pp.Ledger(tool="pipelines.build_examples", manifest=MANIFEST_FILENAME, marker=DATASET_CONFIG_FILENAME)
+#: exactly those and keeps every other file, in ``vocab/`` too (:func:`pipelines.commit.journalled_commit`).
+LEDGER = Ledger(tool="pipelines.build_examples", manifest=MANIFEST_FILENAME, marker=DATASET_CONFIG_FILENAME)
 #: The top-level files of an output written before manifests (its vocabularies: those its dataset config names).
 _LEGACY_FILES = {*(f"{s}.parquet" for s in ("train", "valid", "test")), ITEM_INFO_FILENAME, DATASET_CONFIG_FILENAME,
                  "stats.json"}
@@ -245,7 +245,7 @@ def _not_utf8(path: str, row, values: dict | None, lines: _Lines):
 def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int, dict]]:
     """Yields ``(0-based row, {column: value})``; raises _Bad(column, 'missing_column') for a missing column."""
     if src.format == "parquet":
-        pf = pq.ParquetFile(path if pp._is_local(path) else pp._open(path))
+        pf = pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path))
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise _Bad(missing[0], "missing_column", f"no such column (the file has {pf.schema_arrow.names})")
@@ -256,7 +256,7 @@ def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int
                 yield row + i, {c: cols[c][i] for c in columns}
             row += batch.num_rows
         return
-    with pp._open(path) as raw:
+    with beamio.open_read(path) as raw:
         text = _Lines(raw)
         if src.format == "jsonl":
             for row, line in enumerate(text):
@@ -459,7 +459,7 @@ class ReadEvents(beam.DoFn):
 
     def _sequence_rows(self, path):
         ev = self.cfg.events
-        with pp._open(path) as raw:
+        with beamio.open_read(path) as raw:
             lines = _Lines(raw)
             for row, line in enumerate(lines):
                 line = line.rstrip("\r\n")
@@ -997,12 +997,12 @@ def build_contexts(ctx_counts: list, cfg: LogsConfig, previous: dict | None = No
 
 
 def write_vocab(path: str, order):
-    pp._write_text(path, "".join(f"{x}\n" for x in order))
+    beamio.write_text(path, "".join(f"{x}\n" for x in order))
 
 
 def read_vocab(path: str, dtype: str = "string") -> list:
     """The raw ids of a vocabulary file (line n = dense id n + 1)."""
-    lines = pp._read_text(path).split("\n")[:-1]
+    lines = beamio.read_text(path).split("\n")[:-1]
     return [int(x) for x in lines] if dtype == "int64" else lines
 
 
@@ -1029,8 +1029,8 @@ class WriteShard(beam.DoFn):
         rows = sorted(rows, key=lambda r: r[:3])
         schema = _examples_schema(self.cfg)
         table = pa.Table.from_pylist([r[3] for r in rows], schema=schema)
-        path = pp._join(self.work_dir, _PARTS_DIR, f"{split}-{shard:05d}.parquet")
-        with pp._create(path) as f:
+        path = beamio.join(self.work_dir, _PARTS_DIR, f"{split}-{shard:05d}.parquet")
+        with beamio.create(path) as f:
             pq.write_table(table, f, compression="zstd")
         yield split, (shard, path)
 
@@ -1044,14 +1044,14 @@ class ConcatSplit(beam.DoFn):
     def process(self, element):
         split, parts = element
         schema = _examples_schema(self.cfg)
-        with pp._create(pp._join(self.work_dir, f"{split}.parquet")) as f:
+        with beamio.create(beamio.join(self.work_dir, f"{split}.parquet")) as f:
             with pq.ParquetWriter(f, schema, compression="zstd") as w:
                 for _, path in sorted(parts):
-                    with pp._open(path) as src:
+                    with beamio.open_read(path) as src:
                         for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
                             w.write_batch(batch)
         for _, path in parts:
-            pp._delete(path)
+            beamio.delete(path)
         yield split
 
 
@@ -1086,7 +1086,7 @@ def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
         "item_tags": pa.FixedSizeListArray.from_arrays(pa.array(tags.ravel()), tag_width).cast(pa.list_(pa.int64())),
         EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim).cast(pa.list_(pa.float32())),
     })
-    with pp._create(path) as f:
+    with beamio.create(path) as f:
         pq.write_table(table, f, compression="zstd")
 
 
@@ -1173,11 +1173,11 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                          (prev or {}).get("tags"), vocabulary(dict(c), cfg.catalog.tags.min_count))), prev=prev_vocabs))
     incremental.write_state(p, cfg, resume, work_dir, per_user.state, item_counts, ctx_counts, _shard_of)
     _ = (per_user.late | "FirstLate" >> beam.CombineGlobally(FirstError())
-         | "WriteLate" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, incremental.LATE_FILE),
+         | "WriteLate" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, incremental.LATE_FILE),
                                                                   json.dumps(e))))
 
-    _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and pp._write_text(
-        pp._join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
+    _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and beamio.write_text(
+        beamio.join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
     made = (per_user.records
             | "MakeExamples" >> beam.ParDo(MakeExamples(cfg), items=beam.pvalue.AsSingleton(items),
                                            contexts=beam.pvalue.AsSingleton(contexts),
@@ -1195,9 +1195,9 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
 
     def write_items(rows, items):
         try:
-            write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
+            write_item_info(beamio.join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
         except PreprocessError as e:  # vectors of differing widths: for the launcher to raise (no retries)
-            pp._write_text(pp._join(work_dir, _ITEM_ERROR), json.dumps({"message": str(e)}))
+            beamio.write_text(beamio.join(work_dir, _ITEM_ERROR), json.dumps({"message": str(e)}))
         return True
 
     _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(items),
@@ -1206,8 +1206,8 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
          | "WriteItemInfo" >> beam.Map(write_items, items=beam.pvalue.AsSingleton(items)))
 
     def write_vocabs(items, contexts, tags, users):
-        vdir = pp._join(work_dir, VOCAB_DIR)
-        pp._makedirs(vdir)
+        vdir = beamio.join(work_dir, VOCAB_DIR)
+        beamio.makedirs(vdir)
         info = {"item_id": (items["order"], cfg.id_dtype)}
         if cfg.catalog is not None and cfg.catalog.tags is not None:
             info["tags"] = (tags["order"], "string")
@@ -1217,13 +1217,13 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
             info["user_id"] = (users["order"], "string")
         out = {}
         for name, (order, dtype) in info.items():
-            write_vocab(pp._join(vdir, f"{name}.txt"), order)
+            write_vocab(beamio.join(vdir, f"{name}.txt"), order)
             out[name] = {"path": f"{VOCAB_DIR}/{name}.txt", "dtype": dtype, "oov_id": OOV_ID, "size": len(order) + 2}
         out_stats = {"vocabularies": out,
                      "items": {"vocabulary": len(items["order"]),
                                "with_training_count": int(sum(1 for c in items["counts"][2:] if c > 0)),
                                "catalog_only": int(sum(1 for c in items["counts"][2:] if c == 0))}}
-        pp._write_text(pp._join(work_dir, "_vocab.json"), json.dumps(out_stats))
+        beamio.write_text(beamio.join(work_dir, "_vocab.json"), json.dumps(out_stats))
         return True
 
     _ = (p | "VocabTrigger" >> beam.Create([None])
@@ -1231,26 +1231,26 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                                      i=beam.pvalue.AsSingleton(items), c=beam.pvalue.AsSingleton(contexts),
                                      t=beam.pvalue.AsSingleton(tag_vocab), u=beam.pvalue.AsSingleton(users)))
     _ = (stats | "FlattenStats" >> beam.Flatten() | "MergeStats" >> beam.CombineGlobally(MergeDicts())
-         | "WriteStats" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, _STATS_PART), json.dumps(s))))
+         | "WriteStats" >> beam.Map(lambda s: beamio.write_text(beamio.join(work_dir, _STATS_PART), json.dumps(s))))
     bad_all = bads | "FlattenBad" >> beam.Flatten()
     if cfg.on_bad_row == "fail":
         _ = (bad_all | "FirstError" >> beam.CombineGlobally(FirstError())
-             | "WriteError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE), json.dumps(e))))
+             | "WriteError" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, _ERROR_FILE), json.dumps(e))))
     else:  # drop: count by reason (rows of the event log, the catalog and the user table alike)
         _ = (bad_all | "FileErrors" >> beam.Filter(lambda e: e.get("fatal", False))  # a file that does not decode
              | "FirstFileError" >> beam.CombineGlobally(FirstError())
-             | "WriteFileError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE),
+             | "WriteFileError" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, _ERROR_FILE),
                                                                            json.dumps(e))))
         _ = (bad_all | "BadReasons" >> beam.Map(lambda e: {"bad_rows": {e["reason"]: 1}})
              | "MergeBad" >> beam.CombineGlobally(MergeDicts())
-             | "WriteBad" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, "_bad.json"), json.dumps(s))))
+             | "WriteBad" >> beam.Map(lambda s: beamio.write_text(beamio.join(work_dir, "_bad.json"), json.dumps(s))))
 
 
 def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]]:
     """``(output_dir, the files of it an earlier run wrote)``, once a killed run's commit into it is
     completed and killed runs' ``.tmp-*`` directories are gone; a symbolic link is followed."""
-    out = pp._resolve_output_dir(output_dir)
-    if pp._is_local(out):
+    out = resolve_output_dir(output_dir)
+    if beamio.is_local(out):
         real = os.path.realpath(out)
         for f in inputs:
             rf = os.path.realpath(f)
@@ -1258,8 +1258,8 @@ def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]
                 raise PreprocessError(f"{out}: the output directory holds an input file ({f}); refusing to replace it")
         if os.path.exists(out) and not os.path.isdir(out):
             raise PreprocessError(f"{out}: the output path exists and is not a directory")
-    pp.recover_commit(out, LEDGER)
-    pp._remove_stale_siblings(out, name=MANIFEST_FILENAME, tool=LEDGER.tool)
+    recover_commit(out, LEDGER)
+    remove_stale_siblings(out, LEDGER)
     owned = _owned_files(out)
     if owned is None:
         raise PreprocessError(f"{out}: the output directory exists and is not a build_examples output "
@@ -1269,17 +1269,17 @@ def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]
 
 def _owned_files(out: str) -> set[str] | None:
     """The files of ``out`` that an earlier run wrote (relative paths); None if ``out`` is no earlier output."""
-    names = pp._list(out)
+    names = beamio.list_dir(out)
     if not names:
         return set()
     if MANIFEST_FILENAME in names:
-        manifest = pp._read_manifest(out, name=MANIFEST_FILENAME, tool=LEDGER.tool)
+        manifest = read_manifest(out, LEDGER)
         if manifest is None or not isinstance(manifest.get("files"), list):
             return None
         return set(manifest["files"]) | {MANIFEST_FILENAME}
     if DATASET_CONFIG_FILENAME in names:  # written before manifests: its dataset config names the vocabularies
         try:
-            vocabs = json.loads(pp._read_text(pp._join(out, DATASET_CONFIG_FILENAME))).get("vocabularies") or {}
+            vocabs = json.loads(beamio.read_text(beamio.join(out, DATASET_CONFIG_FILENAME))).get("vocabularies") or {}
             return _LEGACY_FILES | {v["path"] for v in vocabs.values()}
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             return None
@@ -1315,10 +1315,10 @@ def _check_counts(raw: dict, work_dir: str):
         raise RunnerError(f"the Beam runner lost users: {raw.get('events_out', 0)} examples made, "
                            f"{made} turned into rows")
     for s in SPLITS:
-        path = pp._join(work_dir, f"{s}.parquet")
+        path = beamio.join(work_dir, f"{s}.parquet")
         want = raw.get("splits", {}).get(s, {}).get("rows", 0)
-        got = pq.ParquetFile(path if pp._is_local(path) else pp._open(path)).metadata.num_rows \
-            if pp._exists(path) else 0
+        got = pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path)).metadata.num_rows \
+            if beamio.exists(path) else 0
         if got != want:
             raise RunnerError(f"the Beam runner lost rows: {want} {s} rows made, {got} written")
 
@@ -1327,22 +1327,11 @@ def run_pipeline(p, errors=(PreprocessError, LogsConfigError, SpecError)):
     """Runs the Beam pipeline ``p`` to the end; a worker's own error comes back as itself.
 
     Beam reports what a worker raised as a ``RuntimeError`` holding the worker's
-    traceback: the project's errors (``errors``) are rebuilt from it
-    (:func:`pipelines.validation.unwrap_beam_error`), anything else becomes a
-    :class:`RunnerError` of one line.
+    traceback: the project's errors (``errors``) are rebuilt from it, anything
+    else becomes a :class:`RunnerError` of one line
+    (:func:`pipelines.beamio.run_pipeline`).
     """
-    try:
-        with beam_worker_errors_unlogged():
-            state = p.run().wait_until_finish()
-    except Exception as e:  # noqa: BLE001  (a runner wraps whatever a worker raised)
-        own = unwrap_beam_error(e, errors)
-        if own is not None:
-            raise own from None
-        if os.environ.get("QIN_TF_VERBOSE"):
-            raise
-        raise RunnerError(beam_failure(e)) from None
-    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-        raise RunnerError(f"the Beam pipeline ended in state {state}")
+    beamio.run_pipeline(p, errors, failure=RunnerError, stopped=RunnerError)
 
 
 def build_examples(config, output_dir: str, *, beam_options=None, previous: str | None = None,
@@ -1352,7 +1341,7 @@ def build_examples(config, output_dir: str, *, beam_options=None, previous: str 
     Args:
         config: a :class:`LogsConfig` or the path of its JSON.
         output_dir: where to write; replaced as a whole on success only.
-        beam_options: as :func:`pipelines.preprocess.pipeline_options`.
+        beam_options: as :func:`pipelines.beamio.pipeline_options`.
         previous: an earlier build's output directory to continue from (its ``state/``; the config
             names only the new events); see "Incremental builds" above. Never modified.
         valid_from, test_from: override the config's time split for this run (split ``time`` only).
@@ -1374,52 +1363,52 @@ def build_examples(config, output_dir: str, *, beam_options=None, previous: str 
     if cfg.users is not None:
         files["users"] = _files(cfg.users.source, "the user table")
     output_dir, owned = _check_output_dir(output_dir, [f for fs in files.values() for f in fs])
-    opts = pp.pipeline_options(beam_options)
+    opts = beamio.pipeline_options(beam_options)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    pp._makedirs(work_dir)
+    beamio.makedirs(work_dir)
     try:
-        pp._write_manifest(work_dir, None, name=MANIFEST_FILENAME, tool=LEDGER.tool)  # marks our temporary dir
-        pp._makedirs(pp._join(work_dir, _PARTS_DIR))
+        write_manifest(work_dir, None, LEDGER)  # marks our temporary dir
+        beamio.makedirs(beamio.join(work_dir, _PARTS_DIR))
         p = beam.Pipeline(options=opts)
         _build_pipeline(p, cfg, files, work_dir, resume)
         run_pipeline(p)
         incremental.raise_late(work_dir, resume)
-        if pp._exists(pp._join(work_dir, _ERROR_FILE)):
-            e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
+        if beamio.exists(beamio.join(work_dir, _ERROR_FILE)):
+            e = json.loads(beamio.read_text(beamio.join(work_dir, _ERROR_FILE)))
             raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
-        if pp._exists(pp._join(work_dir, _ITEM_ERROR)):
-            raise PreprocessError(json.loads(pp._read_text(pp._join(work_dir, _ITEM_ERROR)))["message"])
-        if pp._exists(pp._join(work_dir, _REFUSED)):
-            raise LogsConfigError(json.loads(pp._read_text(pp._join(work_dir, _REFUSED)))["message"])
-        raw = json.loads(pp._read_text(pp._join(work_dir, _STATS_PART)))
+        if beamio.exists(beamio.join(work_dir, _ITEM_ERROR)):
+            raise PreprocessError(json.loads(beamio.read_text(beamio.join(work_dir, _ITEM_ERROR)))["message"])
+        if beamio.exists(beamio.join(work_dir, _REFUSED)):
+            raise LogsConfigError(json.loads(beamio.read_text(beamio.join(work_dir, _REFUSED)))["message"])
+        raw = json.loads(beamio.read_text(beamio.join(work_dir, _STATS_PART)))
         if not raw.get("events_in"):
             raise PreprocessError(f"{', '.join(files['events'])}: the event log has no events")
         if not raw.get("events_out"):
             raise PreprocessError(f"{', '.join(files['events'])}: no event yields an example "
                                   f"(dropped: {raw.get('events_dropped', {})})")
         _check_counts(raw, work_dir)
-        vocab = json.loads(pp._read_text(pp._join(work_dir, "_vocab.json")))
-        bad = json.loads(pp._read_text(pp._join(work_dir, "_bad.json"))) if pp._exists(
-            pp._join(work_dir, "_bad.json")) else {}
+        vocab = json.loads(beamio.read_text(beamio.join(work_dir, "_vocab.json")))
+        bad = json.loads(beamio.read_text(beamio.join(work_dir, "_bad.json"))) if beamio.exists(
+            beamio.join(work_dir, "_bad.json")) else {}
         for s in SPLITS:  # a split without rows still gets its (empty) file
-            path = pp._join(work_dir, f"{s}.parquet")
-            if not pp._exists(path):
-                with pp._create(path) as f:
+            path = beamio.join(work_dir, f"{s}.parquet")
+            if not beamio.exists(path):
+                with beamio.create(path) as f:
                     pq.write_table(_examples_schema(cfg).empty_table(), f)
-        if not pp._exists(pp._join(work_dir, ITEM_INFO_FILENAME)):  # no catalog: ids only
-            write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), vocab["items"]["vocabulary"] + 2, [],
+        if not beamio.exists(beamio.join(work_dir, ITEM_INFO_FILENAME)):  # no catalog: ids only
+            write_item_info(beamio.join(work_dir, ITEM_INFO_FILENAME), vocab["items"]["vocabulary"] + 2, [],
                             cfg.catalog.tags.max_tags if cfg.catalog and cfg.catalog.tags else 1)
         stats = _final_stats(cfg, files, raw, vocab, bad)
-        pp._delete(pp._join(work_dir, _PARTS_DIR))
+        beamio.delete(beamio.join(work_dir, _PARTS_DIR))
         for name in (_STATS_PART, "_vocab.json", "_bad.json"):
-            pp._delete(pp._join(work_dir, name))
-        pp._write_text(pp._join(work_dir, DATASET_CONFIG_FILENAME),
+            beamio.delete(beamio.join(work_dir, name))
+        beamio.write_text(beamio.join(work_dir, DATASET_CONFIG_FILENAME),
                        json.dumps(_dataset_config(cfg, vocab["vocabularies"]), indent=2) + "\n")
-        pp._write_text(pp._join(work_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
+        beamio.write_text(beamio.join(work_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
         # A rerun replaces only the files the earlier run wrote; anything else the user keeps there stays.
-        pp.journalled_commit(work_dir, output_dir, owned, LEDGER, "build_examples")
+        journalled_commit(work_dir, output_dir, owned, LEDGER, "build_examples")
     except BaseException:
-        pp._delete(work_dir)
+        beamio.delete(work_dir)
         raise
     return stats
 
@@ -1494,10 +1483,10 @@ def main(argv):
               f"{stats['items']['vocabulary']:,} items; wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s")
         if FLAGS.preprocess_dir:
             out = FLAGS.output_dir.rstrip("/")
-            spec = pp.preprocess(out, FLAGS.preprocess_dir, pp._join(out, DATASET_CONFIG_FILENAME))
+            spec = pp.preprocess(out, FLAGS.preprocess_dir, beamio.join(out, DATASET_CONFIG_FILENAME))
             print(f"preprocess: {spec.num_items:,} items; max_len {spec.max_len}; wrote {FLAGS.preprocess_dir}")
     except (PreprocessError, LogsConfigError, SpecError, RunnerError, OSError) as e:
-        raise SystemExit(f"build_examples: error: {pp._one_line(e)}") from None
+        raise SystemExit(f"build_examples: error: {one_line(e)}") from None
 
 
 def _parse_flags(argv):
@@ -1507,7 +1496,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv, known_only=True)
     except flags.Error as e:
-        raise SystemExit(f"build_examples: error: {pp._one_line(e)}") from None
+        raise SystemExit(f"build_examples: error: {one_line(e)}") from None
 
 
 def run():

@@ -302,13 +302,13 @@ class LogsConfig:
     def load(cls, path: str) -> "LogsConfig":
         """Reads the config from a local path or a URL (Beam's ``FileSystems``: ``gs://...``); its
         relative globs name files next to it."""
-        from pipelines import preprocess as pp
+        from pipelines import beamio
 
-        local = pp._is_local(path)
+        local = beamio.is_local(path)
         try:
-            if not local and not pp.FileSystems.exists(path):
+            if not local and not beamio.FileSystems.exists(path):
                 raise FileNotFoundError(path)
-            d = json.loads(pp._read_text(path))
+            d = json.loads(beamio.read_text(path))
         except FileNotFoundError:
             raise LogsConfigError(f"{path}: log config not found") from None
         except json.JSONDecodeError as e:

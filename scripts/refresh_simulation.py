@@ -109,9 +109,9 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from pipelines import build_examples as be  # noqa: E402  (imports Beam quietly)
-from pipelines import preprocess as pp  # noqa: E402
+from pipelines import beamio  # noqa: E402
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source  # noqa: E402
-from pipelines.validation import PreprocessError  # noqa: E402
+from pipelines.validation import PreprocessError, one_line  # noqa: E402
 
 COMMANDS = ("prepare", "evaluate")
 REMOVED_FILENAME = "removed_items.txt"
@@ -185,7 +185,7 @@ def log_items(cfg: LogsConfig) -> set:
     src, out = cfg.events.source, set()
     for path in be._files(src, "the event log"):
         if src.format == "sequences":
-            with pp._open(path) as raw:
+            with beamio.open_read(path) as raw:
                 for line in io.TextIOWrapper(raw, encoding="utf-8"):
                     out.update(_parsed(x, cfg, cfg.events.item) for x in _sequence_items(line.rstrip("\r\n"), src)[1])
         else:
@@ -239,7 +239,7 @@ def filter_source(src: Source, key: str, cfg: LogsConfig, removed: set, director
     stats = {"files": outs, "rows_in": 0, "rows_removed": 0}
     for path, out in zip(files, outs):
         if src.format == "parquet":
-            pf = pq.ParquetFile(path if pp._is_local(path) else pp._open(path))
+            pf = pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path))
             with pq.ParquetWriter(out, pf.schema_arrow) as writer:
                 for batch in pf.iter_batches(batch_size=65536, use_threads=False):
                     keep = np.asarray([_parsed(v, cfg, key) not in removed
@@ -248,7 +248,7 @@ def filter_source(src: Source, key: str, cfg: LogsConfig, removed: set, director
                     stats["rows_removed"] += int((~keep).sum())
                     writer.write_batch(batch.filter(keep))
             continue
-        with pp._open(path) as raw, open(out, "w", encoding="utf-8", newline="") as dst:
+        with beamio.open_read(path) as raw, open(out, "w", encoding="utf-8", newline="") as dst:
             text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             if src.format == "sequences":
                 stats.setdefault("users_removed", 0)
@@ -634,7 +634,7 @@ def main(argv):
                           emit=lambda obj: print(json.dumps(obj), flush=True))
         _write_json(_OUTPUT.value, result)
     except (SimulationError, PreprocessError, LogsConfigError, SpecError, ExportError, OSError) as e:
-        sys.exit(f"refresh_simulation: error: {pp._one_line(e)}")
+        sys.exit(f"refresh_simulation: error: {one_line(e)}")
 
 
 if __name__ == "__main__":

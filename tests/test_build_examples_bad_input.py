@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import build_examples as be
+from pipelines import beamio
 from pipelines import preprocess as pp
 from pipelines.build_examples import DATASET_CONFIG_FILENAME, RunnerError, build_examples, read_vocab, write_vocab
 from pipelines.logs_config import LogsConfig, LogsConfigError
-from pipelines.validation import PreprocessError
+from pipelines.validation import PreprocessError, one_line
 from qin_tf.spec import RAW_ID_RULE, INT64_MAX, SpecError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def fails(tmp_path, files, cfg, message, cls=PreprocessError):
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(CLI_ERRORS) as e:
         build_examples(path, str(tmp_path / "out"))
-    line = pp._one_line(e.value)
+    line = one_line(e.value)
     assert isinstance(e.value, cls), (type(e.value), line)
     assert str(e.value) == line and "Traceback" not in line  # already one line: nothing for main to fold
     assert message in line, line
@@ -533,7 +534,7 @@ def _raise_type_error(x):
                                               "the Beam pipeline failed: TypeError: odd")])
 def test_run_pipeline_unwraps_a_workers_error(capfd, monkeypatch, fn, cls, message):
     monkeypatch.delenv("QIN_TF_VERBOSE", raising=False)
-    p = be.beam.Pipeline(options=pp.pipeline_options(None))
+    p = be.beam.Pipeline(options=beamio.pipeline_options(None))
     _ = p | be.beam.Create([1]) | be.beam.Map(fn)
     with pytest.raises(cls) as e:
         be.run_pipeline(p)
