@@ -140,8 +140,6 @@ would write. A symbolic link as ``output_dir`` is followed.
 from __future__ import annotations
 
 import bisect
-import csv
-import datetime
 import hashlib
 import json
 import logging
@@ -150,7 +148,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -161,9 +158,11 @@ from pipelines import preprocess as pp
 from pipelines.beamio import beam  # imported quietly
 from pipelines.commit import (Ledger, journalled_commit, read_manifest, recover_commit, remove_stale_siblings,
                               resolve_output_dir, write_manifest)
-from pipelines.logs_config import LogsConfig, LogsConfigError, Source
-from pipelines.validation import PreprocessError, one_line, where
-from qin_tf.spec import RAW_ID_RULE, SpecError, raw_id_problem
+from pipelines.log_readers import (BadValue, JoinCatalog, ReadEvents, ReadTable, bad_record, context_value, match_files,
+                                   raw_key)
+from pipelines.logs_config import LogsConfig, LogsConfigError
+from pipelines.validation import PreprocessError, one_line
+from qin_tf.spec import SpecError
 
 SPLITS = ("train", "valid", "test")
 VOCAB_DIR = "vocab"
@@ -185,457 +184,6 @@ _REFUSED = "_refused.json"  # a config value the data makes impossible (negative
 _ITEM_ERROR = "_item_error.json"  # the item table cannot be written (vectors of differing widths)
 
 
-# --------------------------------------------------------------------------
-# Reading rows (in workers)
-# --------------------------------------------------------------------------
-
-
-class _Bad(Exception):
-    def __init__(self, column, reason, text):
-        super().__init__(text)
-        self.column, self.reason, self.text = column, reason, text
-
-
-class _FileError(_Bad):
-    """The file's fault, not a row's (bytes that are not UTF-8): an error whatever ``on_bad_row`` says."""
-
-    def __init__(self, column, reason, text, row):
-        super().__init__(column, reason, text)
-        self.row = row
-
-
-def _bad_record(path, fidx, row, column, reason, text, fatal=False):
-    out = {"order": [fidx, -1 if row is None else row], "file": path, "row": row, "column": column,
-           "reason": reason, "message": f"{where(path, row, column)}: {text}"}
-    return {**out, "fatal": True} if fatal else out
-
-
-class _Lines:
-    """The lines of a binary text file, decoded as UTF-8; the first line that is not UTF-8 is remembered.
-
-    Such a line is still yielded (its bad bytes as surrogate escapes) so that the
-    reader can say which row and column hold them; it then stops with
-    :func:`_not_utf8`. Bytes that do not decode are the file's fault, not a
-    row's: an error whatever ``on_bad_row`` says (as in :mod:`pipelines.preprocess`).
-    """
-
-    def __init__(self, raw):
-        self.raw, self.bad = raw, None
-
-    def __iter__(self):
-        for n, b in enumerate(self.raw):
-            try:
-                yield b.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if self.bad is None:
-                    self.bad = (n, f"byte 0x{b[e.start]:02x} at offset {e.start} of line {n + 1}")
-                yield b.decode("utf-8", "surrogateescape")
-
-
-def _has_bad_bytes(value) -> bool:
-    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
-
-
-def _not_utf8(path: str, row, values: dict | None, lines: _Lines):
-    """Stops reading a file that is not UTF-8, naming its row, the column holding the bytes and the byte."""
-    column = next((c for c, v in (values or {}).items() if _has_bad_bytes(v)), None)
-    raise _FileError(column, "not_utf8", f"not UTF-8 text ({lines.bad[1]})", row)
-
-
-def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int, dict]]:
-    """Yields ``(0-based row, {column: value})``; raises _Bad(column, 'missing_column') for a missing column."""
-    if src.format == "parquet":
-        pf = pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path))
-        missing = [c for c in columns if c not in pf.schema_arrow.names]
-        if missing:
-            raise _Bad(missing[0], "missing_column", f"no such column (the file has {pf.schema_arrow.names})")
-        row = 0
-        for batch in pf.iter_batches(batch_size=8192, columns=columns, use_threads=False):
-            cols = {c: batch.column(c).to_pylist() for c in columns}
-            for i in range(batch.num_rows):
-                yield row + i, {c: cols[c][i] for c in columns}
-            row += batch.num_rows
-        return
-    with beamio.open_read(path) as raw:
-        text = _Lines(raw)
-        if src.format == "jsonl":
-            for row, line in enumerate(text):
-                if text.bad is not None:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        obj = None
-                    _not_utf8(path, row, obj if isinstance(obj, dict) else None, text)
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield row, _Bad(None, "unparseable_row", f"not a JSON object: {e}")
-                    continue
-                yield row, {c: obj.get(c) if isinstance(obj, dict) else None for c in columns}
-            return
-        reader = csv.reader(text, delimiter=src.delimiter)
-        names = next(reader, None) if src.header else None
-        if text.bad is not None:
-            raise _FileError(None, "not_utf8", f"the header is not UTF-8 text ({text.bad[1]})", None)
-        if src.header:
-            names = names or []
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise _Bad(missing[0], "missing_column", f"no such column (the header has {names})")
-            index = {c: names.index(c) for c in columns}
-        else:
-            index = {c: int(c) for c in columns}
-        for row, fields in enumerate(reader):
-            if text.bad is not None:
-                _not_utf8(path, row, dict(zip(names, fields)) if names else
-                          {str(i): f for i, f in enumerate(fields)}, text)
-            if not fields:
-                continue
-            yield row, {c: (fields[i] if i < len(fields) and fields[i] != "" else None) for c, i in index.items()}
-
-
-#: The reason (``stats.json``'s ``bad_rows`` key) of an id, tag or context value that breaks
-#: :data:`qin_tf.spec.RAW_ID_RULE`.
-BAD_RAW_ID = "bad_raw_id"
-
-
-def _check_raw(value, column: str):
-    """``value`` if it keeps the raw-id rule (a vocabulary file round-trips it), else a bad row."""
-    why = raw_id_problem(value)
-    if why is not None:
-        raise _Bad(column, BAD_RAW_ID, f"{why}; {RAW_ID_RULE}")
-    return value
-
-
-def _parse_id(value, dtype: str, column: str):
-    """A raw user or item id: an int (``dtype`` int64) or a str, kept only if it keeps the raw-id rule."""
-    if value is None or (isinstance(value, float) and value != value):
-        raise _Bad(column, "null", "null value")
-    if dtype == "string":
-        return _check_raw(str(value), column)
-    if isinstance(value, bool):
-        raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r}")
-    if isinstance(value, int):
-        return _check_raw(value, column)
-    try:
-        if isinstance(value, float) and value.is_integer():
-            return _check_raw(int(value), column)
-        v = int(str(value).strip())
-    except (ValueError, OverflowError):
-        raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r} (set \"id_dtype\": \"string\" "
-                                             "for string ids)") from None
-    return _check_raw(v, column)
-
-
-def _parse_time(value, column: str) -> float:
-    """Seconds (a finite float): from a number, a datetime or an ISO 8601 string; else a bad row.
-
-    ``nan`` and ``inf`` (as numbers or as text) are bad rows (``non_finite_time``): they
-    cannot be ordered, so such an event would land in other events' histories.
-    """
-    if value is None:
-        raise _Bad(column, "null", "null value")
-    if isinstance(value, datetime.datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return _finite_time(float(value), value, column)
-        except OverflowError:  # an int beyond a float
-            raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number") from None
-    s = str(value).strip()
-    try:
-        return _finite_time(float(s), value, column)
-    except (ValueError, OverflowError):
-        pass
-    try:
-        t = datetime.datetime.fromisoformat(s)
-    except ValueError:
-        raise _Bad(column, "unparseable_time", f"unparseable time {value!r} (a number or an ISO 8601 "
-                                               "date-time)") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=datetime.timezone.utc)
-    return t.timestamp()
-
-
-def _finite_time(t: float, value, column: str) -> float:
-    if t != t or t in (float("inf"), float("-inf")):
-        raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number")
-    return t
-
-
-_OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
-        "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
-
-
-def _parse_label(value, rule) -> int:
-    if value is None or (isinstance(value, float) and value != value):
-        raise _Bad(rule.column, "null", "null value")
-    if rule.binary:
-        v = str(value).strip().lower()
-        if v in ("1", "true", "1.0"):
-            return 1
-        if v in ("0", "false", "0.0"):
-            return 0
-        raise _Bad(rule.column, "bad_label", f"label must be 0 or 1, got {value!r}")
-    try:
-        x = float(value) if isinstance(rule.value, (int, float)) else str(value)
-    except ValueError:
-        raise _Bad(rule.column, "bad_label", f"not a number: {value!r}") from None
-    return int(_OPS[rule.op](x, rule.value))
-
-
-def _context_value(value, c) -> str | None:
-    """A context value as its raw string (None: missing); bucketed columns give the bucket index."""
-    if value is None or (isinstance(value, float) and value != value) or value == "":
-        return None
-    if c.buckets is not None:
-        try:
-            x = float(value)
-        except ValueError:
-            raise _Bad(c.column, "unparseable_value", f"not a number for the buckets: {value!r}") from None
-        return str(bisect.bisect_right(c.buckets, x))
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return _check_raw(str(value), c.column)  # a line of vocab/<context>.txt
-
-
-class ReadEvents(beam.DoFn):
-    """(file index, path) -> (user, [event, ...]) per batch of rows; bad rows and counts on side outputs.
-
-    An event is ``(t, file, row, pos, item, label, (context values...))``.
-    """
-
-    BATCH = 4096
-
-    def __init__(self, cfg: LogsConfig):
-        self.cfg = cfg
-
-    def process(self, element):
-        fidx, path = element
-        cfg, ev = self.cfg, self.cfg.events
-        pending: dict[Any, list] = {}
-        n_in = 0
-        bad_counts: Counter = Counter()
-
-        def bad(row, column, reason, text):
-            bad_counts[reason] += 1
-            return beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, column, reason, text))
-
-        try:
-            if ev.source.format == "sequences":
-                rows = self._sequence_rows(path)
-            else:
-                cols = [ev.user, ev.item] + ([ev.time] if ev.time else []) \
-                    + ([ev.label.column] if ev.label else []) + [c.column for c in ev.context]
-                rows = _read_rows(path, ev.source, list(dict.fromkeys(cols)))
-            for row, values in rows:
-                if isinstance(values, _Bad):
-                    n_in += 1
-                    yield bad(row, values.column, values.reason, values.text)
-                    continue
-                for pos, v in (values if isinstance(values, list) else [(0, values)]):
-                    n_in += 1
-                    try:
-                        user = _parse_id(v[ev.user], cfg.id_dtype, ev.user)
-                        item = _parse_id(v[ev.item], cfg.id_dtype, ev.item)
-                        t = _parse_time(v[ev.time], ev.time) if ev.time else 0.0
-                        label = _parse_label(v[ev.label.column], ev.label) if ev.label else 1
-                        ctx = tuple(_context_value(v[c.column], c) for c in ev.context)
-                    except _Bad as b:
-                        yield bad(row, b.column, b.reason, b.text)
-                        continue
-                    pending.setdefault(user, []).append((t, fidx, row, pos, item, label, ctx))
-                if len(pending) >= self.BATCH:
-                    yield from pending.items()
-                    pending = {}
-        except _Bad as b:  # schema-level (a missing column) or the file's bytes
-            bad_counts[b.reason] += 1
-            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
-                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
-        yield from pending.items()
-        yield beam.pvalue.TaggedOutput("stats", {"events_in": n_in, "events_bad": dict(bad_counts)})
-
-    def _sequence_rows(self, path):
-        ev = self.cfg.events
-        with beamio.open_read(path) as raw:
-            lines = _Lines(raw)
-            for row, line in enumerate(lines):
-                line = line.rstrip("\r\n")
-                if lines.bad is not None:
-                    user, _, rest = line.partition(ev.source.delimiter)
-                    _not_utf8(path, row, {ev.user: user, ev.item: rest}, lines)
-                if not line.strip():
-                    continue
-                user, sep, rest = line.partition(ev.source.delimiter)
-                items = rest.split(ev.source.item_delimiter) if ev.source.item_delimiter.strip() else rest.split()
-                items = [x for x in items if x.strip()]
-                if not items:  # a user line without items: one bad event (no item)
-                    yield row, [(0, {ev.user: user or None, ev.item: None})]
-                    continue
-                yield row, [(pos, {ev.user: user or None, ev.item: x}) for pos, x in enumerate(items)]
-
-
-def _is_padding_row(key_value, values: dict, key: str) -> bool:
-    """Whether a catalog or vector-file row is an item table's padding row: id 0 and nothing else in it
-    (no tags, an all-zero vector), as the challenge layout's ``item_info.parquet`` has."""
-    def empty(v):
-        if isinstance(v, (list, tuple)):
-            return all(empty(x) for x in v)
-        return v is None or v == "" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
-
-    return (isinstance(key_value, (int, str)) and not isinstance(key_value, bool) and str(key_value).strip() == "0"
-            and all(empty(v) for c, v in values.items() if c != key))
-
-
-class ReadTable(beam.DoFn):
-    """(file index, path) -> (key, (file, row, values)) for the catalog, the vector file or the user table.
-
-    Item tables (``what`` catalog or vector_file) may hold the challenge layout's
-    padding row (item id 0, no tags, an all-zero vector): it is no item and is
-    skipped. Any other id 0 breaks the raw-id rule (a bad row).
-    """
-
-    def __init__(self, src: Source, key: str, columns: list[str], id_dtype: str, what: str):
-        self.src, self.key, self.columns, self.id_dtype, self.what = src, key, columns, id_dtype, what
-
-    def process(self, element):
-        fidx, path = element
-        n = 0
-        try:
-            for row, values in _read_rows(path, self.src, list(dict.fromkeys([self.key, *self.columns]))):
-                n += 1
-                if isinstance(values, _Bad):
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, values.column,
-                                                                      values.reason, values.text))
-                    continue
-                try:
-                    key = _parse_id(values[self.key], self.id_dtype, self.key)
-                except _Bad as b:
-                    if b.reason == BAD_RAW_ID and self.what in ("catalog", "vector_file") \
-                            and self.id_dtype == "int64" and _is_padding_row(values[self.key], values, self.key):
-                        continue
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, b.column, b.reason, b.text))
-                    continue
-                yield key, (path, fidx, row, values)
-        except _Bad as b:  # schema-level (a missing column) or the file's bytes
-            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
-                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
-        yield beam.pvalue.TaggedOutput("stats", {f"{self.what}_rows_in": n})
-
-
-def _tags_of(value, t) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        parts = [str(x) for x in value if x is not None]
-    elif t.hashtags:
-        parts = str(value).split("#")[1:]
-    elif t.delimiter:
-        parts = str(value).split(t.delimiter)
-    else:
-        parts = [str(value)]
-    parts = [p.strip().lower() if t.lowercase else p.strip() for p in parts]
-    return list(dict.fromkeys(p for p in parts if p))
-
-
-class JoinCatalog(beam.DoFn):
-    """(item, {catalog: rows, vector: rows}) -> (item, (tags, vector)); duplicates are bad rows.
-
-    A tag that breaks the raw-id rule (it would break ``vocab/tags.txt``) and a
-    vector that is not a list of finite floats are bad rows (the item keeps the
-    rest of its row). ``located``: the value is ``(tags, vector, where)``, with
-    ``where`` the vector's file, row and column (to name it if widths differ).
-    """
-
-    def __init__(self, cfg: LogsConfig, located: bool = False):
-        self.cfg, self.located = cfg, located
-
-    def process(self, element):
-        yield from self._process(element)
-
-    def _process(self, element):
-        item, groups = element
-        cat = self.cfg.catalog
-        rows = sorted(groups["catalog"], key=lambda r: (r[1], r[2]))
-        vecs = sorted(groups["vector"], key=lambda r: (r[1], r[2]))
-        for kind, found, col in (("catalog", rows, cat.item), ("vector", vecs, cat.vector and cat.vector.item)):
-            for path, fidx, row, _ in found[1:]:
-                yield beam.pvalue.TaggedOutput("bad", _bad_record(
-                    path, fidx, row, col, "duplicate_catalog_row",
-                    f"duplicate item id {item!r} (also at row {found[0][2]} of {found[0][0]})"))
-        if not rows:
-            return
-        path, fidx, row, values = rows[0]
-        tags = _tags_of(values.get(cat.tags.column), cat.tags) if cat.tags else []
-        for t in tags:
-            why = raw_id_problem(t)
-            if why is not None:
-                yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, cat.tags.column, BAD_RAW_ID,
-                                                                  f"tag {why}; {RAW_ID_RULE}"))
-        tags = [t for t in tags if raw_id_problem(t) is None]
-        vec, at = None, None
-        if cat.vector is not None:
-            vrow = vecs[0] if cat.vector.source is not None and vecs else (None if cat.vector.source else rows[0])
-            if vrow is not None:
-                raw = vrow[3].get(cat.vector.column)
-                if raw is not None:
-                    try:
-                        vec = np.asarray(json.loads(raw) if isinstance(raw, str) else raw, dtype=np.float32)
-                        problem = None if vec.ndim == 1 and vec.size and np.isfinite(vec).all() else \
-                            f"the vector must be a non-empty list of finite floats (got {_short(raw)})"
-                    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-                        problem = f"the vector must be a JSON list of finite floats: {_short(raw)} ({e})"
-                    if problem is not None:
-                        yield beam.pvalue.TaggedOutput("bad", _bad_record(
-                            vrow[0], vrow[1], vrow[2], cat.vector.column, "bad_vector", problem))
-                        vec = None
-                    at = where(vrow[0], vrow[2], cat.vector.column)
-        yield item, ((tags, vec, at) if self.located else (tags, vec))
-
-
-def _short(value, n: int = 40) -> str:
-    r = repr(value)
-    return r if len(r) <= n else r[:n] + "..."
-
-
-def read_catalog(cfg: LogsConfig) -> dict:
-    """The catalog of ``cfg`` read in this process, by the pipeline's own readers: ``{raw item: (tags, vector)}``.
-
-    ``tags`` are the item's raw tags (the config's parsing rules), ``vector``
-    a float32 array or None. For small catalogs and tools that refresh an
-    export (``export.refresh_catalog``); the first bad row (a duplicate item,
-    a bad vector, a null id, a missing column) raises :class:`PreprocessError`
-    naming file, row and column, whatever ``on_bad_row`` says.
-    """
-    if cfg.catalog is None:
-        raise PreprocessError("the log config has no `catalog` section")
-    cat = cfg.catalog
-
-    def rows(src, key, columns, what):
-        out, reader = {}, ReadTable(src, key, columns, cfg.id_dtype, what)
-        for fidx, path in enumerate(_files(src, what)):
-            for x in reader.process((fidx, path)):
-                if isinstance(x, beam.pvalue.TaggedOutput):
-                    if x.tag == "bad":
-                        raise PreprocessError(x.value["message"])
-                    continue
-                out.setdefault(x[0], []).append(x[1])
-        return out
-
-    cols = [cat.tags.column] if cat.tags else []
-    cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
-    catalog = rows(cat.source, cat.item, cols, "catalog")
-    vectors = (rows(cat.vector.source, cat.vector.item, [cat.vector.column], "vector_file")
-               if cat.vector is not None and cat.vector.source is not None else {})
-    join, out = JoinCatalog(cfg), {}
-    for item in sorted(catalog, key=_raw_key):
-        for x in join.process((item, {"catalog": catalog[item], "vector": vectors.get(item, [])})):
-            if isinstance(x, beam.pvalue.TaggedOutput):
-                raise PreprocessError(x.value["message"])
-            out[x[0]] = x[1]
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -690,7 +238,7 @@ class UserEvents(beam.DoFn):
                 elif cfg.unknown_items == "drop":
                     drops["unknown_item"] += 1
                 else:  # fail
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(
+                    yield beam.pvalue.TaggedOutput("bad", bad_record(
                         self._files[e[1]], e[1], e[2], cfg.events.item, "unknown_item",
                         f"item {e[4]!r} has no catalog row (\"unknown_items\": \"fail\")"))
             events = kept
@@ -699,9 +247,9 @@ class UserEvents(beam.DoFn):
             rows = sorted(groups["user"], key=lambda r: (r[1], r[2]))
             if rows:
                 try:
-                    user_ctx = tuple(_context_value(rows[0][3].get(c.column), c) for c in cfg.users.context)
-                except _Bad as b:
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(rows[0][0], rows[0][1], rows[0][2], b.column,
+                    user_ctx = tuple(context_value(rows[0][3].get(c.column), c) for c in cfg.users.context)
+                except BadValue as b:
+                    yield beam.pvalue.TaggedOutput("bad", bad_record(rows[0][0], rows[0][1], rows[0][2], b.column,
                                                                       b.reason, b.text))
                     user_ctx = (None,) * len(cfg.users.context)
             else:
@@ -759,11 +307,9 @@ class UserEvents(beam.DoFn):
         yield beam.pvalue.TaggedOutput("ctx_counts", list(train_ctx.items()))
         yield beam.pvalue.TaggedOutput("state", (user, incremental.next_state(cfg, prev, in_history, events)))
         if examples:
-            yield user, {"examples": examples, "items": sorted(incremental.all_items(prev, events), key=_raw_key)}
+            yield user, {"examples": examples, "items": sorted(incremental.all_items(prev, events), key=raw_key)}
 
 
-def _raw_key(x):
-    return (0, x, "") if isinstance(x, int) else (1, 0, str(x))
 
 
 def _stable_seed(seed: int, user) -> int:
@@ -844,7 +390,7 @@ class MakeExamples(beam.DoFn):
                 stats[split]["sampled_negatives"] += int(j > 0)
                 stats[split]["target_oov"] += int(tgt == OOV_ID)
                 hist_len[split][str(len(seq))] += 1
-                yield (split, shard), (_raw_key(user), i, j, row)
+                yield (split, shard), (raw_key(user), i, j, row)
         yield beam.pvalue.TaggedOutput("stats", {"splits": {s: {**dict(stats[s]), "history_lengths": dict(hist_len[s])}
                                                             for s in SPLITS}})
 
@@ -941,7 +487,7 @@ def vocabulary(counts: dict, min_count: int, always=()) -> list:
     always = set(always)
     keep = [x for x, n in counts.items() if n >= min_count or x in always]
     keep += [x for x in always if x not in counts]
-    return sorted(set(keep), key=lambda x: (-counts.get(x, 0), _raw_key(x)))
+    return sorted(set(keep), key=lambda x: (-counts.get(x, 0), raw_key(x)))
 
 
 def _indexed(order: list) -> dict:
@@ -1095,11 +641,6 @@ def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
 # --------------------------------------------------------------------------
 
 
-def _files(src: Source, what: str) -> list[str]:
-    found = src.match()
-    if not found:
-        raise PreprocessError(f"{', '.join(src.files)}: no files match ({what})")
-    return found
 
 
 def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: str, resume: dict | None = None):
@@ -1164,7 +705,7 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
     if cfg.id_dtype == "string":  # string user ids: the output's user_id is a dense id (meta only)
         users = (per_user.records | "UserKeys" >> beam.Keys() | "UserList" >> beam.combiners.ToList()
                  | "UserVocab" >> beam.Map(lambda us, prev: _indexed(incremental.appended(
-                     (prev or {}).get("user_id"), sorted(us, key=_raw_key))), prev=prev_vocabs))
+                     (prev or {}).get("user_id"), sorted(us, key=raw_key))), prev=prev_vocabs))
     tag_vocab = p | "NoTags" >> beam.Create([{"order": [], "dense": {}}])
     if cfg.catalog is not None and cfg.catalog.tags is not None:
         tag_vocab = (catalog | "TagsOfItems" >> beam.FlatMap(lambda kv: [(t, 1) for t in kv[1][0]])
@@ -1355,13 +896,13 @@ def build_examples(config, output_dir: str, *, beam_options=None, previous: str 
     """
     cfg = config if isinstance(config, LogsConfig) else LogsConfig.load(config)
     cfg, resume = incremental.prepare(cfg, output_dir, previous, valid_from, test_from)
-    files = {"events": _files(cfg.events.source, "the event log")}
+    files = {"events": match_files(cfg.events.source, "the event log")}
     if cfg.catalog is not None:
-        files["catalog"] = _files(cfg.catalog.source, "the item catalog")
+        files["catalog"] = match_files(cfg.catalog.source, "the item catalog")
         if cfg.catalog.vector is not None and cfg.catalog.vector.source is not None:
-            files["vectors"] = _files(cfg.catalog.vector.source, "the item vectors")
+            files["vectors"] = match_files(cfg.catalog.vector.source, "the item vectors")
     if cfg.users is not None:
-        files["users"] = _files(cfg.users.source, "the user table")
+        files["users"] = match_files(cfg.users.source, "the user table")
     output_dir, owned = _check_output_dir(output_dir, [f for fs in files.values() for f in fs])
     opts = beamio.pipeline_options(beam_options)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"

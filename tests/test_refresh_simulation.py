@@ -44,13 +44,14 @@ def train_counts(config_path: str) -> Counter:
     from apache_beam.pvalue import TaggedOutput
 
     from pipelines import build_examples as be
+    from pipelines import log_readers
     from pipelines.logs_config import LogsConfig
 
     cfg = LogsConfig.load(config_path)
-    files = be._files(cfg.events.source, "the event log")
+    files = log_readers.match_files(cfg.events.source, "the event log")
     per_user: dict = {}
     for element in enumerate(files):
-        for x in be.ReadEvents(cfg).process(element):
+        for x in log_readers.ReadEvents(cfg).process(element):
             if not isinstance(x, TaggedOutput):
                 per_user.setdefault(x[0], []).append(x[1])
     counts: Counter = Counter()
@@ -62,7 +63,7 @@ def train_counts(config_path: str) -> Counter:
 
 
 def test_prepare_removes_a_seeded_sample_from_every_input_and_only_shrinks_training(logs, tmp_path):
-    from pipelines.build_examples import read_catalog
+    from pipelines.log_readers import read_catalog
     from pipelines.logs_config import LogsConfig
 
     rs = load_script("refresh_simulation")
