@@ -644,54 +644,93 @@ def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
 
 
 def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: str, resume: dict | None = None):
+    """The whole build as one Beam graph: read, group by user, count, make vocabularies, write into ``work_dir``.
+
+    Every step's bad rows and stats go to ``bads`` and ``stats``, written at the end (:func:`_write_reports`).
+    """
+    bads, stats = [], []
     ev_files = list(enumerate(files["events"]))
     read = (p | "EventFiles" >> beam.Create(ev_files) | "Spread" >> beam.Reshuffle()
             | "ReadEvents" >> beam.ParDo(ReadEvents(cfg)).with_outputs("bad", "stats", main="events"))
-    bads = [read.bad]
-    stats = [read.stats]
-    user_rows = p | "NoUsers" >> beam.Create([])
-    if cfg.users is not None:
-        u = (p | "UserFiles" >> beam.Create(list(enumerate(files["users"])))
-             | "ReadUsers" >> beam.ParDo(ReadTable(cfg.users.source, cfg.users.user,
-                                                   [c.column for c in cfg.users.context], cfg.id_dtype, "user_table"))
-             .with_outputs("bad", "stats", main="rows"))
-        user_rows, bads, stats = u.rows, bads + [u.bad], stats + [u.stats]
-    catalog = p | "NoCatalog" >> beam.Create([])
-    if cfg.catalog is not None:
-        cat = cfg.catalog
-        cols = [cat.tags.column] if cat.tags else []
-        cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
-        c = (p | "CatalogFiles" >> beam.Create(list(enumerate(files["catalog"])))
-             | "ReadCatalog" >> beam.ParDo(ReadTable(cat.source, cat.item, cols, cfg.id_dtype, "catalog"))
-             .with_outputs("bad", "stats", main="rows"))
-        bads, stats = bads + [c.bad], stats + [c.stats]
-        vec_rows = p | "NoVectors" >> beam.Create([])
-        if cat.vector is not None and cat.vector.source is not None:
-            v = (p | "VectorFiles" >> beam.Create(list(enumerate(files["vectors"])))
-                 | "ReadVectors" >> beam.ParDo(ReadTable(cat.vector.source, cat.vector.item, [cat.vector.column],
-                                                         cfg.id_dtype, "vector_file"))
-                 .with_outputs("bad", "stats", main="rows"))
-            vec_rows, bads, stats = v.rows, bads + [v.bad], stats + [v.stats]
-        joined = ({"catalog": c.rows, "vector": vec_rows} | "JoinCatalog" >> beam.CoGroupByKey()
-                  | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg, located=True)).with_outputs("bad", main="rows"))
-        catalog, bads = joined.rows, bads + [joined.bad]
+    bads.append(read.bad)
+    stats.append(read.stats)
+    user_rows = _read_users(p, cfg, files, bads, stats)
+    catalog = _read_catalog(p, cfg, files, bads, stats)
     catalog_ids = catalog | "CatalogIds" >> beam.Keys()
     catalog_list = catalog_ids | "CatalogIdList" >> beam.combiners.ToList()
+    per_user = _per_user(p, cfg, dict(ev_files), read.events, user_rows, catalog_list, resume)
+    bads.append(per_user.bad)
+    stats.append(per_user.stats)
+    # Incremental: the previous build's vocabularies and cumulative counts are extended (pipelines/incremental.py).
+    prev_vocabs = beam.pvalue.AsSingleton(p | "PrevVocabTrigger" >> beam.Create([resume])
+                                          | "PrevVocabs" >> beam.Map(incremental.read_vocabularies))
+    vocabs = _vocabularies(p, cfg, per_user, catalog, catalog_list, prev_vocabs, resume)
+    incremental.write_state(p, cfg, resume, work_dir, per_user.state, vocabs["item_counts"], vocabs["ctx_counts"],
+                            _shard_of)
+    _ = (per_user.late | "FirstLate" >> beam.CombineGlobally(FirstError())
+         | "WriteLate" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, incremental.LATE_FILE),
+                                                                  json.dumps(e))))
+    stats.append(_write_examples(cfg, work_dir, per_user.records, vocabs))
+    _write_item_table(cfg, work_dir, catalog, vocabs)
+    _write_vocabularies(p, cfg, work_dir, vocabs)
+    _write_reports(cfg, work_dir, bads, stats)
 
-    user_fn = UserEvents(cfg, dict(ev_files), resume)
+
+def _read_users(p, cfg: LogsConfig, files: dict[str, list[str]], bads: list, stats: list):
+    """``(user, values)`` of the user table (none without one)."""
+    if cfg.users is None:
+        return p | "NoUsers" >> beam.Create([])
+    u = (p | "UserFiles" >> beam.Create(list(enumerate(files["users"])))
+         | "ReadUsers" >> beam.ParDo(ReadTable(cfg.users.source, cfg.users.user,
+                                               [c.column for c in cfg.users.context], cfg.id_dtype, "user_table"))
+         .with_outputs("bad", "stats", main="rows"))
+    bads.append(u.bad)
+    stats.append(u.stats)
+    return u.rows
+
+
+def _read_catalog(p, cfg: LogsConfig, files: dict[str, list[str]], bads: list, stats: list):
+    """``(item, (raw tags, vector, location))`` of the catalog joined with its vector file (none without one)."""
+    if cfg.catalog is None:
+        return p | "NoCatalog" >> beam.Create([])
+    cat = cfg.catalog
+    cols = [cat.tags.column] if cat.tags else []
+    cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
+    c = (p | "CatalogFiles" >> beam.Create(list(enumerate(files["catalog"])))
+         | "ReadCatalog" >> beam.ParDo(ReadTable(cat.source, cat.item, cols, cfg.id_dtype, "catalog"))
+         .with_outputs("bad", "stats", main="rows"))
+    bads.append(c.bad)
+    stats.append(c.stats)
+    vec_rows = p | "NoVectors" >> beam.Create([])
+    if cat.vector is not None and cat.vector.source is not None:
+        v = (p | "VectorFiles" >> beam.Create(list(enumerate(files["vectors"])))
+             | "ReadVectors" >> beam.ParDo(ReadTable(cat.vector.source, cat.vector.item, [cat.vector.column],
+                                                     cfg.id_dtype, "vector_file"))
+             .with_outputs("bad", "stats", main="rows"))
+        vec_rows = v.rows
+        bads.append(v.bad)
+        stats.append(v.stats)
+    joined = ({"catalog": c.rows, "vector": vec_rows} | "JoinCatalog" >> beam.CoGroupByKey()
+              | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg, located=True)).with_outputs("bad", main="rows"))
+    bads.append(joined.bad)
+    return joined.rows
+
+
+def _per_user(p, cfg: LogsConfig, ev_files: dict[int, str], events, user_rows, catalog_list, resume: dict | None):
+    """:class:`UserEvents` on each user's events, user row and previous state (incremental), grouped by user."""
+    user_fn = UserEvents(cfg, ev_files, resume)
     side = {}
     if cfg.catalog is not None and cfg.unknown_items != "keep":
         side["catalog_ids"] = beam.pvalue.AsSingleton(catalog_list | "CatalogSet" >> beam.Map(set))
-    # Incremental: the previous build's user states join the new events by user; its vocabularies and
-    # cumulative counts are extended (pipelines/incremental.py).
+    # Incremental: the previous build's user states join the new events by user (pipelines/incremental.py).
     state_rows = incremental.read_user_states(p, resume)
-    prev_vocabs = beam.pvalue.AsSingleton(p | "PrevVocabTrigger" >> beam.Create([resume])
-                                          | "PrevVocabs" >> beam.Map(incremental.read_vocabularies))
-    per_user = ({"events": read.events, "user": user_rows, "state": state_rows} | "GroupByUser" >> beam.CoGroupByKey()
-                | "UserEvents" >> beam.ParDo(user_fn, **side).with_outputs("bad", "stats", "item_counts", "ctx_counts",
-                                                                           "state", "late", main="records"))
-    bads, stats = bads + [per_user.bad], stats + [per_user.stats]
+    return ({"events": events, "user": user_rows, "state": state_rows} | "GroupByUser" >> beam.CoGroupByKey()
+            | "UserEvents" >> beam.ParDo(user_fn, **side).with_outputs("bad", "stats", "item_counts", "ctx_counts",
+                                                                       "state", "late", main="records"))
 
+
+def _vocabularies(p, cfg: LogsConfig, per_user, catalog, catalog_list, prev_vocabs, resume: dict | None) -> dict:
+    """The item, context, user and tag vocabularies (singletons) and the summed counts, by name."""
     item_counts = ((per_user.item_counts | "FlatItemCounts" >> beam.FlatMap(lambda x: x),
                     incremental.previous_item_counts(p, resume)) | "WithPrevItemCounts" >> beam.Flatten()
                    | "SumItems" >> beam.CombinePerKey(sum) | "ItemCountList" >> beam.combiners.ToList())
@@ -712,21 +751,28 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                      | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
                      | "TagVocab" >> beam.Map(lambda c, prev: _indexed(incremental.appended(
                          (prev or {}).get("tags"), vocabulary(dict(c), cfg.catalog.tags.min_count))), prev=prev_vocabs))
-    incremental.write_state(p, cfg, resume, work_dir, per_user.state, item_counts, ctx_counts, _shard_of)
-    _ = (per_user.late | "FirstLate" >> beam.CombineGlobally(FirstError())
-         | "WriteLate" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, incremental.LATE_FILE),
-                                                                  json.dumps(e))))
+    return {"items": items, "contexts": contexts, "users": users, "tags": tag_vocab, "item_counts": item_counts,
+            "ctx_counts": ctx_counts}
 
+
+def _write_examples(cfg: LogsConfig, work_dir: str, records, vocabs: dict):
+    """The rows of every split (:class:`MakeExamples`, :class:`WriteShard`, :class:`ConcatSplit`); returns their
+    stats. A ``per_positive`` the data makes impossible is written for the launcher to refuse."""
+    items = vocabs["items"]
     _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and beamio.write_text(
         beamio.join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
-    made = (per_user.records
+    made = (records
             | "MakeExamples" >> beam.ParDo(MakeExamples(cfg), items=beam.pvalue.AsSingleton(items),
-                                           contexts=beam.pvalue.AsSingleton(contexts),
-                                           users=beam.pvalue.AsSingleton(users)).with_outputs("stats", main="rows"))
-    stats.append(made.stats)
+                                           contexts=beam.pvalue.AsSingleton(vocabs["contexts"]),
+                                           users=beam.pvalue.AsSingleton(vocabs["users"])).with_outputs("stats",
+                                                                                                       main="rows"))
     _ = (made.rows | "GroupShards" >> beam.GroupByKey() | "WriteShards" >> beam.ParDo(WriteShard(cfg, work_dir))
          | "GroupParts" >> beam.GroupByKey() | "ConcatSplits" >> beam.ParDo(ConcatSplit(cfg, work_dir)))
+    return made.stats
 
+
+def _write_item_table(cfg: LogsConfig, work_dir: str, catalog, vocabs: dict):
+    """``item_info.parquet`` from the catalog and the item and tag vocabularies."""
     max_tags = cfg.catalog.tags.max_tags if cfg.catalog is not None and cfg.catalog.tags else 1
 
     def item_row(kv, items, tags):
@@ -741,10 +787,14 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
             beamio.write_text(beamio.join(work_dir, _ITEM_ERROR), json.dumps({"message": str(e)}))
         return True
 
-    _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(items),
-                                          tags=beam.pvalue.AsSingleton(tag_vocab))
+    _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(vocabs["items"]),
+                                          tags=beam.pvalue.AsSingleton(vocabs["tags"]))
          | "ItemRowList" >> beam.combiners.ToList()
-         | "WriteItemInfo" >> beam.Map(write_items, items=beam.pvalue.AsSingleton(items)))
+         | "WriteItemInfo" >> beam.Map(write_items, items=beam.pvalue.AsSingleton(vocabs["items"])))
+
+
+def _write_vocabularies(p, cfg: LogsConfig, work_dir: str, vocabs: dict):
+    """``vocab/<name>.txt`` for every vocabulary, and their sizes for the stats (``_vocab.json``)."""
 
     def write_vocabs(items, contexts, tags, users):
         vdir = beamio.join(work_dir, VOCAB_DIR)
@@ -769,14 +819,21 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
 
     _ = (p | "VocabTrigger" >> beam.Create([None])
          | "WriteVocabs" >> beam.Map(lambda _, i, c, t, u: write_vocabs(i, c, t, u),
-                                     i=beam.pvalue.AsSingleton(items), c=beam.pvalue.AsSingleton(contexts),
-                                     t=beam.pvalue.AsSingleton(tag_vocab), u=beam.pvalue.AsSingleton(users)))
+                                     i=beam.pvalue.AsSingleton(vocabs["items"]),
+                                     c=beam.pvalue.AsSingleton(vocabs["contexts"]),
+                                     t=beam.pvalue.AsSingleton(vocabs["tags"]), u=beam.pvalue.AsSingleton(vocabs["users"])))
+
+
+def _write_reports(cfg: LogsConfig, work_dir: str, bads: list, stats: list):
+    """The merged stats (``_stats.json``), and the first bad row (``on_bad_row: fail``) or the bad rows
+    counted by reason (``drop``; a file that does not decode is an error either way)."""
     _ = (stats | "FlattenStats" >> beam.Flatten() | "MergeStats" >> beam.CombineGlobally(MergeDicts())
          | "WriteStats" >> beam.Map(lambda s: beamio.write_text(beamio.join(work_dir, _STATS_PART), json.dumps(s))))
     bad_all = bads | "FlattenBad" >> beam.Flatten()
     if cfg.on_bad_row == "fail":
         _ = (bad_all | "FirstError" >> beam.CombineGlobally(FirstError())
-             | "WriteError" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, _ERROR_FILE), json.dumps(e))))
+             | "WriteError" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, _ERROR_FILE),
+                                                                       json.dumps(e))))
     else:  # drop: count by reason (rows of the event log, the catalog and the user table alike)
         _ = (bad_all | "FileErrors" >> beam.Filter(lambda e: e.get("fatal", False))  # a file that does not decode
              | "FirstFileError" >> beam.CombineGlobally(FirstError())
@@ -784,7 +841,8 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                                                                            json.dumps(e))))
         _ = (bad_all | "BadReasons" >> beam.Map(lambda e: {"bad_rows": {e["reason"]: 1}})
              | "MergeBad" >> beam.CombineGlobally(MergeDicts())
-             | "WriteBad" >> beam.Map(lambda s: beamio.write_text(beamio.join(work_dir, "_bad.json"), json.dumps(s))))
+             | "WriteBad" >> beam.Map(lambda s: beamio.write_text(beamio.join(work_dir, "_bad.json"),
+                                                                  json.dumps(s))))
 
 
 def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]]:

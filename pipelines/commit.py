@@ -173,6 +173,10 @@ CRASH_AFTER_RENAME_ENV = "QIN_TF_CRASH_AFTER_RENAME"
 _renames_done = 0
 
 
+def _has(directory: str, name: str) -> bool:
+    return beamio.exists(beamio.join(directory, name))
+
+
 def _parent(path: str) -> str:
     return os.path.dirname(path) if beamio.is_local(path) else path.rsplit("/", 1)[0]
 
@@ -258,7 +262,7 @@ def _roll_back(output_dir: str, journal: dict, ledger: Ledger):
     tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
     replaced = set(journal["replaced"])
     for name in journal["new"] + [ledger.manifest]:  # a new file is one not replaced, or one whose old one went out
-        if beamio.exists(beamio.join(output_dir, name)) and (name not in replaced or beamio.exists(beamio.join(old, name))):
+        if _has(output_dir, name) and (name not in replaced or _has(old, name)):
             beamio.delete(beamio.join(output_dir, name))
     for name in journal["replaced"]:
         if beamio.exists(beamio.join(old, name)):
@@ -306,8 +310,8 @@ def recover_commit(output_dir: str, ledger: Ledger):
                                      f"files; wait for it to end")
     if journal.get("state") == "done":
         _finish(output_dir, journal, ledger)
-    elif beamio.exists(tmp) and all(beamio.exists(beamio.join(tmp, n)) or (beamio.exists(beamio.join(output_dir, n)) and (
-            n not in replaced or beamio.exists(beamio.join(old, n)))) for n in new):
+    elif beamio.exists(tmp) and all(_has(tmp, n) or (_has(output_dir, n) and (n not in replaced or _has(old, n)))
+                                    for n in new):
         _roll_forward(output_dir, journal, ledger)
     else:
         _roll_back(output_dir, journal, ledger)
