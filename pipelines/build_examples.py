@@ -184,8 +184,6 @@ _REFUSED = "_refused.json"  # a config value the data makes impossible (negative
 _ITEM_ERROR = "_item_error.json"  # the item table cannot be written (vectors of differing widths)
 
 
-
-
 # --------------------------------------------------------------------------
 # Per user (in workers)
 # --------------------------------------------------------------------------
@@ -222,61 +220,93 @@ class UserEvents(beam.DoFn):
             yield beam.pvalue.TaggedOutput("late", late)
             return
         if cfg.events.time:
-            seen, kept = incremental.seen_at_end(prev), []
-            for e in events:
-                if (e[4], e[0]) in seen:
-                    drops["duplicate_event"] += 1
-                    continue
-                seen.add((e[4], e[0]))
-                kept.append(e)
-            events = kept
+            events = self._without_duplicates(events, prev, drops)
+        bad = []
         if catalog_ids is not None:
-            kept = []
-            for e in events:
-                if e[4] in catalog_ids:
-                    kept.append(e)
-                elif cfg.unknown_items == "drop":
-                    drops["unknown_item"] += 1
-                else:  # fail
-                    yield beam.pvalue.TaggedOutput("bad", bad_record(
-                        self._files[e[1]], e[1], e[2], cfg.events.item, "unknown_item",
-                        f"item {e[4]!r} has no catalog row (\"unknown_items\": \"fail\")"))
-            events = kept
-        user_ctx = ()
-        if cfg.users is not None:
-            rows = sorted(groups["user"], key=lambda r: (r[1], r[2]))
-            if rows:
-                try:
-                    user_ctx = tuple(context_value(rows[0][3].get(c.column), c) for c in cfg.users.context)
-                except BadValue as b:
-                    yield beam.pvalue.TaggedOutput("bad", bad_record(rows[0][0], rows[0][1], rows[0][2], b.column,
-                                                                      b.reason, b.text))
-                    user_ctx = (None,) * len(cfg.users.context)
-            else:
-                stats["users_without_user_row"] += 1
-                user_ctx = (None,) * len(cfg.users.context)
+            events = self._known_items(events, catalog_ids, drops, bad)
+        user_ctx = self._user_context(groups["user"], stats, bad)
+        for b in bad:
+            yield beam.pvalue.TaggedOutput("bad", b)
         if not events:
             yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
             if prev is not None:
                 yield beam.pvalue.TaggedOutput("state", (user, prev))
             return
-        keys = [(e[0], e[1], e[2], e[3]) for e in events]
-        if cfg.split == "leave_last_out":
-            pos_keys = [k for k, e in zip(keys, events) if e[5] == 1]
-            test_from = pos_keys[-1] if pos_keys else None
-            valid_from = pos_keys[-2] if len(pos_keys) > 1 else None
-
-            def split_of(k):
-                if test_from is not None and k >= test_from:
-                    return "test"
-                if valid_from is not None and k >= valid_from:
-                    return "valid"
-                return "train"
-        else:
-            def split_of(k):
-                return "test" if k[0] >= cfg.test_from else "valid" if k[0] >= cfg.valid_from else "train"
-
         in_history = [e for e in events if e[5] == 1 or cfg.history_events == "all"]
+        examples, train_items, train_ctx = self._examples(events, in_history, user_ctx, prev, drops)
+        stats["events_out"] += len(examples)
+        stats["users_in"] += 1
+        stats["users_out"] += int(bool(examples))
+        yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
+        yield beam.pvalue.TaggedOutput("item_counts", list(train_items.items()))
+        yield beam.pvalue.TaggedOutput("ctx_counts", list(train_ctx.items()))
+        yield beam.pvalue.TaggedOutput("state", (user, incremental.next_state(cfg, prev, in_history, events)))
+        if examples:
+            yield user, {"examples": examples, "items": sorted(incremental.all_items(prev, events), key=raw_key)}
+
+    @staticmethod
+    def _without_duplicates(events: list, prev, drops: Counter) -> list:
+        """The events but a second one with the same item and time (``duplicate_event``), the previous
+        build's last events included (incremental)."""
+        seen, kept = incremental.seen_at_end(prev), []
+        for e in events:
+            if (e[4], e[0]) in seen:
+                drops["duplicate_event"] += 1
+                continue
+            seen.add((e[4], e[0]))
+            kept.append(e)
+        return kept
+
+    def _known_items(self, events: list, catalog_ids, drops: Counter, bad: list) -> list:
+        """The events whose item has a catalog row; the others are dropped (``unknown_item``) or bad rows."""
+        cfg, kept = self.cfg, []
+        for e in events:
+            if e[4] in catalog_ids:
+                kept.append(e)
+            elif cfg.unknown_items == "drop":
+                drops["unknown_item"] += 1
+            else:  # fail
+                bad.append(bad_record(self._files[e[1]], e[1], e[2], cfg.events.item, "unknown_item",
+                                      f"item {e[4]!r} has no catalog row (\"unknown_items\": \"fail\")"))
+        return kept
+
+    def _user_context(self, user_rows: list, stats: Counter, bad: list) -> tuple:
+        """The user's context values from the first of its user-table rows (all None without one)."""
+        cfg = self.cfg
+        if cfg.users is None:
+            return ()
+        rows = sorted(user_rows, key=lambda r: (r[1], r[2]))
+        if not rows:
+            stats["users_without_user_row"] += 1
+            return (None,) * len(cfg.users.context)
+        try:
+            return tuple(context_value(rows[0][3].get(c.column), c) for c in cfg.users.context)
+        except BadValue as b:
+            bad.append(bad_record(rows[0][0], rows[0][1], rows[0][2], b.column, b.reason, b.text))
+            return (None,) * len(cfg.users.context)
+
+    def _split_of(self, keys: list, events: list):
+        """``key -> split`` for this user's events (leave-last-out: by its last two positives; else by time)."""
+        cfg = self.cfg
+        if cfg.split != "leave_last_out":
+            return lambda k: "test" if k[0] >= cfg.test_from else "valid" if k[0] >= cfg.valid_from else "train"
+        pos_keys = [k for k, e in zip(keys, events) if e[5] == 1]
+        test_from = pos_keys[-1] if pos_keys else None
+        valid_from = pos_keys[-2] if len(pos_keys) > 1 else None
+
+        def split_of(k):
+            if test_from is not None and k >= test_from:
+                return "test"
+            if valid_from is not None and k >= valid_from:
+                return "valid"
+            return "train"
+        return split_of
+
+    def _examples(self, events: list, in_history: list, user_ctx: tuple, prev, drops: Counter):
+        """``(examples, training item counts, training context counts)`` of the user's sorted events."""
+        cfg = self.cfg
+        keys = [(e[0], e[1], e[2], e[3]) for e in events]
+        split_of = self._split_of(keys, events)
         # Strictly earlier: by time when the log has one (equal timestamps never see each other), else by order.
         hkeys = [e[0] for e in in_history] if cfg.events.time else [(e[0], e[1], e[2], e[3]) for e in in_history]
         examples = []
@@ -299,17 +329,7 @@ class UserEvents(beam.DoFn):
                 drops["empty_history"] += 1
                 continue
             examples.append((split, e[0], e[4], e[5], hist, ctx))
-        stats["events_out"] += len(examples)
-        stats["users_in"] += 1
-        stats["users_out"] += int(bool(examples))
-        yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
-        yield beam.pvalue.TaggedOutput("item_counts", list(train_items.items()))
-        yield beam.pvalue.TaggedOutput("ctx_counts", list(train_ctx.items()))
-        yield beam.pvalue.TaggedOutput("state", (user, incremental.next_state(cfg, prev, in_history, events)))
-        if examples:
-            yield user, {"examples": examples, "items": sorted(incremental.all_items(prev, events), key=raw_key)}
-
-
+        return examples, train_items, train_ctx
 
 
 def _stable_seed(seed: int, user) -> int:
@@ -641,8 +661,6 @@ def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
 # --------------------------------------------------------------------------
 
 
-
-
 def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: str, resume: dict | None = None):
     """The whole build as one Beam graph: read, group by user, count, make vocabularies, write into ``work_dir``.
 
@@ -821,7 +839,8 @@ def _write_vocabularies(p, cfg: LogsConfig, work_dir: str, vocabs: dict):
          | "WriteVocabs" >> beam.Map(lambda _, i, c, t, u: write_vocabs(i, c, t, u),
                                      i=beam.pvalue.AsSingleton(vocabs["items"]),
                                      c=beam.pvalue.AsSingleton(vocabs["contexts"]),
-                                     t=beam.pvalue.AsSingleton(vocabs["tags"]), u=beam.pvalue.AsSingleton(vocabs["users"])))
+                                     t=beam.pvalue.AsSingleton(vocabs["tags"]),
+                                     u=beam.pvalue.AsSingleton(vocabs["users"])))
 
 
 def _write_reports(cfg: LogsConfig, work_dir: str, bads: list, stats: list):
