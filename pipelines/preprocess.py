@@ -618,6 +618,33 @@ def resolve_dataset_config(dataset_config) -> DatasetConfig:
     return DatasetConfig.from_dict(d, where=path)
 
 
+def _read_items(cfg: DatasetConfig, input_dir: str):
+    """The item table of ``input_dir``, checked (:func:`pipelines.validation.read_item_table`)."""
+    table_path = beamio.join(input_dir, cfg.item_table.file)
+    tpf = _parquet_file(table_path, "the item table")
+    check_columns(table_path, tpf.schema_arrow, item_table_columns(cfg.item_table))
+    try:
+        table = tpf.read(columns=list(item_table_columns(cfg.item_table)))
+    except (pa.ArrowException, OSError) as e:
+        fail(table_path, None, None, f"corrupt parquet ({one_line(e)})", reason=CORRUPT)
+    return read_item_table(table_path, table, cfg.item_table)
+
+
+def _plan(cfg: DatasetConfig, input_dir: str, num_shards: int | None) -> tuple[list[WorkItem], dict[str, Columns]]:
+    """The work items of every split file (their columns checked first) and each split's columns."""
+    work: list[WorkItem] = []
+    columns: dict[str, Columns] = {}
+    for split, sc in cfg.splits.items():
+        path = beamio.join(input_dir, sc.file)
+        pf = _parquet_file(path, f"split `{split}` of the dataset config")
+        check_columns(path, pf.schema_arrow, split_columns(cfg, sc.labelled))
+        columns[split] = Columns(label=cfg.label if sc.labelled else None, meta=tuple(cfg.meta),
+                                 target_item=cfg.target_item, sequence=cfg.sequence,
+                                 context=tuple(cfg.context))
+        work += _work_items(split, path, pf, num_shards)
+    return work, columns
+
+
 def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_CONFIG, *,
                max_len: int | None = None, num_shards: int | None = None, on_bad_row: str = "fail",
                beam_options=None, batch_rows: int = DEFAULT_BATCH_ROWS,
@@ -658,26 +685,8 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
     output_dir, owned = _check_output_dir(output_dir, input_dir)
     opts = beamio.pipeline_options(beam_options)  # fail on bad Beam arguments before reading anything
 
-    table_path = beamio.join(input_dir, cfg.item_table.file)
-    tpf = _parquet_file(table_path, "the item table")
-    check_columns(table_path, tpf.schema_arrow, item_table_columns(cfg.item_table))
-    try:
-        table = tpf.read(columns=list(item_table_columns(cfg.item_table)))
-    except (pa.ArrowException, OSError) as e:
-        fail(table_path, None, None, f"corrupt parquet ({one_line(e)})", reason=CORRUPT)
-    items = read_item_table(table_path, table, cfg.item_table)
-
-    work: list[WorkItem] = []
-    columns: dict[str, Columns] = {}
-    for split, sc in cfg.splits.items():
-        path = beamio.join(input_dir, sc.file)
-        pf = _parquet_file(path, f"split `{split}` of the dataset config")
-        check_columns(path, pf.schema_arrow, split_columns(cfg, sc.labelled))
-        columns[split] = Columns(label=cfg.label if sc.labelled else None, meta=tuple(cfg.meta),
-                                 target_item=cfg.target_item, sequence=cfg.sequence,
-                                 context=tuple(cfg.context))
-        work += _work_items(split, path, pf, num_shards)
-
+    items = _read_items(cfg, input_dir)
+    work, columns = _plan(cfg, input_dir, num_shards)
     remove_stale_siblings(output_dir, LEDGER)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
     beamio.makedirs(work_dir)
