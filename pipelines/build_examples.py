@@ -139,18 +139,12 @@ would write. A symbolic link as ``output_dir`` is followed.
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import json
 import logging
 import os
-import sys
 import time
 import uuid
-from collections import Counter
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import beamio, incremental
@@ -158,21 +152,21 @@ from pipelines import preprocess as pp
 from pipelines.beamio import beam  # imported quietly
 from pipelines.commit import (Ledger, journalled_commit, read_manifest, recover_commit, remove_stale_siblings,
                               resolve_output_dir, write_manifest)
-from pipelines.log_readers import (BadValue, JoinCatalog, ReadEvents, ReadTable, bad_record, context_value, match_files,
-                                   raw_key)
+from pipelines.example_writers import (EMBEDDING_COLUMN, PARTS_DIR, ConcatSplit, WriteShard, examples_schema,
+                                      write_item_info)
+from pipelines.log_readers import JoinCatalog, ReadEvents, ReadTable, match_files, raw_key
 from pipelines.logs_config import LogsConfig, LogsConfigError
+from pipelines.user_examples import SPLITS, MakeExamples, UserEvents, shard_of
 from pipelines.validation import PreprocessError, one_line
+from pipelines.vocabularies import (OOV_ID, FirstError, MergeDicts, build_contexts, build_items, indexed, vocabulary,
+                                    write_vocab)
 from qin_tf.spec import SpecError
 
-SPLITS = ("train", "valid", "test")
 VOCAB_DIR = "vocab"
 DATASET_CONFIG_FILENAME = "dataset_config.json"
 ITEM_INFO_FILENAME = "item_info.parquet"
-PADDING_ID, OOV_ID = 0, 1
-EMBEDDING_COLUMN = "item_emb_d128"
 _ERROR_FILE = "_error.json"
 _STATS_PART = "_stats.json"
-_PARTS_DIR = "_parts"
 MANIFEST_FILENAME = "build_examples_manifest.json"
 #: The output's manifest lists every file a run wrote (``vocab/item_id.txt``, ...): a rerun replaces
 #: exactly those and keeps every other file, in ``vocab/`` too (:func:`pipelines.commit.journalled_commit`).
@@ -182,478 +176,6 @@ _LEGACY_FILES = {*(f"{s}.parquet" for s in ("train", "valid", "test")), ITEM_INF
                  "stats.json"}
 _REFUSED = "_refused.json"  # a config value the data makes impossible (negatives.per_positive)
 _ITEM_ERROR = "_item_error.json"  # the item table cannot be written (vectors of differing widths)
-
-
-# --------------------------------------------------------------------------
-# Per user (in workers)
-# --------------------------------------------------------------------------
-
-
-class UserEvents(beam.DoFn):
-    """(user, {events: [[event...]...], user: [values]}) -> (user, record) after sorting, deduplication,
-    the split and the histories; training-period counts on side outputs.
-
-    A record is ``{"examples": [(split, t, item, label, history, context)], "items": set of raw items}``.
-    """
-
-    def __init__(self, cfg: LogsConfig, files: dict[int, str], resume: dict | None = None):
-        self.cfg, self._files = cfg, files
-        self.end = resume.get("end_time") if resume else None  # incremental: the previous build's end
-
-    def process(self, element, catalog_ids=None):
-        yield from self._process(element, catalog_ids)
-
-    def _process(self, element, catalog_ids):
-        user, groups = element
-        cfg = self.cfg
-        events = [e for part in groups["events"] for e in part]
-        prev = incremental.previous_of(groups)  # incremental: the user's state from --previous
-        if not events:
-            if prev is not None:
-                yield beam.pvalue.TaggedOutput("state", (user, prev))
-            return  # a user-table row without events
-        stats = Counter()
-        drops = Counter()
-        events.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
-        late = incremental.late_event(events, self.end, self._files, cfg.events.time)
-        if late is not None:
-            yield beam.pvalue.TaggedOutput("late", late)
-            return
-        if cfg.events.time:
-            events = self._without_duplicates(events, prev, drops)
-        bad = []
-        if catalog_ids is not None:
-            events = self._known_items(events, catalog_ids, drops, bad)
-        user_ctx = self._user_context(groups["user"], stats, bad)
-        for b in bad:
-            yield beam.pvalue.TaggedOutput("bad", b)
-        if not events:
-            yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
-            if prev is not None:
-                yield beam.pvalue.TaggedOutput("state", (user, prev))
-            return
-        in_history = [e for e in events if e[5] == 1 or cfg.history_events == "all"]
-        examples, train_items, train_ctx = self._examples(events, in_history, user_ctx, prev, drops)
-        stats["events_out"] += len(examples)
-        stats["users_in"] += 1
-        stats["users_out"] += int(bool(examples))
-        yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
-        yield beam.pvalue.TaggedOutput("item_counts", list(train_items.items()))
-        yield beam.pvalue.TaggedOutput("ctx_counts", list(train_ctx.items()))
-        yield beam.pvalue.TaggedOutput("state", (user, incremental.next_state(cfg, prev, in_history, events)))
-        if examples:
-            yield user, {"examples": examples, "items": sorted(incremental.all_items(prev, events), key=raw_key)}
-
-    @staticmethod
-    def _without_duplicates(events: list, prev, drops: Counter) -> list:
-        """The events but a second one with the same item and time (``duplicate_event``), the previous
-        build's last events included (incremental)."""
-        seen, kept = incremental.seen_at_end(prev), []
-        for e in events:
-            if (e[4], e[0]) in seen:
-                drops["duplicate_event"] += 1
-                continue
-            seen.add((e[4], e[0]))
-            kept.append(e)
-        return kept
-
-    def _known_items(self, events: list, catalog_ids, drops: Counter, bad: list) -> list:
-        """The events whose item has a catalog row; the others are dropped (``unknown_item``) or bad rows."""
-        cfg, kept = self.cfg, []
-        for e in events:
-            if e[4] in catalog_ids:
-                kept.append(e)
-            elif cfg.unknown_items == "drop":
-                drops["unknown_item"] += 1
-            else:  # fail
-                bad.append(bad_record(self._files[e[1]], e[1], e[2], cfg.events.item, "unknown_item",
-                                      f"item {e[4]!r} has no catalog row (\"unknown_items\": \"fail\")"))
-        return kept
-
-    def _user_context(self, user_rows: list, stats: Counter, bad: list) -> tuple:
-        """The user's context values from the first of its user-table rows (all None without one)."""
-        cfg = self.cfg
-        if cfg.users is None:
-            return ()
-        rows = sorted(user_rows, key=lambda r: (r[1], r[2]))
-        if not rows:
-            stats["users_without_user_row"] += 1
-            return (None,) * len(cfg.users.context)
-        try:
-            return tuple(context_value(rows[0][3].get(c.column), c) for c in cfg.users.context)
-        except BadValue as b:
-            bad.append(bad_record(rows[0][0], rows[0][1], rows[0][2], b.column, b.reason, b.text))
-            return (None,) * len(cfg.users.context)
-
-    def _split_of(self, keys: list, events: list):
-        """``key -> split`` for this user's events (leave-last-out: by its last two positives; else by time)."""
-        cfg = self.cfg
-        if cfg.split != "leave_last_out":
-            return lambda k: "test" if k[0] >= cfg.test_from else "valid" if k[0] >= cfg.valid_from else "train"
-        pos_keys = [k for k, e in zip(keys, events) if e[5] == 1]
-        test_from = pos_keys[-1] if pos_keys else None
-        valid_from = pos_keys[-2] if len(pos_keys) > 1 else None
-
-        def split_of(k):
-            if test_from is not None and k >= test_from:
-                return "test"
-            if valid_from is not None and k >= valid_from:
-                return "valid"
-            return "train"
-        return split_of
-
-    def _examples(self, events: list, in_history: list, user_ctx: tuple, prev, drops: Counter):
-        """``(examples, training item counts, training context counts)`` of the user's sorted events."""
-        cfg = self.cfg
-        keys = [(e[0], e[1], e[2], e[3]) for e in events]
-        split_of = self._split_of(keys, events)
-        # Strictly earlier: by time when the log has one (equal timestamps never see each other), else by order.
-        hkeys = [e[0] for e in in_history] if cfg.events.time else [(e[0], e[1], e[2], e[3]) for e in in_history]
-        examples = []
-        train_items = Counter()
-        train_ctx = Counter()
-        for k, e in zip(keys, events):
-            split = split_of(k)
-            ctx = e[6] + user_ctx
-            if split == "train":
-                train_items[e[4]] += 1
-                for name, v in zip(cfg.categorical_context, ctx):
-                    if v is not None:
-                        train_ctx[(name, v)] += 1
-            n = bisect.bisect_left(hkeys, e[0] if cfg.events.time else k)
-            hist = incremental.earlier(prev, e[0], bool(cfg.events.time)) + [h[4] for h in in_history[:n]]
-            if cfg.history_duplicates == "last":
-                hist = list(reversed(list(dict.fromkeys(reversed(hist)))))
-            hist = hist[-cfg.history_max_len:]
-            if len(hist) < cfg.history_min_len:
-                drops["empty_history"] += 1
-                continue
-            examples.append((split, e[0], e[4], e[5], hist, ctx))
-        return examples, train_items, train_ctx
-
-
-def _stable_seed(seed: int, user) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}\x00{user!r}".encode(), digest_size=8).digest(), "little")
-
-
-def _shard_of(user, shards: int) -> int:
-    return _stable_seed(0, user) % shards
-
-
-class MakeExamples(beam.DoFn):
-    """(user, record) -> ((split, shard), (sort key, row)) with dense ids, levels and sampled negatives.
-
-    Work that runs long (many negatives per positive) says how far it got on
-    stderr every :attr:`PROGRESS_S` seconds.
-    """
-
-    PROGRESS_S = 30.0
-
-    def __init__(self, cfg: LogsConfig):
-        self.cfg = cfg
-        self._users, self._said = 0, None
-
-    def _progress(self):
-        self._users += 1
-        now = time.monotonic()
-        if self._said is None:
-            self._said = now
-        elif now - self._said >= self.PROGRESS_S:
-            self._said = now
-            # sys.__stderr__: the launcher keeps the runner's own printing off sys.stderr while it runs
-            print(f"build_examples: making examples: {self._users:,} users done by this worker "
-                  f"({self.cfg.negatives_per_positive:,} negatives per positive)", file=sys.__stderr__, flush=True)
-
-    def process(self, element, items, contexts, users):
-        # An impossible negatives.per_positive: nothing is made, the launcher reports it.
-        yield from () if items.get("refused") else self._process(element, items, contexts, users)
-
-    def _process(self, element, items, contexts, users):
-        self._progress()
-        user, rec = element
-        cfg = self.cfg
-        dense = items["dense"]
-        level = items["level"]
-        uid = user if users is None else users["dense"].get(user, OOV_ID)
-        n_ids = len(items["order"]) + 2
-        stats = {s: Counter() for s in SPLITS}
-        hist_len = {s: Counter() for s in SPLITS}
-        own = {dense.get(x, OOV_ID) for x in rec["items"]}
-        rng = np.random.default_rng(_stable_seed(cfg.seed, user)) if cfg.sample_negatives else None
-        shard = _shard_of(user, cfg.shards)
-        for i, (split, t, item, label, hist, ctx) in enumerate(rec["examples"]):
-            target = dense.get(item, OOV_ID)
-            seq = [dense.get(h, OOV_ID) for h in hist]
-            cvals = [contexts[name]["dense"].get(v, OOV_ID) if v is not None else PADDING_ID
-                     for name, v in zip(cfg.categorical_context, ctx)]
-            rows = [(target, label)]
-            if rng is not None and label == 1:
-                for neg in self._negatives(rng, own, n_ids, items):
-                    rows.append((neg, 0))
-                if len(rows) - 1 < cfg.negatives_per_positive:
-                    stats[split]["negatives_unavailable"] += cfg.negatives_per_positive - (len(rows) - 1)
-            for j, (tgt, lab) in enumerate(rows):
-                row = {"user_id": uid, "item_seq": seq}
-                if cfg.popularity_level:
-                    if split == "train" and j == 0 and tgt != OOV_ID:
-                        # The row's own event is one of the training-period counts: leave it out, so a
-                        # train target's level does not reveal that the row is an interaction.
-                        row[cfg.popularity_level] = int(popularity_levels(
-                            [items["counts"][tgt] - 1], items["edges"])[0])
-                    else:
-                        row[cfg.popularity_level] = int(level[tgt])
-                row.update(zip(cfg.categorical_context, cvals))
-                row["item_id"] = tgt
-                row["label"] = lab
-                stats[split]["rows"] += 1
-                stats[split]["positives"] += lab
-                stats[split]["sampled_negatives"] += int(j > 0)
-                stats[split]["target_oov"] += int(tgt == OOV_ID)
-                hist_len[split][str(len(seq))] += 1
-                yield (split, shard), (raw_key(user), i, j, row)
-        yield beam.pvalue.TaggedOutput("stats", {"splits": {s: {**dict(stats[s]), "history_lengths": dict(hist_len[s])}
-                                                            for s in SPLITS}})
-
-    def _negatives(self, rng, own, n_ids, items):
-        """``min(per_positive, candidates)`` distinct dense ids in ``[2, n_ids)`` outside ``own``.
-
-        Draws one at a time and rejects what the user has or what was drawn, for at
-        most ``4 * k + 64`` draws; whatever is still missing then (a user who has
-        touched almost every item, or ``k`` near the vocabulary's size) is drawn
-        without replacement from the exact complement, vectorised. So it always ends,
-        in ``O(k + n_ids)``.
-        """
-        k = self.cfg.negatives_per_positive
-        candidates = n_ids - 2 - len([x for x in own if x >= 2])
-        want = min(k, candidates)
-        if want <= 0:
-            return []
-        out: list[int] = []
-        picked: set[int] = set()
-        popularity = self.cfg.negative_sampling == "popularity"
-        p = items["weights"] if popularity else None
-        for _ in range(4 * want + 64):
-            if len(out) == want:
-                return out
-            x = int(rng.choice(len(p), p=p)) + 2 if popularity else int(rng.integers(2, n_ids))
-            if x not in own and x not in picked:
-                out.append(x)
-                picked.add(x)
-        if len(out) < want:
-            rest = np.setdiff1d(np.arange(2, n_ids, dtype=np.int64),
-                                np.fromiter(own | picked, np.int64, len(own | picked)), assume_unique=True)
-            w = None
-            if popularity:
-                w = np.asarray(p, np.float64)[rest - 2]
-                w = w / w.sum()
-            out += [int(x) for x in rng.choice(rest, size=want - len(out), replace=False, p=w)]
-        return out
-
-
-# --------------------------------------------------------------------------
-# Global statistics (combiners' results -> vocabularies)
-# --------------------------------------------------------------------------
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict):
-            out[k] = _merge(out.get(k, {}), v)
-        else:
-            out[k] = out.get(k, 0) + v
-    return out
-
-
-class MergeDicts(beam.CombineFn):
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, x):
-        return _merge(acc, x)
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for a in accs:
-            out = _merge(out, a)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-class FirstError(beam.CombineFn):
-    """The first bad row in file order (schema-level problems, row None, first)."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, x):
-        return x if acc is None or x["order"] < acc["order"] else acc
-
-    def merge_accumulators(self, accs):
-        out = None
-        for a in accs:
-            if a is not None:
-                out = self.add_input(out, a)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-def vocabulary(counts: dict, min_count: int, always=()) -> list:
-    """Raw ids by count descending, ties by raw id: those with ``count >= min_count`` or in ``always``."""
-    always = set(always)
-    keep = [x for x, n in counts.items() if n >= min_count or x in always]
-    keep += [x for x in always if x not in counts]
-    return sorted(set(keep), key=lambda x: (-counts.get(x, 0), raw_key(x)))
-
-
-def _indexed(order: list) -> dict:
-    """``{"order": raw ids, "dense": raw id -> dense id}`` (line n of the file = dense id n + 1)."""
-    return {"order": order, "dense": {x: i + 2 for i, x in enumerate(order)}}
-
-
-def popularity_edges(counts: np.ndarray) -> np.ndarray:
-    """The 9 decile edges of the positive counts (the items' count quantiles); empty when no count is positive."""
-    seen = counts[counts > 0]
-    return np.quantile(seen, np.linspace(0.1, 0.9, 9)) if len(seen) else np.zeros(0)
-
-
-def popularity_levels(counts: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
-    """Decile 1..10 of each count among the positive counts (by the items' count quantiles); 0 where 0."""
-    counts = np.asarray(counts)
-    edges = popularity_edges(counts) if edges is None else np.asarray(edges)
-    out = np.zeros(len(counts), np.int64)
-    seen = counts > 0
-    if seen.any():
-        out[seen] = 1 + np.searchsorted(edges, counts[seen], side="left")
-    return out
-
-
-def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig, previous: list | None = None) -> dict:
-    counts = dict(item_counts)
-    order = incremental.appended(previous, vocabulary(counts, cfg.item_min_count, always=catalog_ids))
-    dense = {x: i + 2 for i, x in enumerate(order)}
-    c = np.zeros(len(order) + 2, np.float64)
-    for x, i in dense.items():
-        c[i] = counts.get(x, 0)
-    k = cfg.negatives_per_positive
-    refused = None
-    if cfg.sample_negatives and order and k >= len(order):  # (no item at all: no row has a negative)
-        refused = (f"{cfg.path}: negatives.per_positive must be below the item vocabulary's size "
-                   f"({len(order):,} items; a positive's own item is never its negative). Received: {k:,}")
-    weights = c[2:] + 1.0  # popularity sampling: training count + 1 (unseen items stay drawable)
-    edges = popularity_edges(c)
-    return {"order": order, "dense": dense, "counts": c.astype(np.int64).tolist(), "edges": edges.tolist(),
-            "level": popularity_levels(c, edges).tolist(),
-            "weights": weights / weights.sum() if len(order) else weights, "refused": refused}
-
-
-def build_contexts(ctx_counts: list, cfg: LogsConfig, previous: dict | None = None) -> dict:
-    per: dict[str, dict] = {n: {} for n in cfg.categorical_context}
-    for (name, v), n in ctx_counts:
-        per[name][v] = per[name].get(v, 0) + n
-    out = {}
-    for name, counts in per.items():
-        out[name] = _indexed(incremental.appended((previous or {}).get(name),
-                                                  vocabulary(counts, cfg.context_min_count)))
-    return out
-
-
-def write_vocab(path: str, order):
-    beamio.write_text(path, "".join(f"{x}\n" for x in order))
-
-
-def read_vocab(path: str, dtype: str = "string") -> list:
-    """The raw ids of a vocabulary file (line n = dense id n + 1)."""
-    lines = beamio.read_text(path).split("\n")[:-1]
-    return [int(x) for x in lines] if dtype == "int64" else lines
-
-
-# --------------------------------------------------------------------------
-# Writers (in workers)
-# --------------------------------------------------------------------------
-
-
-def _examples_schema(cfg: LogsConfig) -> pa.Schema:
-    fields = [pa.field("user_id", pa.int64()), pa.field("item_seq", pa.list_(pa.int64()))]
-    fields += [pa.field(n, pa.int64()) for n in cfg.context_names]
-    fields += [pa.field("item_id", pa.int64()), pa.field("label", pa.int64())]
-    return pa.schema(fields)
-
-
-class WriteShard(beam.DoFn):
-    """((split, shard), rows) -> (split, (shard, part path)): the shard's rows sorted by user, time."""
-
-    def __init__(self, cfg: LogsConfig, work_dir: str):
-        self.cfg, self.work_dir = cfg, work_dir
-
-    def process(self, element):
-        (split, shard), rows = element
-        rows = sorted(rows, key=lambda r: r[:3])
-        schema = _examples_schema(self.cfg)
-        table = pa.Table.from_pylist([r[3] for r in rows], schema=schema)
-        path = beamio.join(self.work_dir, _PARTS_DIR, f"{split}-{shard:05d}.parquet")
-        with beamio.create(path) as f:
-            pq.write_table(table, f, compression="zstd")
-        yield split, (shard, path)
-
-
-class ConcatSplit(beam.DoFn):
-    """(split, parts) -> the split's one parquet file, the parts streamed in shard order."""
-
-    def __init__(self, cfg: LogsConfig, work_dir: str):
-        self.cfg, self.work_dir = cfg, work_dir
-
-    def process(self, element):
-        split, parts = element
-        schema = _examples_schema(self.cfg)
-        with beamio.create(beamio.join(self.work_dir, f"{split}.parquet")) as f:
-            with pq.ParquetWriter(f, schema, compression="zstd") as w:
-                for _, path in sorted(parts):
-                    with beamio.open_read(path) as src:
-                        for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
-                            w.write_batch(batch)
-        for _, path in parts:
-            beamio.delete(path)
-        yield split
-
-
-def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
-    """Item table: row i = dense item i; rows not given (padding, OOV, no catalog row) are empty.
-
-    ``rows``: ``(dense id, tag ids, vector or None[, where])``; ``where`` (the
-    vector's file, row and column) names both vectors when widths differ: the
-    width is that of the lowest dense id's vector.
-    """
-    rows = sorted(rows, key=lambda r: r[0])
-    first = next((r for r in rows if r[2] is not None and r[0] >= 2), None)
-    dim = len(first[2]) if first is not None else 1
-    tags = np.zeros((n_ids, tag_width), np.int64)
-    emb = np.zeros((n_ids, dim), np.float32)
-    for r in rows:
-        i, t, v = r[:3]
-        if i < 2:
-            continue  # OOV / unmapped items carry nothing
-        if t:
-            tags[i, tag_width - len(t):] = t
-        if v is not None:
-            if len(v) != dim:
-                at = r[3] if len(r) > 3 and r[3] else None
-                ref = first[3] if len(first) > 3 and first[3] else None
-                raise PreprocessError(f"{at + ': ' if at else ''}the item vector has width {len(v)}, but "
-                                      f"{'the one at ' + ref if ref else 'another'} has width {dim}; every vector "
-                                      "must have the same width")
-            emb[i] = v
-    table = pa.table({
-        "item_id": pa.array(np.arange(n_ids, dtype=np.int64)),
-        "item_tags": pa.FixedSizeListArray.from_arrays(pa.array(tags.ravel()), tag_width).cast(pa.list_(pa.int64())),
-        EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim).cast(pa.list_(pa.float32())),
-    })
-    with beamio.create(path) as f:
-        pq.write_table(table, f, compression="zstd")
 
 
 # --------------------------------------------------------------------------
@@ -684,7 +206,7 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
                                           | "PrevVocabs" >> beam.Map(incremental.read_vocabularies))
     vocabs = _vocabularies(p, cfg, per_user, catalog, catalog_list, prev_vocabs, resume)
     incremental.write_state(p, cfg, resume, work_dir, per_user.state, vocabs["item_counts"], vocabs["ctx_counts"],
-                            _shard_of)
+                            shard_of)
     _ = (per_user.late | "FirstLate" >> beam.CombineGlobally(FirstError())
          | "WriteLate" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, incremental.LATE_FILE),
                                                                   json.dumps(e))))
@@ -761,13 +283,13 @@ def _vocabularies(p, cfg: LogsConfig, per_user, catalog, catalog_list, prev_voca
     users = p | "NoUserVocab" >> beam.Create([None])
     if cfg.id_dtype == "string":  # string user ids: the output's user_id is a dense id (meta only)
         users = (per_user.records | "UserKeys" >> beam.Keys() | "UserList" >> beam.combiners.ToList()
-                 | "UserVocab" >> beam.Map(lambda us, prev: _indexed(incremental.appended(
+                 | "UserVocab" >> beam.Map(lambda us, prev: indexed(incremental.appended(
                      (prev or {}).get("user_id"), sorted(us, key=raw_key))), prev=prev_vocabs))
     tag_vocab = p | "NoTags" >> beam.Create([{"order": [], "dense": {}}])
     if cfg.catalog is not None and cfg.catalog.tags is not None:
         tag_vocab = (catalog | "TagsOfItems" >> beam.FlatMap(lambda kv: [(t, 1) for t in kv[1][0]])
                      | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
-                     | "TagVocab" >> beam.Map(lambda c, prev: _indexed(incremental.appended(
+                     | "TagVocab" >> beam.Map(lambda c, prev: indexed(incremental.appended(
                          (prev or {}).get("tags"), vocabulary(dict(c), cfg.catalog.tags.min_count))), prev=prev_vocabs))
     return {"items": items, "contexts": contexts, "users": users, "tags": tag_vocab, "item_counts": item_counts,
             "ctx_counts": ctx_counts}
@@ -986,7 +508,7 @@ def build_examples(config, output_dir: str, *, beam_options=None, previous: str 
     beamio.makedirs(work_dir)
     try:
         write_manifest(work_dir, None, LEDGER)  # marks our temporary dir
-        beamio.makedirs(beamio.join(work_dir, _PARTS_DIR))
+        beamio.makedirs(beamio.join(work_dir, PARTS_DIR))
         p = beam.Pipeline(options=opts)
         _build_pipeline(p, cfg, files, work_dir, resume)
         run_pipeline(p)
@@ -1012,12 +534,12 @@ def build_examples(config, output_dir: str, *, beam_options=None, previous: str 
             path = beamio.join(work_dir, f"{s}.parquet")
             if not beamio.exists(path):
                 with beamio.create(path) as f:
-                    pq.write_table(_examples_schema(cfg).empty_table(), f)
+                    pq.write_table(examples_schema(cfg).empty_table(), f)
         if not beamio.exists(beamio.join(work_dir, ITEM_INFO_FILENAME)):  # no catalog: ids only
             write_item_info(beamio.join(work_dir, ITEM_INFO_FILENAME), vocab["items"]["vocabulary"] + 2, [],
                             cfg.catalog.tags.max_tags if cfg.catalog and cfg.catalog.tags else 1)
         stats = _final_stats(cfg, files, raw, vocab, bad)
-        beamio.delete(beamio.join(work_dir, _PARTS_DIR))
+        beamio.delete(beamio.join(work_dir, PARTS_DIR))
         for name in (_STATS_PART, "_vocab.json", "_bad.json"):
             beamio.delete(beamio.join(work_dir, name))
         beamio.write_text(beamio.join(work_dir, DATASET_CONFIG_FILENAME),

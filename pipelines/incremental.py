@@ -309,7 +309,8 @@ def read_vocabularies(resume: dict | None) -> dict | None:
     """``{vocabulary name: raw ids in order}`` of the previous build (its ``dataset_config.json``'s files)."""
     if resume is None:
         return None
-    from pipelines.build_examples import DATASET_CONFIG_FILENAME, read_vocab
+    from pipelines.build_examples import DATASET_CONFIG_FILENAME
+    from pipelines.vocabularies import read_vocab
 
     cfg_path = beamio.join(resume["dir"], DATASET_CONFIG_FILENAME)
     try:

@@ -109,7 +109,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from pipelines import build_examples as be  # noqa: E402  (imports Beam quietly)
-from pipelines import beamio, log_readers  # noqa: E402
+from pipelines import beamio, log_readers, vocabularies  # noqa: E402
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source  # noqa: E402
 from pipelines.validation import PreprocessError, one_line  # noqa: E402
 
@@ -426,7 +426,7 @@ def raw_split_rows(examples_dir: str, split: str, removed: set, *, level_name: s
         raise SimulationError(f"{cfg_path}: no split `{split}`; it has {sorted(cfg.splits)}")
     tables = {}
     for name, v in cfg.vocabularies.items():
-        words = be.read_vocab(os.path.join(examples_dir, v["path"]), v.get("dtype", "string"))
+        words = vocabularies.read_vocab(os.path.join(examples_dir, v["path"]), v.get("dtype", "string"))
         if v.get("dtype", "string") == "int64":
             unknown = max([*words, *(x for x in removed if isinstance(x, int)), 0]) + 1
         else:

@@ -43,8 +43,7 @@ def train_counts(config_path: str) -> Counter:
     """``(user, item) -> training-period events`` by build_examples' own reader and per-user split."""
     from apache_beam.pvalue import TaggedOutput
 
-    from pipelines import build_examples as be
-    from pipelines import log_readers
+    from pipelines import log_readers, user_examples
     from pipelines.logs_config import LogsConfig
 
     cfg = LogsConfig.load(config_path)
@@ -56,7 +55,7 @@ def train_counts(config_path: str) -> Counter:
                 per_user.setdefault(x[0], []).append(x[1])
     counts: Counter = Counter()
     for user, parts in per_user.items():
-        for x in be.UserEvents(cfg, dict(enumerate(files))).process((user, {"events": parts, "user": []})):
+        for x in user_examples.UserEvents(cfg, dict(enumerate(files))).process((user, {"events": parts, "user": []})):
             if isinstance(x, TaggedOutput) and x.tag == "item_counts":
                 counts.update({(user, item): n for item, n in x.value})
     return counts
