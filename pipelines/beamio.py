@@ -44,6 +44,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.validation import PreprocessError, beam_failure, beam_worker_errors_unlogged, unwrap_beam_error
 
 
+# --------------------------------------------------------------------------
+# Files (through Beam's FileSystems: local paths, gs://, s3://, hdfs://)
+# --------------------------------------------------------------------------
+
+
 def is_local(path: str) -> bool:
     return FileSystems.get_scheme(path) is None
 
@@ -58,12 +63,14 @@ def join(base: str, *parts: str) -> str:
 
 
 def create(path: str):
+    """A new file at ``path``, open for writing bytes."""
     if is_local(path):
         return open(path, "wb")
     return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def open_read(path: str):
+    """The file at ``path``, open for reading bytes."""
     if is_local(path):
         return open(path, "rb")
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
@@ -134,6 +141,11 @@ def read_text(path: str) -> str:
         return f.read().decode("utf-8")
 
 
+# --------------------------------------------------------------------------
+# Beam options
+# --------------------------------------------------------------------------
+
+
 #: The embedded worker's timed flush interval we set (ms): longer than any run, so no timed flush happens.
 _NO_TIMED_FLUSH_MS = 2 ** 31
 
@@ -198,6 +210,11 @@ def pipeline_options(beam_options=None) -> PipelineOptions:
         bad = stray + ["--" + u for u in unknown]
         raise PreprocessError(f"unknown arguments {bad}: neither preprocess flags nor Beam pipeline options")
     return opts
+
+
+# --------------------------------------------------------------------------
+# Running a pipeline
+# --------------------------------------------------------------------------
 
 
 def run_pipeline(p, errors: Sequence[type], failure: type, stopped: type = RuntimeError):
