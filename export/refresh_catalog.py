@@ -5,7 +5,7 @@
 
 reads the item catalog the way ``pipelines.build_examples`` reads it (the
 log config's ``catalog`` section, parsed by
-:func:`pipelines.build_examples.read_catalog`; ``--catalog`` / ``--vectors``
+:func:`pipelines.log_readers.read_catalog`; ``--catalog`` / ``--vectors``
 replace the files that section names) and writes a NEW numbered version next
 to the newest one in ``--export_base`` (TF Serving, and ``export.local_server``,
 pick it up without a restart). The model is the training run's
@@ -158,7 +158,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
         model_dir: the training run (``best.keras``, ``feature_spec.json`` with vocabularies).
         export_base: the TF Serving model base path holding the versions exported from it.
         catalog: ``{raw item id: (raw tags, vector or None)}``, as
-            :func:`pipelines.build_examples.read_catalog` returns it.
+            :func:`pipelines.log_readers.read_catalog` returns it.
         version: the new version's number; default: one more than the newest.
         model_name: ``model_spec.name`` of the warmup requests.
         log: a callable taking one line (what was added and changed).
@@ -257,7 +257,7 @@ def main(argv):
     del argv
     from absl import flags
 
-    from pipelines.build_examples import read_catalog
+    from pipelines.log_readers import read_catalog
     from pipelines.logs_config import LogsConfig, LogsConfigError
     from pipelines.validation import PreprocessError
 

@@ -130,7 +130,7 @@ file. The vocabularies reach the workers as side inputs, so a worker holds
 one user's events plus the vocabularies (and the item-table writer holds the
 item table). Nothing is half written: the output is built in
 ``{output_dir}.tmp-*``, then its files are renamed into place one by one under
-a journal (:func:`pipelines.preprocess.journalled_commit`), which the next run
+a journal (:func:`pipelines.commit.journalled_commit`), which the next run
 completes if this one is killed meanwhile. ``build_examples_manifest.json``
 lists every file written (``vocab/item_id.txt``, ...): a rerun replaces exactly
 those and keeps every other file, refusing one that has the name of a file it
@@ -139,45 +139,38 @@ would write. A symbolic link as ``output_dir`` is followed.
 
 from __future__ import annotations
 
-import bisect
-import csv
-import datetime
-import hashlib
 import json
 import logging
 import os
-import sys
 import time
 import uuid
-from collections import Counter
-from typing import Any, Iterator
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import incremental
-from pipelines import preprocess as pp  # Beam import (quietly), file helpers, options, atomic commit
-from pipelines.logs_config import LogsConfig, LogsConfigError, Source
-from pipelines.validation import (PreprocessError, beam_failure, beam_worker_errors_unlogged,
-                                  unwrap_beam_error, where)
-from qin_tf.spec import RAW_ID_RULE, SpecError, raw_id_problem
+from pipelines import beamio, incremental
+from pipelines import preprocess as pp
+from pipelines.beamio import beam  # imported quietly
+from pipelines.commit import (Ledger, journalled_commit, read_manifest, recover_commit, remove_stale_siblings,
+                              resolve_output_dir, write_manifest)
+from pipelines.example_writers import (EMBEDDING_COLUMN, PARTS_DIR, ConcatSplit, WriteShard, examples_schema,
+                                      write_item_info)
+from pipelines.log_readers import JoinCatalog, ReadEvents, ReadTable, match_files, raw_key
+from pipelines.logs_config import LogsConfig, LogsConfigError
+from pipelines.user_examples import SPLITS, MakeExamples, UserEvents, shard_of
+from pipelines.validation import PreprocessError, one_line
+from pipelines.vocabularies import (OOV_ID, FirstError, MergeDicts, build_contexts, build_items, indexed, vocabulary,
+                                    write_vocab)
+from qin_tf.spec import SpecError
 
-beam = pp.beam
-
-SPLITS = ("train", "valid", "test")
 VOCAB_DIR = "vocab"
 DATASET_CONFIG_FILENAME = "dataset_config.json"
 ITEM_INFO_FILENAME = "item_info.parquet"
-PADDING_ID, OOV_ID = 0, 1
-EMBEDDING_COLUMN = "item_emb_d128"
 _ERROR_FILE = "_error.json"
 _STATS_PART = "_stats.json"
-_PARTS_DIR = "_parts"
 MANIFEST_FILENAME = "build_examples_manifest.json"
 #: The output's manifest lists every file a run wrote (``vocab/item_id.txt``, ...): a rerun replaces
-#: exactly those and keeps every other file, in ``vocab/`` too (:func:`pipelines.preprocess.journalled_commit`).
-LEDGER = pp.Ledger(tool="pipelines.build_examples", manifest=MANIFEST_FILENAME, marker=DATASET_CONFIG_FILENAME)
+#: exactly those and keeps every other file, in ``vocab/`` too (:func:`pipelines.commit.journalled_commit`).
+LEDGER = Ledger(tool="pipelines.build_examples", manifest=MANIFEST_FILENAME, marker=DATASET_CONFIG_FILENAME)
 #: The top-level files of an output written before manifests (its vocabularies: those its dataset config names).
 _LEGACY_FILES = {*(f"{s}.parquet" for s in ("train", "valid", "test")), ITEM_INFO_FILENAME, DATASET_CONFIG_FILENAME,
                  "stats.json"}
@@ -186,971 +179,98 @@ _ITEM_ERROR = "_item_error.json"  # the item table cannot be written (vectors of
 
 
 # --------------------------------------------------------------------------
-# Reading rows (in workers)
-# --------------------------------------------------------------------------
-
-
-class _Bad(Exception):
-    def __init__(self, column, reason, text):
-        super().__init__(text)
-        self.column, self.reason, self.text = column, reason, text
-
-
-class _FileError(_Bad):
-    """The file's fault, not a row's (bytes that are not UTF-8): an error whatever ``on_bad_row`` says."""
-
-    def __init__(self, column, reason, text, row):
-        super().__init__(column, reason, text)
-        self.row = row
-
-
-def _bad_record(path, fidx, row, column, reason, text, fatal=False):
-    out = {"order": [fidx, -1 if row is None else row], "file": path, "row": row, "column": column,
-           "reason": reason, "message": f"{where(path, row, column)}: {text}"}
-    return {**out, "fatal": True} if fatal else out
-
-
-class _Lines:
-    """The lines of a binary text file, decoded as UTF-8; the first line that is not UTF-8 is remembered.
-
-    Such a line is still yielded (its bad bytes as surrogate escapes) so that the
-    reader can say which row and column hold them; it then stops with
-    :func:`_not_utf8`. Bytes that do not decode are the file's fault, not a
-    row's: an error whatever ``on_bad_row`` says (as in :mod:`pipelines.preprocess`).
-    """
-
-    def __init__(self, raw):
-        self.raw, self.bad = raw, None
-
-    def __iter__(self):
-        for n, b in enumerate(self.raw):
-            try:
-                yield b.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if self.bad is None:
-                    self.bad = (n, f"byte 0x{b[e.start]:02x} at offset {e.start} of line {n + 1}")
-                yield b.decode("utf-8", "surrogateescape")
-
-
-def _has_bad_bytes(value) -> bool:
-    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
-
-
-def _not_utf8(path: str, row, values: dict | None, lines: _Lines):
-    """Stops reading a file that is not UTF-8, naming its row, the column holding the bytes and the byte."""
-    column = next((c for c, v in (values or {}).items() if _has_bad_bytes(v)), None)
-    raise _FileError(column, "not_utf8", f"not UTF-8 text ({lines.bad[1]})", row)
-
-
-def _read_rows(path: str, src: Source, columns: list[str]) -> Iterator[tuple[int, dict]]:
-    """Yields ``(0-based row, {column: value})``; raises _Bad(column, 'missing_column') for a missing column."""
-    if src.format == "parquet":
-        pf = pq.ParquetFile(path if pp._is_local(path) else pp._open(path))
-        missing = [c for c in columns if c not in pf.schema_arrow.names]
-        if missing:
-            raise _Bad(missing[0], "missing_column", f"no such column (the file has {pf.schema_arrow.names})")
-        row = 0
-        for batch in pf.iter_batches(batch_size=8192, columns=columns, use_threads=False):
-            cols = {c: batch.column(c).to_pylist() for c in columns}
-            for i in range(batch.num_rows):
-                yield row + i, {c: cols[c][i] for c in columns}
-            row += batch.num_rows
-        return
-    with pp._open(path) as raw:
-        text = _Lines(raw)
-        if src.format == "jsonl":
-            for row, line in enumerate(text):
-                if text.bad is not None:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        obj = None
-                    _not_utf8(path, row, obj if isinstance(obj, dict) else None, text)
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield row, _Bad(None, "unparseable_row", f"not a JSON object: {e}")
-                    continue
-                yield row, {c: obj.get(c) if isinstance(obj, dict) else None for c in columns}
-            return
-        reader = csv.reader(text, delimiter=src.delimiter)
-        names = next(reader, None) if src.header else None
-        if text.bad is not None:
-            raise _FileError(None, "not_utf8", f"the header is not UTF-8 text ({text.bad[1]})", None)
-        if src.header:
-            names = names or []
-            missing = [c for c in columns if c not in names]
-            if missing:
-                raise _Bad(missing[0], "missing_column", f"no such column (the header has {names})")
-            index = {c: names.index(c) for c in columns}
-        else:
-            index = {c: int(c) for c in columns}
-        for row, fields in enumerate(reader):
-            if text.bad is not None:
-                _not_utf8(path, row, dict(zip(names, fields)) if names else
-                          {str(i): f for i, f in enumerate(fields)}, text)
-            if not fields:
-                continue
-            yield row, {c: (fields[i] if i < len(fields) and fields[i] != "" else None) for c, i in index.items()}
-
-
-#: The reason (``stats.json``'s ``bad_rows`` key) of an id, tag or context value that breaks
-#: :data:`qin_tf.spec.RAW_ID_RULE`.
-BAD_RAW_ID = "bad_raw_id"
-
-
-def _check_raw(value, column: str):
-    """``value`` if it keeps the raw-id rule (a vocabulary file round-trips it), else a bad row."""
-    why = raw_id_problem(value)
-    if why is not None:
-        raise _Bad(column, BAD_RAW_ID, f"{why}; {RAW_ID_RULE}")
-    return value
-
-
-def _parse_id(value, dtype: str, column: str):
-    """A raw user or item id: an int (``dtype`` int64) or a str, kept only if it keeps the raw-id rule."""
-    if value is None or (isinstance(value, float) and value != value):
-        raise _Bad(column, "null", "null value")
-    if dtype == "string":
-        return _check_raw(str(value), column)
-    if isinstance(value, bool):
-        raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r}")
-    if isinstance(value, int):
-        return _check_raw(value, column)
-    try:
-        if isinstance(value, float) and value.is_integer():
-            return _check_raw(int(value), column)
-        v = int(str(value).strip())
-    except (ValueError, OverflowError):
-        raise _Bad(column, "unparseable_id", f"not an int64 id: {value!r} (set \"id_dtype\": \"string\" "
-                                             "for string ids)") from None
-    return _check_raw(v, column)
-
-
-def _parse_time(value, column: str) -> float:
-    """Seconds (a finite float): from a number, a datetime or an ISO 8601 string; else a bad row.
-
-    ``nan`` and ``inf`` (as numbers or as text) are bad rows (``non_finite_time``): they
-    cannot be ordered, so such an event would land in other events' histories.
-    """
-    if value is None:
-        raise _Bad(column, "null", "null value")
-    if isinstance(value, datetime.datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return _finite_time(float(value), value, column)
-        except OverflowError:  # an int beyond a float
-            raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number") from None
-    s = str(value).strip()
-    try:
-        return _finite_time(float(s), value, column)
-    except (ValueError, OverflowError):
-        pass
-    try:
-        t = datetime.datetime.fromisoformat(s)
-    except ValueError:
-        raise _Bad(column, "unparseable_time", f"unparseable time {value!r} (a number or an ISO 8601 "
-                                               "date-time)") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=datetime.timezone.utc)
-    return t.timestamp()
-
-
-def _finite_time(t: float, value, column: str) -> float:
-    if t != t or t in (float("inf"), float("-inf")):
-        raise _Bad(column, "non_finite_time", f"time {value!r} is not a finite number")
-    return t
-
-
-_OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
-        "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
-
-
-def _parse_label(value, rule) -> int:
-    if value is None or (isinstance(value, float) and value != value):
-        raise _Bad(rule.column, "null", "null value")
-    if rule.binary:
-        v = str(value).strip().lower()
-        if v in ("1", "true", "1.0"):
-            return 1
-        if v in ("0", "false", "0.0"):
-            return 0
-        raise _Bad(rule.column, "bad_label", f"label must be 0 or 1, got {value!r}")
-    try:
-        x = float(value) if isinstance(rule.value, (int, float)) else str(value)
-    except ValueError:
-        raise _Bad(rule.column, "bad_label", f"not a number: {value!r}") from None
-    return int(_OPS[rule.op](x, rule.value))
-
-
-def _context_value(value, c) -> str | None:
-    """A context value as its raw string (None: missing); bucketed columns give the bucket index."""
-    if value is None or (isinstance(value, float) and value != value) or value == "":
-        return None
-    if c.buckets is not None:
-        try:
-            x = float(value)
-        except ValueError:
-            raise _Bad(c.column, "unparseable_value", f"not a number for the buckets: {value!r}") from None
-        return str(bisect.bisect_right(c.buckets, x))
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return _check_raw(str(value), c.column)  # a line of vocab/<context>.txt
-
-
-class ReadEvents(beam.DoFn):
-    """(file index, path) -> (user, [event, ...]) per batch of rows; bad rows and counts on side outputs.
-
-    An event is ``(t, file, row, pos, item, label, (context values...))``.
-    """
-
-    BATCH = 4096
-
-    def __init__(self, cfg: LogsConfig):
-        self.cfg = cfg
-
-    def process(self, element):
-        fidx, path = element
-        cfg, ev = self.cfg, self.cfg.events
-        pending: dict[Any, list] = {}
-        n_in = 0
-        bad_counts: Counter = Counter()
-
-        def bad(row, column, reason, text):
-            bad_counts[reason] += 1
-            return beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, column, reason, text))
-
-        try:
-            if ev.source.format == "sequences":
-                rows = self._sequence_rows(path)
-            else:
-                cols = [ev.user, ev.item] + ([ev.time] if ev.time else []) \
-                    + ([ev.label.column] if ev.label else []) + [c.column for c in ev.context]
-                rows = _read_rows(path, ev.source, list(dict.fromkeys(cols)))
-            for row, values in rows:
-                if isinstance(values, _Bad):
-                    n_in += 1
-                    yield bad(row, values.column, values.reason, values.text)
-                    continue
-                for pos, v in (values if isinstance(values, list) else [(0, values)]):
-                    n_in += 1
-                    try:
-                        user = _parse_id(v[ev.user], cfg.id_dtype, ev.user)
-                        item = _parse_id(v[ev.item], cfg.id_dtype, ev.item)
-                        t = _parse_time(v[ev.time], ev.time) if ev.time else 0.0
-                        label = _parse_label(v[ev.label.column], ev.label) if ev.label else 1
-                        ctx = tuple(_context_value(v[c.column], c) for c in ev.context)
-                    except _Bad as b:
-                        yield bad(row, b.column, b.reason, b.text)
-                        continue
-                    pending.setdefault(user, []).append((t, fidx, row, pos, item, label, ctx))
-                if len(pending) >= self.BATCH:
-                    yield from pending.items()
-                    pending = {}
-        except _Bad as b:  # schema-level (a missing column) or the file's bytes
-            bad_counts[b.reason] += 1
-            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
-                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
-        yield from pending.items()
-        yield beam.pvalue.TaggedOutput("stats", {"events_in": n_in, "events_bad": dict(bad_counts)})
-
-    def _sequence_rows(self, path):
-        ev = self.cfg.events
-        with pp._open(path) as raw:
-            lines = _Lines(raw)
-            for row, line in enumerate(lines):
-                line = line.rstrip("\r\n")
-                if lines.bad is not None:
-                    user, _, rest = line.partition(ev.source.delimiter)
-                    _not_utf8(path, row, {ev.user: user, ev.item: rest}, lines)
-                if not line.strip():
-                    continue
-                user, sep, rest = line.partition(ev.source.delimiter)
-                items = rest.split(ev.source.item_delimiter) if ev.source.item_delimiter.strip() else rest.split()
-                items = [x for x in items if x.strip()]
-                if not items:  # a user line without items: one bad event (no item)
-                    yield row, [(0, {ev.user: user or None, ev.item: None})]
-                    continue
-                yield row, [(pos, {ev.user: user or None, ev.item: x}) for pos, x in enumerate(items)]
-
-
-def _is_padding_row(key_value, values: dict, key: str) -> bool:
-    """Whether a catalog or vector-file row is an item table's padding row: id 0 and nothing else in it
-    (no tags, an all-zero vector), as the challenge layout's ``item_info.parquet`` has."""
-    def empty(v):
-        if isinstance(v, (list, tuple)):
-            return all(empty(x) for x in v)
-        return v is None or v == "" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
-
-    return (isinstance(key_value, (int, str)) and not isinstance(key_value, bool) and str(key_value).strip() == "0"
-            and all(empty(v) for c, v in values.items() if c != key))
-
-
-class ReadTable(beam.DoFn):
-    """(file index, path) -> (key, (file, row, values)) for the catalog, the vector file or the user table.
-
-    Item tables (``what`` catalog or vector_file) may hold the challenge layout's
-    padding row (item id 0, no tags, an all-zero vector): it is no item and is
-    skipped. Any other id 0 breaks the raw-id rule (a bad row).
-    """
-
-    def __init__(self, src: Source, key: str, columns: list[str], id_dtype: str, what: str):
-        self.src, self.key, self.columns, self.id_dtype, self.what = src, key, columns, id_dtype, what
-
-    def process(self, element):
-        fidx, path = element
-        n = 0
-        try:
-            for row, values in _read_rows(path, self.src, list(dict.fromkeys([self.key, *self.columns]))):
-                n += 1
-                if isinstance(values, _Bad):
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, values.column,
-                                                                      values.reason, values.text))
-                    continue
-                try:
-                    key = _parse_id(values[self.key], self.id_dtype, self.key)
-                except _Bad as b:
-                    if b.reason == BAD_RAW_ID and self.what in ("catalog", "vector_file") \
-                            and self.id_dtype == "int64" and _is_padding_row(values[self.key], values, self.key):
-                        continue
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, b.column, b.reason, b.text))
-                    continue
-                yield key, (path, fidx, row, values)
-        except _Bad as b:  # schema-level (a missing column) or the file's bytes
-            yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, getattr(b, "row", None), b.column,
-                                                              b.reason, b.text, fatal=isinstance(b, _FileError)))
-        yield beam.pvalue.TaggedOutput("stats", {f"{self.what}_rows_in": n})
-
-
-def _tags_of(value, t) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        parts = [str(x) for x in value if x is not None]
-    elif t.hashtags:
-        parts = str(value).split("#")[1:]
-    elif t.delimiter:
-        parts = str(value).split(t.delimiter)
-    else:
-        parts = [str(value)]
-    parts = [p.strip().lower() if t.lowercase else p.strip() for p in parts]
-    return list(dict.fromkeys(p for p in parts if p))
-
-
-class JoinCatalog(beam.DoFn):
-    """(item, {catalog: rows, vector: rows}) -> (item, (tags, vector)); duplicates are bad rows.
-
-    A tag that breaks the raw-id rule (it would break ``vocab/tags.txt``) and a
-    vector that is not a list of finite floats are bad rows (the item keeps the
-    rest of its row). ``located``: the value is ``(tags, vector, where)``, with
-    ``where`` the vector's file, row and column (to name it if widths differ).
-    """
-
-    def __init__(self, cfg: LogsConfig, located: bool = False):
-        self.cfg, self.located = cfg, located
-
-    def process(self, element):
-        yield from self._process(element)
-
-    def _process(self, element):
-        item, groups = element
-        cat = self.cfg.catalog
-        rows = sorted(groups["catalog"], key=lambda r: (r[1], r[2]))
-        vecs = sorted(groups["vector"], key=lambda r: (r[1], r[2]))
-        for kind, found, col in (("catalog", rows, cat.item), ("vector", vecs, cat.vector and cat.vector.item)):
-            for path, fidx, row, _ in found[1:]:
-                yield beam.pvalue.TaggedOutput("bad", _bad_record(
-                    path, fidx, row, col, "duplicate_catalog_row",
-                    f"duplicate item id {item!r} (also at row {found[0][2]} of {found[0][0]})"))
-        if not rows:
-            return
-        path, fidx, row, values = rows[0]
-        tags = _tags_of(values.get(cat.tags.column), cat.tags) if cat.tags else []
-        for t in tags:
-            why = raw_id_problem(t)
-            if why is not None:
-                yield beam.pvalue.TaggedOutput("bad", _bad_record(path, fidx, row, cat.tags.column, BAD_RAW_ID,
-                                                                  f"tag {why}; {RAW_ID_RULE}"))
-        tags = [t for t in tags if raw_id_problem(t) is None]
-        vec, at = None, None
-        if cat.vector is not None:
-            vrow = vecs[0] if cat.vector.source is not None and vecs else (None if cat.vector.source else rows[0])
-            if vrow is not None:
-                raw = vrow[3].get(cat.vector.column)
-                if raw is not None:
-                    try:
-                        vec = np.asarray(json.loads(raw) if isinstance(raw, str) else raw, dtype=np.float32)
-                        problem = None if vec.ndim == 1 and vec.size and np.isfinite(vec).all() else \
-                            f"the vector must be a non-empty list of finite floats (got {_short(raw)})"
-                    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-                        problem = f"the vector must be a JSON list of finite floats: {_short(raw)} ({e})"
-                    if problem is not None:
-                        yield beam.pvalue.TaggedOutput("bad", _bad_record(
-                            vrow[0], vrow[1], vrow[2], cat.vector.column, "bad_vector", problem))
-                        vec = None
-                    at = where(vrow[0], vrow[2], cat.vector.column)
-        yield item, ((tags, vec, at) if self.located else (tags, vec))
-
-
-def _short(value, n: int = 40) -> str:
-    r = repr(value)
-    return r if len(r) <= n else r[:n] + "..."
-
-
-def read_catalog(cfg: LogsConfig) -> dict:
-    """The catalog of ``cfg`` read in this process, by the pipeline's own readers: ``{raw item: (tags, vector)}``.
-
-    ``tags`` are the item's raw tags (the config's parsing rules), ``vector``
-    a float32 array or None. For small catalogs and tools that refresh an
-    export (``export.refresh_catalog``); the first bad row (a duplicate item,
-    a bad vector, a null id, a missing column) raises :class:`PreprocessError`
-    naming file, row and column, whatever ``on_bad_row`` says.
-    """
-    if cfg.catalog is None:
-        raise PreprocessError("the log config has no `catalog` section")
-    cat = cfg.catalog
-
-    def rows(src, key, columns, what):
-        out, reader = {}, ReadTable(src, key, columns, cfg.id_dtype, what)
-        for fidx, path in enumerate(_files(src, what)):
-            for x in reader.process((fidx, path)):
-                if isinstance(x, beam.pvalue.TaggedOutput):
-                    if x.tag == "bad":
-                        raise PreprocessError(x.value["message"])
-                    continue
-                out.setdefault(x[0], []).append(x[1])
-        return out
-
-    cols = [cat.tags.column] if cat.tags else []
-    cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
-    catalog = rows(cat.source, cat.item, cols, "catalog")
-    vectors = (rows(cat.vector.source, cat.vector.item, [cat.vector.column], "vector_file")
-               if cat.vector is not None and cat.vector.source is not None else {})
-    join, out = JoinCatalog(cfg), {}
-    for item in sorted(catalog, key=_raw_key):
-        for x in join.process((item, {"catalog": catalog[item], "vector": vectors.get(item, [])})):
-            if isinstance(x, beam.pvalue.TaggedOutput):
-                raise PreprocessError(x.value["message"])
-            out[x[0]] = x[1]
-    return out
-
-
-# --------------------------------------------------------------------------
-# Per user (in workers)
-# --------------------------------------------------------------------------
-
-
-class UserEvents(beam.DoFn):
-    """(user, {events: [[event...]...], user: [values]}) -> (user, record) after sorting, deduplication,
-    the split and the histories; training-period counts on side outputs.
-
-    A record is ``{"examples": [(split, t, item, label, history, context)], "items": set of raw items}``.
-    """
-
-    def __init__(self, cfg: LogsConfig, files: dict[int, str], resume: dict | None = None):
-        self.cfg, self._files = cfg, files
-        self.end = resume.get("end_time") if resume else None  # incremental: the previous build's end
-
-    def process(self, element, catalog_ids=None):
-        yield from self._process(element, catalog_ids)
-
-    def _process(self, element, catalog_ids):
-        user, groups = element
-        cfg = self.cfg
-        events = [e for part in groups["events"] for e in part]
-        prev = incremental.previous_of(groups)  # incremental: the user's state from --previous
-        if not events:
-            if prev is not None:
-                yield beam.pvalue.TaggedOutput("state", (user, prev))
-            return  # a user-table row without events
-        stats = Counter()
-        drops = Counter()
-        events.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
-        late = incremental.late_event(events, self.end, self._files, cfg.events.time)
-        if late is not None:
-            yield beam.pvalue.TaggedOutput("late", late)
-            return
-        if cfg.events.time:
-            seen, kept = incremental.seen_at_end(prev), []
-            for e in events:
-                if (e[4], e[0]) in seen:
-                    drops["duplicate_event"] += 1
-                    continue
-                seen.add((e[4], e[0]))
-                kept.append(e)
-            events = kept
-        if catalog_ids is not None:
-            kept = []
-            for e in events:
-                if e[4] in catalog_ids:
-                    kept.append(e)
-                elif cfg.unknown_items == "drop":
-                    drops["unknown_item"] += 1
-                else:  # fail
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(
-                        self._files[e[1]], e[1], e[2], cfg.events.item, "unknown_item",
-                        f"item {e[4]!r} has no catalog row (\"unknown_items\": \"fail\")"))
-            events = kept
-        user_ctx = ()
-        if cfg.users is not None:
-            rows = sorted(groups["user"], key=lambda r: (r[1], r[2]))
-            if rows:
-                try:
-                    user_ctx = tuple(_context_value(rows[0][3].get(c.column), c) for c in cfg.users.context)
-                except _Bad as b:
-                    yield beam.pvalue.TaggedOutput("bad", _bad_record(rows[0][0], rows[0][1], rows[0][2], b.column,
-                                                                      b.reason, b.text))
-                    user_ctx = (None,) * len(cfg.users.context)
-            else:
-                stats["users_without_user_row"] += 1
-                user_ctx = (None,) * len(cfg.users.context)
-        if not events:
-            yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
-            if prev is not None:
-                yield beam.pvalue.TaggedOutput("state", (user, prev))
-            return
-        keys = [(e[0], e[1], e[2], e[3]) for e in events]
-        if cfg.split == "leave_last_out":
-            pos_keys = [k for k, e in zip(keys, events) if e[5] == 1]
-            test_from = pos_keys[-1] if pos_keys else None
-            valid_from = pos_keys[-2] if len(pos_keys) > 1 else None
-
-            def split_of(k):
-                if test_from is not None and k >= test_from:
-                    return "test"
-                if valid_from is not None and k >= valid_from:
-                    return "valid"
-                return "train"
-        else:
-            def split_of(k):
-                return "test" if k[0] >= cfg.test_from else "valid" if k[0] >= cfg.valid_from else "train"
-
-        in_history = [e for e in events if e[5] == 1 or cfg.history_events == "all"]
-        # Strictly earlier: by time when the log has one (equal timestamps never see each other), else by order.
-        hkeys = [e[0] for e in in_history] if cfg.events.time else [(e[0], e[1], e[2], e[3]) for e in in_history]
-        examples = []
-        train_items = Counter()
-        train_ctx = Counter()
-        for k, e in zip(keys, events):
-            split = split_of(k)
-            ctx = e[6] + user_ctx
-            if split == "train":
-                train_items[e[4]] += 1
-                for name, v in zip(cfg.categorical_context, ctx):
-                    if v is not None:
-                        train_ctx[(name, v)] += 1
-            n = bisect.bisect_left(hkeys, e[0] if cfg.events.time else k)
-            hist = incremental.earlier(prev, e[0], bool(cfg.events.time)) + [h[4] for h in in_history[:n]]
-            if cfg.history_duplicates == "last":
-                hist = list(reversed(list(dict.fromkeys(reversed(hist)))))
-            hist = hist[-cfg.history_max_len:]
-            if len(hist) < cfg.history_min_len:
-                drops["empty_history"] += 1
-                continue
-            examples.append((split, e[0], e[4], e[5], hist, ctx))
-        stats["events_out"] += len(examples)
-        stats["users_in"] += 1
-        stats["users_out"] += int(bool(examples))
-        yield beam.pvalue.TaggedOutput("stats", {"events_dropped": dict(drops), **stats})
-        yield beam.pvalue.TaggedOutput("item_counts", list(train_items.items()))
-        yield beam.pvalue.TaggedOutput("ctx_counts", list(train_ctx.items()))
-        yield beam.pvalue.TaggedOutput("state", (user, incremental.next_state(cfg, prev, in_history, events)))
-        if examples:
-            yield user, {"examples": examples, "items": sorted(incremental.all_items(prev, events), key=_raw_key)}
-
-
-def _raw_key(x):
-    return (0, x, "") if isinstance(x, int) else (1, 0, str(x))
-
-
-def _stable_seed(seed: int, user) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}\x00{user!r}".encode(), digest_size=8).digest(), "little")
-
-
-def _shard_of(user, shards: int) -> int:
-    return _stable_seed(0, user) % shards
-
-
-class MakeExamples(beam.DoFn):
-    """(user, record) -> ((split, shard), (sort key, row)) with dense ids, levels and sampled negatives.
-
-    Work that runs long (many negatives per positive) says how far it got on
-    stderr every :attr:`PROGRESS_S` seconds.
-    """
-
-    PROGRESS_S = 30.0
-
-    def __init__(self, cfg: LogsConfig):
-        self.cfg = cfg
-        self._users, self._said = 0, None
-
-    def _progress(self):
-        self._users += 1
-        now = time.monotonic()
-        if self._said is None:
-            self._said = now
-        elif now - self._said >= self.PROGRESS_S:
-            self._said = now
-            # sys.__stderr__: the launcher keeps the runner's own printing off sys.stderr while it runs
-            print(f"build_examples: making examples: {self._users:,} users done by this worker "
-                  f"({self.cfg.negatives_per_positive:,} negatives per positive)", file=sys.__stderr__, flush=True)
-
-    def process(self, element, items, contexts, users):
-        # An impossible negatives.per_positive: nothing is made, the launcher reports it.
-        yield from () if items.get("refused") else self._process(element, items, contexts, users)
-
-    def _process(self, element, items, contexts, users):
-        self._progress()
-        user, rec = element
-        cfg = self.cfg
-        dense = items["dense"]
-        level = items["level"]
-        uid = user if users is None else users["dense"].get(user, OOV_ID)
-        n_ids = len(items["order"]) + 2
-        stats = {s: Counter() for s in SPLITS}
-        hist_len = {s: Counter() for s in SPLITS}
-        own = {dense.get(x, OOV_ID) for x in rec["items"]}
-        rng = np.random.default_rng(_stable_seed(cfg.seed, user)) if cfg.sample_negatives else None
-        shard = _shard_of(user, cfg.shards)
-        for i, (split, t, item, label, hist, ctx) in enumerate(rec["examples"]):
-            target = dense.get(item, OOV_ID)
-            seq = [dense.get(h, OOV_ID) for h in hist]
-            cvals = [contexts[name]["dense"].get(v, OOV_ID) if v is not None else PADDING_ID
-                     for name, v in zip(cfg.categorical_context, ctx)]
-            rows = [(target, label)]
-            if rng is not None and label == 1:
-                for neg in self._negatives(rng, own, n_ids, items):
-                    rows.append((neg, 0))
-                if len(rows) - 1 < cfg.negatives_per_positive:
-                    stats[split]["negatives_unavailable"] += cfg.negatives_per_positive - (len(rows) - 1)
-            for j, (tgt, lab) in enumerate(rows):
-                row = {"user_id": uid, "item_seq": seq}
-                if cfg.popularity_level:
-                    if split == "train" and j == 0 and tgt != OOV_ID:
-                        # The row's own event is one of the training-period counts: leave it out, so a
-                        # train target's level does not reveal that the row is an interaction.
-                        row[cfg.popularity_level] = int(popularity_levels(
-                            [items["counts"][tgt] - 1], items["edges"])[0])
-                    else:
-                        row[cfg.popularity_level] = int(level[tgt])
-                row.update(zip(cfg.categorical_context, cvals))
-                row["item_id"] = tgt
-                row["label"] = lab
-                stats[split]["rows"] += 1
-                stats[split]["positives"] += lab
-                stats[split]["sampled_negatives"] += int(j > 0)
-                stats[split]["target_oov"] += int(tgt == OOV_ID)
-                hist_len[split][str(len(seq))] += 1
-                yield (split, shard), (_raw_key(user), i, j, row)
-        yield beam.pvalue.TaggedOutput("stats", {"splits": {s: {**dict(stats[s]), "history_lengths": dict(hist_len[s])}
-                                                            for s in SPLITS}})
-
-    def _negatives(self, rng, own, n_ids, items):
-        """``min(per_positive, candidates)`` distinct dense ids in ``[2, n_ids)`` outside ``own``.
-
-        Draws one at a time and rejects what the user has or what was drawn, for at
-        most ``4 * k + 64`` draws; whatever is still missing then (a user who has
-        touched almost every item, or ``k`` near the vocabulary's size) is drawn
-        without replacement from the exact complement, vectorised. So it always ends,
-        in ``O(k + n_ids)``.
-        """
-        k = self.cfg.negatives_per_positive
-        candidates = n_ids - 2 - len([x for x in own if x >= 2])
-        want = min(k, candidates)
-        if want <= 0:
-            return []
-        out: list[int] = []
-        picked: set[int] = set()
-        popularity = self.cfg.negative_sampling == "popularity"
-        p = items["weights"] if popularity else None
-        for _ in range(4 * want + 64):
-            if len(out) == want:
-                return out
-            x = int(rng.choice(len(p), p=p)) + 2 if popularity else int(rng.integers(2, n_ids))
-            if x not in own and x not in picked:
-                out.append(x)
-                picked.add(x)
-        if len(out) < want:
-            rest = np.setdiff1d(np.arange(2, n_ids, dtype=np.int64),
-                                np.fromiter(own | picked, np.int64, len(own | picked)), assume_unique=True)
-            w = None
-            if popularity:
-                w = np.asarray(p, np.float64)[rest - 2]
-                w = w / w.sum()
-            out += [int(x) for x in rng.choice(rest, size=want - len(out), replace=False, p=w)]
-        return out
-
-
-# --------------------------------------------------------------------------
-# Global statistics (combiners' results -> vocabularies)
-# --------------------------------------------------------------------------
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict):
-            out[k] = _merge(out.get(k, {}), v)
-        else:
-            out[k] = out.get(k, 0) + v
-    return out
-
-
-class MergeDicts(beam.CombineFn):
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, x):
-        return _merge(acc, x)
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for a in accs:
-            out = _merge(out, a)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-class FirstError(beam.CombineFn):
-    """The first bad row in file order (schema-level problems, row None, first)."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, x):
-        return x if acc is None or x["order"] < acc["order"] else acc
-
-    def merge_accumulators(self, accs):
-        out = None
-        for a in accs:
-            if a is not None:
-                out = self.add_input(out, a)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-def vocabulary(counts: dict, min_count: int, always=()) -> list:
-    """Raw ids by count descending, ties by raw id: those with ``count >= min_count`` or in ``always``."""
-    always = set(always)
-    keep = [x for x, n in counts.items() if n >= min_count or x in always]
-    keep += [x for x in always if x not in counts]
-    return sorted(set(keep), key=lambda x: (-counts.get(x, 0), _raw_key(x)))
-
-
-def _indexed(order: list) -> dict:
-    """``{"order": raw ids, "dense": raw id -> dense id}`` (line n of the file = dense id n + 1)."""
-    return {"order": order, "dense": {x: i + 2 for i, x in enumerate(order)}}
-
-
-def popularity_edges(counts: np.ndarray) -> np.ndarray:
-    """The 9 decile edges of the positive counts (the items' count quantiles); empty when no count is positive."""
-    seen = counts[counts > 0]
-    return np.quantile(seen, np.linspace(0.1, 0.9, 9)) if len(seen) else np.zeros(0)
-
-
-def popularity_levels(counts: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
-    """Decile 1..10 of each count among the positive counts (by the items' count quantiles); 0 where 0."""
-    counts = np.asarray(counts)
-    edges = popularity_edges(counts) if edges is None else np.asarray(edges)
-    out = np.zeros(len(counts), np.int64)
-    seen = counts > 0
-    if seen.any():
-        out[seen] = 1 + np.searchsorted(edges, counts[seen], side="left")
-    return out
-
-
-def build_items(item_counts: list, catalog_ids: list, cfg: LogsConfig, previous: list | None = None) -> dict:
-    counts = dict(item_counts)
-    order = incremental.appended(previous, vocabulary(counts, cfg.item_min_count, always=catalog_ids))
-    dense = {x: i + 2 for i, x in enumerate(order)}
-    c = np.zeros(len(order) + 2, np.float64)
-    for x, i in dense.items():
-        c[i] = counts.get(x, 0)
-    k = cfg.negatives_per_positive
-    refused = None
-    if cfg.sample_negatives and order and k >= len(order):  # (no item at all: no row has a negative)
-        refused = (f"{cfg.path}: negatives.per_positive must be below the item vocabulary's size "
-                   f"({len(order):,} items; a positive's own item is never its negative). Received: {k:,}")
-    weights = c[2:] + 1.0  # popularity sampling: training count + 1 (unseen items stay drawable)
-    edges = popularity_edges(c)
-    return {"order": order, "dense": dense, "counts": c.astype(np.int64).tolist(), "edges": edges.tolist(),
-            "level": popularity_levels(c, edges).tolist(),
-            "weights": weights / weights.sum() if len(order) else weights, "refused": refused}
-
-
-def build_contexts(ctx_counts: list, cfg: LogsConfig, previous: dict | None = None) -> dict:
-    per: dict[str, dict] = {n: {} for n in cfg.categorical_context}
-    for (name, v), n in ctx_counts:
-        per[name][v] = per[name].get(v, 0) + n
-    out = {}
-    for name, counts in per.items():
-        out[name] = _indexed(incremental.appended((previous or {}).get(name),
-                                                  vocabulary(counts, cfg.context_min_count)))
-    return out
-
-
-def write_vocab(path: str, order):
-    pp._write_text(path, "".join(f"{x}\n" for x in order))
-
-
-def read_vocab(path: str, dtype: str = "string") -> list:
-    """The raw ids of a vocabulary file (line n = dense id n + 1)."""
-    lines = pp._read_text(path).split("\n")[:-1]
-    return [int(x) for x in lines] if dtype == "int64" else lines
-
-
-# --------------------------------------------------------------------------
-# Writers (in workers)
-# --------------------------------------------------------------------------
-
-
-def _examples_schema(cfg: LogsConfig) -> pa.Schema:
-    fields = [pa.field("user_id", pa.int64()), pa.field("item_seq", pa.list_(pa.int64()))]
-    fields += [pa.field(n, pa.int64()) for n in cfg.context_names]
-    fields += [pa.field("item_id", pa.int64()), pa.field("label", pa.int64())]
-    return pa.schema(fields)
-
-
-class WriteShard(beam.DoFn):
-    """((split, shard), rows) -> (split, (shard, part path)): the shard's rows sorted by user, time."""
-
-    def __init__(self, cfg: LogsConfig, work_dir: str):
-        self.cfg, self.work_dir = cfg, work_dir
-
-    def process(self, element):
-        (split, shard), rows = element
-        rows = sorted(rows, key=lambda r: r[:3])
-        schema = _examples_schema(self.cfg)
-        table = pa.Table.from_pylist([r[3] for r in rows], schema=schema)
-        path = pp._join(self.work_dir, _PARTS_DIR, f"{split}-{shard:05d}.parquet")
-        with pp._create(path) as f:
-            pq.write_table(table, f, compression="zstd")
-        yield split, (shard, path)
-
-
-class ConcatSplit(beam.DoFn):
-    """(split, parts) -> the split's one parquet file, the parts streamed in shard order."""
-
-    def __init__(self, cfg: LogsConfig, work_dir: str):
-        self.cfg, self.work_dir = cfg, work_dir
-
-    def process(self, element):
-        split, parts = element
-        schema = _examples_schema(self.cfg)
-        with pp._create(pp._join(self.work_dir, f"{split}.parquet")) as f:
-            with pq.ParquetWriter(f, schema, compression="zstd") as w:
-                for _, path in sorted(parts):
-                    with pp._open(path) as src:
-                        for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
-                            w.write_batch(batch)
-        for _, path in parts:
-            pp._delete(path)
-        yield split
-
-
-def write_item_info(path: str, n_ids: int, rows: list, tag_width: int):
-    """Item table: row i = dense item i; rows not given (padding, OOV, no catalog row) are empty.
-
-    ``rows``: ``(dense id, tag ids, vector or None[, where])``; ``where`` (the
-    vector's file, row and column) names both vectors when widths differ: the
-    width is that of the lowest dense id's vector.
-    """
-    rows = sorted(rows, key=lambda r: r[0])
-    first = next((r for r in rows if r[2] is not None and r[0] >= 2), None)
-    dim = len(first[2]) if first is not None else 1
-    tags = np.zeros((n_ids, tag_width), np.int64)
-    emb = np.zeros((n_ids, dim), np.float32)
-    for r in rows:
-        i, t, v = r[:3]
-        if i < 2:
-            continue  # OOV / unmapped items carry nothing
-        if t:
-            tags[i, tag_width - len(t):] = t
-        if v is not None:
-            if len(v) != dim:
-                at = r[3] if len(r) > 3 and r[3] else None
-                ref = first[3] if len(first) > 3 and first[3] else None
-                raise PreprocessError(f"{at + ': ' if at else ''}the item vector has width {len(v)}, but "
-                                      f"{'the one at ' + ref if ref else 'another'} has width {dim}; every vector "
-                                      "must have the same width")
-            emb[i] = v
-    table = pa.table({
-        "item_id": pa.array(np.arange(n_ids, dtype=np.int64)),
-        "item_tags": pa.FixedSizeListArray.from_arrays(pa.array(tags.ravel()), tag_width).cast(pa.list_(pa.int64())),
-        EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim).cast(pa.list_(pa.float32())),
-    })
-    with pp._create(path) as f:
-        pq.write_table(table, f, compression="zstd")
-
-
-# --------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------
 
 
-def _files(src: Source, what: str) -> list[str]:
-    found = src.match()
-    if not found:
-        raise PreprocessError(f"{', '.join(src.files)}: no files match ({what})")
-    return found
-
-
 def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: str, resume: dict | None = None):
+    """The whole build as one Beam graph: read, group by user, count, make vocabularies, write into ``work_dir``.
+
+    Every step's bad rows and stats go to ``bads`` and ``stats``, written at the end (:func:`_write_reports`).
+    """
+    bads, stats = [], []
     ev_files = list(enumerate(files["events"]))
     read = (p | "EventFiles" >> beam.Create(ev_files) | "Spread" >> beam.Reshuffle()
             | "ReadEvents" >> beam.ParDo(ReadEvents(cfg)).with_outputs("bad", "stats", main="events"))
-    bads = [read.bad]
-    stats = [read.stats]
-    user_rows = p | "NoUsers" >> beam.Create([])
-    if cfg.users is not None:
-        u = (p | "UserFiles" >> beam.Create(list(enumerate(files["users"])))
-             | "ReadUsers" >> beam.ParDo(ReadTable(cfg.users.source, cfg.users.user,
-                                                   [c.column for c in cfg.users.context], cfg.id_dtype, "user_table"))
-             .with_outputs("bad", "stats", main="rows"))
-        user_rows, bads, stats = u.rows, bads + [u.bad], stats + [u.stats]
-    catalog = p | "NoCatalog" >> beam.Create([])
-    if cfg.catalog is not None:
-        cat = cfg.catalog
-        cols = [cat.tags.column] if cat.tags else []
-        cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
-        c = (p | "CatalogFiles" >> beam.Create(list(enumerate(files["catalog"])))
-             | "ReadCatalog" >> beam.ParDo(ReadTable(cat.source, cat.item, cols, cfg.id_dtype, "catalog"))
-             .with_outputs("bad", "stats", main="rows"))
-        bads, stats = bads + [c.bad], stats + [c.stats]
-        vec_rows = p | "NoVectors" >> beam.Create([])
-        if cat.vector is not None and cat.vector.source is not None:
-            v = (p | "VectorFiles" >> beam.Create(list(enumerate(files["vectors"])))
-                 | "ReadVectors" >> beam.ParDo(ReadTable(cat.vector.source, cat.vector.item, [cat.vector.column],
-                                                         cfg.id_dtype, "vector_file"))
-                 .with_outputs("bad", "stats", main="rows"))
-            vec_rows, bads, stats = v.rows, bads + [v.bad], stats + [v.stats]
-        joined = ({"catalog": c.rows, "vector": vec_rows} | "JoinCatalog" >> beam.CoGroupByKey()
-                  | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg, located=True)).with_outputs("bad", main="rows"))
-        catalog, bads = joined.rows, bads + [joined.bad]
+    bads.append(read.bad)
+    stats.append(read.stats)
+    user_rows = _read_users(p, cfg, files, bads, stats)
+    catalog = _read_catalog(p, cfg, files, bads, stats)
     catalog_ids = catalog | "CatalogIds" >> beam.Keys()
     catalog_list = catalog_ids | "CatalogIdList" >> beam.combiners.ToList()
+    per_user = _per_user(p, cfg, dict(ev_files), read.events, user_rows, catalog_list, resume)
+    bads.append(per_user.bad)
+    stats.append(per_user.stats)
+    # Incremental: the previous build's vocabularies and cumulative counts are extended (pipelines/incremental.py).
+    prev_vocabs = beam.pvalue.AsSingleton(p | "PrevVocabTrigger" >> beam.Create([resume])
+                                          | "PrevVocabs" >> beam.Map(incremental.read_vocabularies))
+    vocabs = _vocabularies(p, cfg, per_user, catalog, catalog_list, prev_vocabs, resume)
+    incremental.write_state(p, cfg, resume, work_dir, per_user.state, vocabs["item_counts"], vocabs["ctx_counts"],
+                            shard_of)
+    _ = (per_user.late | "FirstLate" >> beam.CombineGlobally(FirstError())
+         | "WriteLate" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, incremental.LATE_FILE),
+                                                                  json.dumps(e))))
+    stats.append(_write_examples(cfg, work_dir, per_user.records, vocabs))
+    _write_item_table(cfg, work_dir, catalog, vocabs)
+    _write_vocabularies(p, cfg, work_dir, vocabs)
+    _write_reports(cfg, work_dir, bads, stats)
 
-    user_fn = UserEvents(cfg, dict(ev_files), resume)
+
+def _read_users(p, cfg: LogsConfig, files: dict[str, list[str]], bads: list, stats: list):
+    """``(user, values)`` of the user table (none without one)."""
+    if cfg.users is None:
+        return p | "NoUsers" >> beam.Create([])
+    u = (p | "UserFiles" >> beam.Create(list(enumerate(files["users"])))
+         | "ReadUsers" >> beam.ParDo(ReadTable(cfg.users.source, cfg.users.user,
+                                               [c.column for c in cfg.users.context], cfg.id_dtype, "user_table"))
+         .with_outputs("bad", "stats", main="rows"))
+    bads.append(u.bad)
+    stats.append(u.stats)
+    return u.rows
+
+
+def _read_catalog(p, cfg: LogsConfig, files: dict[str, list[str]], bads: list, stats: list):
+    """``(item, (raw tags, vector, location))`` of the catalog joined with its vector file (none without one)."""
+    if cfg.catalog is None:
+        return p | "NoCatalog" >> beam.Create([])
+    cat = cfg.catalog
+    cols = [cat.tags.column] if cat.tags else []
+    cols += [cat.vector.column] if cat.vector and not cat.vector.source else []
+    c = (p | "CatalogFiles" >> beam.Create(list(enumerate(files["catalog"])))
+         | "ReadCatalog" >> beam.ParDo(ReadTable(cat.source, cat.item, cols, cfg.id_dtype, "catalog"))
+         .with_outputs("bad", "stats", main="rows"))
+    bads.append(c.bad)
+    stats.append(c.stats)
+    vec_rows = p | "NoVectors" >> beam.Create([])
+    if cat.vector is not None and cat.vector.source is not None:
+        v = (p | "VectorFiles" >> beam.Create(list(enumerate(files["vectors"])))
+             | "ReadVectors" >> beam.ParDo(ReadTable(cat.vector.source, cat.vector.item, [cat.vector.column],
+                                                     cfg.id_dtype, "vector_file"))
+             .with_outputs("bad", "stats", main="rows"))
+        vec_rows = v.rows
+        bads.append(v.bad)
+        stats.append(v.stats)
+    joined = ({"catalog": c.rows, "vector": vec_rows} | "JoinCatalog" >> beam.CoGroupByKey()
+              | "CatalogRows" >> beam.ParDo(JoinCatalog(cfg, located=True)).with_outputs("bad", main="rows"))
+    bads.append(joined.bad)
+    return joined.rows
+
+
+def _per_user(p, cfg: LogsConfig, ev_files: dict[int, str], events, user_rows, catalog_list, resume: dict | None):
+    """:class:`UserEvents` on each user's events, user row and previous state (incremental), grouped by user."""
+    user_fn = UserEvents(cfg, ev_files, resume)
     side = {}
     if cfg.catalog is not None and cfg.unknown_items != "keep":
         side["catalog_ids"] = beam.pvalue.AsSingleton(catalog_list | "CatalogSet" >> beam.Map(set))
-    # Incremental: the previous build's user states join the new events by user; its vocabularies and
-    # cumulative counts are extended (pipelines/incremental.py).
+    # Incremental: the previous build's user states join the new events by user (pipelines/incremental.py).
     state_rows = incremental.read_user_states(p, resume)
-    prev_vocabs = beam.pvalue.AsSingleton(p | "PrevVocabTrigger" >> beam.Create([resume])
-                                          | "PrevVocabs" >> beam.Map(incremental.read_vocabularies))
-    per_user = ({"events": read.events, "user": user_rows, "state": state_rows} | "GroupByUser" >> beam.CoGroupByKey()
-                | "UserEvents" >> beam.ParDo(user_fn, **side).with_outputs("bad", "stats", "item_counts", "ctx_counts",
-                                                                           "state", "late", main="records"))
-    bads, stats = bads + [per_user.bad], stats + [per_user.stats]
+    return ({"events": events, "user": user_rows, "state": state_rows} | "GroupByUser" >> beam.CoGroupByKey()
+            | "UserEvents" >> beam.ParDo(user_fn, **side).with_outputs("bad", "stats", "item_counts", "ctx_counts",
+                                                                       "state", "late", main="records"))
 
+
+def _vocabularies(p, cfg: LogsConfig, per_user, catalog, catalog_list, prev_vocabs, resume: dict | None) -> dict:
+    """The item, context, user and tag vocabularies (singletons) and the summed counts, by name."""
     item_counts = ((per_user.item_counts | "FlatItemCounts" >> beam.FlatMap(lambda x: x),
                     incremental.previous_item_counts(p, resume)) | "WithPrevItemCounts" >> beam.Flatten()
                    | "SumItems" >> beam.CombinePerKey(sum) | "ItemCountList" >> beam.combiners.ToList())
@@ -1163,29 +283,36 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
     users = p | "NoUserVocab" >> beam.Create([None])
     if cfg.id_dtype == "string":  # string user ids: the output's user_id is a dense id (meta only)
         users = (per_user.records | "UserKeys" >> beam.Keys() | "UserList" >> beam.combiners.ToList()
-                 | "UserVocab" >> beam.Map(lambda us, prev: _indexed(incremental.appended(
-                     (prev or {}).get("user_id"), sorted(us, key=_raw_key))), prev=prev_vocabs))
+                 | "UserVocab" >> beam.Map(lambda us, prev: indexed(incremental.appended(
+                     (prev or {}).get("user_id"), sorted(us, key=raw_key))), prev=prev_vocabs))
     tag_vocab = p | "NoTags" >> beam.Create([{"order": [], "dense": {}}])
     if cfg.catalog is not None and cfg.catalog.tags is not None:
         tag_vocab = (catalog | "TagsOfItems" >> beam.FlatMap(lambda kv: [(t, 1) for t in kv[1][0]])
                      | "SumTags" >> beam.CombinePerKey(sum) | "TagCountList" >> beam.combiners.ToList()
-                     | "TagVocab" >> beam.Map(lambda c, prev: _indexed(incremental.appended(
+                     | "TagVocab" >> beam.Map(lambda c, prev: indexed(incremental.appended(
                          (prev or {}).get("tags"), vocabulary(dict(c), cfg.catalog.tags.min_count))), prev=prev_vocabs))
-    incremental.write_state(p, cfg, resume, work_dir, per_user.state, item_counts, ctx_counts, _shard_of)
-    _ = (per_user.late | "FirstLate" >> beam.CombineGlobally(FirstError())
-         | "WriteLate" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, incremental.LATE_FILE),
-                                                                  json.dumps(e))))
+    return {"items": items, "contexts": contexts, "users": users, "tags": tag_vocab, "item_counts": item_counts,
+            "ctx_counts": ctx_counts}
 
-    _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and pp._write_text(
-        pp._join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
-    made = (per_user.records
+
+def _write_examples(cfg: LogsConfig, work_dir: str, records, vocabs: dict):
+    """The rows of every split (:class:`MakeExamples`, :class:`WriteShard`, :class:`ConcatSplit`); returns their
+    stats. A ``per_positive`` the data makes impossible is written for the launcher to refuse."""
+    items = vocabs["items"]
+    _ = (items | "RefuseNegatives" >> beam.Map(lambda it: it.get("refused") and beamio.write_text(
+        beamio.join(work_dir, _REFUSED), json.dumps({"message": it["refused"]}))))
+    made = (records
             | "MakeExamples" >> beam.ParDo(MakeExamples(cfg), items=beam.pvalue.AsSingleton(items),
-                                           contexts=beam.pvalue.AsSingleton(contexts),
-                                           users=beam.pvalue.AsSingleton(users)).with_outputs("stats", main="rows"))
-    stats.append(made.stats)
+                                           contexts=beam.pvalue.AsSingleton(vocabs["contexts"]),
+                                           users=beam.pvalue.AsSingleton(vocabs["users"])).with_outputs("stats",
+                                                                                                       main="rows"))
     _ = (made.rows | "GroupShards" >> beam.GroupByKey() | "WriteShards" >> beam.ParDo(WriteShard(cfg, work_dir))
          | "GroupParts" >> beam.GroupByKey() | "ConcatSplits" >> beam.ParDo(ConcatSplit(cfg, work_dir)))
+    return made.stats
 
+
+def _write_item_table(cfg: LogsConfig, work_dir: str, catalog, vocabs: dict):
+    """``item_info.parquet`` from the catalog and the item and tag vocabularies."""
     max_tags = cfg.catalog.tags.max_tags if cfg.catalog is not None and cfg.catalog.tags else 1
 
     def item_row(kv, items, tags):
@@ -1195,19 +322,23 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
 
     def write_items(rows, items):
         try:
-            write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
+            write_item_info(beamio.join(work_dir, ITEM_INFO_FILENAME), len(items["order"]) + 2, rows, max_tags)
         except PreprocessError as e:  # vectors of differing widths: for the launcher to raise (no retries)
-            pp._write_text(pp._join(work_dir, _ITEM_ERROR), json.dumps({"message": str(e)}))
+            beamio.write_text(beamio.join(work_dir, _ITEM_ERROR), json.dumps({"message": str(e)}))
         return True
 
-    _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(items),
-                                          tags=beam.pvalue.AsSingleton(tag_vocab))
+    _ = (catalog | "ItemRows" >> beam.Map(item_row, items=beam.pvalue.AsSingleton(vocabs["items"]),
+                                          tags=beam.pvalue.AsSingleton(vocabs["tags"]))
          | "ItemRowList" >> beam.combiners.ToList()
-         | "WriteItemInfo" >> beam.Map(write_items, items=beam.pvalue.AsSingleton(items)))
+         | "WriteItemInfo" >> beam.Map(write_items, items=beam.pvalue.AsSingleton(vocabs["items"])))
+
+
+def _write_vocabularies(p, cfg: LogsConfig, work_dir: str, vocabs: dict):
+    """``vocab/<name>.txt`` for every vocabulary, and their sizes for the stats (``_vocab.json``)."""
 
     def write_vocabs(items, contexts, tags, users):
-        vdir = pp._join(work_dir, VOCAB_DIR)
-        pp._makedirs(vdir)
+        vdir = beamio.join(work_dir, VOCAB_DIR)
+        beamio.makedirs(vdir)
         info = {"item_id": (items["order"], cfg.id_dtype)}
         if cfg.catalog is not None and cfg.catalog.tags is not None:
             info["tags"] = (tags["order"], "string")
@@ -1217,40 +348,49 @@ def _build_pipeline(p, cfg: LogsConfig, files: dict[str, list[str]], work_dir: s
             info["user_id"] = (users["order"], "string")
         out = {}
         for name, (order, dtype) in info.items():
-            write_vocab(pp._join(vdir, f"{name}.txt"), order)
+            write_vocab(beamio.join(vdir, f"{name}.txt"), order)
             out[name] = {"path": f"{VOCAB_DIR}/{name}.txt", "dtype": dtype, "oov_id": OOV_ID, "size": len(order) + 2}
         out_stats = {"vocabularies": out,
                      "items": {"vocabulary": len(items["order"]),
                                "with_training_count": int(sum(1 for c in items["counts"][2:] if c > 0)),
                                "catalog_only": int(sum(1 for c in items["counts"][2:] if c == 0))}}
-        pp._write_text(pp._join(work_dir, "_vocab.json"), json.dumps(out_stats))
+        beamio.write_text(beamio.join(work_dir, "_vocab.json"), json.dumps(out_stats))
         return True
 
     _ = (p | "VocabTrigger" >> beam.Create([None])
          | "WriteVocabs" >> beam.Map(lambda _, i, c, t, u: write_vocabs(i, c, t, u),
-                                     i=beam.pvalue.AsSingleton(items), c=beam.pvalue.AsSingleton(contexts),
-                                     t=beam.pvalue.AsSingleton(tag_vocab), u=beam.pvalue.AsSingleton(users)))
+                                     i=beam.pvalue.AsSingleton(vocabs["items"]),
+                                     c=beam.pvalue.AsSingleton(vocabs["contexts"]),
+                                     t=beam.pvalue.AsSingleton(vocabs["tags"]),
+                                     u=beam.pvalue.AsSingleton(vocabs["users"])))
+
+
+def _write_reports(cfg: LogsConfig, work_dir: str, bads: list, stats: list):
+    """The merged stats (``_stats.json``), and the first bad row (``on_bad_row: fail``) or the bad rows
+    counted by reason (``drop``; a file that does not decode is an error either way)."""
     _ = (stats | "FlattenStats" >> beam.Flatten() | "MergeStats" >> beam.CombineGlobally(MergeDicts())
-         | "WriteStats" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, _STATS_PART), json.dumps(s))))
+         | "WriteStats" >> beam.Map(lambda s: beamio.write_text(beamio.join(work_dir, _STATS_PART), json.dumps(s))))
     bad_all = bads | "FlattenBad" >> beam.Flatten()
     if cfg.on_bad_row == "fail":
         _ = (bad_all | "FirstError" >> beam.CombineGlobally(FirstError())
-             | "WriteError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE), json.dumps(e))))
+             | "WriteError" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, _ERROR_FILE),
+                                                                       json.dumps(e))))
     else:  # drop: count by reason (rows of the event log, the catalog and the user table alike)
         _ = (bad_all | "FileErrors" >> beam.Filter(lambda e: e.get("fatal", False))  # a file that does not decode
              | "FirstFileError" >> beam.CombineGlobally(FirstError())
-             | "WriteFileError" >> beam.Map(lambda e: e and pp._write_text(pp._join(work_dir, _ERROR_FILE),
+             | "WriteFileError" >> beam.Map(lambda e: e and beamio.write_text(beamio.join(work_dir, _ERROR_FILE),
                                                                            json.dumps(e))))
         _ = (bad_all | "BadReasons" >> beam.Map(lambda e: {"bad_rows": {e["reason"]: 1}})
              | "MergeBad" >> beam.CombineGlobally(MergeDicts())
-             | "WriteBad" >> beam.Map(lambda s: pp._write_text(pp._join(work_dir, "_bad.json"), json.dumps(s))))
+             | "WriteBad" >> beam.Map(lambda s: beamio.write_text(beamio.join(work_dir, "_bad.json"),
+                                                                  json.dumps(s))))
 
 
 def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]]:
     """``(output_dir, the files of it an earlier run wrote)``, once a killed run's commit into it is
     completed and killed runs' ``.tmp-*`` directories are gone; a symbolic link is followed."""
-    out = pp._resolve_output_dir(output_dir)
-    if pp._is_local(out):
+    out = resolve_output_dir(output_dir)
+    if beamio.is_local(out):
         real = os.path.realpath(out)
         for f in inputs:
             rf = os.path.realpath(f)
@@ -1258,8 +398,8 @@ def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]
                 raise PreprocessError(f"{out}: the output directory holds an input file ({f}); refusing to replace it")
         if os.path.exists(out) and not os.path.isdir(out):
             raise PreprocessError(f"{out}: the output path exists and is not a directory")
-    pp.recover_commit(out, LEDGER)
-    pp._remove_stale_siblings(out, name=MANIFEST_FILENAME, tool=LEDGER.tool)
+    recover_commit(out, LEDGER)
+    remove_stale_siblings(out, LEDGER)
     owned = _owned_files(out)
     if owned is None:
         raise PreprocessError(f"{out}: the output directory exists and is not a build_examples output "
@@ -1269,17 +409,17 @@ def _check_output_dir(output_dir: str, inputs: list[str]) -> tuple[str, set[str]
 
 def _owned_files(out: str) -> set[str] | None:
     """The files of ``out`` that an earlier run wrote (relative paths); None if ``out`` is no earlier output."""
-    names = pp._list(out)
+    names = beamio.list_dir(out)
     if not names:
         return set()
     if MANIFEST_FILENAME in names:
-        manifest = pp._read_manifest(out, name=MANIFEST_FILENAME, tool=LEDGER.tool)
+        manifest = read_manifest(out, LEDGER)
         if manifest is None or not isinstance(manifest.get("files"), list):
             return None
         return set(manifest["files"]) | {MANIFEST_FILENAME}
     if DATASET_CONFIG_FILENAME in names:  # written before manifests: its dataset config names the vocabularies
         try:
-            vocabs = json.loads(pp._read_text(pp._join(out, DATASET_CONFIG_FILENAME))).get("vocabularies") or {}
+            vocabs = json.loads(beamio.read_text(beamio.join(out, DATASET_CONFIG_FILENAME))).get("vocabularies") or {}
             return _LEGACY_FILES | {v["path"] for v in vocabs.values()}
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             return None
@@ -1315,10 +455,10 @@ def _check_counts(raw: dict, work_dir: str):
         raise RunnerError(f"the Beam runner lost users: {raw.get('events_out', 0)} examples made, "
                            f"{made} turned into rows")
     for s in SPLITS:
-        path = pp._join(work_dir, f"{s}.parquet")
+        path = beamio.join(work_dir, f"{s}.parquet")
         want = raw.get("splits", {}).get(s, {}).get("rows", 0)
-        got = pq.ParquetFile(path if pp._is_local(path) else pp._open(path)).metadata.num_rows \
-            if pp._exists(path) else 0
+        got = pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path)).metadata.num_rows \
+            if beamio.exists(path) else 0
         if got != want:
             raise RunnerError(f"the Beam runner lost rows: {want} {s} rows made, {got} written")
 
@@ -1327,22 +467,11 @@ def run_pipeline(p, errors=(PreprocessError, LogsConfigError, SpecError)):
     """Runs the Beam pipeline ``p`` to the end; a worker's own error comes back as itself.
 
     Beam reports what a worker raised as a ``RuntimeError`` holding the worker's
-    traceback: the project's errors (``errors``) are rebuilt from it
-    (:func:`pipelines.validation.unwrap_beam_error`), anything else becomes a
-    :class:`RunnerError` of one line.
+    traceback: the project's errors (``errors``) are rebuilt from it, anything
+    else becomes a :class:`RunnerError` of one line
+    (:func:`pipelines.beamio.run_pipeline`).
     """
-    try:
-        with beam_worker_errors_unlogged():
-            state = p.run().wait_until_finish()
-    except Exception as e:  # noqa: BLE001  (a runner wraps whatever a worker raised)
-        own = unwrap_beam_error(e, errors)
-        if own is not None:
-            raise own from None
-        if os.environ.get("QIN_TF_VERBOSE"):
-            raise
-        raise RunnerError(beam_failure(e)) from None
-    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-        raise RunnerError(f"the Beam pipeline ended in state {state}")
+    beamio.run_pipeline(p, errors, failure=RunnerError, stopped=RunnerError)
 
 
 def build_examples(config, output_dir: str, *, beam_options=None, previous: str | None = None,
@@ -1352,7 +481,7 @@ def build_examples(config, output_dir: str, *, beam_options=None, previous: str 
     Args:
         config: a :class:`LogsConfig` or the path of its JSON.
         output_dir: where to write; replaced as a whole on success only.
-        beam_options: as :func:`pipelines.preprocess.pipeline_options`.
+        beam_options: as :func:`pipelines.beamio.pipeline_options`.
         previous: an earlier build's output directory to continue from (its ``state/``; the config
             names only the new events); see "Incremental builds" above. Never modified.
         valid_from, test_from: override the config's time split for this run (split ``time`` only).
@@ -1366,60 +495,60 @@ def build_examples(config, output_dir: str, *, beam_options=None, previous: str 
     """
     cfg = config if isinstance(config, LogsConfig) else LogsConfig.load(config)
     cfg, resume = incremental.prepare(cfg, output_dir, previous, valid_from, test_from)
-    files = {"events": _files(cfg.events.source, "the event log")}
+    files = {"events": match_files(cfg.events.source, "the event log")}
     if cfg.catalog is not None:
-        files["catalog"] = _files(cfg.catalog.source, "the item catalog")
+        files["catalog"] = match_files(cfg.catalog.source, "the item catalog")
         if cfg.catalog.vector is not None and cfg.catalog.vector.source is not None:
-            files["vectors"] = _files(cfg.catalog.vector.source, "the item vectors")
+            files["vectors"] = match_files(cfg.catalog.vector.source, "the item vectors")
     if cfg.users is not None:
-        files["users"] = _files(cfg.users.source, "the user table")
+        files["users"] = match_files(cfg.users.source, "the user table")
     output_dir, owned = _check_output_dir(output_dir, [f for fs in files.values() for f in fs])
-    opts = pp.pipeline_options(beam_options)
+    opts = beamio.pipeline_options(beam_options)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    pp._makedirs(work_dir)
+    beamio.makedirs(work_dir)
     try:
-        pp._write_manifest(work_dir, None, name=MANIFEST_FILENAME, tool=LEDGER.tool)  # marks our temporary dir
-        pp._makedirs(pp._join(work_dir, _PARTS_DIR))
+        write_manifest(work_dir, None, LEDGER)  # marks our temporary dir
+        beamio.makedirs(beamio.join(work_dir, PARTS_DIR))
         p = beam.Pipeline(options=opts)
         _build_pipeline(p, cfg, files, work_dir, resume)
         run_pipeline(p)
         incremental.raise_late(work_dir, resume)
-        if pp._exists(pp._join(work_dir, _ERROR_FILE)):
-            e = json.loads(pp._read_text(pp._join(work_dir, _ERROR_FILE)))
+        if beamio.exists(beamio.join(work_dir, _ERROR_FILE)):
+            e = json.loads(beamio.read_text(beamio.join(work_dir, _ERROR_FILE)))
             raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
-        if pp._exists(pp._join(work_dir, _ITEM_ERROR)):
-            raise PreprocessError(json.loads(pp._read_text(pp._join(work_dir, _ITEM_ERROR)))["message"])
-        if pp._exists(pp._join(work_dir, _REFUSED)):
-            raise LogsConfigError(json.loads(pp._read_text(pp._join(work_dir, _REFUSED)))["message"])
-        raw = json.loads(pp._read_text(pp._join(work_dir, _STATS_PART)))
+        if beamio.exists(beamio.join(work_dir, _ITEM_ERROR)):
+            raise PreprocessError(json.loads(beamio.read_text(beamio.join(work_dir, _ITEM_ERROR)))["message"])
+        if beamio.exists(beamio.join(work_dir, _REFUSED)):
+            raise LogsConfigError(json.loads(beamio.read_text(beamio.join(work_dir, _REFUSED)))["message"])
+        raw = json.loads(beamio.read_text(beamio.join(work_dir, _STATS_PART)))
         if not raw.get("events_in"):
             raise PreprocessError(f"{', '.join(files['events'])}: the event log has no events")
         if not raw.get("events_out"):
             raise PreprocessError(f"{', '.join(files['events'])}: no event yields an example "
                                   f"(dropped: {raw.get('events_dropped', {})})")
         _check_counts(raw, work_dir)
-        vocab = json.loads(pp._read_text(pp._join(work_dir, "_vocab.json")))
-        bad = json.loads(pp._read_text(pp._join(work_dir, "_bad.json"))) if pp._exists(
-            pp._join(work_dir, "_bad.json")) else {}
+        vocab = json.loads(beamio.read_text(beamio.join(work_dir, "_vocab.json")))
+        bad = json.loads(beamio.read_text(beamio.join(work_dir, "_bad.json"))) if beamio.exists(
+            beamio.join(work_dir, "_bad.json")) else {}
         for s in SPLITS:  # a split without rows still gets its (empty) file
-            path = pp._join(work_dir, f"{s}.parquet")
-            if not pp._exists(path):
-                with pp._create(path) as f:
-                    pq.write_table(_examples_schema(cfg).empty_table(), f)
-        if not pp._exists(pp._join(work_dir, ITEM_INFO_FILENAME)):  # no catalog: ids only
-            write_item_info(pp._join(work_dir, ITEM_INFO_FILENAME), vocab["items"]["vocabulary"] + 2, [],
+            path = beamio.join(work_dir, f"{s}.parquet")
+            if not beamio.exists(path):
+                with beamio.create(path) as f:
+                    pq.write_table(examples_schema(cfg).empty_table(), f)
+        if not beamio.exists(beamio.join(work_dir, ITEM_INFO_FILENAME)):  # no catalog: ids only
+            write_item_info(beamio.join(work_dir, ITEM_INFO_FILENAME), vocab["items"]["vocabulary"] + 2, [],
                             cfg.catalog.tags.max_tags if cfg.catalog and cfg.catalog.tags else 1)
         stats = _final_stats(cfg, files, raw, vocab, bad)
-        pp._delete(pp._join(work_dir, _PARTS_DIR))
+        beamio.delete(beamio.join(work_dir, PARTS_DIR))
         for name in (_STATS_PART, "_vocab.json", "_bad.json"):
-            pp._delete(pp._join(work_dir, name))
-        pp._write_text(pp._join(work_dir, DATASET_CONFIG_FILENAME),
+            beamio.delete(beamio.join(work_dir, name))
+        beamio.write_text(beamio.join(work_dir, DATASET_CONFIG_FILENAME),
                        json.dumps(_dataset_config(cfg, vocab["vocabularies"]), indent=2) + "\n")
-        pp._write_text(pp._join(work_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
+        beamio.write_text(beamio.join(work_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
         # A rerun replaces only the files the earlier run wrote; anything else the user keeps there stays.
-        pp.journalled_commit(work_dir, output_dir, owned, LEDGER, "build_examples")
+        journalled_commit(work_dir, output_dir, owned, LEDGER, "build_examples")
     except BaseException:
-        pp._delete(work_dir)
+        beamio.delete(work_dir)
         raise
     return stats
 
@@ -1494,10 +623,10 @@ def main(argv):
               f"{stats['items']['vocabulary']:,} items; wrote {FLAGS.output_dir} in {time.time() - t0:.1f} s")
         if FLAGS.preprocess_dir:
             out = FLAGS.output_dir.rstrip("/")
-            spec = pp.preprocess(out, FLAGS.preprocess_dir, pp._join(out, DATASET_CONFIG_FILENAME))
+            spec = pp.preprocess(out, FLAGS.preprocess_dir, beamio.join(out, DATASET_CONFIG_FILENAME))
             print(f"preprocess: {spec.num_items:,} items; max_len {spec.max_len}; wrote {FLAGS.preprocess_dir}")
     except (PreprocessError, LogsConfigError, SpecError, RunnerError, OSError) as e:
-        raise SystemExit(f"build_examples: error: {pp._one_line(e)}") from None
+        raise SystemExit(f"build_examples: error: {one_line(e)}") from None
 
 
 def _parse_flags(argv):
@@ -1507,7 +636,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv, known_only=True)
     except flags.Error as e:
-        raise SystemExit(f"build_examples: error: {pp._one_line(e)}") from None
+        raise SystemExit(f"build_examples: error: {one_line(e)}") from None
 
 
 def run():

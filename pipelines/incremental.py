@@ -40,10 +40,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import preprocess as pp
+from pipelines import beamio
+from pipelines.beamio import beam  # imported quietly
 from pipelines.validation import PreprocessError, where
-
-beam = pp.beam
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"
@@ -85,12 +84,12 @@ def fingerprint(cfg) -> dict:
 
 def _real(path: str) -> str:
     path = path.rstrip("/") or path
-    return os.path.realpath(path) if pp._is_local(path) else path
+    return os.path.realpath(path) if beamio.is_local(path) else path
 
 
 def _inside(a: str, b: str) -> bool:
     """``a`` is ``b`` or lies under it."""
-    sep = os.sep if pp._is_local(a) else "/"
+    sep = os.sep if beamio.is_local(a) else "/"
     return a == b or a.startswith(b.rstrip(sep) + sep)
 
 
@@ -125,15 +124,15 @@ def prepare(cfg, output_dir: str, previous: str | None, valid_from=None, test_fr
     if _inside(out, real_prev):
         raise PreprocessError(f"{output_dir}: the output directory is inside --previous ({prev}); "
                               "write the new build elsewhere")
-    if not pp._exists(prev):
+    if not beamio.exists(prev):
         raise PreprocessError(f"{prev}: --previous does not exist")
-    path = pp._join(prev, STATE_DIR, STATE_FILE)
-    if not pp._exists(path):
+    path = beamio.join(prev, STATE_DIR, STATE_FILE)
+    if not beamio.exists(path):
         raise PreprocessError(f"{prev}: --previous has no {STATE_DIR}/{STATE_FILE} (built before incremental "
                               "builds, or not a build_examples output); build it again without --previous "
                               "to start a chain")
     try:
-        state = json.loads(pp._read_text(path))
+        state = json.loads(beamio.read_text(path))
         fp = state["fingerprint"]
     except (ValueError, KeyError, TypeError) as e:
         raise PreprocessError(f"{path}: not a build state ({e})") from None
@@ -151,9 +150,9 @@ def prepare(cfg, output_dir: str, previous: str | None, valid_from=None, test_fr
 
 def raise_late(work_dir: str, resume: dict | None):
     """Raises the first event older than the previous build's end (as the pipeline recorded it), if any."""
-    path = pp._join(work_dir, LATE_FILE)
-    if resume is not None and pp._exists(path):
-        e = json.loads(pp._read_text(path))
+    path = beamio.join(work_dir, LATE_FILE)
+    if resume is not None and beamio.exists(path):
+        e = json.loads(beamio.read_text(path))
         raise PreprocessError(e["message"], file=e["file"], row=e["row"], column=e["column"], reason=e["reason"])
 
 
@@ -254,7 +253,7 @@ class ReadUserStates(beam.DoFn):
     """A ``state/users-*.parquet`` path -> (user, state) per row, streamed in batches."""
 
     def process(self, path):
-        pf = pq.ParquetFile(path if pp._is_local(path) else pp._open(path))
+        pf = pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path))
         for batch in pf.iter_batches(batch_size=8192, use_threads=False):
             for r in batch.to_pylist():
                 yield r.pop("user"), r
@@ -264,8 +263,8 @@ def read_user_states(p, resume: dict | None):
     """The previous build's user states as ``(user, state)`` (empty without a previous build)."""
     if resume is None:
         return p | "NoState" >> beam.Create([])
-    sdir = pp._join(resume["dir"], STATE_DIR)
-    files = [pp._join(sdir, n) for n in pp._list(sdir, USERS_PREFIX)]
+    sdir = beamio.join(resume["dir"], STATE_DIR)
+    files = [beamio.join(sdir, n) for n in beamio.list_dir(sdir, USERS_PREFIX)]
     return p | "StateFiles" >> beam.Create(files) | "ReadState" >> beam.ParDo(ReadUserStates())
 
 
@@ -279,28 +278,28 @@ class WriteUserStates(beam.DoFn):
         shard, rows = element
         rows = sorted(rows, key=lambda kv: _sort_key(kv[0]))
         table = pa.Table.from_pylist([{"user": u, **s} for u, s in rows], schema=_users_schema(self.id_dtype))
-        path = pp._join(self.work_dir, STATE_DIR, f"{USERS_PREFIX}{shard:05d}.parquet")
-        with pp._create(path) as f:
+        path = beamio.join(self.work_dir, STATE_DIR, f"{USERS_PREFIX}{shard:05d}.parquet")
+        with beamio.create(path) as f:
             pq.write_table(table, f, compression="zstd")
         yield max((s["last_time"] for _, s in rows if s["last_time"] is not None), default=None)
 
 
 def _read_counts(path: str):
-    if not pp._exists(path):
+    if not beamio.exists(path):
         return []
-    return pq.read_table(path if pp._is_local(path) else pp._open(path)).to_pylist()
+    return pq.read_table(path if beamio.is_local(path) else beamio.open_read(path)).to_pylist()
 
 
 def previous_item_counts(p, resume: dict | None):
     """``(item, count)`` of the previous build's cumulative training-period counts."""
-    paths = [] if resume is None else [pp._join(resume["dir"], STATE_DIR, ITEM_COUNTS)]
+    paths = [] if resume is None else [beamio.join(resume["dir"], STATE_DIR, ITEM_COUNTS)]
     return (p | "PrevItemCountFile" >> beam.Create(paths)
             | "PrevItemCounts" >> beam.FlatMap(lambda path: [(r["item"], r["count"]) for r in _read_counts(path)]))
 
 
 def previous_context_counts(p, resume: dict | None):
     """``((name, value), count)`` of the previous build's cumulative training-period context counts."""
-    paths = [] if resume is None else [pp._join(resume["dir"], STATE_DIR, CONTEXT_COUNTS)]
+    paths = [] if resume is None else [beamio.join(resume["dir"], STATE_DIR, CONTEXT_COUNTS)]
     return (p | "PrevCtxCountFile" >> beam.Create(paths)
             | "PrevCtxCounts" >> beam.FlatMap(
                 lambda path: [((r["name"], r["value"]), r["count"]) for r in _read_counts(path)]))
@@ -310,14 +309,15 @@ def read_vocabularies(resume: dict | None) -> dict | None:
     """``{vocabulary name: raw ids in order}`` of the previous build (its ``dataset_config.json``'s files)."""
     if resume is None:
         return None
-    from pipelines.build_examples import DATASET_CONFIG_FILENAME, read_vocab
+    from pipelines.build_examples import DATASET_CONFIG_FILENAME
+    from pipelines.vocabularies import read_vocab
 
-    cfg_path = pp._join(resume["dir"], DATASET_CONFIG_FILENAME)
+    cfg_path = beamio.join(resume["dir"], DATASET_CONFIG_FILENAME)
     try:
-        vocabs = json.loads(pp._read_text(cfg_path))["vocabularies"]
+        vocabs = json.loads(beamio.read_text(cfg_path))["vocabularies"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PreprocessError(f"{cfg_path}: cannot read the previous build's vocabularies ({e})") from None
-    return {name: read_vocab(pp._join(resume["dir"], v["path"]), v["dtype"]) for name, v in vocabs.items()}
+    return {name: read_vocab(beamio.join(resume["dir"], v["path"]), v["dtype"]) for name, v in vocabs.items()}
 
 
 def appended(previous: list | None, fresh: list) -> list:
@@ -334,14 +334,14 @@ def write_state(p, cfg, resume: dict | None, work_dir: str, user_states, item_co
     ``item_counts`` / ``ctx_counts``: the singleton lists of the cumulative
     ``(key, count)``; ``shard_of(user, shards)`` spreads the users.
     """
-    pp._makedirs(pp._join(work_dir, STATE_DIR))
+    beamio.makedirs(beamio.join(work_dir, STATE_DIR))
     t = pa.int64() if cfg.id_dtype == "int64" else pa.string()
 
     def write_items(counts):
         rows = sorted(counts, key=lambda kv: _sort_key(kv[0]))
         table = pa.table({"item": pa.array([k for k, _ in rows], t),
                           "count": pa.array([n for _, n in rows], pa.int64())})
-        with pp._create(pp._join(work_dir, STATE_DIR, ITEM_COUNTS)) as f:
+        with beamio.create(beamio.join(work_dir, STATE_DIR, ITEM_COUNTS)) as f:
             pq.write_table(table, f)
         return True
 
@@ -350,7 +350,7 @@ def write_state(p, cfg, resume: dict | None, work_dir: str, user_states, item_co
         table = pa.table({"name": pa.array([k[0] for k, _ in rows], pa.string()),
                           "value": pa.array([k[1] for k, _ in rows], pa.string()),
                           "count": pa.array([n for _, n in rows], pa.int64())})
-        with pp._create(pp._join(work_dir, STATE_DIR, CONTEXT_COUNTS)) as f:
+        with beamio.create(beamio.join(work_dir, STATE_DIR, CONTEXT_COUNTS)) as f:
             pq.write_table(table, f)
         return True
 
@@ -368,7 +368,7 @@ def write_state(p, cfg, resume: dict | None, work_dir: str, user_states, item_co
             end = prev_end if end is None else max(end, prev_end)
         state = {"format": FORMAT, "fingerprint": fingerprint(cfg), "end_time": end, "builds": builds,
                  "previous": resume["dir"] if resume else None}
-        pp._write_text(pp._join(work_dir, STATE_DIR, STATE_FILE), json.dumps(state, indent=2) + "\n")
+        beamio.write_text(beamio.join(work_dir, STATE_DIR, STATE_FILE), json.dumps(state, indent=2) + "\n")
 
     _ = (p | "StateTrigger" >> beam.Create([None])
          | "WriteStateJson" >> beam.Map(write_json, end=beam.pvalue.AsSingleton(ends),

@@ -302,13 +302,13 @@ class LogsConfig:
     def load(cls, path: str) -> "LogsConfig":
         """Reads the config from a local path or a URL (Beam's ``FileSystems``: ``gs://...``); its
         relative globs name files next to it."""
-        from pipelines import preprocess as pp
+        from pipelines import beamio
 
-        local = pp._is_local(path)
+        local = beamio.is_local(path)
         try:
-            if not local and not pp.FileSystems.exists(path):
+            if not local and not beamio.FileSystems.exists(path):
                 raise FileNotFoundError(path)
-            d = json.loads(pp._read_text(path))
+            d = json.loads(beamio.read_text(path))
         except FileNotFoundError:
             raise LogsConfigError(f"{path}: log config not found") from None
         except json.JSONDecodeError as e:
@@ -324,76 +324,13 @@ class LogsConfig:
                "context_min_count", "popularity_level", "history", "negatives", "split", "on_bad_row",
                "max_len", "shards"}
         _known(d, top, where)
-        ev = _known(_get(d, "events", where), {"files", "format", "delimiter", "header", "item_delimiter",
-                                                "user", "item", "time", "label", "context"}, f"{where}: events")
-        label = ev.get("label")
-        if isinstance(label, str):
-            label = LabelRule(column=_str(label, f"{where}: events.label"))
-        elif label is not None:
-            _known(label, {"column", "op", "value"}, f"{where}: events.label")
-            value = _get(label, "value", f"{where}: events.label")
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise LogsConfigError(f"{where}: events.label.value must be a number or a string. "
-                                      f"Received: {value!r}")
-            label = LabelRule(column=_str(_get(label, "column", f"{where}: events.label"),
-                                          f"{where}: events.label.column"),
-                              op=_choice(label.get("op", ">="), OPS, f"{where}: events.label.op"),
-                              value=value, binary=False)
-        events = Events(source=Source.parse(ev, f"{where}: events", base),
-                        user=_str(_get(ev, "user", f"{where}: events"), f"{where}: events.user"),
-                        item=_str(_get(ev, "item", f"{where}: events"), f"{where}: events.item"),
-                        time=_str(ev.get("time"), f"{where}: events.time", optional=True), label=label,
-                        context=tuple(ContextColumn.parse(c, f"{where}: events.context")
-                                      for c in _list(ev.get("context", []), f"{where}: events.context")))
-        if events.source.format == "sequences" and (events.time or label or events.context):
-            raise LogsConfigError(f"{where}: events of format `sequences` have only a user and its items "
-                                  "(no time, label or context columns)")
-        catalog = None
-        if d.get("catalog") is not None:
-            c = _known(d["catalog"], {"files", "format", "delimiter", "header", "item", "tags", "vector",
-                                      "lowercase_tags", "tag_min_count", "max_tags"}, f"{where}: catalog")
-            tags = None
-            if c.get("tags") is not None:
-                t = c["tags"]
-                t = {"column": t} if isinstance(t, str) else _known(t, {"column", "delimiter", "hashtags"},
-                                                                  f"{where}: catalog.tags")
-                tags = Tags(column=_str(_get(t, "column", f"{where}: catalog.tags"), f"{where}: catalog.tags.column"),
-                            delimiter=_str(t.get("delimiter"), f"{where}: catalog.tags.delimiter", optional=True),
-                            hashtags=_bool(t.get("hashtags", False), f"{where}: catalog.tags.hashtags"),
-                            lowercase=_bool(c.get("lowercase_tags", False), f"{where}: catalog.lowercase_tags"),
-                            min_count=_int(c.get("tag_min_count", 1), f"{where}: catalog.tag_min_count", 1),
-                            max_tags=_int(c.get("max_tags", 5), f"{where}: catalog.max_tags", 1))
-            vector = None
-            if c.get("vector") is not None:
-                v = c["vector"]
-                v = {"column": v} if isinstance(v, str) else _known(
-                    v, {"column", "files", "format", "item"}, f"{where}: catalog.vector")
-                vsrc = Source.parse(v, f"{where}: catalog.vector", base) if "files" in v else None
-                vector = Vector(column=_str(_get(v, "column", f"{where}: catalog.vector"),
-                                            f"{where}: catalog.vector.column"), source=vsrc,
-                                item=_str(v.get("item", c.get("item")), f"{where}: catalog.vector.item")
-                                if vsrc else None)
-            catalog = Catalog(source=Source.parse(c, f"{where}: catalog", base),
-                              item=_str(_get(c, "item", f"{where}: catalog"), f"{where}: catalog.item"),
-                              tags=tags, vector=vector)
-        users = None
-        if d.get("users") is not None:
-            u = _known(d["users"], {"files", "format", "delimiter", "header", "user", "context"}, f"{where}: users")
-            users = Users(source=Source.parse(u, f"{where}: users", base),
-                          user=_str(_get(u, "user", f"{where}: users"), f"{where}: users.user"),
-                          context=tuple(ContextColumn.parse(x, f"{where}: users.context")
-                                        for x in _list(u.get("context", []), f"{where}: users.context")))
+        events = _parse_events(_get(d, "events", where), where, base)
+        catalog = _parse_catalog(d["catalog"], where, base) if d.get("catalog") is not None else None
+        users = _parse_users(d["users"], where, base) if d.get("users") is not None else None
         h = _known(d.get("history", {}), {"events", "max_len", "duplicates", "min_len"}, f"{where}: history")
         n = _known(d.get("negatives", {}), {"per_positive", "sampling", "seed"}, f"{where}: negatives")
         s = _known(d.get("split", {}), {"method", "valid_from", "test_from"}, f"{where}: split")
-        method = _choice(s.get("method", "leave_last_out"), ("leave_last_out", "time"), f"{where}: split.method")
-        if method == "time":
-            for key in ("valid_from", "test_from"):
-                _number(_get(s, key, f"{where}: split"), f"{where}: split.{key}")
-        if method == "time" and s["valid_from"] > s["test_from"]:
-            raise LogsConfigError(f"{where}: split `time` needs valid_from <= test_from. Received: {dict(s)}")
-        if method == "time" and not events.time:
-            raise LogsConfigError(f"{where}: split `time` needs a time column (events.time)")
+        method = _parse_split(s, events, where)
         cfg = cls(
             name=_str(_get(d, "name", where), f"{where}: name"), events=events, catalog=catalog, users=users,
             id_dtype=_choice(d.get("id_dtype", "int64"), ("int64", "string"), f"{where}: id_dtype"),
@@ -421,3 +358,89 @@ class LogsConfig:
             raise LogsConfigError(f"{where}: context names must differ from each other and from "
                                   f"user_id/item_id/item_seq/label; repeated: {dup}")
         return cfg
+
+
+def _parse_label(label, where: str) -> LabelRule | None:
+    """``events.label``: a column name (0/1 labels), a rule ``{column, op, value}``, or none."""
+    if isinstance(label, str):
+        return LabelRule(column=_str(label, f"{where}: events.label"))
+    if label is None:
+        return None
+    _known(label, {"column", "op", "value"}, f"{where}: events.label")
+    value = _get(label, "value", f"{where}: events.label")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise LogsConfigError(f"{where}: events.label.value must be a number or a string. "
+                              f"Received: {value!r}")
+    return LabelRule(column=_str(_get(label, "column", f"{where}: events.label"),
+                                 f"{where}: events.label.column"),
+                     op=_choice(label.get("op", ">="), OPS, f"{where}: events.label.op"),
+                     value=value, binary=False)
+
+
+def _parse_events(ev, where: str, base: str) -> Events:
+    """The ``events`` section."""
+    ev = _known(ev, {"files", "format", "delimiter", "header", "item_delimiter",
+                     "user", "item", "time", "label", "context"}, f"{where}: events")
+    label = _parse_label(ev.get("label"), where)
+    events = Events(source=Source.parse(ev, f"{where}: events", base),
+                    user=_str(_get(ev, "user", f"{where}: events"), f"{where}: events.user"),
+                    item=_str(_get(ev, "item", f"{where}: events"), f"{where}: events.item"),
+                    time=_str(ev.get("time"), f"{where}: events.time", optional=True), label=label,
+                    context=tuple(ContextColumn.parse(c, f"{where}: events.context")
+                                  for c in _list(ev.get("context", []), f"{where}: events.context")))
+    if events.source.format == "sequences" and (events.time or label or events.context):
+        raise LogsConfigError(f"{where}: events of format `sequences` have only a user and its items "
+                              "(no time, label or context columns)")
+    return events
+
+
+def _parse_catalog(c, where: str, base: str) -> Catalog:
+    """The ``catalog`` section, with its ``tags`` and ``vector``."""
+    c = _known(c, {"files", "format", "delimiter", "header", "item", "tags", "vector",
+                   "lowercase_tags", "tag_min_count", "max_tags"}, f"{where}: catalog")
+    tags = None
+    if c.get("tags") is not None:
+        t = c["tags"]
+        t = {"column": t} if isinstance(t, str) else _known(t, {"column", "delimiter", "hashtags"},
+                                                          f"{where}: catalog.tags")
+        tags = Tags(column=_str(_get(t, "column", f"{where}: catalog.tags"), f"{where}: catalog.tags.column"),
+                    delimiter=_str(t.get("delimiter"), f"{where}: catalog.tags.delimiter", optional=True),
+                    hashtags=_bool(t.get("hashtags", False), f"{where}: catalog.tags.hashtags"),
+                    lowercase=_bool(c.get("lowercase_tags", False), f"{where}: catalog.lowercase_tags"),
+                    min_count=_int(c.get("tag_min_count", 1), f"{where}: catalog.tag_min_count", 1),
+                    max_tags=_int(c.get("max_tags", 5), f"{where}: catalog.max_tags", 1))
+    vector = None
+    if c.get("vector") is not None:
+        v = c["vector"]
+        v = {"column": v} if isinstance(v, str) else _known(
+            v, {"column", "files", "format", "item"}, f"{where}: catalog.vector")
+        vsrc = Source.parse(v, f"{where}: catalog.vector", base) if "files" in v else None
+        vector = Vector(column=_str(_get(v, "column", f"{where}: catalog.vector"),
+                                    f"{where}: catalog.vector.column"), source=vsrc,
+                        item=_str(v.get("item", c.get("item")), f"{where}: catalog.vector.item")
+                        if vsrc else None)
+    return Catalog(source=Source.parse(c, f"{where}: catalog", base),
+                   item=_str(_get(c, "item", f"{where}: catalog"), f"{where}: catalog.item"),
+                   tags=tags, vector=vector)
+
+
+def _parse_users(u, where: str, base: str) -> Users:
+    """The ``users`` section."""
+    u = _known(u, {"files", "format", "delimiter", "header", "user", "context"}, f"{where}: users")
+    return Users(source=Source.parse(u, f"{where}: users", base),
+                 user=_str(_get(u, "user", f"{where}: users"), f"{where}: users.user"),
+                 context=tuple(ContextColumn.parse(x, f"{where}: users.context")
+                               for x in _list(u.get("context", []), f"{where}: users.context")))
+
+
+def _parse_split(s: Mapping[str, Any], events: Events, where: str) -> str:
+    """The split method; ``time`` needs ``valid_from <= test_from`` and a time column."""
+    method = _choice(s.get("method", "leave_last_out"), ("leave_last_out", "time"), f"{where}: split.method")
+    if method == "time":
+        for key in ("valid_from", "test_from"):
+            _number(_get(s, key, f"{where}: split"), f"{where}: split.{key}")
+    if method == "time" and s["valid_from"] > s["test_from"]:
+        raise LogsConfigError(f"{where}: split `time` needs valid_from <= test_from. Received: {dict(s)}")
+    if method == "time" and not events.time:
+        raise LogsConfigError(f"{where}: split `time` needs a time column (events.time)")
+    return method

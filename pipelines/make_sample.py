@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from absl import flags
 
-from pipelines import preprocess as pp  # Beam's FileSystems: local paths or URLs (gs://...)
+from pipelines import beamio  # Beam's FileSystems: local paths or URLs (gs://...)
 
 SPLITS = ("train", "valid", "test")
 
@@ -37,17 +37,17 @@ def _define_flags() -> None:
 
 
 def _read(path: str) -> pa.Table:
-    with pp._open(path) as f:
+    with beamio.open_read(path) as f:
         return pq.read_table(f)
 
 
 def _write(table: pa.Table, path: str):
-    with pp._create(path) as f:
+    with beamio.create(path) as f:
         pq.write_table(table, f, compression="zstd")
 
 
 def make_sample(input_dir: str, output_dir: str, num_users: int, seed: int) -> dict[str, int]:
-    tables = {s: _read(pp._join(input_dir, f"{s}.parquet")) for s in SPLITS}
+    tables = {s: _read(beamio.join(input_dir, f"{s}.parquet")) for s in SPLITS}
     users = np.unique(np.concatenate([t["user_id"].to_numpy() for t in tables.values()]))
     keep = np.sort(np.random.default_rng(seed).choice(users, size=num_users, replace=False))
     tables = {s: t.filter(pc.is_in(t["user_id"], pa.array(keep))) for s, t in tables.items()}
@@ -59,21 +59,21 @@ def make_sample(input_dir: str, output_dir: str, num_users: int, seed: int) -> d
     remap = np.zeros(int(touched.max()) + 1, dtype=np.int64)
     remap[touched] = np.arange(1, len(touched) + 1)
 
-    pp._makedirs(output_dir)
+    beamio.makedirs(output_dir)
     for split, t in tables.items():
         seq = t["item_seq"].combine_chunks()
         new_seq = pa.ListArray.from_arrays(seq.offsets, pa.array(remap[seq.flatten().to_numpy()]))
         t = t.set_column(t.schema.get_field_index("item_seq"), "item_seq", new_seq)
         t = t.set_column(t.schema.get_field_index("item_id"), "item_id",
                          pa.array(remap[t["item_id"].to_numpy()]))
-        _write(t, pp._join(output_dir, f"{split}.parquet"))
+        _write(t, beamio.join(output_dir, f"{split}.parquet"))
 
-    items = _read(pp._join(input_dir, "item_info.parquet"))
+    items = _read(beamio.join(input_dir, "item_info.parquet"))
     rows = np.concatenate([[0], touched])
     items = items.take(pa.array(rows))
     items = items.set_column(items.schema.get_field_index("item_id"), "item_id",
                              pa.array(np.arange(len(rows), dtype=np.int64)))
-    _write(items, pp._join(output_dir, "item_info.parquet"))
+    _write(items, beamio.join(output_dir, "item_info.parquet"))
     counts = {s: t.num_rows for s, t in tables.items()}
     counts["items"] = len(rows)
     return counts

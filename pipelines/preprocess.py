@@ -68,7 +68,7 @@ runner's per-element overhead does not matter; files are opened through
 Flink or Spark with shared storage (give workers the code with
 ``--setup_file``). By default it runs locally on Beam's FnApiRunner (the
 engine of Python's DirectRunner), one thread per core; see
-:func:`pipeline_options`.
+:func:`pipelines.beamio.pipeline_options`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 import uuid
 from typing import Any, Iterator, Sequence
@@ -88,29 +87,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-class _DropBeamImportNoise(logging.Filter):
-    """Beam without its [gcp] extra logs 'apitools not found ...' on import: not a user's concern."""
-
-    def filter(self, record):
-        return "apitools not found" not in record.getMessage()
-
-
-_noise = _DropBeamImportNoise()
-logging.getLogger().addFilter(_noise)
-try:
-    import apache_beam as beam
-finally:
-    logging.getLogger().removeFilter(_noise)
-from apache_beam.io.filesystem import CompressionTypes  # noqa: E402
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
-
+from pipelines import beamio
+from pipelines.beamio import beam  # imported quietly
+from pipelines.commit import (Ledger, read_manifest, remove_stale_siblings, resolve_output_dir, swap_commit,
+                              write_manifest)
 from pipelines.example_codec import DEFAULT_GZIP_LEVEL, GzipTFRecordWriter, encode_tfrecords
 from pipelines.validation import (CORRUPT, Columns, PreprocessError, beam_failure, beam_worker_errors_unlogged,
                                   check_columns, convert_batch, fail, item_table_columns, iter_row_groups, one_line,
                                   read_item_table, split_columns, unwrap_beam_error)
-from qin_tf.runtime import process_alive
 from qin_tf.spec import (OOV_ID, RAW_ID_RULE, VOCAB_DIR, ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME,
                          ITEM_TABLE_TAGS_KEY, SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
                          SplitInfo, raw_id_problem)
@@ -131,6 +115,8 @@ QUARANTINE_DIR = "quarantine"
 #: What a run wrote into the output directory; also the marker of its temporary directories.
 MANIFEST_FILENAME = "preprocess_manifest.json"
 _TOOL = "pipelines.preprocess"
+#: How a run marks its output and its temporary directories (:mod:`pipelines.commit`).
+LEDGER = Ledger(tool=_TOOL, manifest=MANIFEST_FILENAME, marker=SPEC_FILENAME)
 _PARTS_DIR = "_parts"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,106 +125,11 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord.gz"
 
 
-# --------------------------------------------------------------------------
-# Files (through Beam's FileSystems: local paths, gs://, s3://, hdfs://)
-# --------------------------------------------------------------------------
-
-
-def _is_local(path: str) -> bool:
-    return FileSystems.get_scheme(path) is None
-
-
-def _has_dirs(path: str) -> bool:
-    """False on object stores (``gs://``, ``s3://``): a "directory" there is the objects under a prefix."""
-    return _is_local(path) or FileSystems.get_filesystem(path).has_dirs()
-
-
-def _join(base: str, *parts: str) -> str:
-    return os.path.join(base, *parts) if _is_local(base) else FileSystems.join(base, *parts)
-
-
-def _create(path: str):
-    if _is_local(path):
-        return open(path, "wb")
-    return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
-
-
-def _open(path: str):
-    if _is_local(path):
-        return open(path, "rb")
-    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-
-
-def _under(directory: str, start: str = "") -> list[str]:
-    """Paths of the objects under ``directory/start*`` on an object store, at any depth."""
-    return [m.path for m in FileSystems.match([directory.rstrip("/") + "/" + start + "**"])[0].metadata_list]
-
-
-def _exists(path: str) -> bool:
-    """A file or a directory; on an object store, a directory exists while objects are under it."""
-    if _is_local(path):
-        return os.path.exists(path)
-    return FileSystems.exists(path) or (not _has_dirs(path) and bool(_under(path)))
-
-
-def _makedirs(path: str):
-    if _is_local(path):
-        os.makedirs(path, exist_ok=True)
-    elif _has_dirs(path) and not FileSystems.exists(path):
-        FileSystems.mkdirs(path)
-
-
-def _delete(path: str):
-    """Deletes a file or a directory with all it holds (nothing if absent)."""
-    if _has_dirs(path):
-        if _exists(path):
-            FileSystems.delete([path])
-        return
-    found = ([path] if FileSystems.exists(path) else []) + _under(path)
-    if found:
-        FileSystems.delete(found)
-
-
-def _rename(src: str, dst: str):
-    """Moves a file or a directory; on an object store, a directory's objects one by one."""
-    if _has_dirs(src) or FileSystems.exists(src):
-        FileSystems.rename([src], [dst])
-        return
-    objects = _under(src)
-    if not objects:
-        raise FileNotFoundError(f"{src}: nothing to move")
-    prefix = src.rstrip("/") + "/"
-    FileSystems.rename(objects, [dst.rstrip("/") + "/" + p[len(prefix):] for p in objects])
-
-
-def _list(directory: str, start: str = "") -> list[str]:
-    """Base names of the entries directly in ``directory`` (those starting with ``start``)."""
-    if _is_local(directory):
-        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-        return [n for n in names if n.startswith(start)]
-    prefix = directory.rstrip("/") + "/"
-    if _has_dirs(directory):
-        found = [m.path for m in FileSystems.match([prefix + start + "*"])[0].metadata_list]
-    else:
-        found = _under(directory, start)
-    return sorted({p[len(prefix):].split("/")[0] for p in found})
-
-
-def _write_text(path: str, text: str):
-    with _create(path) as f:
-        f.write(text.encode("utf-8"))
-
-
-def _read_text(path: str) -> str:
-    with _open(path) as f:
-        return f.read().decode("utf-8")
-
-
 def _parquet_file(path: str, what: str) -> pq.ParquetFile:
-    if not _exists(path):
+    if not beamio.exists(path):
         fail(path, None, None, f"file not found ({what})")
     try:
-        return pq.ParquetFile(path if _is_local(path) else _open(path))
+        return pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path))
     except (pa.ArrowException, OSError) as e:
         fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
 
@@ -338,7 +229,7 @@ def _read_range(item: WorkItem, columns: Sequence[str], batch_rows: int,
     """
     if not item.row_groups:
         return
-    source = item.file if _is_local(item.file) else _open(item.file)
+    source = item.file if beamio.is_local(item.file) else beamio.open_read(item.file)
     pf = pq.ParquetFile(source)
     try:
         for row, batch in iter_row_groups(pf, item.file, columns, batch_rows, row_groups=item.row_groups,
@@ -380,13 +271,13 @@ def convert_shard(item: WorkItem, job: Job) -> dict[str, Any]:
     cols = job.columns[item.split]
     keys = list(cols.all)
     stats = _new_shard_stats(item)
-    out_path = _join(job.work_dir, item.name)
-    parts = _join(job.work_dir, _PARTS_DIR)
-    quarantine_path = _join(parts, f"{item.name}.quarantine.jsonl")
+    out_path = beamio.join(job.work_dir, item.name)
+    parts = beamio.join(job.work_dir, _PARTS_DIR)
+    quarantine_path = beamio.join(parts, f"{item.name}.quarantine.jsonl")
     quarantine = None
     ctx = {c: {} for c in cols.context}
     try:
-        with _create(out_path) as f:
+        with beamio.create(out_path) as f:
             writer = GzipTFRecordWriter(f, job.gzip_level)
             for first_row, batch in _read_range(item, keys, job.batch_rows, stats):
                 conv = convert_batch(batch, first_row, cols, job.num_items, job.max_len)
@@ -398,7 +289,7 @@ def convert_shard(item: WorkItem, job: Job) -> dict[str, Any]:
                     break
                 if conv.bad:
                     if quarantine is None:
-                        quarantine = _create(quarantine_path)
+                        quarantine = beamio.create(quarantine_path)
                     lines = []
                     for b in conv.bad:
                         stats["reasons"][b.reason] = stats["reasons"].get(b.reason, 0) + 1
@@ -424,8 +315,8 @@ def convert_shard(item: WorkItem, job: Job) -> dict[str, Any]:
             quarantine.close()
     stats["context_counts"] = ctx
     if stats["error"] is not None:
-        _delete(out_path)
-    _write_text(_join(parts, f"{item.name}.stats.json"), json.dumps(stats))
+        beamio.delete(out_path)
+    beamio.write_text(beamio.join(parts, f"{item.name}.stats.json"), json.dumps(stats))
     return stats
 
 
@@ -439,98 +330,13 @@ class ConvertShard(beam.DoFn):
     def process(self, item: WorkItem):
         convert_shard(item, self.job)
         yield item.name
-
-
-# --------------------------------------------------------------------------
-# Beam options
-# --------------------------------------------------------------------------
-
-
-#: The embedded worker's timed flush interval we set (ms): longer than any run, so no timed flush happens.
-_NO_TIMED_FLUSH_MS = 2 ** 31
-
-
-def _disable_timed_flush():
-    """Turns off the timed flush of Beam's in-process gRPC data plane (``multi_threading`` mode); size-based stays.
-
-    Beam (2.77 and earlier) gives the embedded gRPC worker and the runner's
-    data service ``DATA_BUFFER_TIME_LIMIT_MS`` = 1000: every data output
-    stream gets a timer thread that flushes it once a second (``get()``, send,
-    then ``_clear()``) while the bundle's thread keeps writing elements into it
-    without that lock, so what is written between the ``get()`` and the
-    ``_clear()`` is lost. Any bundle that outlasts a second can drop elements at
-    random (build_examples lost users and rows on MovieLens-100k in every
-    ``multi_threading`` run). A batch pipeline needs no timed flush: the streams
-    still flush by size and on close. ``in_memory`` (no data plane) and
-    ``multi_processing`` (the worker's own default is no timed flush) never
-    used it.
-    """
-    from apache_beam.runners.portability.fn_api_runner import worker_handlers
-
-    worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = _NO_TIMED_FLUSH_MS
-
-
-def _default_direct_args() -> list[str]:
-    return ["--runner=FnApiRunner", "--direct_running_mode=multi_threading",
-            f"--direct_num_workers={os.cpu_count() or 1}"]
-
-
-def pipeline_options(beam_options=None) -> PipelineOptions:
-    """Beam ``PipelineOptions`` from ``None``, a list of Beam flags or ``PipelineOptions``.
-
-    Defaults, for flags not given: ``--runner=FnApiRunner`` (Beam's local
-    runner, the engine Python's DirectRunner runs batch pipelines on; naming
-    it directly skips DirectRunner's attempt to download and start the Prism
-    runner first), ``--direct_running_mode=multi_threading`` and
-    ``--direct_num_workers`` = the number of cores. Raises
-    :class:`PreprocessError` for arguments Beam does not know (Beam would
-    drop a typo with a warning). Also turns off the local runner's lossy
-    timed flush (:func:`_disable_timed_flush`).
-    """
-    _disable_timed_flush()
-    if isinstance(beam_options, PipelineOptions):
-        return beam_options
-    args = list(beam_options or [])
-    stray = [a for i, a in enumerate(args)
-             if not a.startswith("-") and not (i and args[i - 1].startswith("--") and "=" not in args[i - 1])]
-    given = {a.split("=", 1)[0].lstrip("-") for a in args if a.startswith("-")}
-    for a in _default_direct_args():
-        if a.split("=", 1)[0].lstrip("-") not in given:
-            args.append(a)
-    opts = PipelineOptions(args)
-    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
-    level = beam_log.level
-    beam_log.setLevel(logging.ERROR)  # we report unknown arguments ourselves, as an error
-    try:
-        unknown = sorted(set(opts.get_all_options(retain_unknown_options=True))
-                         - set(opts.get_all_options()))
-    finally:
-        beam_log.setLevel(level)
-    if stray or unknown:
-        bad = stray + ["--" + u for u in unknown]
-        raise PreprocessError(f"unknown arguments {bad}: neither preprocess flags nor Beam pipeline options")
-    return opts
-
-
 def _run_pipeline(work: list[WorkItem], job: Job, beam_options):
-    opts = pipeline_options(beam_options)
-    p = beam.Pipeline(options=opts)
+    p = beam.Pipeline(options=beamio.pipeline_options(beam_options))
     _ = (p
          | "WorkItems" >> beam.Create(work)
          | "Spread" >> beam.Reshuffle()
          | "ConvertShards" >> beam.ParDo(ConvertShard(job)))
-    try:
-        with beam_worker_errors_unlogged():
-            state = p.run().wait_until_finish()
-    except Exception as e:  # noqa: BLE001  (Beam wraps a worker's error in a RuntimeError of its traceback)
-        own = unwrap_beam_error(e, (PreprocessError, SpecError))
-        if own is not None:
-            raise own from None
-        if os.environ.get("QIN_TF_VERBOSE"):
-            raise
-        raise PreprocessError(beam_failure(e)) from None
-    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-        raise RuntimeError(f"the Beam pipeline ended in state {state}")
+    beamio.run_pipeline(p, (PreprocessError, SpecError), failure=PreprocessError)
 
 
 # --------------------------------------------------------------------------
@@ -539,14 +345,14 @@ def _run_pipeline(work: list[WorkItem], job: Job, beam_options):
 
 
 def _merge_stats(cfg: DatasetConfig, work: list[WorkItem], work_dir: str) -> dict[str, Any]:
-    parts = _join(work_dir, _PARTS_DIR)
+    parts = beamio.join(work_dir, _PARTS_DIR)
     per_split: dict[str, dict[str, Any]] = {}
     errors = []
     for item in work:
-        path = _join(parts, f"{item.name}.stats.json")
-        if not _exists(path):
+        path = beamio.join(parts, f"{item.name}.stats.json")
+        if not beamio.exists(path):
             raise RuntimeError(f"shard {item.name} did not complete (no stats part)")
-        s = json.loads(_read_text(path))
+        s = json.loads(beamio.read_text(path))
         if s["error"] is not None:
             errors.append(s["error"])
             continue
@@ -609,7 +415,7 @@ def _stats_and_spec(cfg: DatasetConfig, per_split: dict[str, dict[str, Any]], it
         total = int(sum(hist))
         oov = {c: _out_of_vocab(m["context_counts"].get(c, {}), vocab[c]) for c in cfg.context}
         entry = {
-            "file": _join(input_dir, sc.file),
+            "file": beamio.join(input_dir, sc.file),
             "labelled": sc.labelled,
             "rows_in": m["rows_in"],
             "rows_out": m["rows_out"],
@@ -643,7 +449,7 @@ def _stats_and_spec(cfg: DatasetConfig, per_split: dict[str, dict[str, Any]], it
         "max_len": cfg.max_len,
         "on_bad_row": on_bad_row,
         "vocab_sizes": {**vocab, cfg.target_item: items.num_items, cfg.item_table.tags: items.tag_vocab_size},
-        "item_table": {"file": _join(input_dir, cfg.item_table.file), "rows_in": items.rows_in,
+        "item_table": {"file": beamio.join(input_dir, cfg.item_table.file), "rows_in": items.rows_in,
                        "num_items": items.num_items, "num_tags": int(items.tags.shape[1]),
                        "tag_vocab_size": items.tag_vocab_size, "mm_dim": int(items.embedding.shape[1]),
                        "padding_row_added": items.padding_row_added,
@@ -656,59 +462,38 @@ def _stats_and_spec(cfg: DatasetConfig, per_split: dict[str, dict[str, Any]], it
 
 
 def _merge_quarantine(work: list[WorkItem], work_dir: str):
-    parts = _join(work_dir, _PARTS_DIR)
+    parts = beamio.join(work_dir, _PARTS_DIR)
     by_split: dict[str, list[str]] = {}
     for item in work:  # work is in split, shard order, so rows stay in file order
-        path = _join(parts, f"{item.name}.quarantine.jsonl")
-        if _exists(path):
+        path = beamio.join(parts, f"{item.name}.quarantine.jsonl")
+        if beamio.exists(path):
             by_split.setdefault(item.split, []).append(path)
     if by_split:
-        _makedirs(_join(work_dir, QUARANTINE_DIR))
+        beamio.makedirs(beamio.join(work_dir, QUARANTINE_DIR))
     for split, paths in by_split.items():
-        with _create(_join(work_dir, QUARANTINE_DIR, f"{split}.jsonl")) as out:
+        with beamio.create(beamio.join(work_dir, QUARANTINE_DIR, f"{split}.jsonl")) as out:
             for p in paths:
-                with _open(p) as f:
+                with beamio.open_read(p) as f:
                     out.write(f.read())
 
 
 def _write_item_table(work_dir: str, items):
     buf = io.BytesIO()
     np.savez(buf, **{ITEM_TABLE_TAGS_KEY: items.tags, ITEM_TABLE_EMBEDDING_KEY: items.embedding})
-    with _create(_join(work_dir, ITEM_TABLE_FILENAME)) as f:
+    with beamio.create(beamio.join(work_dir, ITEM_TABLE_FILENAME)) as f:
         f.write(buf.getvalue())
-
-
-def _write_manifest(directory: str, files: Sequence[str] | None, *, name: str = MANIFEST_FILENAME,
-                    tool: str = _TOOL):
-    """Writes the manifest (atomically): ``files`` are the entries the run owns; ``None``: a marker only."""
-    tmp = _join(directory, f".{name}.tmp")
-    _write_text(tmp, json.dumps({"tool": tool, "host": socket.gethostname(), "pid": os.getpid(),
-                                 "files": None if files is None else sorted(files)}, indent=2) + "\n")
-    _rename(tmp, _join(directory, name))
-
-
-def _read_manifest(directory: str, *, name: str = MANIFEST_FILENAME, tool: str = _TOOL) -> dict | None:
-    """The manifest ``name`` of ``directory`` if it has one written by ``tool``, else None."""
-    path = _join(directory, name)
-    if not _exists(path):
-        return None
-    try:
-        manifest = json.loads(_read_text(path))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("tool") == tool else None
 
 
 def _owned_entries(out: str, names: Sequence[str]) -> set[str] | None:
     """The entries of ``out`` that an earlier run wrote; None if ``out`` is no earlier output."""
     if MANIFEST_FILENAME in names:
-        manifest = _read_manifest(out)
+        manifest = read_manifest(out, LEDGER)
         if manifest is None or not isinstance(manifest.get("files"), list):
             return None
         return set(manifest["files"]) | {MANIFEST_FILENAME}
     if SPEC_FILENAME in names:  # written before manifests: the spec names the files
         try:
-            spec = json.loads(_read_text(_join(out, SPEC_FILENAME)))
+            spec = json.loads(beamio.read_text(beamio.join(out, SPEC_FILENAME)))
             shards = {f for split in spec["splits"].values() for f in split["files"]}
             return shards | {SPEC_FILENAME, STATS_FILENAME, QUARANTINE_DIR,
                              spec.get("item_table_file", ITEM_TABLE_FILENAME)}
@@ -717,25 +502,18 @@ def _owned_entries(out: str, names: Sequence[str]) -> set[str] | None:
     return None
 
 
-def _resolve_output_dir(output_dir: str) -> str:
-    """``output_dir`` without a trailing slash; a local symbolic link is followed, so that the run
-    replaces the contents of its target (next to which the ``.tmp-*`` directory goes) and the link stays."""
-    out = output_dir.rstrip("/") or output_dir
-    return os.path.realpath(out) if _is_local(out) and os.path.islink(out) else out
-
-
 def _check_output_dir(output_dir: str, input_dir: str) -> tuple[str, set[str] | None]:
     """``(output_dir, entries of it that an earlier run wrote)``; ``None``: it does not exist."""
-    out = _resolve_output_dir(output_dir)
-    if _is_local(out):
+    out = resolve_output_dir(output_dir)
+    if beamio.is_local(out):
         real_out, real_in = os.path.realpath(out), os.path.realpath(input_dir)
         if real_out == real_in or real_in.startswith(real_out + os.sep):
             fail(out, None, None, "the output directory would replace the input directory")
         if os.path.exists(out) and not os.path.isdir(out):
             fail(out, None, None, "the output path exists and is not a directory")
-    if not _exists(out):
+    if not beamio.exists(out):
         return out, None
-    names = _list(out)
+    names = beamio.list_dir(out)
     owned = _owned_entries(out, names) if names else set()
     if owned is None:
         fail(out, None, None, f"the output directory is not empty and is not a preprocessing output (no "
@@ -743,263 +521,6 @@ def _check_output_dir(output_dir: str, input_dir: str) -> tuple[str, set[str] | 
     return out, owned
 
 
-def _sibling(output_dir: str, name: str) -> str:
-    """``name`` in the directory that holds ``output_dir``."""
-    if _is_local(output_dir):
-        return os.path.join(os.path.dirname(output_dir) or ".", name)
-    return output_dir.rsplit("/", 1)[0] + "/" + name
-
-
-def _remove_stale_siblings(output_dir: str, *, name: str = MANIFEST_FILENAME, tool: str = _TOOL):
-    """Removes the ``{output_dir}.tmp-*`` directories (and ``.old-*`` ones, when
-    ``output_dir`` exists) that killed runs left: only those marked by ``tool``'s
-    manifest ``name``, and not those of a process still running on this host."""
-    if _is_local(output_dir):
-        parent, base = os.path.dirname(output_dir) or ".", os.path.basename(output_dir)
-    else:
-        parent, base = output_dir.rsplit("/", 1)
-    prefixes = (f"{base}.tmp-",) + ((f"{base}.old-",) if _exists(output_dir) else ())
-    for entry in sorted({n for start in prefixes for n in _list(parent, start)}):
-        path = _join(parent, entry)
-        manifest = _read_manifest(path, name=name, tool=tool)
-        if manifest is None:
-            continue
-        pid = manifest.get("pid")
-        if (manifest.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid()
-                and process_alive(pid)):
-            continue
-        _delete(path)
-
-
-def _commit(work_dir: str, output_dir: str, owned: set[str] | None, marker: str = SPEC_FILENAME,
-            tool: str = "preprocessing"):
-    """Puts the finished ``work_dir`` in place of the earlier run's entries (``owned``) of ``output_dir``.
-
-    When ``output_dir`` holds nothing else, a directory rename (the old
-    output is removed after). Otherwise entry by entry, keeping the rest;
-    meanwhile the output's manifest names the earlier and the new entries,
-    so a rerun after a kill still knows them all. ``marker`` is the entry that
-    makes the directory an output (the feature spec here; ``pipelines.build_examples``
-    passes its dataset config): it goes out first and comes back last.
-    """
-    kept = sorted(set(_list(output_dir)) - (owned or set())) if _exists(output_dir) else []
-    if kept:
-        _swap_entries(work_dir, output_dir, owned or set(), kept, marker, tool)
-        return
-    old = None
-    if _exists(output_dir):
-        old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
-        _rename(output_dir, old)
-    try:
-        _rename(work_dir, output_dir)
-    except Exception:
-        if old is not None:
-            _rename(old, output_dir)
-        raise
-    if old is not None:
-        _delete(old)
-
-
-def _swap_entries(work_dir: str, output_dir: str, owned: set[str], kept: Sequence[str], marker: str, tool: str):
-    new = [n for n in _list(work_dir) if n != MANIFEST_FILENAME]
-    has_manifest = _exists(_join(work_dir, MANIFEST_FILENAME))
-    clash = sorted(set(new) & set(kept))
-    if clash:
-        fail(output_dir, None, None, f"holds {clash}, which {tool} did not write and would replace; "
-                                     f"move them away or choose another --output_dir")
-    present = set(_list(output_dir))
-    old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
-    _makedirs(old)
-    _write_manifest(old, None)  # marked: removed by the next run if this one is killed
-    _write_manifest(output_dir, (owned | set(new)) - {MANIFEST_FILENAME})
-    # The marker goes first and comes back last: a half-swapped directory is no loadable output.
-    for name in [marker] + sorted(owned - {marker, MANIFEST_FILENAME}):
-        if name in present:
-            _rename(_join(output_dir, name), _join(old, name))
-    for name in sorted(set(new) - {marker}) + [marker]:
-        _rename(_join(work_dir, name), _join(output_dir, name))
-    if has_manifest:
-        _rename(_join(work_dir, MANIFEST_FILENAME), _join(output_dir, MANIFEST_FILENAME))
-    else:
-        _delete(_join(output_dir, MANIFEST_FILENAME))
-    _delete(old)
-    _delete(work_dir)
-
-
-# --------------------------------------------------------------------------
-# The journalled commit (pipelines.build_examples): file by file, recoverable after a kill
-# --------------------------------------------------------------------------
-
-#: Tests only: the journalled commit exits at once, as SIGKILL would stop it, right after its Nth rename.
-CRASH_AFTER_RENAME_ENV = "QIN_TF_CRASH_AFTER_RENAME"
-_renames_done = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Ledger:
-    """How a tool marks what it owns in an output directory.
-
-    ``manifest`` (in the output) lists every file the last run wrote, as paths
-    relative to the output (``vocab/item_id.txt``), and nothing else: the same
-    bytes for the same files. In a ``.tmp-*`` directory it marks the run
-    (host, pid) instead. ``marker`` is the file that makes a directory an
-    output: it goes out first and comes back last.
-    """
-
-    tool: str
-    manifest: str
-    marker: str
-
-    @property
-    def journal(self) -> str:
-        """The commit's journal, in the output while a commit is under way."""
-        return f".{self.manifest}.commit"
-
-
-def _parent(path: str) -> str:
-    return os.path.dirname(path) if _is_local(path) else path.rsplit("/", 1)[0]
-
-
-def _files_under(directory: str) -> list[str]:
-    """The files under ``directory`` at any depth, as ``/``-separated paths relative to it."""
-    if not _exists(directory):
-        return []
-    if _is_local(directory):
-        return sorted(os.path.relpath(os.path.join(d, f), directory).replace(os.sep, "/")
-                      for d, _, fs in os.walk(directory) for f in fs)
-    prefix = directory.rstrip("/") + "/"
-    return sorted(p[len(prefix):] for p in _under(directory))
-
-
-def _commit_rename(src: str, dst: str):
-    global _renames_done
-    _makedirs(_parent(dst))
-    _rename(src, dst)
-    _renames_done += 1
-    if os.environ.get(CRASH_AFTER_RENAME_ENV) == str(_renames_done):
-        os._exit(137)
-
-
-def _write_journal(work_dir: str, output_dir: str, journal: dict, ledger: Ledger):
-    tmp = _join(work_dir, f"{ledger.journal}.tmp")
-    _write_text(tmp, json.dumps(journal, indent=2) + "\n")
-    _commit_rename(tmp, _join(output_dir, ledger.journal))
-
-
-def journalled_commit(work_dir: str, output_dir: str, owned: set[str], ledger: Ledger, what: str):
-    """Puts the files of the finished ``work_dir`` in place of the earlier run's files (``owned``,
-    relative paths) in ``output_dir``, keeping every other file there.
-
-    Before its first rename it writes a journal into ``output_dir`` naming the
-    temporary and the old directory and the files going out and in; a run
-    killed meanwhile is completed (or, without its temporary directory, rolled
-    back) by :func:`recover_commit` in the next run. ``work_dir`` holds the
-    run's marker manifest, which stays behind; the output gets a manifest
-    listing the new files. Raises PreprocessError, changing nothing, when a
-    file that is not ``owned`` has the name of a new one (or of a folder of one).
-    """
-    new = [f for f in _files_under(work_dir) if f != ledger.manifest and not f.startswith(".")]
-    present = set(_files_under(output_dir)) - {ledger.journal}
-    kept = present - owned
-    clash = sorted(k for k in kept for n in new if n == k or n.startswith(k + "/") or k.startswith(n + "/"))
-    if clash:
-        fail(output_dir, None, None, f"holds {clash}, which {what} did not write and would replace; "
-                                     f"move them away or choose another --output_dir")
-    replaced = sorted(present & owned, key=lambda n: (n != ledger.marker, n))
-    journal = {"tool": ledger.tool, "host": socket.gethostname(), "pid": os.getpid(), "state": "commit",
-               "created": not _exists(output_dir), "tmp": os.path.basename(work_dir.rstrip("/")),
-               "old": f"{os.path.basename(output_dir)}.old-{uuid.uuid4().hex[:8]}", "replaced": replaced,
-               "new": sorted(set(new) - {ledger.marker}) + ([ledger.marker] if ledger.marker in new else [])}
-    _makedirs(output_dir)
-    _write_journal(work_dir, output_dir, journal, ledger)
-    try:
-        _roll_forward(output_dir, journal, ledger)
-    except Exception:
-        try:
-            _roll_back(output_dir, journal, ledger)
-        except Exception:  # the journal stays: the next run finishes the job
-            pass
-        raise
-
-
-def _roll_forward(output_dir: str, journal: dict, ledger: Ledger):
-    tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
-    for name in journal["replaced"]:  # out first; a file already in `old` went out before a kill
-        if not _exists(_join(old, name)) and _exists(_join(output_dir, name)):
-            _commit_rename(_join(output_dir, name), _join(old, name))
-    for name in journal["new"]:  # in, the marker last; a file no longer in `tmp` came in before a kill
-        if _exists(_join(tmp, name)):
-            _commit_rename(_join(tmp, name), _join(output_dir, name))
-    manifest = _join(tmp, f".{ledger.manifest}.new")
-    _write_text(manifest, json.dumps({"tool": ledger.tool, "files": sorted(journal["new"])}, indent=2) + "\n")
-    _commit_rename(manifest, _join(output_dir, ledger.manifest))
-    _write_journal(tmp, output_dir, {**journal, "state": "done"}, ledger)
-    _finish(output_dir, journal, ledger)
-
-
-def _roll_back(output_dir: str, journal: dict, ledger: Ledger):
-    tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
-    replaced = set(journal["replaced"])
-    for name in journal["new"] + [ledger.manifest]:  # a new file is one not replaced, or one whose old one went out
-        if _exists(_join(output_dir, name)) and (name not in replaced or _exists(_join(old, name))):
-            _delete(_join(output_dir, name))
-    for name in journal["replaced"]:
-        if _exists(_join(old, name)):
-            _commit_rename(_join(old, name), _join(output_dir, name))
-    _finish(output_dir, journal, ledger, emptied=journal["new"])
-
-
-def _finish(output_dir: str, journal: dict, ledger: Ledger, emptied: Sequence[str] = ()):
-    """Removes the old and the temporary directory, folders the swap emptied, then the journal."""
-    _delete(_sibling(output_dir, journal["old"]))
-    _delete(_sibling(output_dir, journal["tmp"]))
-    if _is_local(output_dir):
-        folders = {os.path.dirname(n) for n in [*journal["replaced"], *emptied]} - {""}
-        for folder in sorted(folders, key=len, reverse=True):
-            path = os.path.join(output_dir, folder)
-            if os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
-    _delete(_join(output_dir, ledger.journal))
-    if journal.get("created") and journal.get("state") != "done" and _is_local(output_dir) \
-            and not os.listdir(output_dir):
-        os.rmdir(output_dir)  # rolled back a first run: no output, as before it
-
-
-def recover_commit(output_dir: str, ledger: Ledger):
-    """Completes (or rolls back) the commit of a run killed during :func:`journalled_commit`.
-
-    Roll forward when the temporary directory still holds every new file that
-    is not yet in place; otherwise roll back from the old directory. A commit
-    of a run still going on this host is left alone, and this run refused.
-    """
-    path = _join(output_dir, ledger.journal)
-    if not _exists(path):
-        return
-    try:
-        journal = json.loads(_read_text(path))
-        if journal.get("tool") != ledger.tool:
-            raise ValueError(journal.get("tool"))
-        tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
-        replaced, new = set(journal["replaced"]), list(journal["new"])
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        fail(path, None, None, f"not a commit journal of {ledger.tool}; move it away to write into "
-                               f"{output_dir}")
-    pid = journal.get("pid")
-    if (journal.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid()
-            and process_alive(pid)):
-        fail(output_dir, None, None, f"another {ledger.tool} run (pid {pid}) is replacing this directory's "
-                                     f"files; wait for it to end")
-    if journal.get("state") == "done":
-        _finish(output_dir, journal, ledger)
-    elif _exists(tmp) and all(_exists(_join(tmp, n)) or (_exists(_join(output_dir, n)) and (
-            n not in replaced or _exists(_join(old, n)))) for n in new):
-        _roll_forward(output_dir, journal, ledger)
-    else:
-        _roll_back(output_dir, journal, ledger)
-
-
-# --------------------------------------------------------------------------
-# The API
 # --------------------------------------------------------------------------
 
 
@@ -1017,8 +538,8 @@ def dataset_config_path(name_or_path: str) -> str:
     ``configs/datasets/NAME.json`` works from any directory of a checkout.
     """
     path = str(name_or_path)
-    if not _is_local(path):  # a URL (gs://...): that file or nothing
-        if FileSystems.exists(path):
+    if not beamio.is_local(path):  # a URL (gs://...): that file or nothing
+        if beamio.FileSystems.exists(path):
             return path
         raise PreprocessError(f"{path}: dataset config not found")
     if os.path.exists(path):
@@ -1049,12 +570,12 @@ def _copy_vocabularies(cfg: DatasetConfig, config_dir: str, work_dir: str) -> di
     """
     out = {}
     for key, v in sorted(cfg.vocabularies.items()):
-        src = v["path"] if os.path.isabs(v["path"]) or "://" in v["path"] else _join(config_dir, v["path"])
-        if not _exists(src):
+        src = v["path"] if os.path.isabs(v["path"]) or "://" in v["path"] else beamio.join(config_dir, v["path"])
+        if not beamio.exists(src):
             raise PreprocessError(f"{src}: vocabulary file of `{key}` not found (the dataset config's "
                                   f"vocabularies.{key}.path)")
         try:
-            text = _read_text(src)
+            text = beamio.read_text(src)
         except UnicodeDecodeError as e:
             raise PreprocessError(f"{src}: not UTF-8 text: {e}") from None
         lines = text.split("\n")
@@ -1074,8 +595,8 @@ def _copy_vocabularies(cfg: DatasetConfig, config_dir: str, work_dir: str) -> di
                 fail(src, row, None, f"{why}; {RAW_ID_RULE}")
             seen[raw] = row
         rel = f"{VOCAB_DIR}/{key}.txt"
-        _makedirs(_join(work_dir, VOCAB_DIR))
-        _write_text(_join(work_dir, rel), "".join(f"{x}\n" for x in lines))
+        beamio.makedirs(beamio.join(work_dir, VOCAB_DIR))
+        beamio.write_text(beamio.join(work_dir, rel), "".join(f"{x}\n" for x in lines))
         out[key] = {"path": rel, "dtype": dtype, "oov_id": int(v.get("oov_id", OOV_ID)), "size": len(lines) + 2}
     return out
 
@@ -1088,13 +609,40 @@ def resolve_dataset_config(dataset_config) -> DatasetConfig:
     if isinstance(dataset_config, dict):
         return DatasetConfig.from_dict(dataset_config)
     path = dataset_config_path(dataset_config)
-    if _is_local(path):
+    if beamio.is_local(path):
         return DatasetConfig.load(path)
     try:  # DatasetConfig.load reads local files only
-        d = json.loads(_read_text(path))
+        d = json.loads(beamio.read_text(path))
     except json.JSONDecodeError as e:
         raise SpecError(f"{path}: not valid JSON: {e}") from None
     return DatasetConfig.from_dict(d, where=path)
+
+
+def _read_items(cfg: DatasetConfig, input_dir: str):
+    """The item table of ``input_dir``, checked (:func:`pipelines.validation.read_item_table`)."""
+    table_path = beamio.join(input_dir, cfg.item_table.file)
+    tpf = _parquet_file(table_path, "the item table")
+    check_columns(table_path, tpf.schema_arrow, item_table_columns(cfg.item_table))
+    try:
+        table = tpf.read(columns=list(item_table_columns(cfg.item_table)))
+    except (pa.ArrowException, OSError) as e:
+        fail(table_path, None, None, f"corrupt parquet ({one_line(e)})", reason=CORRUPT)
+    return read_item_table(table_path, table, cfg.item_table)
+
+
+def _plan(cfg: DatasetConfig, input_dir: str, num_shards: int | None) -> tuple[list[WorkItem], dict[str, Columns]]:
+    """The work items of every split file (their columns checked first) and each split's columns."""
+    work: list[WorkItem] = []
+    columns: dict[str, Columns] = {}
+    for split, sc in cfg.splits.items():
+        path = beamio.join(input_dir, sc.file)
+        pf = _parquet_file(path, f"split `{split}` of the dataset config")
+        check_columns(path, pf.schema_arrow, split_columns(cfg, sc.labelled))
+        columns[split] = Columns(label=cfg.label if sc.labelled else None, meta=tuple(cfg.meta),
+                                 target_item=cfg.target_item, sequence=cfg.sequence,
+                                 context=tuple(cfg.context))
+        work += _work_items(split, path, pf, num_shards)
+    return work, columns
 
 
 def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_CONFIG, *,
@@ -1132,37 +680,19 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
         raise PreprocessError(f"`num_shards` must be an integer >= 1. Received: num_shards={num_shards!r}")
     if batch_rows < 1:
         raise PreprocessError(f"`batch_rows` must be >= 1. Received: batch_rows={batch_rows}")
-    if not _exists(input_dir):
+    if not beamio.exists(input_dir):
         raise PreprocessError(f"{input_dir}: input directory not found")
     output_dir, owned = _check_output_dir(output_dir, input_dir)
-    opts = pipeline_options(beam_options)  # fail on bad Beam arguments before reading anything
+    opts = beamio.pipeline_options(beam_options)  # fail on bad Beam arguments before reading anything
 
-    table_path = _join(input_dir, cfg.item_table.file)
-    tpf = _parquet_file(table_path, "the item table")
-    check_columns(table_path, tpf.schema_arrow, item_table_columns(cfg.item_table))
-    try:
-        table = tpf.read(columns=list(item_table_columns(cfg.item_table)))
-    except (pa.ArrowException, OSError) as e:
-        fail(table_path, None, None, f"corrupt parquet ({one_line(e)})", reason=CORRUPT)
-    items = read_item_table(table_path, table, cfg.item_table)
-
-    work: list[WorkItem] = []
-    columns: dict[str, Columns] = {}
-    for split, sc in cfg.splits.items():
-        path = _join(input_dir, sc.file)
-        pf = _parquet_file(path, f"split `{split}` of the dataset config")
-        check_columns(path, pf.schema_arrow, split_columns(cfg, sc.labelled))
-        columns[split] = Columns(label=cfg.label if sc.labelled else None, meta=tuple(cfg.meta),
-                                 target_item=cfg.target_item, sequence=cfg.sequence,
-                                 context=tuple(cfg.context))
-        work += _work_items(split, path, pf, num_shards)
-
-    _remove_stale_siblings(output_dir)
+    items = _read_items(cfg, input_dir)
+    work, columns = _plan(cfg, input_dir, num_shards)
+    remove_stale_siblings(output_dir, LEDGER)
     work_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    _makedirs(work_dir)
+    beamio.makedirs(work_dir)
     try:
-        _write_manifest(work_dir, None)  # the marker of our temporary directory
-        _makedirs(_join(work_dir, _PARTS_DIR))
+        write_manifest(work_dir, None, LEDGER)  # the marker of our temporary directory
+        beamio.makedirs(beamio.join(work_dir, _PARTS_DIR))
         _write_item_table(work_dir, items)
         job = Job(columns=columns, num_items=items.num_items, max_len=cfg.max_len, work_dir=work_dir,
                   on_bad_row=on_bad_row, batch_rows=batch_rows, gzip_level=gzip_level)
@@ -1172,17 +702,17 @@ def preprocess(input_dir: str, output_dir: str, dataset_config=DEFAULT_DATASET_C
         spec = dataclasses.replace(spec, vocabularies=_copy_vocabularies(
             cfg, _dataset_config_dir(dataset_config, input_dir), work_dir))
         _merge_quarantine(work, work_dir)
-        _delete(_join(work_dir, _PARTS_DIR))
-        _write_text(_join(work_dir, SPEC_FILENAME), spec.to_json())
-        _write_text(_join(work_dir, STATS_FILENAME), json.dumps(stats, indent=2) + "\n")
-        _write_manifest(work_dir, _list(work_dir))
-        _commit(work_dir, output_dir, owned)
+        beamio.delete(beamio.join(work_dir, _PARTS_DIR))
+        beamio.write_text(beamio.join(work_dir, SPEC_FILENAME), spec.to_json())
+        beamio.write_text(beamio.join(work_dir, STATS_FILENAME), json.dumps(stats, indent=2) + "\n")
+        write_manifest(work_dir, beamio.list_dir(work_dir), LEDGER)
+        swap_commit(work_dir, output_dir, owned, LEDGER, "preprocessing")
     except BaseException:
-        _delete(work_dir)
+        beamio.delete(work_dir)
         raise
-    if _is_local(output_dir):
+    if beamio.is_local(output_dir):
         return FeatureSpec.load(output_dir)
-    return FeatureSpec.from_json(_read_text(_join(output_dir, SPEC_FILENAME)), base_dir=output_dir)
+    return FeatureSpec.from_json(beamio.read_text(beamio.join(output_dir, SPEC_FILENAME)), base_dir=output_dir)
 
 
 # --------------------------------------------------------------------------
@@ -1215,10 +745,6 @@ def _oov_note(stats: dict[str, Any]) -> str:
     return f"; train context values sent to the OOV row (see stats.json): {', '.join(sent)}" if sent else ""
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
 def main(argv):
     from absl import flags
 
@@ -1233,8 +759,8 @@ def main(argv):
         spec = preprocess(FLAGS.input_dir, FLAGS.output_dir, FLAGS.dataset_config, max_len=FLAGS.max_len,
                           num_shards=FLAGS.num_shards, on_bad_row=FLAGS.on_bad_row, beam_options=argv[1:])
     except (PreprocessError, SpecError, OSError) as e:  # bad input or an unwritable place: no traceback
-        raise SystemExit(f"preprocess: error: {_one_line(e)}") from None
-    stats = json.loads(_read_text(_join(FLAGS.output_dir.rstrip("/"), STATS_FILENAME)))
+        raise SystemExit(f"preprocess: error: {one_line(e)}") from None
+    stats = json.loads(beamio.read_text(beamio.join(FLAGS.output_dir.rstrip("/"), STATS_FILENAME)))
     rows = ", ".join(f"{s} {v['rows_out']:,} rows ({v['shards']} shard{'s' if v['shards'] > 1 else ''}"
                      + (f", {v['rows_quarantined']:,} quarantined" if v["rows_quarantined"] else "") + ")"
                      for s, v in stats["splits"].items())
@@ -1249,7 +775,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv, known_only=True)
     except flags.Error as e:
-        raise SystemExit(f"preprocess: error: {_one_line(e)}") from None
+        raise SystemExit(f"preprocess: error: {one_line(e)}") from None
 
 
 def run():

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.build_examples import DATASET_CONFIG_FILENAME, SPLITS, read_vocab  # noqa: E402
+from pipelines.build_examples import DATASET_CONFIG_FILENAME  # noqa: E402
+from pipelines.user_examples import SPLITS  # noqa: E402
+from pipelines.vocabularies import read_vocab  # noqa: E402
 
 
 def raw_rows(built: str, split: str, item_map=None):

@@ -109,9 +109,9 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from pipelines import build_examples as be  # noqa: E402  (imports Beam quietly)
-from pipelines import preprocess as pp  # noqa: E402
+from pipelines import beamio, log_readers, vocabularies  # noqa: E402
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source  # noqa: E402
-from pipelines.validation import PreprocessError  # noqa: E402
+from pipelines.validation import PreprocessError, one_line  # noqa: E402
 
 COMMANDS = ("prepare", "evaluate")
 REMOVED_FILENAME = "removed_items.txt"
@@ -162,8 +162,8 @@ class SimulationError(ValueError):
 def _parsed(value, cfg: LogsConfig, column: str):
     """The raw id as build_examples parses it, or None where it would be a bad row (kept: the build reports it)."""
     try:
-        return be._parse_id(value, cfg.id_dtype, column)
-    except be._Bad:
+        return log_readers.parse_id(value, cfg.id_dtype, column)
+    except log_readers.BadValue:
         return None
 
 
@@ -175,17 +175,17 @@ def _sequence_items(line: str, src: Source) -> tuple[str, list[str]]:
 
 
 def _column_values(path: str, src: Source, column: str):
-    for _, values in be._read_rows(path, src, [column]):
-        if not isinstance(values, be._Bad):
+    for _, values in log_readers.read_rows(path, src, [column]):
+        if not isinstance(values, log_readers.BadValue):
             yield values[column]
 
 
 def log_items(cfg: LogsConfig) -> set:
     """The raw items of every event of the log."""
     src, out = cfg.events.source, set()
-    for path in be._files(src, "the event log"):
+    for path in log_readers.match_files(src, "the event log"):
         if src.format == "sequences":
-            with pp._open(path) as raw:
+            with beamio.open_read(path) as raw:
                 for line in io.TextIOWrapper(raw, encoding="utf-8"):
                     out.update(_parsed(x, cfg, cfg.events.item) for x in _sequence_items(line.rstrip("\r\n"), src)[1])
         else:
@@ -197,7 +197,7 @@ def log_items(cfg: LogsConfig) -> set:
 def catalog_items(cfg: LogsConfig) -> set:
     """The raw items of the catalog's rows."""
     out = set()
-    for path in be._files(cfg.catalog.source, "the item catalog"):
+    for path in log_readers.match_files(cfg.catalog.source, "the item catalog"):
         out.update(_parsed(v, cfg, cfg.catalog.item) for v in _column_values(path, cfg.catalog.source,
                                                                               cfg.catalog.item))
     out.discard(None)
@@ -208,12 +208,12 @@ def choose_removed(candidates, fraction: float, seed: int) -> list:
     """``round(fraction * n)`` of the candidates (at least 1), drawn without replacement; sorted by raw id."""
     if not 0.0 < fraction < 1.0:
         raise SimulationError(f"`fraction` must be in (0, 1). Received: fraction={fraction}")
-    order = sorted(candidates, key=be._raw_key)
+    order = sorted(candidates, key=log_readers.raw_key)
     if len(order) < 2:
         raise SimulationError(f"only {len(order)} candidate item(s) to remove from; need at least 2")
     n = min(len(order) - 1, max(1, round(fraction * len(order))))
     picked = np.random.default_rng(seed).choice(len(order), size=n, replace=False)
-    return sorted((order[i] for i in picked), key=be._raw_key)
+    return sorted((order[i] for i in picked), key=log_readers.raw_key)
 
 
 def _out_paths(files: list[str], directory: str) -> list[str]:
@@ -233,13 +233,13 @@ def filter_source(src: Source, key: str, cfg: LogsConfig, removed: set, director
     """
     import pyarrow.parquet as pq
 
-    files = be._files(src, what)
+    files = log_readers.match_files(src, what)
     outs = _out_paths(files, directory)
     os.makedirs(directory, exist_ok=True)
     stats = {"files": outs, "rows_in": 0, "rows_removed": 0}
     for path, out in zip(files, outs):
         if src.format == "parquet":
-            pf = pq.ParquetFile(path if pp._is_local(path) else pp._open(path))
+            pf = pq.ParquetFile(path if beamio.is_local(path) else beamio.open_read(path))
             with pq.ParquetWriter(out, pf.schema_arrow) as writer:
                 for batch in pf.iter_batches(batch_size=65536, use_threads=False):
                     keep = np.asarray([_parsed(v, cfg, key) not in removed
@@ -248,7 +248,7 @@ def filter_source(src: Source, key: str, cfg: LogsConfig, removed: set, director
                     stats["rows_removed"] += int((~keep).sum())
                     writer.write_batch(batch.filter(keep))
             continue
-        with pp._open(path) as raw, open(out, "w", encoding="utf-8", newline="") as dst:
+        with beamio.open_read(path) as raw, open(out, "w", encoding="utf-8", newline="") as dst:
             text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             if src.format == "sequences":
                 stats.setdefault("users_removed", 0)
@@ -426,7 +426,7 @@ def raw_split_rows(examples_dir: str, split: str, removed: set, *, level_name: s
         raise SimulationError(f"{cfg_path}: no split `{split}`; it has {sorted(cfg.splits)}")
     tables = {}
     for name, v in cfg.vocabularies.items():
-        words = be.read_vocab(os.path.join(examples_dir, v["path"]), v.get("dtype", "string"))
+        words = vocabularies.read_vocab(os.path.join(examples_dir, v["path"]), v.get("dtype", "string"))
         if v.get("dtype", "string") == "int64":
             unknown = max([*words, *(x for x in removed if isinstance(x, int)), 0]) + 1
         else:
@@ -533,8 +533,8 @@ def evaluate(full_examples: str, removed_path: str, config_path: str, model_dirs
     rows, masks, dcfg = raw_split_rows(full_examples, split, removed, level_name=cfg.popularity_level,
                                        new_item_level=new_item_level)
     labels = np.asarray([r[dcfg.label] for r in rows], np.int64)
-    catalog = be.read_catalog(cfg)
-    missing = sorted((x for x in removed if x not in catalog), key=be._raw_key)
+    catalog = log_readers.read_catalog(cfg)
+    missing = sorted((x for x in removed if x not in catalog), key=log_readers.raw_key)
     if missing:
         raise SimulationError(f"{removed_path}: {len(missing)} removed item(s) lack a row in the catalog of "
                               f"{config_path} (first {missing[0]!r}); pass the full log config")
@@ -634,7 +634,7 @@ def main(argv):
                           emit=lambda obj: print(json.dumps(obj), flush=True))
         _write_json(_OUTPUT.value, result)
     except (SimulationError, PreprocessError, LogsConfigError, SpecError, ExportError, OSError) as e:
-        sys.exit(f"refresh_simulation: error: {pp._one_line(e)}")
+        sys.exit(f"refresh_simulation: error: {one_line(e)}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build_examples import DATASET_CONFIG_FILENAME, build_examples, read_vocab
+from pipelines.build_examples import DATASET_CONFIG_FILENAME, build_examples
 from pipelines.logs_config import LogsConfig
 from pipelines.validation import PreprocessError
+from pipelines.vocabularies import read_vocab
 from qin_tf.spec import DatasetConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

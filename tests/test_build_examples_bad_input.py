@@ -21,11 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines import beamio
 from pipelines import build_examples as be
 from pipelines import preprocess as pp
-from pipelines.build_examples import DATASET_CONFIG_FILENAME, RunnerError, build_examples, read_vocab, write_vocab
+from pipelines.build_examples import DATASET_CONFIG_FILENAME, RunnerError, build_examples
 from pipelines.logs_config import LogsConfig, LogsConfigError
-from pipelines.validation import PreprocessError
+from pipelines.user_examples import MakeExamples
+from pipelines.validation import PreprocessError, one_line
+from pipelines.vocabularies import read_vocab, write_vocab
 from qin_tf.spec import RAW_ID_RULE, INT64_MAX, SpecError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +68,7 @@ def fails(tmp_path, files, cfg, message, cls=PreprocessError):
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(CLI_ERRORS) as e:
         build_examples(path, str(tmp_path / "out"))
-    line = pp._one_line(e.value)
+    line = one_line(e.value)
     assert isinstance(e.value, cls), (type(e.value), line)
     assert str(e.value) == line and "Traceback" not in line  # already one line: nothing for main to fold
     assert message in line, line
@@ -342,7 +345,7 @@ def test_the_sampler_ends_with_the_documented_number_of_negatives(sampling, k, f
     w = np.arange(1, n_items + 1, dtype=np.float64)
     items = {"weights": w / w.sum()}
     counting = CountingRng(1)
-    out = be.MakeExamples(cfg)._negatives(counting, own, n_ids, items)
+    out = MakeExamples(cfg)._negatives(counting, own, n_ids, items)
     assert len(out) == want == len(set(out))
     assert set(out) <= free_ids
     assert counting.draws <= 4 * want + 64 + 1
@@ -533,7 +536,7 @@ def _raise_type_error(x):
                                               "the Beam pipeline failed: TypeError: odd")])
 def test_run_pipeline_unwraps_a_workers_error(capfd, monkeypatch, fn, cls, message):
     monkeypatch.delenv("QIN_TF_VERBOSE", raising=False)
-    p = be.beam.Pipeline(options=pp.pipeline_options(None))
+    p = be.beam.Pipeline(options=beamio.pipeline_options(None))
     _ = p | be.beam.Create([1]) | be.beam.Map(fn)
     with pytest.raises(cls) as e:
         be.run_pipeline(p)
@@ -556,7 +559,7 @@ def test_preprocess_unwraps_a_workers_error(built, tmp_path, monkeypatch):
 def test_long_example_making_says_how_far_it_got(capfd):
     cfg = LogsConfig.from_dict({"name": "x", "events": {"files": "a.csv", "user": "u", "item": "i"},
                                 "negatives": {"per_positive": 700}})
-    fn = be.MakeExamples(cfg)
+    fn = MakeExamples(cfg)
     fn.PROGRESS_S = 0.0  # every user is "long" here
     fn._progress()
     fn._progress()

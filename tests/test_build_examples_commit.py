@@ -1,6 +1,6 @@
 """pipelines.build_examples' output side: its manifest, a symlinked output, and the commit killed at every rename.
 
-The commit (``pipelines.preprocess.journalled_commit``) moves files one by one
+The commit (``pipelines.commit.journalled_commit``) moves files one by one
 under a journal; ``QIN_TF_CRASH_AFTER_RENAME=N`` makes a run exit at once,
 as SIGKILL would stop it, right after the commit's Nth rename. The kill tests
 run the real CLI on a tiny log (a few seconds a build) at every N in turn,
@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from pipelines import beamio, commit
 from pipelines import preprocess as pp
 from pipelines.build_examples import DATASET_CONFIG_FILENAME, LEDGER, MANIFEST_FILENAME, build_examples
 from pipelines.validation import PreprocessError
@@ -62,9 +64,9 @@ def siblings(output_dir) -> list[str]:
 
 def cli(config, out, crash_after=None):
     env = {**os.environ, "PYTHONPATH": REPO}
-    env.pop(pp.CRASH_AFTER_RENAME_ENV, None)
+    env.pop(commit.CRASH_AFTER_RENAME_ENV, None)
     if crash_after is not None:
-        env[pp.CRASH_AFTER_RENAME_ENV] = str(crash_after)
+        env[commit.CRASH_AFTER_RENAME_ENV] = str(crash_after)
     return subprocess.run([sys.executable, "-m", "pipelines.build_examples", f"--config={config}",
                            f"--output_dir={out}"], cwd=REPO, capture_output=True, text=True, env=env)
 
@@ -250,7 +252,7 @@ def _dirs(tmp_path):
             os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
             with open(os.path.join(root, name), "wb") as f:
                 f.write(data)
-    pp._write_manifest(str(work), None, name=MANIFEST_FILENAME, tool=LEDGER.tool)
+    commit.write_manifest(str(work), None, LEDGER)
     owned = set(json.loads(old[MANIFEST_FILENAME])["files"]) | {MANIFEST_FILENAME}
     manifest = {MANIFEST_FILENAME: (json.dumps({"tool": LEDGER.tool, "files": sorted(new)}, indent=2) + "\n").encode()}
     return out, work, owned, {**old, **USER_FILES}, {**new, **manifest, **USER_FILES}
@@ -259,7 +261,7 @@ def _dirs(tmp_path):
 def test_commit_killed_at_every_rename_rolls_forward_or_back(tmp_path, monkeypatch):
     """Killed after each rename in turn: with its temporary directory the next run completes the
     commit; without it (lost) it rolls back to the earlier output. Either way nothing is left beside."""
-    real = pp._rename
+    real = beamio.rename
     for lose_tmp in (False, True):
         n = 0
         while True:
@@ -274,19 +276,19 @@ def test_commit_killed_at_every_rename_rolls_forward_or_back(tmp_path, monkeypat
                 if len(calls) == n:
                     raise Killed
 
-            monkeypatch.setattr(pp, "_rename", rename)
+            monkeypatch.setattr(beamio, "rename", rename)
             try:
-                pp.journalled_commit(str(work), str(out), owned, LEDGER, "build_examples")
+                commit.journalled_commit(str(work), str(out), owned, LEDGER, "build_examples")
                 done = True
             except Killed:
                 done = False
-            monkeypatch.setattr(pp, "_rename", real)
+            monkeypatch.setattr(beamio, "rename", real)
             if done:
                 assert contents(out) == after and os.listdir(base) == ["out"]
                 break
             if lose_tmp:
                 shutil.rmtree(work)
-            pp.recover_commit(str(out), LEDGER)
+            commit.recover_commit(str(out), LEDGER)
             assert contents(out) == (before if lose_tmp and n < 12 else after), (lose_tmp, n)
             assert os.listdir(base) == ["out"], (lose_tmp, n)
         assert n == 13  # 12 renames: the journal, 5 files out, 4 in, the manifest, the journal's "done"
@@ -294,7 +296,7 @@ def test_commit_killed_at_every_rename_rolls_forward_or_back(tmp_path, monkeypat
 
 def test_a_failed_commit_is_rolled_back_at_once(tmp_path, monkeypatch):
     out, work, owned, before, _ = _dirs(tmp_path)
-    real, calls = pp._rename, []
+    real, calls = beamio.rename, []
 
     def rename(src, dst):
         calls.append(dst)
@@ -302,18 +304,18 @@ def test_a_failed_commit_is_rolled_back_at_once(tmp_path, monkeypatch):
             raise OSError("disk full (injected)")
         real(src, dst)
 
-    monkeypatch.setattr(pp, "_rename", rename)
+    monkeypatch.setattr(beamio, "rename", rename)
     with pytest.raises(OSError, match="disk full"):
-        pp.journalled_commit(str(work), str(out), owned, LEDGER, "build_examples")
+        commit.journalled_commit(str(work), str(out), owned, LEDGER, "build_examples")
     assert contents(out) == before and os.listdir(tmp_path) == ["out"]
 
 
 def test_a_live_runs_commit_is_left_alone(tmp_path):
     out, work, owned, _, _ = _dirs(tmp_path)
-    journal = {"tool": LEDGER.tool, "host": pp.socket.gethostname(), "pid": os.getppid(), "state": "commit",
+    journal = {"tool": LEDGER.tool, "host": socket.gethostname(), "pid": os.getppid(), "state": "commit",
                "created": False, "tmp": work.name, "old": "out.old-0000beef", "replaced": [], "new": []}
     (out / LEDGER.journal).write_text(json.dumps(journal))
     before = contents(out)
     with pytest.raises(PreprocessError, match=rf"another pipelines.build_examples run \(pid {os.getppid()}\)"):
-        pp.recover_commit(str(out), LEDGER)
+        commit.recover_commit(str(out), LEDGER)
     assert contents(out) == before and work.exists()

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import incremental
-from pipelines.build_examples import DATASET_CONFIG_FILENAME, build_examples, read_vocab
+from pipelines.build_examples import DATASET_CONFIG_FILENAME, build_examples
 from pipelines.validation import PreprocessError
+from pipelines.vocabularies import read_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAW_EVENTS = os.path.join(REPO, "data", "microlens_sample", "raw", "events.tsv")

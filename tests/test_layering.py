@@ -43,13 +43,6 @@ LONG_FUNCTION_EXCEPTIONS = {
 }
 #: (importing file, module) -> the private names it still takes from that module.
 PRIVATE_IMPORT_ALLOWLIST = {
-    # pipelines' engineers remove these (issue 21): the gfile helpers and _one_line become public
-    # in a shared module below both.
-    ("pipelines/build_examples.py", "pipelines.preprocess"): {
-        "_commit", "_create", "_delete", "_exists", "_is_local", "_join", "_list", "_makedirs", "_one_line",
-        "_open", "_read_text", "_write_text"},
-    ("pipelines/logs_config.py", "pipelines.preprocess"): {"_is_local", "_read_text"},
-    ("pipelines/make_sample.py", "pipelines.preprocess"): {"_create", "_join", "_makedirs", "_open"},
     # export's engineers remove this one (issue 21): one public TF-error-to-one-line helper.
     ("export/client.py", "export.local_server"): {"_tf_error_line"},
 }

@@ -17,7 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines import beamio
 from pipelines import preprocess as pp
+from pipelines.beamio import beam
 from pipelines.example_codec import (GzipTFRecordWriter, crc32c, crc32c_rows, encode_tfrecords,
                                      serialize_int64_examples)
 from pipelines.validation import left_pad_recent
@@ -583,10 +585,10 @@ def test_default_runner_loses_nothing_from_a_long_bundle(tmp_path):
     n = 200_000
     for run in range(2):
         out = tmp_path / f"count{run}.txt"
-        p = pp.beam.Pipeline(options=pp.pipeline_options(["--direct_num_workers=1"]))
-        _ = (p | pp.beam.Create([0]) | pp.beam.FlatMap(_busy_bundle, n, 500) | pp.beam.GroupByKey()
-             | pp.beam.Map(lambda kv: len(kv[1])) | pp.beam.CombineGlobally(sum)
-             | pp.beam.Map(lambda total, path: open(path, "w").write(str(total)), str(out)))
+        p = beam.Pipeline(options=beamio.pipeline_options(["--direct_num_workers=1"]))
+        _ = (p | beam.Create([0]) | beam.FlatMap(_busy_bundle, n, 500) | beam.GroupByKey()
+             | beam.Map(lambda kv: len(kv[1])) | beam.CombineGlobally(sum)
+             | beam.Map(lambda total, path: open(path, "w").write(str(total)), str(out)))
         p.run().wait_until_finish()
         assert int(out.read_text()) == n, f"run {run}"
 

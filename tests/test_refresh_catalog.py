@@ -170,7 +170,7 @@ def test_local_server_switches_to_the_refreshed_version_without_a_restart(refres
 
 
 def test_a_bad_catalog_row_is_one_line_naming_file_row_and_column(tmp_path):
-    from pipelines.build_examples import read_catalog
+    from pipelines.log_readers import read_catalog
     from pipelines.logs_config import LogsConfig
     from pipelines.validation import PreprocessError
 

@@ -43,26 +43,26 @@ def train_counts(config_path: str) -> Counter:
     """``(user, item) -> training-period events`` by build_examples' own reader and per-user split."""
     from apache_beam.pvalue import TaggedOutput
 
-    from pipelines import build_examples as be
+    from pipelines import log_readers, user_examples
     from pipelines.logs_config import LogsConfig
 
     cfg = LogsConfig.load(config_path)
-    files = be._files(cfg.events.source, "the event log")
+    files = log_readers.match_files(cfg.events.source, "the event log")
     per_user: dict = {}
     for element in enumerate(files):
-        for x in be.ReadEvents(cfg).process(element):
+        for x in log_readers.ReadEvents(cfg).process(element):
             if not isinstance(x, TaggedOutput):
                 per_user.setdefault(x[0], []).append(x[1])
     counts: Counter = Counter()
     for user, parts in per_user.items():
-        for x in be.UserEvents(cfg, dict(enumerate(files))).process((user, {"events": parts, "user": []})):
+        for x in user_examples.UserEvents(cfg, dict(enumerate(files))).process((user, {"events": parts, "user": []})):
             if isinstance(x, TaggedOutput) and x.tag == "item_counts":
                 counts.update({(user, item): n for item, n in x.value})
     return counts
 
 
 def test_prepare_removes_a_seeded_sample_from_every_input_and_only_shrinks_training(logs, tmp_path):
-    from pipelines.build_examples import read_catalog
+    from pipelines.log_readers import read_catalog
     from pipelines.logs_config import LogsConfig
 
     rs = load_script("refresh_simulation")
