@@ -170,6 +170,15 @@ def valid_metrics(labels, scores) -> dict:
 # --------------------------------------------------------------------------
 
 
+def export_spec(version_dir: str, spec: FeatureSpec) -> FeatureSpec:
+    """An export's spec asset with its vocabularies where the export holds them (``assets/<file name>``)."""
+    import dataclasses
+
+    vocabularies = {key: {**v, "path": os.path.join("assets", os.path.basename(v["path"]))}
+                    for key, v in spec.vocabularies.items()}
+    return dataclasses.replace(spec, base_dir=version_dir, vocabularies=vocabularies)
+
+
 class Member:
     """One export: its version directory, feature spec (the spec asset) and loaded SavedModel."""
 
@@ -185,7 +194,7 @@ class Member:
         if not g.exists(spec_file):
             raise ExportError(f"{self.path}: no {SPEC_ASSET_PATH}; not a version written by export.exporter.")
         self.spec_bytes = fileio.read_bytes(spec_file)
-        self.spec = FeatureSpec.load(spec_file)
+        self.spec = export_spec(self.path, FeatureSpec.load(spec_file))
         try:
             self.loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])
         except (tf.errors.OpError, ValueError, OSError) as e:
