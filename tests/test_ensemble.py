@@ -202,6 +202,10 @@ def test_one_member_with_weight_one_is_that_member_bitwise(sample_spec, members,
                                   member.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"].numpy())
     raw, _ = exporter.raw_rows(FeatureSpec.load(data), features)
     np.testing.assert_array_equal(scores_of(ens, raw, "serving_raw"), scores_of(member, raw, "serving_raw"))
+    # the next ensemble into the same base is the next version; equal weights of one member are 1 too
+    version2, record2 = ensemble.export_ensemble([a], data, str(tmp_path / "one"), weights="equal")
+    assert version2 == str(tmp_path / "one" / "2") and record2["pass_through"]
+    np.testing.assert_array_equal(scores_of(version2, features), scores_of(member, features))
 
 
 @pytest.mark.parametrize("weights, want", [("equal", [0.5, 0.5]), ("0.25,-1.5", [0.25, -1.5])])
@@ -235,11 +239,15 @@ def test_bad_ensembles_are_one_line_and_write_nothing(sample_spec, members, tmp_
         "weights": ([f"--member={a}", f"--member={b}", "--weights=1,2,3"], "--weights=1,2,3: 3 weight(s) for 2"),
         "inside": ([f"--member={a}", f"--member={b}", f"--export_base={os.path.dirname(a)}"],
                    f"--export_base={os.path.dirname(a)}: overlaps the input"),
+        "no_member": ([f"--member={a}", f"--member={tmp_path / 'typo'}"], f"{tmp_path / 'typo'}: no such directory"),
+        "no_data": ([f"--member={a}", f"--member={b}", f"--data={tmp_path / 'nodata'}"], f"{tmp_path / 'nodata'}"),
     }
     for name, (args, message) in cases.items():
         if not any(x.startswith("--export_base") for x in args):
             args = args + [f"--export_base={out}"]
-        proc = run([*ENSEMBLE_CLI, *args, f"--data={data}"])
+        if not any(x.startswith("--data") for x in args):
+            args = args + [f"--data={data}"]
+        proc = run([*ENSEMBLE_CLI, *args])
         assert proc.returncode == 1, (name, proc.stderr)
         assert proc.stderr.startswith("ensemble: error: " + message), (name, proc.stderr)
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
