@@ -378,11 +378,8 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
-def export_ensemble(member_paths: Sequence[str], data_dir: str, export_base: str, *, split: str = "valid",
-                    weights: str = "fit", model_name: str = "qin") -> tuple[str, dict]:
-    """Writes the ensemble of ``member_paths`` as the next version of ``export_base``: (version dir, record)."""
-    import tensorflow as tf
-
+def _inputs(member_paths: Sequence[str], data_dir: str, export_base: str, split: str):
+    """The members and the data spec, once every path and the split are checked (one line each, else)."""
     if not member_paths:
         raise ExportError("no --member given; pass one --member per export to blend.")
     if split == "test":
@@ -395,55 +392,78 @@ def export_ensemble(member_paths: Sequence[str], data_dir: str, export_base: str
     members = [Member(p) for p in member_paths]
     for m in members:
         if _inside(export_base, m.base()):
-            raise ExportError(f"--export_base={export_base}: is {m.path}'s export base; write the ensemble "
-                              "to its own export base.")
+            raise ExportError(f"--export_base={export_base}: lies in {m.base()}, {m.path}'s export base; write "
+                              "the ensemble to its own export base.")
     check_members(members)
-    spec = members[0].spec
     data_spec = FeatureSpec.load(data_dir)
-    if data_spec.model_features != spec.model_features:
+    if data_spec.model_features != members[0].spec.model_features:
         raise ExportError(f"{data_dir}: its feature spec's model features differ from the members' "
                           f"({members[0].path}).")
     if split not in data_spec.splits:
         raise ExportError(f"--split={split}: {data_dir} has the splits {sorted(data_spec.splits)}.")
     if not data_spec.splits[split].labelled:
         raise ExportError(f"--split={split}: the split of {data_dir} has no labels to fit the weights on.")
-    method, given = parse_weights(weights, len(members))
+    return members, data_spec
 
+
+def _blend_record(members: Sequence[Member], data_spec: FeatureSpec, data_dir: str, split: str,
+                  weights: str) -> dict:
+    """The weights (fitted on ``split``, or as given) and the record ``ensemble.json`` holds."""
+    method, given = parse_weights(weights, len(members))
     scores, labels = member_scores(members, data_spec, split)
-    if method == "fit":
-        w, b = fit_weights(scores, labels)
-    else:
-        w, b = given, 0.0
+    w, b = fit_weights(scores, labels) if method == "fit" else (given, 0.0)
     identity = len(members) == 1 and w[0] == 1.0 and b == 0.0
     blended = scores[0] if identity else blend(scores, w, b)
-    record = {"members": [m.path for m in members], "weights": w, "bias": b, "method": method,
-              "formula": "ctr = sigmoid(sum_i weights[i] * logit(ctr_i) + bias)",
-              "pass_through": identity, "clip": CLIP, "split": split, "data": data_dir,
-              "num_rows": int(len(labels)),
-              "metrics": {"members": [valid_metrics(labels, s) for s in scores],
-                          "ensemble": valid_metrics(labels, blended)}}
+    return {"members": [m.path for m in members], "weights": w, "bias": b, "method": method,
+            "formula": "ctr = sigmoid(sum_i weights[i] * logit(ctr_i) + bias)",
+            "pass_through": identity, "clip": CLIP, "split": split, "data": data_dir,
+            "num_rows": int(len(labels)),
+            "metrics": {"members": [valid_metrics(labels, s) for s in scores],
+                        "ensemble": valid_metrics(labels, blended)}}
 
+
+def _write(members: Sequence[Member], record: dict, tmp: str, scratch: str, warmup_examples, model_name: str):
+    """Saves the ensemble, its assets and records into ``tmp`` and checks it against the members."""
+    import tensorflow as tf
+
+    w, b = record["weights"], record["bias"]
+    spec_file = os.path.join(scratch, os.path.basename(SPEC_ASSET_PATH))
+    with open(spec_file, "wb") as f:
+        f.write(members[0].spec_bytes)
+    functions, module = ensemble_module(members, w, b, served_signatures(members), spec_file)
+    with _quiet_tf_logging():
+        tf.saved_model.save(module, tmp, signatures=functions)
+    if fileio.read_bytes(os.path.join(tmp, SPEC_ASSET_PATH)) != members[0].spec_bytes:
+        raise ExportError(f"the ensemble's {SPEC_ASSET_PATH} is not the members' feature spec.")
+    write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(members[0].spec, warmup_examples, model_name))
+    fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(_fingerprint(members, w, b), indent=2) + "\n")
+    fileio.write_text(os.path.join(tmp, ENSEMBLE_PATH), json.dumps(record, indent=2) + "\n")
+    _verify(tmp, members, members[0].spec, warmup_examples, w, b, record["pass_through"])
+
+
+def export_ensemble(member_paths: Sequence[str], data_dir: str, export_base: str, *, split: str = "valid",
+                    weights: str = "fit", model_name: str = "qin") -> tuple[str, dict]:
+    """Writes the ensemble of ``member_paths`` as the next version of ``export_base``: (version dir, record).
+
+    ``weights``: ``fit``, ``equal`` or one number per member, comma-separated
+    (see the module docstring). Nothing is left behind on failure, not even
+    an ``export_base`` this call created.
+    """
+    import tensorflow as tf
+
+    members, data_spec = _inputs(member_paths, data_dir, export_base, split)
+    record = _blend_record(members, data_spec, data_dir, split, weights)
+    warmup_examples = read_examples(data_spec, DEFAULT_WARMUP_ROWS, [split])
+    g = fileio.gfile()
+    created = not g.exists(export_base)
     tf.io.gfile.makedirs(export_base)
     existing = list_versions(export_base)
-    version = (existing[-1] + 1) if existing else 1
-    final = os.path.join(export_base, str(version))
-    warmup_examples = read_examples(data_spec, DEFAULT_WARMUP_ROWS, [split])
+    final = os.path.join(export_base, str((existing[-1] + 1) if existing else 1))
     scratch = tempfile.mkdtemp(prefix="qin_ensemble_")
     local = fileio.is_local(export_base)
-    tmp = os.path.join(export_base if local else scratch, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(export_base if local else scratch, f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
     try:
-        spec_file = os.path.join(scratch, os.path.basename(SPEC_ASSET_PATH))
-        with open(spec_file, "wb") as f:
-            f.write(members[0].spec_bytes)
-        functions, module = ensemble_module(members, w, b, served_signatures(members), spec_file)
-        with _quiet_tf_logging():
-            tf.saved_model.save(module, tmp, signatures=functions)
-        if fileio.read_bytes(os.path.join(tmp, SPEC_ASSET_PATH)) != members[0].spec_bytes:
-            raise ExportError(f"the ensemble's {SPEC_ASSET_PATH} is not the members' feature spec.")
-        write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
-        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(_fingerprint(members, w, b), indent=2) + "\n")
-        fileio.write_text(os.path.join(tmp, ENSEMBLE_PATH), json.dumps(record, indent=2) + "\n")
-        _verify(tmp, members, spec, warmup_examples, w, b, identity)
+        _write(members, record, tmp, scratch, warmup_examples, model_name)
         try:
             if local:
                 os.rename(tmp, final)
@@ -455,6 +475,8 @@ def export_ensemble(member_paths: Sequence[str], data_dir: str, export_base: str
     except BaseException:
         if local:
             shutil.rmtree(tmp, ignore_errors=True)
+            if created and not os.listdir(export_base):
+                os.rmdir(export_base)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -76,7 +76,8 @@ def test_cross_projection_dim_flag_reaches_the_cross_layers_and_the_default_is_f
 
 def test_low_rank_transformer_dcn_trains_and_exports_on_the_sample(sample_spec, tmp_path):
     model_dir, export_base = str(tmp_path / "tdcn"), str(tmp_path / "serving")
-    proc = run([sys.executable, "-m", "qin_tf.train", f"--flagfile={SAMPLE_FLAGS}", f"--data_dir={sample_spec.base_dir}",
+    proc = run([sys.executable, "-m", "qin_tf.train", f"--flagfile={SAMPLE_FLAGS}",
+                f"--data_dir={sample_spec.base_dir}",
                 f"--model_dir={model_dir}", "--model=transformer_dcn", "--embedding_dim=4", "--transformer_heads=2",
                 "--transformer_ff_units=8", "--transformer_last_k=4", "--cross_layers=2", "--cross_projection_dim=2",
                 "--din_dnn_units=16", "--head_mlp_units=8", "--epochs=2", f"--export_base={export_base}"])
@@ -145,7 +146,8 @@ def test_ensemble_has_a_members_signatures_and_blends_their_logits(sample_spec, 
     w, b = ensemble.fit_weights(member_valid, labels)
     assert (record["split"], record["method"], record["num_rows"]) == ("valid", "fit", len(labels))
     np.testing.assert_allclose(record["weights"] + [record["bias"]], w + [b], rtol=1e-9, atol=1e-12)
-    assert record["metrics"]["ensemble"]["auc"] == pytest.approx(metrics.auc(labels, ensemble.blend(member_valid, w, b)))
+    blended_valid = ensemble.blend(member_valid, w, b)
+    assert record["metrics"]["ensemble"]["auc"] == pytest.approx(metrics.auc(labels, blended_valid))
     assert record["metrics"]["members"][1]["auc"] == pytest.approx(metrics.auc(labels, member_valid[1]))
     # the ensemble's scores: numpy's sigmoid(sum w_i logit(p_i) + b) of the members' own scores
     features, _, serialized = split_rows(sample_spec, "test")
@@ -198,8 +200,9 @@ def test_one_member_with_weight_one_is_that_member_bitwise(sample_spec, members,
     features, _, serialized = split_rows(sample_spec, "test")
     ens, member = tf.saved_model.load(version), tf.saved_model.load(a)
     np.testing.assert_array_equal(scores_of(ens, features), scores_of(member, features))
-    np.testing.assert_array_equal(ens.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"].numpy(),
-                                  member.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"].numpy())
+    examples = tf.constant(serialized)
+    np.testing.assert_array_equal(ens.signatures["predict_examples"](examples=examples)["ctr"].numpy(),
+                                  member.signatures["predict_examples"](examples=examples)["ctr"].numpy())
     raw, _ = exporter.raw_rows(FeatureSpec.load(data), features)
     np.testing.assert_array_equal(scores_of(ens, raw, "serving_raw"), scores_of(member, raw, "serving_raw"))
     # the next ensemble into the same base is the next version; equal weights of one member are 1 too
@@ -288,3 +291,16 @@ def test_batch_scoring_scores_the_ensemble(sample_spec, members, blended, tmp_pa
     want = ensemble.blend([scores_of(p, features) for p in members[1]], record["weights"], record["bias"])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert f"AUC {metrics.auc(labels, want):.4f}" in proc.stdout
+
+
+def test_a_failed_ensemble_leaves_nothing(members, tmp_path, monkeypatch):
+    """A version that fails its check is removed, and so is the export base the run created."""
+    data, paths = members
+
+    def disagree(*args, **kwargs):
+        raise exporter.ExportError("the exported ensemble disagrees with the members' blended scores.")
+
+    monkeypatch.setattr(ensemble, "_verify", disagree)
+    with pytest.raises(exporter.ExportError, match="disagrees"):
+        ensemble.export_ensemble(paths, data, str(tmp_path / "ens"), weights="equal")
+    assert os.listdir(tmp_path) == []
