@@ -107,8 +107,9 @@ class ModelConfig:
     cross_layers: int = dataclasses.field(default=3, metadata={"help": (
         "The dcn_v2 head stacks this many DCNv2 cross layers beside its DNN tower of din_dnn_units.")})
     cross_projection_dim: int | None = dataclasses.field(default=None, metadata={"help": (
-        "Each cross layer of the dcn_v2 head uses a low-rank kernel of this rank, where none keeps the "
-        "full-rank kernel of DCNv2 and the challenge winner.")})
+        "A deviation from the release when set: each cross layer of the dcn_v2 head uses a low-rank kernel "
+        "U V of this rank P ([D, P] then [P, D], keras-rs FeatureCross's projection_dim), where none keeps the "
+        "full-rank [D, D] kernel of DCNv2 and the challenge winner's release.")})
     head_mlp_units: tuple[int, ...] = dataclasses.field(default=(64, 32), metadata={"help": (
         "The dcn_v2 head maps its concatenated cross and DNN outputs to the logit through an MLP of "
         "these widths.")})

@@ -16,7 +16,8 @@ Extractors: ``asta`` (QIN's :class:`AdaptiveSparseTargetAttention`, 3E),
 ``[h_j | x_t]`` pairs, ``(last_k + 1) * 6E``). Heads: ``qnn`` (QIN's
 :class:`QuadraticNeuralNetwork`), ``dnn`` (DIN's :class:`MLPBlock`
 ``din_dnn_units`` with ``batch_norm``, ReLU, ``dropout``), ``dcn_v2`` (a
-:class:`CrossNetwork` of ``cross_layers`` keras-rs ``FeatureCross`` layers
+:class:`CrossNetwork` of ``cross_layers`` keras-rs ``FeatureCross`` layers,
+full rank as released or of rank ``cross_projection_dim`` (a deviation),
 beside a DNN ``din_dnn_units``; their outputs concatenated go through an MLP
 ``head_mlp_units`` to the logit), ``qnn_dnn`` (QNN and a DNN ``din_dnn_units`` side
 by side on the same input, DCNv2's parallel structure; the logit is the sum of
