@@ -65,9 +65,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
-import sys
 import tempfile
 import uuid
 from typing import Iterable, Mapping, Sequence
@@ -75,34 +73,19 @@ from typing import Iterable, Mapping, Sequence
 from absl import logging
 
 from qin_tf import fileio
+from qin_tf.cli import error_line, exit_error
+from qin_tf.signatures import (EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, MODEL_FILENAME,  # noqa: F401
+                               OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, SERVE_TAG, SERVING_SIGNATURE,
+                               SPEC_ASSET_PATH, raw_dtype, raw_padding)
 from qin_tf.spec import (ID_RULE, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, first_bad_raw_id,
                          raw_id_problem)
 
-#: Name of the per-feature signature (TF Serving's default).
-SERVING_SIGNATURE = "serving_default"
-#: Name of the serialized-``tf.train.Example`` signature.
-EXAMPLES_SIGNATURE = "predict_examples"
-#: Input of :data:`EXAMPLES_SIGNATURE`.
-EXAMPLES_INPUT = "examples"
-#: The raw-id signatures (only when the spec has vocabularies): ids as the log had them.
-RAW_SIGNATURE = "serving_raw"
-RAW_EXAMPLES_SIGNATURE = "predict_raw_examples"
-#: The one output of every signature.
-OUTPUT = "ctr"
 #: TF Serving's method name for Predict signatures.
 PREDICT_METHOD_NAME = "tensorflow/serving/predict"
-#: The SavedModel tag TF Serving loads.
-SERVE_TAG = "serve"
 #: Where TF Serving looks for warmup records, relative to the version directory.
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
-#: The feature spec inside the export, relative to the version directory.
-SPEC_ASSET_PATH = os.path.join("assets", SPEC_FILENAME)
-#: The fingerprints of a version (:func:`model_fingerprint`), relative to the version directory.
-FINGERPRINT_PATH = os.path.join("assets.extra", "model_fingerprint.json")
 #: Rows used for warmup requests (TF Serving accepts at most 1000 records).
 DEFAULT_WARMUP_ROWS = 8
-#: The model file ``qin_tf.train`` leaves in its model_dir.
-MODEL_FILENAME = "best.keras"
 
 
 @contextlib.contextmanager
@@ -121,37 +104,6 @@ def _quiet_tf_logging():
 
 class ExportError(RuntimeError):
     """The model, the spec or the export directory does not allow an export."""
-
-
-#: TensorFlow's runtime decorations of an op error: ``{{function_node ...}}``, ``[[{{node ...}}]]``, ``[Op:...]``.
-_TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\[\[[^\]]*\]\]|\[Op:[^\]]*\]")
-_TF_NOISE_LINES = ("Graph execution error", "Detected at node", "File ", "Traceback", "return ")
-
-
-def tf_error_line(error: Exception) -> str:
-    """One plain line for a TensorFlow error: its meaningful line, without TF's runtime decorations.
-
-    Drops the graph-execution preamble and Python frames, ``{{function_node
-    ...}}``, ``[[{{node ...}}]]`` and ``[Op:...]``; an assertion becomes its
-    message (``assertion failed: [`item_id`: raw ids are ...] [Condition ...]``
-    -> ``refused by the graph: `item_id`: raw ids are ...``).
-
-    >>> class E(Exception): message = "{{function_node __inference_f_9}} bad row\\n\\t [[{{node x}}]] [Op:f]"
-    >>> tf_error_line(E())
-    'bad row'
-    """
-    if isinstance(error, UnicodeDecodeError):
-        return "the input holds bytes that are not a serialized tf.train.Example."
-    text = getattr(error, "message", None) or str(error)
-    lines = [" ".join(_TF_DECORATION.sub(" ", line).split()) for line in str(text).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(_TF_NOISE_LINES)]
-    if not lines:
-        return type(error).__name__
-    line = lines[-1]
-    m = re.match(r"assertion failed: \[(.*?)\](?: \[|$)", line)
-    if not m:
-        return line
-    return "refused by the graph: " + m.group(1).replace('\\"', '"')  # TF escapes the message's quotes
 
 
 # --------------------------------------------------------------------------
@@ -283,17 +235,6 @@ def example_parse_spec(spec: FeatureSpec) -> dict:
     return data_parse_spec(spec, labelled=False, with_meta=False)
 
 
-def raw_dtype(spec: FeatureSpec, name: str) -> str:
-    """The dtype of model feature ``name`` in the raw-id signatures: its vocabulary's, else int64 (dense)."""
-    key = spec.vocabulary_key(name)
-    return spec.vocabularies[key].get("dtype", "string") if key else "int64"
-
-
-def raw_padding(dtype: str):
-    """The padding value of a raw history: ``""`` for string ids, 0 for int64 ids (0 is padding, as everywhere)."""
-    return "" if dtype == "string" else 0
-
-
 def raw_input_signature(spec: FeatureSpec) -> dict:
     """``tf.TensorSpec`` of each raw input: ``[batch]``, the history ``[batch, any width]``."""
     import tensorflow as tf
@@ -383,7 +324,7 @@ class RawIdLookup:
 
     Line n (1-based) of a vocabulary file is dense id n + 1; an unknown raw id
     is the vocabulary's ``oov_id`` (1); in a history, the raw padding value
-    (:func:`raw_padding`) is dense 0. A raw id breaking
+    (:func:`qin_tf.signatures.raw_padding`) is dense 0. A raw id breaking
     :data:`qin_tf.spec.RAW_ID_RULE` is refused (:meth:`check`). Features
     without a vocabulary pass through.
     """
@@ -904,7 +845,7 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
             else:
                 fileio.copy_tree(tmp, final, last=("saved_model.pb",))
         except (OSError, tf.errors.OpError) as e:
-            why = tf_error_line(e) if isinstance(e, tf.errors.OpError) else e
+            why = error_line(e) if isinstance(e, tf.errors.OpError) else e
             raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
     except BaseException:
         if local:
@@ -977,9 +918,9 @@ def main(argv):
         path = export_from_model_dir(FLAGS.model_dir, FLAGS.export_base, FLAGS.version,
                                      data_dir=FLAGS.data_dir, model_name=FLAGS.model_name)
     except (ExportError, SpecError, OSError) as e:  # bad paths or inputs: one line, no traceback
-        sys.exit(f"error: {e}")
+        exit_error("exporter", str(e))
     except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
-        sys.exit(f"error: {tf_error_line(e)}")
+        exit_error("exporter", e)
     print(path)
 
 

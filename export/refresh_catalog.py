@@ -54,7 +54,9 @@ import numpy as np
 from export import exporter
 from export.exporter import ExportError
 from qin_tf import fileio
-from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError
+from qin_tf.cli import exit_error
+from qin_tf.signatures import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, SPEC_ASSET_PATH
+from qin_tf.spec import FeatureSpec, SpecError
 
 #: The key of the tag vocabulary among a spec's vocabularies (``pipelines.build_examples``).
 TAG_VOCABULARY = "tags"
@@ -82,12 +84,12 @@ def warmup_examples(version_dir: str) -> list[bytes]:
     for record in tf.data.TFRecordDataset(path):
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
         req = log.predict_log.request
-        if req.model_spec.signature_name == exporter.EXAMPLES_SIGNATURE:
-            rows = list(tf.make_ndarray(req.inputs[exporter.EXAMPLES_INPUT]).reshape(-1))
+        if req.model_spec.signature_name == EXAMPLES_SIGNATURE:
+            rows = list(tf.make_ndarray(req.inputs[EXAMPLES_INPUT]).reshape(-1))
             if len(rows) > len(best):
                 best = rows
     if not best:
-        raise ExportError(f"{path}: no `{exporter.EXAMPLES_SIGNATURE}` warmup request to reuse.")
+        raise ExportError(f"{path}: no `{EXAMPLES_SIGNATURE}` warmup request to reuse.")
     return best
 
 
@@ -182,7 +184,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
         raise ExportError(f"{model_dir}: its feature spec has no item vocabulary; only exports built from raw "
                           "ids (pipelines.build_examples) can take new items.")
     latest = exporter.latest_version_dir(export_base)
-    served_spec = FeatureSpec.load(os.path.join(latest, "assets", SPEC_FILENAME))
+    served_spec = FeatureSpec.load(os.path.join(latest, SPEC_ASSET_PATH))
     if served_spec.vocabulary_key(served_spec.target_item) != key:
         raise ExportError(f"{latest}: this version serves no raw item ids (its feature spec has no item "
                           f"vocabulary), so it was not exported from {model_dir}; pass the export base of "
@@ -190,7 +192,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
     fingerprint = exporter.read_fingerprint(latest)
     if fingerprint is None:
         raise ExportError(f"{latest}: exported before versions carried a fingerprint "
-                          f"({exporter.FINGERPRINT_PATH}), so nothing proves it serves {model_dir}'s weights; "
+                          f"({FINGERPRINT_PATH}), so nothing proves it serves {model_dir}'s weights; "
                           f"export {model_dir} again (python -m export.exporter) and refresh that version.")
     model = exporter.load_keras_model(model_dir)
     source = exporter.model_fingerprint(model, spec)
@@ -259,7 +261,7 @@ def main(argv):
 
     from pipelines.build_examples import read_catalog
     from pipelines.logs_config import LogsConfig, LogsConfigError
-    from pipelines.validation import PreprocessError
+    from qin_tf.rows import PreprocessError
 
     FLAGS = flags.FLAGS
     try:
@@ -278,13 +280,13 @@ def main(argv):
         path = refresh_catalog(FLAGS.model_dir, FLAGS.export_base, catalog, version=FLAGS.version,
                                model_name=FLAGS.model_name, log=lambda line: print(line, file=sys.stderr))
     except (ExportError, SpecError, PreprocessError, LogsConfigError, OSError) as e:
-        sys.exit(f"error: {e}")
+        exit_error("refresh_catalog", str(e))
     except Exception as e:  # a TensorFlow filesystem's error (gs://: permission, network): one line too
         import tensorflow as tf
 
         if not isinstance(e, tf.errors.OpError):
             raise
-        sys.exit(f"error: {exporter.tf_error_line(e)}")
+        exit_error("refresh_catalog", e)
     if path is not None:
         print(path)
 

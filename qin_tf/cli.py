@@ -15,7 +15,7 @@ from typing import NoReturn
 
 #: TensorFlow's runtime decorations of an op error: ``{{function_node ...}}``, ``[[{{node ...}}]]``, ``[Op:...]``.
 _TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\[\[node [^\]]*\]\]|\{\{node [^}]*\}\}|"
-                            r"\[Op:[^\]]*\]")
+                            r"\[Op:[^\]]*\](?: name: [^\n]*)?")
 #: Lines that are TensorFlow's or Python's frame, not the message.
 _TF_NOISE_LINES = ("Graph execution error", "Detected at node", "File ", "Traceback", "return ", "Stack trace")
 #: TensorFlow's hints after a loading error, which do not apply to a broken export.

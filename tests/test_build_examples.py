@@ -293,7 +293,7 @@ def test_microlens_sample_logs_to_scores(sample_from_logs, tmp_path):
     from export import exporter
     from export.client import ServingClient
     from export.local_server import LocalServer
-    from qin_tf import score
+    from export import score
     from tests.test_export import split_rows
 
     out, spec, _, export = sample_from_logs
