@@ -791,10 +791,40 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
     Returns:
         The path of the new version directory.
     """
-    import tensorflow as tf
-
     _check_model(model, spec)
     _check_vocabularies(spec)
+    final = _new_version_dir(export_base, version, num_warmup_rows)
+    warmup_examples = _warmup_examples(spec, warmup_examples, num_warmup_rows)
+    version = int(os.path.basename(final))
+    scratch = tempfile.mkdtemp(prefix="qin_export_")
+    # Local: a hidden directory beside the versions, renamed into place. A URL: a local
+    # directory, copied into place (a directory cannot be renamed at once there).
+    local = fileio.is_local(export_base)
+    tmp = os.path.join(export_base if local else scratch, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    try:
+        served = fold_for_inference(model, qnn=fold_qnn, attention=fold_attention, item_vectors=fold_item_vectors)
+        _save_version(served, spec, tmp, scratch)
+        write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
+        fingerprint = {"source": source_fingerprint or model_fingerprint(model, spec),
+                       "weights": weights_digest(model)}
+        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
+        if verify:
+            _verify(tmp, model, spec, warmup_examples)
+        _publish(tmp, final, local)
+    except BaseException:
+        if local:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logging.debug("Exported version %d to %s", version, final)
+    return final
+
+
+def _new_version_dir(export_base: str, version: int | None, num_warmup_rows: int) -> str:
+    """The directory of the version to write (``version``, or one more than the newest); never an existing one."""
+    import tensorflow as tf
+
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ExportError(f"`version` must be an integer >= 1. Received: version={version!r}")
     if num_warmup_rows < 1:
@@ -806,55 +836,50 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
     final = os.path.join(export_base, str(version))
     if tf.io.gfile.exists(final):
         raise ExportError(f"{final} already exists; versions are immutable, choose another --version.")
+    return final
 
-    if warmup_examples is None:
-        warmup_examples = read_examples(spec, num_warmup_rows)
-        if not warmup_examples:
+
+def _warmup_examples(spec: FeatureSpec, examples: Sequence[bytes] | None, num_rows: int) -> list[bytes]:
+    """``examples``, or the spec's first rows, or synthetic rows of valid ids when no split is at hand."""
+    if examples is None:
+        examples = read_examples(spec, num_rows)
+        if not examples:
             logging.warning("No TFRecords of the feature spec's splits are reachable from %s; "
                             "the warmup requests use synthetic rows of valid ids.", spec.base_dir or ".")
-            warmup_examples = _synthetic_examples(spec, num_warmup_rows)
-    warmup_examples = list(warmup_examples)
-    if not warmup_examples:
+            examples = _synthetic_examples(spec, num_rows)
+    examples = list(examples)
+    if not examples:
         raise ExportError("`warmup_examples` is empty.")
+    return examples
 
-    scratch = tempfile.mkdtemp(prefix="qin_export_")
-    # Local: a hidden directory beside the versions, renamed into place. A URL: a local
-    # directory, copied into place (a directory cannot be renamed at once there).
-    local = fileio.is_local(export_base)
-    tmp = os.path.join(export_base if local else scratch, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+
+def _save_version(served, spec: FeatureSpec, tmp: str, scratch: str) -> None:
+    """``tf.saved_model.save`` of the serving module of ``served`` with its signatures into ``tmp``."""
+    import tensorflow as tf
+
+    spec_file = os.path.join(scratch, SPEC_FILENAME)
+    with open(spec_file, "w") as f:
+        f.write(spec.to_json())
+    module = _serving_module(served, spec, spec_file)
+    with _quiet_tf_logging():
+        signatures = {SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples}
+        if spec.vocabularies:
+            signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
+        tf.saved_model.save(module, tmp, signatures=signatures)
+
+
+def _publish(tmp: str, final: str, local: bool) -> None:
+    """Moves the written version ``tmp`` to ``final``: a rename, or on a URL a copy with saved_model.pb last."""
+    import tensorflow as tf
+
     try:
-        spec_file = os.path.join(scratch, SPEC_FILENAME)
-        with open(spec_file, "w") as f:
-            f.write(spec.to_json())
-        served = fold_for_inference(model, qnn=fold_qnn, attention=fold_attention, item_vectors=fold_item_vectors)
-        module = _serving_module(served, spec, spec_file)
-        with _quiet_tf_logging():
-            signatures = {SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples}
-            if spec.vocabularies:
-                signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
-            tf.saved_model.save(module, tmp, signatures=signatures)
-        write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
-        fingerprint = {"source": source_fingerprint or model_fingerprint(model, spec),
-                       "weights": weights_digest(model)}
-        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
-        if verify:
-            _verify(tmp, model, spec, warmup_examples)
-        try:
-            if local:
-                os.rename(tmp, final)
-            else:
-                fileio.copy_tree(tmp, final, last=("saved_model.pb",))
-        except (OSError, tf.errors.OpError) as e:
-            why = error_line(e) if isinstance(e, tf.errors.OpError) else e
-            raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
-    except BaseException:
         if local:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    logging.debug("Exported version %d to %s", version, final)
-    return final
+            os.rename(tmp, final)
+        else:
+            fileio.copy_tree(tmp, final, last=("saved_model.pb",))
+    except (OSError, tf.errors.OpError) as e:
+        why = error_line(e) if isinstance(e, tf.errors.OpError) else e
+        raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
 
 
 def load_keras_model(model_dir: str):

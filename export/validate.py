@@ -362,23 +362,13 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SPLIT,
-             auc_tolerance: float = DEFAULT_AUC_TOLERANCE, max_logloss_increase: float | None = None,
-             max_calibration_error: float | None = None, min_auc: float | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, log=None) -> dict:
-    """Scores the candidate and the serving version on ``data``, decides, writes the record; see the module docstring.
-
-    ``log`` (a callable taking one line; default: stderr) gets each version's metrics.
-
-    Returns:
-        The record written to :func:`record_path` of the candidate (``"blessed"`` true).
+def _versions_to_compare(candidate: str, serving: str) -> tuple[str, list[int], str | None, FeatureSpec]:
+    """``(candidate version dir, serving versions, newest serving version dir or None, candidate spec)``.
 
     Raises:
-        Refused: the candidate is not blessed (the record, written, is ``e.record``).
-        ExportError, SpecError, PreprocessError, FileNotFoundError: bad input; nothing written.
+        ExportError: the candidate is no numbered version, or one of ``serving`` itself; no ``serving`` base.
+        SpecError: the two versions' feature specs differ.
     """
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    _check_thresholds(auc_tolerance, max_logloss_increase, max_calibration_error, min_auc)
     g = fileio.gfile()
     cand_dir = resolve_version(candidate, "--candidate")
     if version_number(cand_dir) is None:
@@ -399,6 +389,27 @@ def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SP
         if diff:
             raise SpecError(f"the candidate ({cand_dir}) and the serving version ({base_dir}) have different "
                             f"feature specs: {'; '.join(diff)}")
+    return cand_dir, versions, base_dir, cand_spec
+
+
+def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SPLIT,
+             auc_tolerance: float = DEFAULT_AUC_TOLERANCE, max_logloss_increase: float | None = None,
+             max_calibration_error: float | None = None, min_auc: float | None = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, log=None) -> dict:
+    """Scores the candidate and the serving version on ``data``, decides, writes the record; see the module docstring.
+
+    ``log`` (a callable taking one line; default: stderr) gets each version's metrics.
+
+    Returns:
+        The record written to :func:`record_path` of the candidate (``"blessed"`` true).
+
+    Raises:
+        Refused: the candidate is not blessed (the record, written, is ``e.record``).
+        ExportError, SpecError, PreprocessError, FileNotFoundError: bad input; nothing written.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    _check_thresholds(auc_tolerance, max_logloss_increase, max_calibration_error, min_auc)
+    cand_dir, versions, base_dir, cand_spec = _versions_to_compare(candidate, serving)
     files, kind, used_split = data_files(data, split)
     if used_split is not None:
         _check_same_signature(FeatureSpec.load(data), cand_spec, data, cand_dir)
