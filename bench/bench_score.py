@@ -1,4 +1,4 @@
-"""Batch scoring throughput: ``python -m qin_tf.score`` over the test split, from a SavedModel.
+"""Batch scoring throughput: ``python -m export.score`` over the test split, from a SavedModel.
 
     python bench/bench_score.py --data_dir=runs/microlens50k/data [--model_dir=runs/microlens50k/model] \\
         [--parquet=../shared/data/microlens50k_mmctr/test.parquet] [--batch_sizes=1024,8192]
@@ -10,7 +10,7 @@ values) into a temporary export base, folded for inference as in production
 "before"), then runs the scoring CLI a user runs, in its own process, once
 per input and batch size::
 
-    python -m qin_tf.score --saved_model=<export> --input=<test split> --batch_size=<n> --output=<tmp>.parquet
+    python -m export.score --saved_model=<export> --input=<test split> --batch_size=<n> --output=<tmp>.parquet
 
 Inputs: the test split's TFRecords in ``--data_dir`` (through the
 ``predict_examples`` signature) and, with ``--parquet``, the raw parquet file
@@ -83,7 +83,7 @@ def main(argv):
                 best = None
                 for _ in range(_REPEATS.value):
                     out = os.path.join(tmp, "scores.parquet")
-                    cmd = [sys.executable, "-m", "qin_tf.score", f"--saved_model={export_dir}",
+                    cmd = [sys.executable, "-m", "export.score", f"--saved_model={export_dir}",
                            f"--input={pattern}", f"--batch_size={size}", f"--output={out}", "--overwrite"]
                     proc, wall, peak = common.run_measured(cmd, cwd=common.REPO, env=env)
                     if proc.returncode:

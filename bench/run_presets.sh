@@ -8,7 +8,7 @@
 # Each preset trains at the batch size of its own flagfile (QIN and DIN 8,192, the winner's
 # Transformer + DCNv2 128, as released) and once more at 128 (QIN, DIN) or 1,024 (the winner's),
 # so that the rates also compare at one batch size; scoring exports an untrained model of the preset (same speed as a trained
-# one) and runs `python -m qin_tf.score` over the test split at --batch_size=8192.
+# one) and runs `python -m export.score` over the test split at --batch_size=8192.
 # QUICK=1 runs one step and scores once (a smoke test of the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,11 +12,11 @@ each request with a deadline of ``--deadline_s`` seconds.
   The client learns the model's inputs (names, dtypes, ``max_len``) from the
   server's ``GetModelMetadata`` SignatureDef, or from ``--feature_spec``, and
   prepares each row exactly as preprocessing does
-  (:func:`qin_tf.score.sequence_to_dense`: the most recent ``max_len``
+  (:func:`export.readers.sequence_to_dense`: the most recent ``max_len``
   non-zero items, oldest first, left-padded with 0).
 * TFRecord input (``*.tfrecord.gz`` as the pipeline writes it, or
   ``*.tfrecord``) goes, record by record unchanged, to ``predict_examples``.
-* JSON-lines input (``*.jsonl``, ``*.json``, or ``-`` for stdin) goes to
+* JSON-lines input (``*.jsonl``, ``*.json``, ``*.ndjson``, or ``-`` for stdin) goes to
   ``serving_default``: one JSON object per line, one key per model input,
   the history **unpadded** (a list of any length, oldest first), padded or
   cut by the spec's sequence rule (:func:`qin_tf.spec.pad_sequence`); other
@@ -44,7 +44,7 @@ would.
 
 Scores are printed one per line, or written to ``--output`` (``.parquet``, or
 CSV otherwise) with the columns ``row`` and ``ctr``. ``--output`` follows
-``qin_tf.score``'s rule (:func:`qin_tf.fileio.check_output_path`), checked
+``export.score``'s rule (:func:`qin_tf.fileio.check_output_path`), checked
 before any request: never an input, never inside the export read, never a
 device; an existing regular file is replaced only with ``--overwrite``.
 """
@@ -53,27 +53,24 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from export.readers import (STDIN, iter_jsonl_requests, iter_parquet, iter_parquet_requests,
+                            iter_raw_parquet_requests, iter_tfrecord_requests, load_saved_model, raw_features)
+from export.writers import write_scores
 from qin_tf import fileio
-from qin_tf.spec import (ID_RULE, INT64_MAX, RAW_ID_RULE, Feature, FeatureSpec, first_negative_id, left_pad_recent,
-                         raw_id_problem)
+from qin_tf.cli import error_line, exit_error
+from qin_tf.rows import PreprocessError, fail, one_line
+from qin_tf.signatures import (EXAMPLES_INPUT, EXAMPLES_SIGNATURE, JSONL_SUFFIXES, OUTPUT, PARQUET_SUFFIXES,
+                               RAW_SIGNATURE, SERVING_SIGNATURE, SPEC_ASSET_PATH, TFRECORD_SUFFIXES)
+from qin_tf.spec import ID_RULE, Feature, FeatureSpec, SpecError, first_negative_id
 
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_DEADLINE_S = 10.0
 #: gRPC message size limit (both directions), bytes.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-SERVING_SIGNATURE = "serving_default"
-EXAMPLES_SIGNATURE = "predict_examples"
-#: The raw-id signature (exports whose spec has vocabularies).
-RAW_SIGNATURE = "serving_raw"
-EXAMPLES_INPUT = "examples"
-OUTPUT = "ctr"
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-#: ``--input`` value that reads JSON lines from stdin.
-STDIN = "-"
 
 
 class ServingError(RuntimeError):
@@ -172,10 +169,8 @@ class ServingClient:
         try:
             return method(request, timeout=self.deadline_s)
         except grpc.RpcError as e:
-            from qin_tf.score import tf_error_text
-
             code = e.code() if hasattr(e, "code") else None
-            details = tf_error_text(e.details() if hasattr(e, "details") else str(e))  # TF Serving's op errors
+            details = error_line(e.details() if hasattr(e, "details") else str(e))  # TF Serving's op errors
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"server {self.server} unavailable: {details}"
             raise ServingError(code, details) from None
@@ -255,19 +250,16 @@ class InProcessModel:
 
     def __init__(self, saved_model: str):
         from export.local_server import read_signature_defs
-        from pipelines.validation import fail
-        from qin_tf.score import load_saved_model, tf_error_text
-        from qin_tf.spec import SPEC_FILENAME, SpecError
 
         self._loaded, self.path = load_saved_model(saved_model)
         try:
             self._signature_defs = read_signature_defs(self.path)
         except Exception as e:  # loaded above, so hardly ever; still one line naming the version
-            fail(self.path, None, None, f"cannot read the SignatureDefs ({tf_error_text(e)})")
+            fail(self.path, None, None, f"cannot read the SignatureDefs ({error_line(e)})")
         #: The export's feature spec (which inputs are raw ids); None when the export lacks it.
         self.spec = None
         try:
-            self.spec = FeatureSpec.load(os.path.join(self.path, "assets", SPEC_FILENAME))
+            self.spec = FeatureSpec.load(os.path.join(self.path, SPEC_ASSET_PATH))
         except (OSError, SpecError, ValueError):
             pass
 
@@ -288,12 +280,7 @@ class InProcessModel:
         try:
             out = self._loaded.signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
         except (tf.errors.OpError, TypeError, ValueError, UnicodeDecodeError) as e:
-            from qin_tf.score import tf_error_text
-
-            if isinstance(e, UnicodeDecodeError):
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "the input holds bytes that are not a "
-                                   "serialized tf.train.Example.") from None
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, tf_error_text(e)) from None
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, error_line(e)) from None  # undecodable bytes too
         return out[output].numpy()
 
     predict_examples = ServingClient.predict_examples
@@ -311,205 +298,6 @@ class InProcessModel:
 # --------------------------------------------------------------------------
 # Files -> requests
 # --------------------------------------------------------------------------
-
-
-def check_row_value(value, feature: Feature, source: str, row: int, *, raw: bool | None = None):
-    """One JSON value of a model input -> an int or string, or for the history a list of them (unpadded).
-
-    With ``raw`` (default: a string feature, or a history of any width: the
-    raw-id signature's inputs) the value holds raw ids, checked by the raw-id
-    rule (:data:`qin_tf.spec.RAW_ID_RULE`; 0 and ``""`` are padding in a
-    history only); otherwise dense ids, checked by :data:`qin_tf.spec.ID_RULE`
-    and the int64 range. The type must be the feature's: strings for a string
-    feature, integers otherwise.
-
-    Raises:
-        PreprocessError: naming ``source``, ``row`` and the feature.
-    """
-    from pipelines.validation import fail
-
-    if raw is None:
-        raw = feature.dtype == "string" or bool(feature.shape and feature.shape[-1] < 0)
-    text = feature.dtype == "string"
-    kind = "raw string id" if text else ("raw int64 id" if raw else "integer id")
-
-    def ok(v):
-        return isinstance(v, str) if text else isinstance(v, int) and not isinstance(v, bool)
-
-    if feature.shape:
-        if not isinstance(value, list) or not all(ok(v) for v in value):
-            fail(source, row, feature.name, f"expected a list of {kind}s (the history, oldest first, unpadded), "
-                                            f"got {json_snippet(value)}")
-        for pos, v in enumerate(value):
-            if raw and v not in (0, ""):  # raw padding is dropped by the graph
-                why = raw_id_problem(v)
-                if why is not None:
-                    fail(source, row, feature.name, f"{why} at position {pos} of the list; {RAW_ID_RULE}")
-            elif not raw and (v < 0 or v > INT64_MAX):
-                fail(source, row, feature.name, f"{'negative item id' if v < 0 else 'item id'} {v} "
-                                                f"{'' if v < 0 else 'is beyond int64 '}at position {pos} of the "
-                                                f"list; {ID_RULE}")
-        return value
-    if not ok(value):
-        fail(source, row, feature.name, f"expected {'an' if kind[0] == 'i' else 'a'} {kind}, got "
-                                        f"{json_snippet(value)}")
-    if raw:
-        why = raw_id_problem(value)
-        if why is not None:
-            fail(source, row, feature.name, f"{why}; {RAW_ID_RULE}")
-    elif value < 0:
-        fail(source, row, feature.name, f"negative id {value}; {ID_RULE}")
-    elif value > INT64_MAX:
-        fail(source, row, feature.name, f"id {value} is beyond int64; {ID_RULE}")
-    return value
-
-
-def json_snippet(value, limit: int = 60) -> str:
-    import json
-
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def json_object(source: str, row: int, line: str) -> dict:
-    """Line ``row`` of a JSON-lines file as its object; any other line fails, naming the file and row."""
-    import json
-
-    from pipelines.validation import fail
-
-    if not line.strip():
-        fail(source, row, None, "empty line; every line is one JSON object")
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        fail(source, row, None, f"not valid JSON: {e}")
-    if not isinstance(obj, dict):
-        fail(source, row, None, f"expected a JSON object, got {json_snippet(obj)}")
-    return obj
-
-
-def rows_to_inputs(rows: Sequence[Mapping], features: Sequence[Feature]) -> dict:
-    """Checked rows (``{name: id or unpadded history}``) -> ``{name: array}`` of one request.
-
-    A dense history is padded or cut by the spec's sequence rule to its
-    ``max_len``; a raw history (shape ``(-1,)``) is left-padded with the raw
-    padding value to the batch's longest (the export's graph pads or cuts it).
-    """
-    out = {}
-    for f in features:
-        values = [r[f.name] for r in rows]
-        if f.shape and f.shape[-1] < 0:  # a raw history: any width, padded to the batch's longest
-            pad = "" if f.dtype == "string" else 0  # the raw padding value; the graph pads or cuts
-            width = max(1, max(len(seq) for seq in values))
-            out[f.name] = np.asarray([[pad] * (width - len(seq)) + list(seq) for seq in values],
-                                     dtype=object if f.dtype == "string" else np.int64)
-        elif f.shape:
-            flat = np.asarray([v for seq in values for v in seq], dtype=np.int64)
-            parent = np.repeat(np.arange(len(values), dtype=np.int64), [len(seq) for seq in values])
-            out[f.name] = left_pad_recent(flat, parent, len(values), f.shape[0])[0]
-        else:
-            out[f.name] = np.asarray(values, dtype=object if f.dtype == "string" else np.dtype(f.dtype))
-    return out
-
-
-def iter_jsonl_requests(path: str, features: Sequence[Feature], batch_size: int, stream=None, *,
-                        raw: frozenset[str] | None = None) -> Iterator[dict]:
-    """Batches of model inputs from JSON lines (``path``, or ``stream`` when given; ``-``: stdin).
-
-    Each line is one JSON object with a key per feature; the history is a
-    list of any length, padded or cut by the spec's sequence rule. Keys that
-    are not model inputs are ignored. Errors name the source, the row (the
-    0-based line number) and the key. ``raw``: the names of the features
-    holding raw ids (:func:`check_row_value`'s default when None).
-    """
-    from pipelines.validation import fail
-
-    source = "<stdin>" if path == STDIN else path
-    if stream is None:
-        stream = sys.stdin if path == STDIN else fileio.open_text(path)
-    rows: list[dict] = []
-
-    def flush():
-        out = rows_to_inputs(rows, features)
-        rows.clear()
-        return out
-
-    try:
-        for row, line in enumerate(stream):
-            obj = json_object(source, row, line)
-            values = {}
-            for f in features:
-                if f.name not in obj:
-                    fail(source, row, f.name, f"missing key; the model's inputs are {[g.name for g in features]}")
-                values[f.name] = check_row_value(obj[f.name], f, source, row,
-                                                 raw=None if raw is None else f.name in raw)
-            rows.append(values)
-            if len(rows) == batch_size:
-                yield flush()
-        if rows:
-            yield flush()
-    finally:
-        if stream is not sys.stdin:
-            stream.close()
-
-
-def iter_parquet_requests(path: str, features: Sequence[Feature], batch_size: int) -> Iterator[dict]:
-    """Batches of model inputs from a parquet file in the MMCTR layout."""
-    import pyarrow.parquet as pq
-
-    from pipelines.validation import fail
-    from qin_tf.score import arrow_batch_features
-
-    pf = pq.ParquetFile(fileio.binary_source(path))
-    have = pf.schema_arrow.names
-    for f in features:
-        if f.name not in have:
-            fail(path, None, f.name, f"missing column; the file has columns {have}")
-    row = 0
-    for rb in pf.iter_batches(batch_size=batch_size, columns=[f.name for f in features]):
-        yield arrow_batch_features(rb, features, source=path, first_row=row)
-        row += rb.num_rows
-
-
-def iter_raw_parquet_requests(path: str, features: Sequence[Feature], batch_size: int, *,
-                              raw: frozenset[str] | None = None) -> Iterator[dict]:
-    """Batches of raw-id model inputs from a parquet file: one column per input, the history a list
-    (oldest first, unpadded), checked row by row as JSON lines are (:func:`check_row_value`)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipelines.validation import fail, one_line
-
-    try:
-        pf = pq.ParquetFile(fileio.binary_source(path))
-    except (pa.ArrowException, OSError) as e:
-        fail(path, None, None, f"not a readable parquet file: {one_line(e)}")
-    have = pf.schema_arrow.names
-    for f in features:
-        if f.name not in have:
-            fail(path, None, f.name, f"missing column; the file has columns {have}")
-    first = 0
-    for rb in pf.iter_batches(batch_size=batch_size, columns=[f.name for f in features]):
-        rows = []
-        for i, obj in enumerate(rb.to_pylist()):
-            values = {}
-            for f in features:
-                if obj[f.name] is None:
-                    fail(path, first + i, f.name, "null value")
-                values[f.name] = check_row_value(obj[f.name], f, path, first + i,
-                                                 raw=None if raw is None else f.name in raw)
-            rows.append(values)
-        yield rows_to_inputs(rows, features)
-        first += rb.num_rows
-
-
-def iter_tfrecord_requests(path: str, batch_size: int) -> Iterator[list[bytes]]:
-    """Batches of serialized records from a TFRecord file (GZIP when it ends in ``.gz``)."""
-    import tensorflow as tf
-
-    ds = tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else "")
-    for batch in ds.batch(batch_size):
-        yield list(batch.numpy())
 
 
 def score_file(client: ServingClient, path: str, *, signature_name: str | None = None,
@@ -530,9 +318,6 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
     Returns:
         float32 ``[rows]``, in the file's row order.
     """
-    from pipelines.validation import fail
-    from qin_tf.score import PARQUET_SUFFIXES, TFRECORD_SUFFIXES, iter_parquet, raw_features
-
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={batch_size}")
     if path != STDIN and not (os.path.isfile(path) if fileio.is_local(path) else
@@ -584,17 +369,6 @@ def score_file(client: ServingClient, path: str, *, signature_name: str | None =
     return np.concatenate(scores) if scores else np.zeros([0], np.float32)
 
 
-def write_scores(path: str, scores: np.ndarray) -> None:
-    """Writes ``row,ctr`` to ``path`` (parquet when it ends in ``.parquet``, else CSV), atomically."""
-    from qin_tf.score import ScoreWriter
-
-    writer = ScoreWriter(path, "parquet" if path.endswith(".parquet") else "csv")
-    try:
-        writer.write({"row": np.arange(scores.shape[0], dtype=np.int64), OUTPUT: scores})
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def main(argv):
@@ -603,13 +377,9 @@ def main(argv):
 
     import tensorflow as tf
 
-    from pipelines.validation import one_line
-    from qin_tf.score import InputError, tf_error_text
-    from qin_tf.spec import SpecError
-
     FLAGS = flags.FLAGS
     try:
-        if FLAGS.output:  # the rule of qin_tf.score, before any work
+        if FLAGS.output:  # the rule of export.score, before any work
             fileio.check_output_path(FLAGS.output, [p for p in (FLAGS.input, FLAGS.feature_spec) if p and p != STDIN],
                                      overwrite=FLAGS.overwrite,
                                      read_trees=fileio.export_trees(FLAGS.saved_model) if FLAGS.saved_model else ())
@@ -622,10 +392,10 @@ def main(argv):
             signature = FLAGS.signature_name or (RAW_SIGNATURE if FLAGS.raw_ids else None)
             scores = score_file(client, FLAGS.input, signature_name=signature,
                                 batch_size=FLAGS.batch_size, feature_spec=spec)
-    except (ServingError, InputError, SpecError, FileNotFoundError, fileio.OutputPathError) as e:
-        sys.exit(f"error: {one_line(e)}")
+    except (ServingError, PreprocessError, SpecError, FileNotFoundError, fileio.OutputPathError) as e:
+        exit_error("client", one_line(e))
     except tf.errors.OpError as e:  # a TensorFlow file system's or reader's error (gs://, a corrupt TFRecord)
-        sys.exit(f"error: {tf_error_text(e)}")
+        exit_error("client", e)
     if FLAGS.output:
         write_scores(FLAGS.output, scores)
         print(f"wrote {scores.shape[0]:,} scores to {FLAGS.output}", file=sys.stderr)

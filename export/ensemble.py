@@ -54,19 +54,18 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from typing import Sequence
 
 import numpy as np
 
-# The SavedModel contract (signature names, paths inside a version) and the export helpers, in one block.
-from export.exporter import (DEFAULT_WARMUP_ROWS, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, OUTPUT,
-                             RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, SERVE_TAG, SERVING_SIGNATURE,
-                             SPEC_ASSET_PATH, WARMUP_PATH, ExportError, latest_version_dir, list_versions,
-                             read_examples, read_fingerprint, tf_error_line, warmup_requests, write_warmup)
+from export.exporter import (DEFAULT_WARMUP_ROWS, WARMUP_PATH, ExportError, latest_version_dir, list_versions,
+                             read_examples, read_fingerprint, warmup_requests, write_warmup)
 from qin_tf import fileio
+from qin_tf.cli import error_line, exit_error
+from qin_tf.signatures import (EXAMPLES_SIGNATURE, FINGERPRINT_PATH, OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE,
+                               SERVE_TAG, SERVING_SIGNATURE, SPEC_ASSET_PATH)
 from qin_tf.spec import FeatureSpec, SpecError
 
 #: The record of the blend, relative to the version directory.
@@ -198,7 +197,7 @@ class Member:
         try:
             self.loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])
         except (tf.errors.OpError, ValueError, OSError) as e:
-            why = tf_error_line(e) if isinstance(e, tf.errors.OpError) else e
+            why = error_line(e)
             raise ExportError(f"{self.path}: cannot load the SavedModel: {why}") from None
         self.signatures = set(self.loaded.signatures.keys())
         missing = [s for s in BASE_SIGNATURES if s not in self.signatures]
@@ -470,7 +469,7 @@ def export_ensemble(member_paths: Sequence[str], data_dir: str, export_base: str
             else:
                 fileio.copy_tree(tmp, final, last=("saved_model.pb",))
         except (OSError, tf.errors.OpError) as e:
-            why = tf_error_line(e) if isinstance(e, tf.errors.OpError) else e
+            why = error_line(e)
             raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
     except BaseException:
         if local:
@@ -497,10 +496,8 @@ def main(argv):
     try:
         path, record = export_ensemble(FLAGS.member or [], FLAGS.data, FLAGS.export_base, split=FLAGS.split,
                                        weights=FLAGS.weights, model_name=FLAGS.model_name)
-    except (ExportError, SpecError, OSError, ValueError) as e:  # bad paths or inputs: one line, no traceback
-        sys.exit("ensemble: error: " + " ".join(str(e).split()))
-    except tf.errors.OpError as e:
-        sys.exit(f"ensemble: error: {tf_error_line(e)}")
+    except (ExportError, SpecError, OSError, ValueError, tf.errors.OpError) as e:  # one line, no traceback
+        exit_error("ensemble", e)
     m = record["metrics"]["ensemble"]
     print(f"{split_line(record)}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  weights "
           + ",".join(f"{w:.4g}" for w in record["weights"]) + f"  bias {record['bias']:.4g}")

@@ -65,9 +65,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
-import sys
 import tempfile
 import uuid
 from typing import Iterable, Mapping, Sequence
@@ -75,34 +73,19 @@ from typing import Iterable, Mapping, Sequence
 from absl import logging
 
 from qin_tf import fileio
+from qin_tf.cli import error_line, exit_error
+from qin_tf.signatures import (EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, MODEL_FILENAME,  # noqa: F401
+                               OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, SERVE_TAG, SERVING_SIGNATURE,
+                               SPEC_ASSET_PATH, raw_dtype, raw_padding)
 from qin_tf.spec import (ID_RULE, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, first_bad_raw_id,
                          raw_id_problem)
 
-#: Name of the per-feature signature (TF Serving's default).
-SERVING_SIGNATURE = "serving_default"
-#: Name of the serialized-``tf.train.Example`` signature.
-EXAMPLES_SIGNATURE = "predict_examples"
-#: Input of :data:`EXAMPLES_SIGNATURE`.
-EXAMPLES_INPUT = "examples"
-#: The raw-id signatures (only when the spec has vocabularies): ids as the log had them.
-RAW_SIGNATURE = "serving_raw"
-RAW_EXAMPLES_SIGNATURE = "predict_raw_examples"
-#: The one output of every signature.
-OUTPUT = "ctr"
 #: TF Serving's method name for Predict signatures.
 PREDICT_METHOD_NAME = "tensorflow/serving/predict"
-#: The SavedModel tag TF Serving loads.
-SERVE_TAG = "serve"
 #: Where TF Serving looks for warmup records, relative to the version directory.
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
-#: The feature spec inside the export, relative to the version directory.
-SPEC_ASSET_PATH = os.path.join("assets", SPEC_FILENAME)
-#: The fingerprints of a version (:func:`model_fingerprint`), relative to the version directory.
-FINGERPRINT_PATH = os.path.join("assets.extra", "model_fingerprint.json")
 #: Rows used for warmup requests (TF Serving accepts at most 1000 records).
 DEFAULT_WARMUP_ROWS = 8
-#: The model file ``qin_tf.train`` leaves in its model_dir.
-MODEL_FILENAME = "best.keras"
 
 
 @contextlib.contextmanager
@@ -121,37 +104,6 @@ def _quiet_tf_logging():
 
 class ExportError(RuntimeError):
     """The model, the spec or the export directory does not allow an export."""
-
-
-#: TensorFlow's runtime decorations of an op error: ``{{function_node ...}}``, ``[[{{node ...}}]]``, ``[Op:...]``.
-_TF_DECORATION = re.compile(r"\{\{function_node [^}]*\}\}|\[\[\{\{node [^}]*\}\}\]\]|\[\[[^\]]*\]\]|\[Op:[^\]]*\]")
-_TF_NOISE_LINES = ("Graph execution error", "Detected at node", "File ", "Traceback", "return ")
-
-
-def tf_error_line(error: Exception) -> str:
-    """One plain line for a TensorFlow error: its meaningful line, without TF's runtime decorations.
-
-    Drops the graph-execution preamble and Python frames, ``{{function_node
-    ...}}``, ``[[{{node ...}}]]`` and ``[Op:...]``; an assertion becomes its
-    message (``assertion failed: [`item_id`: raw ids are ...] [Condition ...]``
-    -> ``refused by the graph: `item_id`: raw ids are ...``).
-
-    >>> class E(Exception): message = "{{function_node __inference_f_9}} bad row\\n\\t [[{{node x}}]] [Op:f]"
-    >>> tf_error_line(E())
-    'bad row'
-    """
-    if isinstance(error, UnicodeDecodeError):
-        return "the input holds bytes that are not a serialized tf.train.Example."
-    text = getattr(error, "message", None) or str(error)
-    lines = [" ".join(_TF_DECORATION.sub(" ", line).split()) for line in str(text).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(_TF_NOISE_LINES)]
-    if not lines:
-        return type(error).__name__
-    line = lines[-1]
-    m = re.match(r"assertion failed: \[(.*?)\](?: \[|$)", line)
-    if not m:
-        return line
-    return "refused by the graph: " + m.group(1).replace('\\"', '"')  # TF escapes the message's quotes
 
 
 # --------------------------------------------------------------------------
@@ -283,17 +235,6 @@ def example_parse_spec(spec: FeatureSpec) -> dict:
     return data_parse_spec(spec, labelled=False, with_meta=False)
 
 
-def raw_dtype(spec: FeatureSpec, name: str) -> str:
-    """The dtype of model feature ``name`` in the raw-id signatures: its vocabulary's, else int64 (dense)."""
-    key = spec.vocabulary_key(name)
-    return spec.vocabularies[key].get("dtype", "string") if key else "int64"
-
-
-def raw_padding(dtype: str):
-    """The padding value of a raw history: ``""`` for string ids, 0 for int64 ids (0 is padding, as everywhere)."""
-    return "" if dtype == "string" else 0
-
-
 def raw_input_signature(spec: FeatureSpec) -> dict:
     """``tf.TensorSpec`` of each raw input: ``[batch]``, the history ``[batch, any width]``."""
     import tensorflow as tf
@@ -383,7 +324,7 @@ class RawIdLookup:
 
     Line n (1-based) of a vocabulary file is dense id n + 1; an unknown raw id
     is the vocabulary's ``oov_id`` (1); in a history, the raw padding value
-    (:func:`raw_padding`) is dense 0. A raw id breaking
+    (:func:`qin_tf.signatures.raw_padding`) is dense 0. A raw id breaking
     :data:`qin_tf.spec.RAW_ID_RULE` is refused (:meth:`check`). Features
     without a vocabulary pass through.
     """
@@ -850,10 +791,40 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
     Returns:
         The path of the new version directory.
     """
-    import tensorflow as tf
-
     _check_model(model, spec)
     _check_vocabularies(spec)
+    final = _new_version_dir(export_base, version, num_warmup_rows)
+    warmup_examples = _warmup_examples(spec, warmup_examples, num_warmup_rows)
+    version = int(os.path.basename(final))
+    scratch = tempfile.mkdtemp(prefix="qin_export_")
+    # Local: a hidden directory beside the versions, renamed into place. A URL: a local
+    # directory, copied into place (a directory cannot be renamed at once there).
+    local = fileio.is_local(export_base)
+    tmp = os.path.join(export_base if local else scratch, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    try:
+        served = fold_for_inference(model, qnn=fold_qnn, attention=fold_attention, item_vectors=fold_item_vectors)
+        _save_version(served, spec, tmp, scratch)
+        write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
+        fingerprint = {"source": source_fingerprint or model_fingerprint(model, spec),
+                       "weights": weights_digest(model)}
+        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
+        if verify:
+            _verify(tmp, model, spec, warmup_examples)
+        _publish(tmp, final, local)
+    except BaseException:
+        if local:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logging.debug("Exported version %d to %s", version, final)
+    return final
+
+
+def _new_version_dir(export_base: str, version: int | None, num_warmup_rows: int) -> str:
+    """The directory of the version to write (``version``, or one more than the newest); never an existing one."""
+    import tensorflow as tf
+
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ExportError(f"`version` must be an integer >= 1. Received: version={version!r}")
     if num_warmup_rows < 1:
@@ -865,55 +836,50 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
     final = os.path.join(export_base, str(version))
     if tf.io.gfile.exists(final):
         raise ExportError(f"{final} already exists; versions are immutable, choose another --version.")
+    return final
 
-    if warmup_examples is None:
-        warmup_examples = read_examples(spec, num_warmup_rows)
-        if not warmup_examples:
+
+def _warmup_examples(spec: FeatureSpec, examples: Sequence[bytes] | None, num_rows: int) -> list[bytes]:
+    """``examples``, or the spec's first rows, or synthetic rows of valid ids when no split is at hand."""
+    if examples is None:
+        examples = read_examples(spec, num_rows)
+        if not examples:
             logging.warning("No TFRecords of the feature spec's splits are reachable from %s; "
                             "the warmup requests use synthetic rows of valid ids.", spec.base_dir or ".")
-            warmup_examples = _synthetic_examples(spec, num_warmup_rows)
-    warmup_examples = list(warmup_examples)
-    if not warmup_examples:
+            examples = _synthetic_examples(spec, num_rows)
+    examples = list(examples)
+    if not examples:
         raise ExportError("`warmup_examples` is empty.")
+    return examples
 
-    scratch = tempfile.mkdtemp(prefix="qin_export_")
-    # Local: a hidden directory beside the versions, renamed into place. A URL: a local
-    # directory, copied into place (a directory cannot be renamed at once there).
-    local = fileio.is_local(export_base)
-    tmp = os.path.join(export_base if local else scratch, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+
+def _save_version(served, spec: FeatureSpec, tmp: str, scratch: str) -> None:
+    """``tf.saved_model.save`` of the serving module of ``served`` with its signatures into ``tmp``."""
+    import tensorflow as tf
+
+    spec_file = os.path.join(scratch, SPEC_FILENAME)
+    with open(spec_file, "w") as f:
+        f.write(spec.to_json())
+    module = _serving_module(served, spec, spec_file)
+    with _quiet_tf_logging():
+        signatures = {SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples}
+        if spec.vocabularies:
+            signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
+        tf.saved_model.save(module, tmp, signatures=signatures)
+
+
+def _publish(tmp: str, final: str, local: bool) -> None:
+    """Moves the written version ``tmp`` to ``final``: a rename, or on a URL a copy with saved_model.pb last."""
+    import tensorflow as tf
+
     try:
-        spec_file = os.path.join(scratch, SPEC_FILENAME)
-        with open(spec_file, "w") as f:
-            f.write(spec.to_json())
-        served = fold_for_inference(model, qnn=fold_qnn, attention=fold_attention, item_vectors=fold_item_vectors)
-        module = _serving_module(served, spec, spec_file)
-        with _quiet_tf_logging():
-            signatures = {SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples}
-            if spec.vocabularies:
-                signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
-            tf.saved_model.save(module, tmp, signatures=signatures)
-        write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
-        fingerprint = {"source": source_fingerprint or model_fingerprint(model, spec),
-                       "weights": weights_digest(model)}
-        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
-        if verify:
-            _verify(tmp, model, spec, warmup_examples)
-        try:
-            if local:
-                os.rename(tmp, final)
-            else:
-                fileio.copy_tree(tmp, final, last=("saved_model.pb",))
-        except (OSError, tf.errors.OpError) as e:
-            why = tf_error_line(e) if isinstance(e, tf.errors.OpError) else e
-            raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
-    except BaseException:
         if local:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    logging.debug("Exported version %d to %s", version, final)
-    return final
+            os.rename(tmp, final)
+        else:
+            fileio.copy_tree(tmp, final, last=("saved_model.pb",))
+    except (OSError, tf.errors.OpError) as e:
+        why = error_line(e) if isinstance(e, tf.errors.OpError) else e
+        raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
 
 
 def load_keras_model(model_dir: str):
@@ -977,9 +943,9 @@ def main(argv):
         path = export_from_model_dir(FLAGS.model_dir, FLAGS.export_base, FLAGS.version,
                                      data_dir=FLAGS.data_dir, model_name=FLAGS.model_name)
     except (ExportError, SpecError, OSError) as e:  # bad paths or inputs: one line, no traceback
-        sys.exit(f"error: {e}")
+        exit_error("exporter", str(e))
     except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
-        sys.exit(f"error: {tf_error_line(e)}")
+        exit_error("exporter", e)
     print(path)
 
 

@@ -45,18 +45,18 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from concurrent import futures
 from typing import Mapping
 
 from absl import logging
 
-from export.exporter import RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, first_bad_raw_input, tf_error_line
+from export.exporter import first_bad_raw_input
+from qin_tf.cli import error_line, exit_error
+from qin_tf.signatures import (EXAMPLES_INPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, SERVE_TAG, SERVING_SIGNATURE,
+                               SPEC_ASSET_PATH)
 from qin_tf.spec import ID_RULE, first_negative_id
 
-#: The input of the serialized-example signature (export.exporter.EXAMPLES_INPUT).
-EXAMPLES_INPUT = "examples"
 #: Default largest batch one request may carry.
 DEFAULT_MAX_BATCH_SIZE = 4096
 #: Seconds between polls of the model base path (TF Serving's --file_system_poll_wait_seconds default).
@@ -76,8 +76,6 @@ class RequestError(Exception):
 def read_signature_defs(version_dir: str) -> dict:
     """name -> SignatureDef of the ``serve`` MetaGraph in ``version_dir/saved_model.pb`` (what TF Serving reports)."""
     from tensorflow.core.protobuf import saved_model_pb2
-
-    from export.exporter import SERVE_TAG
 
     from qin_tf.fileio import read_bytes
 
@@ -102,7 +100,7 @@ class ServedModel:
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, version_dir: str | None = None):
         import tensorflow as tf
 
-        from export.exporter import SERVE_TAG, SPEC_ASSET_PATH, latest_version_dir
+        from export.exporter import latest_version_dir
         from qin_tf.spec import FeatureSpec
 
         if max_batch_size < 1:
@@ -208,7 +206,7 @@ class ServedModel:
                     parsed = tf.io.parse_example(tf.constant([record], tf.string), parse_spec)
                 except (tf.errors.InvalidArgumentError, UnicodeDecodeError) as e:
                     return (f"{EXAMPLES_INPUT}[{i}] is not a tf.train.Example of this model's features: "
-                            f"{_tf_error_line(e)}")
+                            f"{error_line(e)}")
                 for name in self.spec.model_feature_names:
                     value = parsed[name]
                     value = (value.values if isinstance(value, tf.SparseTensor) else value).numpy()
@@ -220,7 +218,7 @@ class ServedModel:
                     bad = first_negative_id(value)
                     if bad is not None:
                         return f"{EXAMPLES_INPUT}[{i}], feature `{name}`: negative id {bad[1]}; {ID_RULE}."
-        return _tf_error_line(error)
+        return error_line(error)
 
     # ---- RPCs ----------------------------------------------------------------
 
@@ -230,7 +228,7 @@ class ServedModel:
         from tensorflow_serving.apis import predict_pb2
 
         self.check_model_spec(request.model_spec)
-        signature_name = request.model_spec.signature_name or "serving_default"
+        signature_name = request.model_spec.signature_name or SERVING_SIGNATURE
         if signature_name not in self.signatures:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"Serving signature key `{signature_name}` not found; this model has "
@@ -291,8 +289,6 @@ class ServedModel:
         return response
 
 
-#: The one plain line of a TensorFlow error (:func:`export.exporter.tf_error_line`; export.client uses this name).
-_tf_error_line = tf_error_line
 
 
 def _dtype_name(enum_value: int) -> str:
@@ -319,7 +315,7 @@ def _handler(method):
             context.abort(e.code, str(e))
         except Exception as e:  # keep serving; report the failure to this caller only
             logging.exception("request failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {tf_error_line(e)}")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {error_line(e)}")
 
     return rpc
 
@@ -444,7 +440,7 @@ class LocalServer:
             model = ServedModel(self.model_base_path, model_name, self.max_batch_size, version_dir=path)
         except Exception as e:  # a version still being copied, or a broken one
             self._failed[version] = state
-            return None, f"{type(e).__name__}: {tf_error_line(e)}"
+            return None, f"{type(e).__name__}: {error_line(e)}"
         self._failed.pop(version, None)
         return model, None
 
@@ -551,9 +547,9 @@ def main(argv):
                              max_workers=FLAGS.max_workers, poll_interval_s=FLAGS.poll_interval_s,
                              log=lambda line: print(line, flush=True)).start()
     except (ExportError, SpecError, OSError) as e:  # a wrong path, a port in use: one line, no traceback
-        sys.exit(f"error: {e}")
+        exit_error("local_server", str(e))
     except tf.errors.OpError as e:  # the same from a TensorFlow filesystem (gs://: permission, network)
-        sys.exit(f"error: {tf_error_line(e)}")
+        exit_error("local_server", e)
     # The one ready line (stdout): scripts wait for it.
     # SIGTERM (docker stop, kill) and SIGINT (Ctrl-C) stop it gracefully.
     signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.stop).start())

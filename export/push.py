@@ -29,14 +29,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import uuid
 
 from export.exporter import ExportError, list_versions, servable_versions
 from export.validate import (copy_version, fingerprint, read_record, record_path, resolve_version, utc_now,
                              version_number)
-from pipelines.validation import one_line
 from qin_tf import fileio
+from qin_tf.cli import exit_error
+from qin_tf.rows import one_line
 from qin_tf.spec import SpecError
 
 #: Suffix of the sibling folder that holds rolled-back versions (``/srv/models/qin.rolled_back``).
@@ -151,9 +151,9 @@ def main(argv):
     try:
         record = push(FLAGS.candidate, FLAGS.serving)
     except (ExportError, SpecError, FileNotFoundError, OSError) as e:
-        sys.exit(f"push: error: {one_line(e)}")
+        exit_error("push", one_line(e))
     except tf.errors.OpError as e:
-        sys.exit(f"push: error: {one_line(e.message)}")
+        exit_error("push", e)
     print(json.dumps(record["pushed"], sort_keys=True))
 
 

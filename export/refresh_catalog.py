@@ -54,7 +54,9 @@ import numpy as np
 from export import exporter
 from export.exporter import ExportError
 from qin_tf import fileio
-from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError
+from qin_tf.cli import exit_error
+from qin_tf.signatures import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, SPEC_ASSET_PATH
+from qin_tf.spec import FeatureSpec, SpecError
 
 #: The key of the tag vocabulary among a spec's vocabularies (``pipelines.build_examples``).
 TAG_VOCABULARY = "tags"
@@ -82,12 +84,12 @@ def warmup_examples(version_dir: str) -> list[bytes]:
     for record in tf.data.TFRecordDataset(path):
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
         req = log.predict_log.request
-        if req.model_spec.signature_name == exporter.EXAMPLES_SIGNATURE:
-            rows = list(tf.make_ndarray(req.inputs[exporter.EXAMPLES_INPUT]).reshape(-1))
+        if req.model_spec.signature_name == EXAMPLES_SIGNATURE:
+            rows = list(tf.make_ndarray(req.inputs[EXAMPLES_INPUT]).reshape(-1))
             if len(rows) > len(best):
                 best = rows
     if not best:
-        raise ExportError(f"{path}: no `{exporter.EXAMPLES_SIGNATURE}` warmup request to reuse.")
+        raise ExportError(f"{path}: no `{EXAMPLES_SIGNATURE}` warmup request to reuse.")
     return best
 
 
@@ -150,6 +152,50 @@ def enlarged_model(model, num_items: int, rows: dict, n_model: int):
     return clone
 
 
+def _served_version(model_dir: str, export_base: str, spec: FeatureSpec, key: str):
+    """``(newest version dir, its spec, its fingerprints, model_dir's model, that model's fingerprint)``.
+
+    Raises:
+        ExportError: the newest version serves no raw item ids, predates
+            fingerprints, or was not exported from ``model_dir``'s model.
+    """
+    latest = exporter.latest_version_dir(export_base)
+    served_spec = FeatureSpec.load(os.path.join(latest, SPEC_ASSET_PATH))
+    if served_spec.vocabulary_key(served_spec.target_item) != key:
+        raise ExportError(f"{latest}: this version serves no raw item ids (its feature spec has no item "
+                          f"vocabulary), so it was not exported from {model_dir}; pass the export base of "
+                          "that training run.")
+    fingerprint = exporter.read_fingerprint(latest)
+    if fingerprint is None:
+        raise ExportError(f"{latest}: exported before versions carried a fingerprint "
+                          f"({FINGERPRINT_PATH}), so nothing proves it serves {model_dir}'s weights; "
+                          f"export {model_dir} again (python -m export.exporter) and refresh that version.")
+    model = exporter.load_keras_model(model_dir)
+    source = exporter.model_fingerprint(model, spec)
+    if source != fingerprint["source"]:
+        raise ExportError(f"{model_dir}: its model (fingerprint {source[:16]}) is not the one {latest} serves "
+                          f"(fingerprint {fingerprint['source'][:16]}); was it retrained since that export? "
+                          "Refresh from the training run the export came from, or export this one first.")
+    return latest, served_spec, fingerprint, model, source
+
+
+def _grown_spec(spec: FeatureSpec, key: str, vocab: list[str], scratch: str) -> FeatureSpec:
+    """``spec`` with the item vocabulary ``vocab`` (and its other vocabularies) written under ``scratch``."""
+    num_items = len(vocab) + 2
+    vocabularies = {}
+    for k, v in spec.vocabularies.items():
+        dst = os.path.join(scratch, v["path"])
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if k == key:
+            with open(dst, "w", encoding="utf-8") as f:
+                f.write("".join(f"{x}\n" for x in vocab))
+            v = {**v, "size": num_items}
+        else:
+            fileio.gfile().copy(spec.path(v["path"]), dst, overwrite=True)
+        vocabularies[k] = dict(v)
+    return dataclasses.replace(spec, num_items=num_items, vocabularies=vocabularies, base_dir=scratch)
+
+
 def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version: int | None = None,
                     model_name: str = "qin", log=None) -> str:
     """Writes a new version of ``export_base`` serving ``catalog``; see the module docstring.
@@ -181,23 +227,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
     if key is None:
         raise ExportError(f"{model_dir}: its feature spec has no item vocabulary; only exports built from raw "
                           "ids (pipelines.build_examples) can take new items.")
-    latest = exporter.latest_version_dir(export_base)
-    served_spec = FeatureSpec.load(os.path.join(latest, "assets", SPEC_FILENAME))
-    if served_spec.vocabulary_key(served_spec.target_item) != key:
-        raise ExportError(f"{latest}: this version serves no raw item ids (its feature spec has no item "
-                          f"vocabulary), so it was not exported from {model_dir}; pass the export base of "
-                          "that training run.")
-    fingerprint = exporter.read_fingerprint(latest)
-    if fingerprint is None:
-        raise ExportError(f"{latest}: exported before versions carried a fingerprint "
-                          f"({exporter.FINGERPRINT_PATH}), so nothing proves it serves {model_dir}'s weights; "
-                          f"export {model_dir} again (python -m export.exporter) and refresh that version.")
-    model = exporter.load_keras_model(model_dir)
-    source = exporter.model_fingerprint(model, spec)
-    if source != fingerprint["source"]:
-        raise ExportError(f"{model_dir}: its model (fingerprint {source[:16]}) is not the one {latest} serves "
-                          f"(fingerprint {fingerprint['source'][:16]}); was it retrained since that export? "
-                          "Refresh from the training run the export came from, or export this one first.")
+    latest, served_spec, fingerprint, model, source = _served_version(model_dir, export_base, spec, key)
     served_vocab = _read_lines(export_vocabulary_path(latest, served_spec, key))
     trained_vocab = spec.read_vocabulary(key)
     if served_vocab[:len(trained_vocab)] != trained_vocab or served_spec.num_items != len(served_vocab) + 2:
@@ -227,18 +257,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
         return None
     scratch = tempfile.mkdtemp(prefix="qin_refresh_")  # local: the new spec's vocabularies, for the export
     try:
-        vocabularies = {}
-        for k, v in spec.vocabularies.items():
-            dst = os.path.join(scratch, v["path"])
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            if k == key:
-                with open(dst, "w", encoding="utf-8") as f:
-                    f.write("".join(f"{x}\n" for x in vocab))
-                v = {**v, "size": num_items}
-            else:
-                fileio.gfile().copy(spec.path(v["path"]), dst, overwrite=True)
-            vocabularies[k] = dict(v)
-        new_spec = dataclasses.replace(spec, num_items=num_items, vocabularies=vocabularies, base_dir=scratch)
+        new_spec = _grown_spec(spec, key, vocab, scratch)
         path = exporter.export_model(clone, new_spec, export_base, version, source_fingerprint=source,
                                      warmup_examples=warmup_examples(latest), model_name=model_name)
     finally:
@@ -259,7 +278,7 @@ def main(argv):
 
     from pipelines.log_readers import read_catalog
     from pipelines.logs_config import LogsConfig, LogsConfigError
-    from pipelines.validation import PreprocessError
+    from qin_tf.rows import PreprocessError
 
     FLAGS = flags.FLAGS
     try:
@@ -278,13 +297,13 @@ def main(argv):
         path = refresh_catalog(FLAGS.model_dir, FLAGS.export_base, catalog, version=FLAGS.version,
                                model_name=FLAGS.model_name, log=lambda line: print(line, file=sys.stderr))
     except (ExportError, SpecError, PreprocessError, LogsConfigError, OSError) as e:
-        sys.exit(f"error: {e}")
+        exit_error("refresh_catalog", str(e))
     except Exception as e:  # a TensorFlow filesystem's error (gs://: permission, network): one line too
         import tensorflow as tf
 
         if not isinstance(e, tf.errors.OpError):
             raise
-        sys.exit(f"error: {exporter.tf_error_line(e)}")
+        exit_error("refresh_catalog", e)
     if path is not None:
         print(path)
 

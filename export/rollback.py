@@ -29,13 +29,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 
 from export.exporter import ExportError, list_versions, servable_versions
 from export.push import rolled_back_dir
 from export.validate import copy_version, record_path, utc_now
-from pipelines.validation import one_line
 from qin_tf import fileio
+from qin_tf.cli import exit_error
+from qin_tf.rows import one_line
 
 
 def rollback(model_base_path: str, to_version: int | None = None) -> dict:
@@ -100,9 +100,9 @@ def main(argv):
     try:
         record = rollback(FLAGS.model_base_path, FLAGS.to_version)
     except (ExportError, FileNotFoundError, OSError) as e:
-        sys.exit(f"rollback: error: {one_line(e)}")
+        exit_error("rollback", one_line(e))
     except tf.errors.OpError as e:
-        sys.exit(f"rollback: error: {one_line(e.message)}")
+        exit_error("rollback", e)
     print(json.dumps(record, sort_keys=True))
 
 

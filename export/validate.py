@@ -15,10 +15,10 @@ r"""The gate before serving: a candidate export is compared with the version in 
 * ``--data`` is the rows both are scored on: a preprocessed data directory
   (its ``feature_spec.json``; ``--split`` names the split, default
   ``valid``), or a file or glob of TFRecords or parquet files as
-  ``python -m qin_tf.score --input`` reads them. The rows must be labelled.
+  ``python -m export.score --input`` reads them. The rows must be labelled.
 
 Both versions score every row through their own ``predict_examples`` (or
-``serving_default`` for parquet) signature, read by :mod:`qin_tf.score`'s
+``serving_default`` for parquet) signature, read by :mod:`export.readers`'
 readers; the metrics are :func:`qin_tf.metrics.evaluate`'s (exact AUC,
 log loss) plus the calibration, mean prediction / positive rate (1 is
 calibrated).
@@ -72,9 +72,12 @@ from typing import Sequence
 
 import numpy as np
 
+from export import readers
 from export.exporter import ExportError, latest_version_dir, servable_versions
-from pipelines.validation import PreprocessError, fail, one_line
 from qin_tf import fileio
+from qin_tf.cli import error_line, exit_error
+from qin_tf.rows import PreprocessError, fail, one_line
+from qin_tf.signatures import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, OUTPUT, SERVING_SIGNATURE, SPEC_ASSET_PATH
 from qin_tf.spec import ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError
 
 #: The default ``--auc_tolerance``: see README, "A gate before serving".
@@ -161,8 +164,6 @@ def resolve_version(path: str, what: str) -> str:
 
 
 def load_version_spec(version_dir: str) -> FeatureSpec:
-    from export.exporter import SPEC_ASSET_PATH
-
     path = os.path.join(version_dir, SPEC_ASSET_PATH)
     if not fileio.gfile().exists(path):
         raise ExportError(f"{version_dir}: no {SPEC_ASSET_PATH}; not a version written by export.exporter.")
@@ -225,8 +226,6 @@ def _check_same_signature(data: FeatureSpec, version: FeatureSpec, data_where: s
 
 def data_files(data: str, split: str) -> tuple[list[str], str, str | None]:
     """``(files, kind, split)`` of ``--data``: a preprocessed data directory's split, or a file / glob."""
-    from qin_tf import score
-
     g = fileio.gfile()
     if g.isdir(data):
         if not g.exists(os.path.join(data, SPEC_FILENAME)):
@@ -240,7 +239,7 @@ def data_files(data: str, split: str) -> tuple[list[str], str, str | None]:
         if not files or missing:
             fail(missing[0] if missing else data, None, None, f"no such file (split `{split}` of {data})")
         return files, "tfrecord", split
-    files, kind = score.input_files(data)
+    files, kind = readers.input_files(data)
     return files, kind, None
 
 
@@ -248,38 +247,36 @@ def score_version(version_dir: str, files: Sequence[str], kind: str,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """``(labels, scores)`` of every row of ``files`` under the export ``version_dir``, in file order.
 
-    The readers are :mod:`qin_tf.score`'s (``iter_tfrecord`` through the
+    The readers are :mod:`export.readers`' (``iter_tfrecord`` through the
     export's ``predict_examples``, ``iter_parquet`` through ``serving_default``).
     """
     import tensorflow as tf
 
-    from qin_tf import score
-
     try:
-        loaded, spec, _ = score.load_export(version_dir)
+        loaded, spec, _ = readers.load_export(version_dir)
     except (SpecError, FileNotFoundError):
         raise
     except Exception as e:  # the loader's errors are of many types (DecodeError, OpError, ValueError, ...)
-        text = _tf_line(e.message) if isinstance(e, tf.errors.OpError) else one_line(e)
+        text = error_line(e) if isinstance(e, tf.errors.OpError) else one_line(e)
         raise ExportError(f"{version_dir}: not a loadable SavedModel ({type(e).__name__}: {text})") from None
-    batches = (score.iter_tfrecord(files, spec, batch_size) if kind == "tfrecord"
-               else score.iter_parquet(files, spec, batch_size))
+    batches = (readers.iter_tfrecord(files, spec, batch_size) if kind == "tfrecord"
+               else readers.iter_parquet(files, spec, batch_size))
     labels, scores = [], []
     for batch in batches:
         if batch.label is None:
             fail(batch.source, None, spec.label, "the rows have no labels; the gate needs labelled rows")
         try:
             if batch.examples is not None:
-                out = loaded.signatures["predict_examples"](examples=batch.examples)["ctr"]
+                out = loaded.signatures[EXAMPLES_SIGNATURE](**{EXAMPLES_INPUT: batch.examples})[OUTPUT]
             else:
-                out = loaded.signatures["serving_default"](
-                    **{k: tf.constant(v) for k, v in batch.features.items()})["ctr"]
+                out = loaded.signatures[SERVING_SIGNATURE](
+                    **{k: tf.constant(v) for k, v in batch.features.items()})[OUTPUT]
         except tf.errors.InvalidArgumentError as e:
             bad = _bad_row(batch, spec)
             if bad is not None:
                 fail(batch.source, batch.first_row + bad[0], bad[1], bad[2])
             fail(batch.source, None, None, f"rows {batch.first_row}..{batch.first_row + batch.num_rows - 1}: "
-                                           f"{version_dir} cannot score them: {_tf_line(e.message)}")
+                                           f"{version_dir} cannot score them: {error_line(e)}")
         labels.append(np.asarray(batch.label))
         scores.append(out.numpy().astype(np.float32).reshape(-1))
     if not scores:
@@ -302,24 +299,13 @@ def _bad_row(batch, spec: FeatureSpec) -> tuple[int, str | None, str] | None:
             try:
                 rows.append({n: v.numpy() for n, v in tf.io.parse_example(tf.constant([s]), parse).items()})
             except tf.errors.InvalidArgumentError as e:
-                return i, None, _tf_line(e.message)
+                return i, None, error_line(e)
     for i, row in enumerate(rows):
         for name in spec.model_feature_names:
             values = np.asarray(row[name]).reshape(-1)
             if (values < 0).any():
                 return i, name, f"negative id {int(values[values < 0][0])}; {ID_RULE}"
     return None
-
-
-def _tf_line(message: str) -> str:
-    """TensorFlow's error text as one plain line: its first telling line, without ``{{function_node ...}}``."""
-    import re
-
-    for line in message.strip().split("\n"):
-        line = re.sub(r"\{\{[^}]*\}\}", "", line).strip()
-        if line and not line.startswith(("Graph execution error", "Detected at node", "[[", "File ")):
-            return one_line(line)
-    return "TensorFlow error"
 
 
 def version_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
@@ -376,23 +362,13 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SPLIT,
-             auc_tolerance: float = DEFAULT_AUC_TOLERANCE, max_logloss_increase: float | None = None,
-             max_calibration_error: float | None = None, min_auc: float | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, log=None) -> dict:
-    """Scores the candidate and the serving version on ``data``, decides, writes the record; see the module docstring.
-
-    ``log`` (a callable taking one line; default: stderr) gets each version's metrics.
-
-    Returns:
-        The record written to :func:`record_path` of the candidate (``"blessed"`` true).
+def _versions_to_compare(candidate: str, serving: str) -> tuple[str, list[int], str | None, FeatureSpec]:
+    """``(candidate version dir, serving versions, newest serving version dir or None, candidate spec)``.
 
     Raises:
-        Refused: the candidate is not blessed (the record, written, is ``e.record``).
-        ExportError, SpecError, PreprocessError, FileNotFoundError: bad input; nothing written.
+        ExportError: the candidate is no numbered version, or one of ``serving`` itself; no ``serving`` base.
+        SpecError: the two versions' feature specs differ.
     """
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    _check_thresholds(auc_tolerance, max_logloss_increase, max_calibration_error, min_auc)
     g = fileio.gfile()
     cand_dir = resolve_version(candidate, "--candidate")
     if version_number(cand_dir) is None:
@@ -413,6 +389,27 @@ def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SP
         if diff:
             raise SpecError(f"the candidate ({cand_dir}) and the serving version ({base_dir}) have different "
                             f"feature specs: {'; '.join(diff)}")
+    return cand_dir, versions, base_dir, cand_spec
+
+
+def validate(candidate: str, serving: str, data: str, *, split: str = DEFAULT_SPLIT,
+             auc_tolerance: float = DEFAULT_AUC_TOLERANCE, max_logloss_increase: float | None = None,
+             max_calibration_error: float | None = None, min_auc: float | None = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, log=None) -> dict:
+    """Scores the candidate and the serving version on ``data``, decides, writes the record; see the module docstring.
+
+    ``log`` (a callable taking one line; default: stderr) gets each version's metrics.
+
+    Returns:
+        The record written to :func:`record_path` of the candidate (``"blessed"`` true).
+
+    Raises:
+        Refused: the candidate is not blessed (the record, written, is ``e.record``).
+        ExportError, SpecError, PreprocessError, FileNotFoundError: bad input; nothing written.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    _check_thresholds(auc_tolerance, max_logloss_increase, max_calibration_error, min_auc)
+    cand_dir, versions, base_dir, cand_spec = _versions_to_compare(candidate, serving)
     files, kind, used_split = data_files(data, split)
     if used_split is not None:
         _check_same_signature(FeatureSpec.load(data), cand_spec, data, cand_dir)
@@ -508,9 +505,9 @@ def main(argv):
     except Refused as e:
         sys.exit(f"validate: refused: {e}")
     except (ExportError, SpecError, PreprocessError, FileNotFoundError, OSError) as e:
-        sys.exit(f"validate: error: {one_line(e)}")
+        exit_error("validate", one_line(e))
     except tf.errors.OpError as e:  # a TensorFlow filesystem's error (gs://: permission, network)
-        sys.exit(f"validate: error: {_tf_line(e.message)}")
+        exit_error("validate", e)
     print(json.dumps({"blessed": record["blessed"], "candidate": record["candidate"]["path"],
                       "record": record_path(record["candidate"]["path"]), "pushed": record["pushed"]},
                      sort_keys=True))

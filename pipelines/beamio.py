@@ -34,14 +34,16 @@ class _DropBeamImportNoise(logging.Filter):
 _noise = _DropBeamImportNoise()
 logging.getLogger().addFilter(_noise)
 try:
-    import apache_beam as beam
+    import apache_beam as beam  # noqa: F401  (imported once, quietly: modules take it from here)
 finally:
     logging.getLogger().removeFilter(_noise)
 from apache_beam.io.filesystem import CompressionTypes  # noqa: E402
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.validation import PreprocessError, beam_failure, beam_worker_errors_unlogged, unwrap_beam_error
+from qin_tf.rows import PreprocessError
+
+from pipelines.validation import beam_failure, beam_worker_errors_unlogged, unwrap_beam_error
 
 
 # --------------------------------------------------------------------------

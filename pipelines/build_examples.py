@@ -157,7 +157,7 @@ from pipelines.example_writers import (EMBEDDING_COLUMN, PARTS_DIR, ConcatSplit,
 from pipelines.log_readers import JoinCatalog, ReadEvents, ReadTable, match_files, raw_key
 from pipelines.logs_config import LogsConfig, LogsConfigError
 from pipelines.user_examples import SPLITS, MakeExamples, UserEvents, shard_of
-from pipelines.validation import PreprocessError, one_line
+from qin_tf.rows import PreprocessError, one_line
 from pipelines.vocabularies import (OOV_ID, FirstError, MergeDicts, build_contexts, build_items, indexed, vocabulary,
                                     write_vocab)
 from qin_tf.spec import SpecError

@@ -24,7 +24,7 @@ import uuid
 from typing import Sequence
 
 from pipelines import beamio
-from pipelines.validation import fail
+from qin_tf.rows import fail
 from qin_tf.runtime import process_alive
 
 

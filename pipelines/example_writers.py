@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from pipelines import beamio
 from pipelines.beamio import beam  # imported quietly
 from pipelines.logs_config import LogsConfig
-from pipelines.validation import PreprocessError
+from qin_tf.rows import PreprocessError
 
 #: The item table's vector column (the MMCTR layout's name).
 EMBEDDING_COLUMN = "item_emb_d128"

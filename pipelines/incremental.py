@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from pipelines import beamio
 from pipelines.beamio import beam  # imported quietly
-from pipelines.validation import PreprocessError, where
+from qin_tf.rows import PreprocessError, where
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"

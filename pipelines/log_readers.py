@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pipelines import beamio
 from pipelines.beamio import beam  # imported quietly
 from pipelines.logs_config import LogsConfig, Source
-from pipelines.validation import PreprocessError, where
+from qin_tf.rows import PreprocessError, where
 from qin_tf.spec import RAW_ID_RULE, raw_id_problem
 
 # --------------------------------------------------------------------------

@@ -60,7 +60,7 @@ How it runs: the plan (in the launching process) cuts every split file into
 file has enough of them. The Beam pipeline is ``Create(work items) |
 Reshuffle | ParDo(ConvertShard)``: each work item reads its range in Arrow
 batches, checks and converts a batch at a time with numpy
-(:func:`pipelines.validation.convert_batch`), encodes the Examples of the whole
+(:func:`qin_tf.rows.convert_batch`), encodes the Examples of the whole
 batch at once (:mod:`pipelines.example_codec`) and streams them into its own
 gzip shard. Only work items and file names travel through Beam, so the
 runner's per-element overhead does not matter; files are opened through
@@ -92,9 +92,9 @@ from pipelines.beamio import beam  # imported quietly
 from pipelines.commit import (Ledger, read_manifest, remove_stale_siblings, resolve_output_dir, swap_commit,
                               write_manifest)
 from pipelines.example_codec import DEFAULT_GZIP_LEVEL, GzipTFRecordWriter, encode_tfrecords
-from pipelines.validation import (CORRUPT, Columns, PreprocessError, beam_failure, beam_worker_errors_unlogged,
-                                  check_columns, convert_batch, fail, item_table_columns, iter_row_groups, one_line,
-                                  read_item_table, split_columns, unwrap_beam_error)
+from pipelines.validation import item_table_columns, read_item_table
+from qin_tf.rows import (CORRUPT, Columns, PreprocessError, check_columns, convert_batch, fail, iter_row_groups,
+                         one_line, split_columns)
 from qin_tf.spec import (OOV_ID, RAW_ID_RULE, VOCAB_DIR, ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME,
                          ITEM_TABLE_TAGS_KEY, SPEC_FILENAME, STATS_FILENAME, DatasetConfig, FeatureSpec, SpecError,
                          SplitInfo, raw_id_problem)

@@ -40,12 +40,12 @@ Example::
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
 
+from qin_tf.cli import error_line
 from qin_tf.spec import FeatureSpec, SpecError
 
 #: Records held in the shuffle buffer when training from the files.
@@ -316,15 +316,8 @@ def find_unreadable_record(spec: FeatureSpec, splits=None) -> tuple[str, int, st
                 for _ in tf.data.TFRecordDataset(path, compression_type=spec.compression or ""):
                     records += 1
             except tf.errors.OpError as e:
-                return path, records, tf_message(e)
+                return path, records, error_line(e)
     return None
-
-
-def tf_message(error: tf.errors.OpError) -> str:
-    """TensorFlow's message on one line, without the op and function names it wraps it in."""
-    text = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
-    text = re.sub(r"\[Op:\w+\].*", "", text, flags=re.S)
-    return " ".join(text.split())
 
 
 def model_inputs(spec: FeatureSpec, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -51,9 +51,11 @@ import keras
 from qin_tf.config import ModelConfig
 from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, CrossNetwork, DINAttention,
                            ItemEmbedding, MLPBlock, QuadraticNeuralNetwork, TargetTransformer)
+from qin_tf.signatures import OUTPUT
 from qin_tf.spec import PADDING_ID, FeatureSpec
 
-OUTPUT_NAME = "ctr"
+#: The output layer's name: the signatures' one output (:data:`qin_tf.signatures.OUTPUT`).
+OUTPUT_NAME = OUTPUT
 
 
 @contextlib.contextmanager

@@ -95,13 +95,14 @@ from qin_tf import metrics as qmetrics  # noqa: E402
 from qin_tf import report  # noqa: E402
 from qin_tf import warm_start  # noqa: E402
 from qin_tf.config import RESUMABLE_CHANGES, ExperimentConfig, STRATEGIES  # noqa: E402
-from qin_tf.data import find_unreadable_record, make_dataset, model_inputs, tf_message  # noqa: E402
+from qin_tf.cli import error_line  # noqa: E402
+from qin_tf.data import find_unreadable_record, make_dataset, model_inputs  # noqa: E402
 from qin_tf.model import build_model  # noqa: E402
+from qin_tf.signatures import MODEL_FILENAME, OUTPUT  # noqa: E402
 from qin_tf.spec import SPEC_FILENAME, FeatureSpec, SpecError  # noqa: E402
 
 CONFIG_FILENAME = "config.json"
 METRICS_FILENAME = "metrics.json"
-MODEL_FILENAME = "best.keras"
 CURVES_FILENAME = "curves.png"
 CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best.weights.h5"
@@ -262,7 +263,7 @@ def worker_info(strategy: tf.distribute.Strategy) -> tuple[bool, str]:
 def _probabilities(outputs):
     """The model's ``ctr`` output as ``[batch]`` float32."""
     if isinstance(outputs, dict):
-        outputs = outputs["ctr"]
+        outputs = outputs[OUTPUT]
     outputs = tf.cast(outputs, tf.float32)
     if outputs.shape.rank == 2:
         outputs = tf.squeeze(outputs, axis=-1)
@@ -493,7 +494,7 @@ def _data_loss(spec: FeatureSpec, tc, error: tf.errors.DataLossError) -> Trainin
     splits = [tc.train_split, tc.valid_split, *tc.monitor_splits]
     found = find_unreadable_record(spec, splits + [s for s in spec.splits if s not in splits])
     if found is None:
-        return TrainingError(f"{tc.data_dir}: unreadable TFRecord data ({tf_message(error)})")
+        return TrainingError(f"{tc.data_dir}: unreadable TFRecord data ({error_line(error)})")
     path, record, message = found
     return TrainingError(f"{path}: record {record}: corrupt TFRecord data ({message})")
 

@@ -60,12 +60,12 @@ from qin_tf import fileio
 from qin_tf.config import ExperimentConfig, ModelConfig
 from qin_tf.layers import ContextEmbedding, ItemEmbedding
 from qin_tf.model import build_model
+from qin_tf.signatures import MODEL_FILENAME
 from qin_tf.spec import OOV_ID, PADDING_ID, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, first_bad_raw_id
 
 #: What a warm-started run writes into its model_dir.
 WARM_START_FILENAME = "warm_start.json"
 #: The files of a training run's model_dir that a warm start reads (qin_tf.task writes them).
-MODEL_FILENAME = "best.keras"
 CONFIG_FILENAME = "config.json"
 #: The key of the tag vocabulary in ``FeatureSpec.vocabularies`` (pipelines.build_examples writes it;
 #: export.refresh_catalog.TAG_VOCABULARY names it too).

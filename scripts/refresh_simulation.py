@@ -44,7 +44,7 @@ its vocabularies, and parts them by target: ``removed`` (the target is in R:
 the new items) and ``kept``. For each model (``best.keras`` in a model dir
 and its export base, exported here when the base has no version yet) it
 scores both parts through the export's raw-id signature
-(:func:`qin_tf.score.score` with ``raw_ids``) with
+(:func:`export.score.score` with ``raw_ids``) with
 
 * ``as_trained``: the newest version whose item vocabulary is the training
   run's (R's ids are unknown to it: the OOV row), and
@@ -111,7 +111,7 @@ from absl import flags  # noqa: E402
 from pipelines import build_examples as be  # noqa: E402  (imports Beam quietly)
 from pipelines import beamio, log_readers, vocabularies  # noqa: E402
 from pipelines.logs_config import LogsConfig, LogsConfigError, Source  # noqa: E402
-from pipelines.validation import PreprocessError, one_line  # noqa: E402
+from qin_tf.rows import PreprocessError, one_line  # noqa: E402
 
 COMMANDS = ("prepare", "evaluate")
 REMOVED_FILENAME = "removed_items.txt"
@@ -519,7 +519,7 @@ def evaluate(full_examples: str, removed_path: str, config_path: str, model_dirs
     import pyarrow.parquet as pq
 
     from export import refresh_catalog as rc
-    from qin_tf import score as scoring
+    from export import score as scoring
 
     log = log or (lambda line: None)
     emit = emit or (lambda obj: None)

@@ -19,5 +19,5 @@ $PY -m qin_tf.train --flagfile=configs/sample.flags \
 echo "== 3/4 exported SavedModel: version $(ls "$OUT/export") in $OUT/export (a TF Serving model base path)"
 
 echo "== 4/4 batch-score the raw test split with the SavedModel alone"
-$PY -m qin_tf.score --saved_model="$OUT/export" --input=data/microlens_sample/test.parquet \
+$PY -m export.score --saved_model="$OUT/export" --input=data/microlens_sample/test.parquet \
     --output="$OUT/test_scores.csv" --format=csv --overwrite

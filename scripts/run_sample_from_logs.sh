@@ -25,5 +25,5 @@ echo "== 4/5 exported SavedModel: $OUT/export"
 ls "$OUT/export"
 
 echo "== 5/5 batch-score the built test split with the SavedModel alone"
-$PY -m qin_tf.score --saved_model="$OUT/export" --input="$OUT/examples/test.parquet" \
+$PY -m export.score --saved_model="$OUT/export" --input="$OUT/examples/test.parquet" \
     --output="$OUT/test_scores.csv" --format=csv

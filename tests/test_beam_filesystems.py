@@ -233,7 +233,7 @@ def test_make_sample_from_and_to_an_object_store_writes_what_the_local_run_write
 
 def test_missing_configs_on_an_object_store_are_named(memfs):
     from pipelines.logs_config import LogsConfig, LogsConfigError
-    from pipelines.validation import PreprocessError
+    from qin_tf.rows import PreprocessError
 
     with pytest.raises(LogsConfigError, match=f"^{BUCKET}/logs.json: log config not found$"):
         LogsConfig.load(f"{BUCKET}/logs.json")

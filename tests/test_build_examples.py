@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.build_examples import DATASET_CONFIG_FILENAME, build_examples
 from pipelines.logs_config import LogsConfig
-from pipelines.validation import PreprocessError
+from qin_tf.rows import PreprocessError
 from pipelines.vocabularies import read_vocab
 from qin_tf.spec import DatasetConfig
 
@@ -294,7 +294,7 @@ def test_microlens_sample_logs_to_scores(sample_from_logs, tmp_path):
     from export import exporter
     from export.client import ServingClient
     from export.local_server import LocalServer
-    from qin_tf import score
+    from export import score
     from tests.test_export import split_rows
 
     out, spec, _, export = sample_from_logs

@@ -27,7 +27,7 @@ from pipelines import preprocess as pp
 from pipelines.build_examples import DATASET_CONFIG_FILENAME, RunnerError, build_examples
 from pipelines.logs_config import LogsConfig, LogsConfigError
 from pipelines.user_examples import MakeExamples
-from pipelines.validation import PreprocessError, one_line
+from qin_tf.rows import PreprocessError, one_line
 from pipelines.vocabularies import read_vocab, write_vocab
 from qin_tf.spec import RAW_ID_RULE, INT64_MAX, SpecError
 

@@ -21,7 +21,7 @@ import pytest
 from pipelines import beamio, commit
 from pipelines import preprocess as pp
 from pipelines.build_examples import DATASET_CONFIG_FILENAME, LEDGER, MANIFEST_FILENAME, build_examples
-from pipelines.validation import PreprocessError
+from qin_tf.rows import PreprocessError
 
 from tests.conftest import REPO, files_under
 

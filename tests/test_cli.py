@@ -18,7 +18,7 @@ import pytest
 from qin_tf.runtime import plain_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIS = ("qin_tf.train", "qin_tf.score", "pipelines.preprocess", "export.exporter", "export.client",
+CLIS = ("qin_tf.train", "export.score", "pipelines.preprocess", "export.exporter", "export.client",
         "export.local_server", "pipelines.make_sample", "pipelines.build_examples")
 #: reStructuredText markup: back-quotes (literals, roles), strong emphasis, a literal block's "::".
 MARKUP = re.compile(r"`|\*\*|::$", re.M)

@@ -25,7 +25,7 @@ from tests.test_export import (REPO, SAMPLE_DIR, TINY_DIN, TINY_QIN, TINY_TRANSF
                                make_raw_spec, read_signature_defs, split_rows)
 
 #: The batch-scoring command (it moves to export.score: change it here only).
-SCORE_CLI = [sys.executable, "-m", "qin_tf.score"]
+SCORE_CLI = [sys.executable, "-m", "export.score"]
 ENSEMBLE_CLI = [sys.executable, "-m", "export.ensemble"]
 SAMPLE_FLAGS = os.path.join(REPO, "configs", "sample.flags")
 TEST_PARQUET = os.path.join(SAMPLE_DIR, "test.parquet")

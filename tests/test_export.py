@@ -18,6 +18,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from export import exporter
+from qin_tf.cli import error_line
 from qin_tf.config import ModelConfig
 from qin_tf.data import make_dataset
 from qin_tf.model import build_model
@@ -741,23 +742,23 @@ def test_the_graph_refuses_what_the_raw_id_rule_refuses(case, int_raw_exported, 
     row, name = _bad_raw_request(spec, case)
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
         _serve_raw(version_dir, row)
-    assert exporter.tf_error_line(err.value) == f"refused by the graph: `{name}`: {RAW_ID_RULE}"
+    assert error_line(err.value) == f"refused by the graph: `{name}`: {RAW_ID_RULE}"
     examples = exporter.raw_examples(spec, row)
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
         _serve_raw(version_dir, {"examples": examples}, "predict_raw_examples")
-    assert exporter.tf_error_line(err.value) == f"refused by the graph: `{name}`: {RAW_ID_RULE}"
+    assert error_line(err.value) == f"refused by the graph: `{name}`: {RAW_ID_RULE}"
 
 
-def test_tf_error_line_drops_tensorflows_decorations():
+def test_error_line_drops_tensorflows_decorations():
     class E(Exception):
         message = ("Graph execution error:\n\nDetected at node x defined at (most recent call last):\n"
                    "  File \"a.py\", line 3, in f\n\n{{function_node __inference_serve_123}} assertion failed: "
                    "[`item_id`: bad] [Condition x == y did not hold element-wise:] [x (Any:0) = ] [1]\n"
                    "\t [[{{node assert_equal_1/Assert/AssertGuard/Assert}}]] [Op:__inference_serve_99]")
 
-    assert exporter.tf_error_line(E()) == "refused by the graph: `item_id`: bad"
+    assert error_line(E()) == "refused by the graph: `item_id`: bad"
     E.message = "{{function_node __inference_f_1}} Key: item_seq.  Can't parse serialized Example.\n\t [[{{node p}}]]"
-    assert exporter.tf_error_line(E()) == "Key: item_seq. Can't parse serialized Example."
+    assert error_line(E()) == "Key: item_seq. Can't parse serialized Example."
 
 
 @pytest.mark.parametrize("line,why", [("0", "0 is padding, not an id"), ("-4", "-4 is negative"),

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import exporter, push as push_mod, rollback as rollback_mod, validate
-from pipelines.validation import PreprocessError
-from qin_tf import score, train
+from export import exporter, push as push_mod, rollback as rollback_mod, score, validate
+from qin_tf.rows import PreprocessError
+from qin_tf import train
+from qin_tf.cli import error_line
 from qin_tf.spec import FeatureSpec, SpecError
 from tests.test_export import make_model_dir
 from tests.test_train import SAMPLE_FLAGS
@@ -408,8 +409,8 @@ def test_tensorflow_error_text_becomes_one_plain_line():
     message = ("Graph execution error:\n\nDetected at node assert_non_negative/Assert defined at (most recent "
                "call last):\n  File \"x.py\", line 1\n\nassertion failed: [`item_id`: ids must be >= 0] "
                "[x = ] [-5]\n\t [[{{node assert_non_negative/Assert}}]] [Op:__inference_serve_123]")
-    assert validate._tf_line(message) == "assertion failed: [`item_id`: ids must be >= 0] [x = ] [-5]"
-    assert validate._tf_line("{{function_node __inference_f_1}} Key: item_seq. Can't parse serialized Example.") \
+    assert error_line(message) == "refused by the graph: `item_id`: ids must be >= 0"
+    assert error_line("{{function_node __inference_f_1}} Key: item_seq. Can't parse serialized Example.") \
         == "Key: item_seq. Can't parse serialized Example."
 
 

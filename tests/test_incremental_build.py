@@ -26,7 +26,7 @@ import pytest
 
 from pipelines import incremental
 from pipelines.build_examples import DATASET_CONFIG_FILENAME, build_examples
-from pipelines.validation import PreprocessError
+from qin_tf.rows import PreprocessError
 from pipelines.vocabularies import read_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

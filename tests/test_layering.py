@@ -32,19 +32,13 @@ UPPER_LAYERS = ("pipelines", "export")
 MAX_FUNCTION_LINES = 80
 
 #: qin_tf/ modules allowed to import pipelines/ or export/ anywhere.
-LAYERING_EXCEPTIONS = {
-    "qin_tf/score.py",  # moves to export/ (issue 21)
-}
+LAYERING_EXCEPTIONS: set[str] = set()
 #: qin_tf/ modules allowed to import these top-level packages, but only inside a function.
 LAZY_IMPORTS = {"qin_tf/train.py": {"export"}}
 #: Functions of these files may exceed MAX_FUNCTION_LINES.
-LONG_FUNCTION_EXCEPTIONS = {
-    "qin_tf/score.py",  # moves to export/ (issue 21)
-}
+LONG_FUNCTION_EXCEPTIONS: set[str] = set()
 #: (importing file, module) -> the private names it still takes from that module.
 PRIVATE_IMPORT_ALLOWLIST = {
-    # export's engineers remove this one (issue 21): one public TF-error-to-one-line helper.
-    ("export/client.py", "export.local_server"): {"_tf_error_line"},
 }
 
 
@@ -217,6 +211,34 @@ def test_no_module_takes_another_modules_private_names():
 
 def test_no_function_in_qin_tf_exceeds_80_lines():
     assert _long_functions(_python_files("qin_tf")) == []
+
+
+def test_no_function_in_export_exceeds_80_lines():
+    assert _long_functions(_python_files("export")) == []
+
+
+def test_batch_scoring_and_the_client_share_readers_and_writers_not_each_other():
+    """``export.score`` and ``export.client`` both import ``export.readers`` and ``export.writers``, never each
+    other (no circle), and nothing of scoring is left in ``qin_tf/``."""
+    files = dict(_python_files("export"))
+    imported = {rel: {m for m, _, _ in _imports(files[rel])} for rel in ("export/score.py", "export/client.py")}
+    assert "export.client" not in imported["export/score.py"] and "export.score" not in imported["export/client.py"]
+    for rel in imported:
+        assert {"export.readers", "export.writers"} <= imported[rel], rel
+    assert not (REPO / "qin_tf" / "score.py").exists()
+
+
+def test_the_savedmodel_contract_is_spelled_once():
+    """The signature names, the model file and the input suffixes are string literals in qin_tf/signatures.py
+    only (docstrings aside): every other module imports them."""
+    names = {"serving_default", "predict_examples", "serving_raw", "predict_raw_examples", "best.keras",
+             "model_fingerprint.json", ".ndjson", ".tfrecords.gz"}
+    found = []
+    for rel, tree in _python_files(*PROJECT_PACKAGES):
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        found += [f"{rel}:{n.lineno} {n.value!r}" for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                  and n.value in names and id(n) not in docstrings and rel != "qin_tf/signatures.py"]
+    assert found == []
 
 
 # --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Every refusal is exit code 1 and one line on stderr (no traceback), and
 loses nothing: the inputs, the export and any file in the way stay byte for
 byte as they were. The output rule is :func:`qin_tf.fileio.check_output_path`,
-shared by ``python -m qin_tf.score`` and ``python -m export.client``.
+shared by ``python -m export.score`` and ``python -m export.client``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qin_tf import fileio, score
+from export import score
+from qin_tf import fileio
+from qin_tf.cli import error_line
 from qin_tf.spec import RAW_ID_RULE
 from tests.test_export import REPO, assert_scores_equal
 from tests.test_score import TEST_PARQUET, _raw_records, raw_scored, scored  # noqa: F401 (fixtures)
@@ -50,7 +52,7 @@ def snapshot(*roots) -> dict:
 
 
 def score_cli(base, inp, out, *flags):
-    return run("qin_tf.score", f"--saved_model={base}", f"--input={inp}", f"--output={out}", *flags)
+    return run("export.score", f"--saved_model={base}", f"--input={inp}", f"--output={out}", *flags)
 
 
 def client_cli(base, inp, out, *flags, stdin=None):
@@ -160,7 +162,7 @@ def test_a_broken_newest_version_is_one_line_naming_it(cli, damage, scored, tmp_
     assert snapshot(base) == before and not (tmp_path / "s.csv").exists()
 
 
-def test_tf_error_text_is_plain():
+def test_error_line_is_plain():
     import tensorflow as tf
 
     @tf.function
@@ -170,9 +172,9 @@ def test_tf_error_text_is_plain():
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
         gather(tf.constant([1]))
     assert "[[{{node" in err.value.message
-    assert score.tf_error_text(err.value) == "indices[0] = 5 is not in [0, 1)"
-    assert score.tf_error_text(ValueError("{{function_node __inference_f_1}}{{function_node g}} bad id\n\t "
-                                          "[[{{node Lookup}}]]")) == "bad id"
+    assert error_line(err.value) == "indices[0] = 5 is not in [0, 1)"
+    assert error_line(ValueError("{{function_node __inference_f_1}}{{function_node g}} bad id\n\t "
+                                 "[[{{node Lookup}}]]")) == "bad id"
 
 
 def _jsonl(rows) -> str:
@@ -293,7 +295,7 @@ def test_grpc_details_with_tf_markup_become_one_plain_line():
 
 def test_parquet_uint64_ids_beyond_int64_are_one_line(scored, raw_scored, tmp_path):
     """Dense ids: uint64 is not an id type; raw ids: a uint64 beyond int64 breaks the raw-id rule."""
-    from pipelines.validation import PreprocessError
+    from qin_tf.rows import PreprocessError
 
     table = pq.read_table(TEST_PARQUET)
     i = table.column_names.index("views_level")

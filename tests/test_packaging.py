@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 from pipelines import preprocess as pp
-from pipelines.validation import PreprocessError
+from qin_tf.rows import PreprocessError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: What a wheel is built from (setup.cfg's packages and metadata).

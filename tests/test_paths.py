@@ -89,7 +89,8 @@ class _InterruptAfterFirstEpoch(keras.callbacks.Callback):
 def test_train_resume_export_and_score_with_every_path_on_ram(sample_spec, tmp_path, capsys):
     from absl import flags as absl_flags
 
-    from qin_tf import fileio, score, task, train
+    from export import score
+    from qin_tf import fileio, task, train
     from qin_tf.metrics import auc
 
     root = f"ram://qin_tf_test_{uuid.uuid4().hex}"

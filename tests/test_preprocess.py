@@ -22,7 +22,7 @@ from pipelines import preprocess as pp
 from pipelines.beamio import beam
 from pipelines.example_codec import (GzipTFRecordWriter, crc32c, crc32c_rows, encode_tfrecords,
                                      serialize_int64_examples)
-from pipelines.validation import left_pad_recent
+from qin_tf.spec import left_pad_recent
 from qin_tf.runtime import import_tensorflow
 from qin_tf.spec import FeatureSpec
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import preprocess as pp
-from pipelines.validation import PreprocessError
+from qin_tf.rows import PreprocessError
 from tests.test_preprocess import (CONFIG, NUM_ITEMS, SPLIT_SCHEMA, corrupt_row_group, good_rows, item_table,
                                    listing, read_split, row, siblings, split_table, write_dataset)
 

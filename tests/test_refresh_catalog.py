@@ -172,7 +172,7 @@ def test_local_server_switches_to_the_refreshed_version_without_a_restart(refres
 def test_a_bad_catalog_row_is_one_line_naming_file_row_and_column(tmp_path):
     from pipelines.log_readers import read_catalog
     from pipelines.logs_config import LogsConfig
-    from pipelines.validation import PreprocessError
+    from qin_tf.rows import PreprocessError
 
     (tmp_path / "items.csv").write_text("item,title\n5,a # b\n6,c\n5,again\n")
     cfg = LogsConfig.from_dict({"name": "x", "events": {"files": "e.csv", "user": "u", "item": "i"},
@@ -196,7 +196,7 @@ def test_cli_errors_are_one_line(refreshed, tmp_path):
                            f"--export_base={tmp_path / 'typo'}", f"--config={config}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'typo'}: no such directory; pass the export "
+    assert proc.stderr.strip().splitlines() == [f"refresh_catalog: error: {tmp_path / 'typo'}: no such directory; pass the export "
                                                 "base that `python -m export.exporter --export_base=...` wrote."]
 
 
@@ -292,8 +292,8 @@ def test_cli_refuses_a_retrained_model_dir_and_an_export_without_raw_ids(refresh
     dense_base = str(tmp_path / "dense_export")
     make_model_dir(sample_spec, str(tmp_path / "dense_model"), seed=4)
     exporter.export_from_model_dir(str(tmp_path / "dense_model"), dense_base)
-    for run, want in ((_cli(retrained, base), f"error: {retrained}: its model (fingerprint "),
-                      (_cli(model_dir, dense_base), f"error: {dense_base}/1: this version serves no raw item ids")):
+    for run, want in ((_cli(retrained, base), f"refresh_catalog: error: {retrained}: its model (fingerprint "),
+                      (_cli(model_dir, dense_base), f"refresh_catalog: error: {dense_base}/1: this version serves no raw item ids")):
         assert run.returncode == 1 and run.stdout == "", run.stderr[-3000:]
         assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith(want), run.stderr[-3000:]
     assert sorted(os.listdir(base)) == ["1", "2"] and sorted(os.listdir(dense_base)) == ["1"]

@@ -467,7 +467,7 @@ def test_client_cli_json_lines_errors_name_row_and_key(line, words, served):
     proc = subprocess.run([sys.executable, "-m", "export.client", f"--saved_model={served[0]}", "--input=-"],
                           input=text, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stdout == ""
-    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"error: {words}"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"client: error: {words}"), proc.stderr
 
 
 def test_local_server_serves_the_newest_version(served, sample_spec, tmp_path):

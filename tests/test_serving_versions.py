@@ -170,7 +170,7 @@ def test_cli_serves_an_older_version_when_the_newest_is_broken_and_exits_1_with_
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        f"error: {base / '2'}: could not load this version (DecodeError: Error parsing message with type "
+        f"local_server: error: {base / '2'}: could not load this version (DecodeError: Error parsing message with type "
         "'tensorflow.SavedModel'); no other version to serve."], proc.stderr
 
 
