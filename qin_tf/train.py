@@ -35,7 +35,11 @@ import typing
 from absl import flags
 
 from qin_tf.config import ExperimentConfig, ModelConfig, TrainConfig
+from qin_tf.cli import error_line
 from qin_tf.runtime import plain_text, run_app
+
+#: The prefix of this command's one-line errors (qin_tf.cli: ``<tool>: error: ...``).
+TOOL = "train"
 
 #: The dataclasses whose fields are flags, and where they go in ExperimentConfig.
 SECTIONS = (("model", ModelConfig), ("train", TrainConfig))
@@ -197,12 +201,12 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 def run_main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     """Trains with already parsed ``flag_values``; returns the exit status."""
     if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        print(f"{TOOL}: error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
     try:
         config = config_from_flags(flag_values)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{TOOL}: error: {error_line(e)}", file=sys.stderr)
         return 1
     from qin_tf import task  # imports TensorFlow quietly, without starting it
 
@@ -210,7 +214,7 @@ def run_main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
         strategy = task.create_strategy(config.train.strategy, logical_cpus=flag_values["logical_cpus"].value)
         result = task.run(config, strategy=strategy, export_fn=functools.partial(export_trained, config))
     except task.TrainingError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"{TOOL}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 1
     if result.is_chief and result.metrics:
         m = result.metrics
@@ -259,7 +263,7 @@ def cli(argv: list[str]) -> int:
     try:
         rest = parse_flags(argv, fv)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{TOOL}: error: {error_line(e)}", file=sys.stderr)
         return 2
     return run_main(rest, fv)
 

@@ -206,7 +206,7 @@ def test_a_killed_worker_stops_the_other_and_a_restart_resumes_to_the_same_resul
     print(f"the survivor stopped {time.monotonic() - killed:.1f} s after the kill")
     assert procs[survivor].returncode == 1, outs[survivor].read_text() + errs[survivor]
     last = errs[survivor].strip().splitlines()[-1]
-    assert last.startswith(f"error: worker {survivor} lost the cluster at epoch 2, step "), errs[survivor]
+    assert last.startswith(f"train: error: worker {survivor} lost the cluster at epoch 2, step "), errs[survivor]
     assert f"a collective operation failed (peer: worker {victim}): " in last, last
     assert ("Restart every worker with the same TF_CONFIG: training resumes from the backup in "
             f"{os.path.join(model_dir, 'backup')} (1 epochs done).") in last, last

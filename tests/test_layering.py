@@ -275,7 +275,7 @@ def test_a_failed_export_is_one_line_and_the_same_command_retries_it(sample_spec
     proc = train(bad)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
-        f"error: training finished ({model_dir}/metrics.json), but the export to {bad} failed: "
+        f"train: error: training finished ({model_dir}/metrics.json), but the export to {bad} failed: "
         f"{tmp_path / 'afile'} is not a directory. Retry it with: python -m export.exporter "
         f"--model_dir={model_dir} --export_base={bad}"]
     assert "exported" not in proc.stdout

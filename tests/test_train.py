@@ -580,7 +580,7 @@ def test_killed_run_resumes_to_the_same_result(sample_run, sample_spec, tmp_path
     rc = train.cli(["train", *args, f"--data_dir={other}"])
     assert rc == 1
     assert capsys.readouterr().err == (
-        f"error: {model_dir} holds an unfinished run that started on other data than --data_dir={other} "
+        f"train: error: {model_dir} holds an unfinished run that started on other data than --data_dir={other} "
         f"(the shards differ: train-00000-of-00002.tfrecord.gz; it started on {sample_spec.base_dir}). "
         f"Resume it with the data it started on, or use another --model_dir.\n")
     shutil.rmtree(other)
@@ -635,7 +635,7 @@ def test_corrupt_shard_is_named_in_one_line(sample_spec, tmp_path, capsys):
                     f"--model_dir={tmp_path / 'model'}", "--epochs=1", "--steps_per_epoch=2"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {shard}: record 0: corrupt TFRecord data (inflate() failed")
+    assert err.startswith(f"train: error: {shard}: record 0: corrupt TFRecord data (inflate() failed")
     assert err.count("\n") == 1
 
 

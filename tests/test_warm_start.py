@@ -381,7 +381,7 @@ def test_cli_refuses_an_incompatible_model_config_in_one_line(sample_spec, sourc
     model_dir = str(tmp_path / "day2")
     proc = run_cli(*sample_args(sample_spec, model_dir, f"--warm_start_from={source_run}", "--model=din"))
     assert proc.returncode == 1
-    assert proc.stderr == (f"error: warm start: model config differs from {source_run}'s: --extractor "
+    assert proc.stderr == (f"train: error: warm start: model config differs from {source_run}'s: --extractor "
                            f"din_attention vs asta (new vs source).\n")
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not os.path.exists(model_dir)
@@ -402,7 +402,7 @@ def test_cli_refuses_an_incompatible_spec_in_one_line(sample_spec, source_run, t
     rc = train.cli(["train", *[a if not a.startswith("--data_dir") else f"--data_dir={data}" for a in args]])
     err = capsys.readouterr().err
     assert rc == 1
-    assert err == f"error: warm start: feature `clicks_level` is in the new spec but not in {source_run}'s.\n"
+    assert err == f"train: error: warm start: feature `clicks_level` is in the new spec but not in {source_run}'s.\n"
     assert not os.path.exists(model_dir)
     assert file_hashes(source_run) == before
 
