@@ -157,7 +157,8 @@ from pipelines.example_writers import (EMBEDDING_COLUMN, PARTS_DIR, ConcatSplit,
 from pipelines.log_readers import JoinCatalog, ReadEvents, ReadTable, match_files, raw_key
 from pipelines.logs_config import LogsConfig, LogsConfigError
 from pipelines.user_examples import SPLITS, MakeExamples, UserEvents, shard_of
-from qin_tf.rows import PreprocessError, one_line
+from qin_tf.cli import exit_error
+from qin_tf.rows import PreprocessError
 from pipelines.vocabularies import (OOV_ID, FirstError, MergeDicts, build_contexts, build_items, indexed, vocabulary,
                                     write_vocab)
 from qin_tf.spec import SpecError
@@ -626,7 +627,7 @@ def main(argv):
             spec = pp.preprocess(out, FLAGS.preprocess_dir, beamio.join(out, DATASET_CONFIG_FILENAME))
             print(f"preprocess: {spec.num_items:,} items; max_len {spec.max_len}; wrote {FLAGS.preprocess_dir}")
     except (PreprocessError, LogsConfigError, SpecError, RunnerError, OSError) as e:
-        raise SystemExit(f"build_examples: error: {one_line(e)}") from None
+        exit_error("build_examples", e)
 
 
 def _parse_flags(argv):
@@ -636,7 +637,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv, known_only=True)
     except flags.Error as e:
-        raise SystemExit(f"build_examples: error: {one_line(e)}") from None
+        exit_error("build_examples", e)
 
 
 def run():

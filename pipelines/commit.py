@@ -259,7 +259,7 @@ def _roll_forward(output_dir: str, journal: dict, ledger: Ledger):
 
 
 def _roll_back(output_dir: str, journal: dict, ledger: Ledger):
-    tmp, old = _sibling(output_dir, journal["tmp"]), _sibling(output_dir, journal["old"])
+    old = _sibling(output_dir, journal["old"])
     replaced = set(journal["replaced"])
     for name in journal["new"] + [ledger.manifest]:  # a new file is one not replaced, or one whose old one went out
         if _has(output_dir, name) and (name not in replaced or _has(old, name)):

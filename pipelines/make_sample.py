@@ -14,8 +14,6 @@ item carries 512 bytes of embedding, so the sample's size grows by about
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 from absl import flags
 
 from pipelines import beamio  # Beam's FileSystems: local paths or URLs (gs://...)
+from qin_tf.cli import exit_error
 
 SPLITS = ("train", "valid", "test")
 
@@ -85,7 +84,7 @@ def main(argv):
     try:
         counts = make_sample(f.input_dir, f.output_dir, f.num_users, f.seed)
     except (OSError, ValueError) as e:  # a missing or unreadable split file: one line, no traceback
-        sys.exit(f"make_sample: error: {' '.join(str(e).split())}")
+        exit_error("make_sample", e)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
 
 

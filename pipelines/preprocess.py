@@ -93,6 +93,7 @@ from pipelines.commit import (Ledger, read_manifest, remove_stale_siblings, reso
                               write_manifest)
 from pipelines.example_codec import DEFAULT_GZIP_LEVEL, GzipTFRecordWriter, encode_tfrecords
 from pipelines.validation import item_table_columns, read_item_table
+from qin_tf.cli import exit_error
 from qin_tf.rows import (CORRUPT, Columns, PreprocessError, check_columns, convert_batch, fail, iter_row_groups,
                          one_line, split_columns)
 from qin_tf.spec import (OOV_ID, RAW_ID_RULE, VOCAB_DIR, ITEM_TABLE_EMBEDDING_KEY, ITEM_TABLE_FILENAME,
@@ -759,7 +760,7 @@ def main(argv):
         spec = preprocess(FLAGS.input_dir, FLAGS.output_dir, FLAGS.dataset_config, max_len=FLAGS.max_len,
                           num_shards=FLAGS.num_shards, on_bad_row=FLAGS.on_bad_row, beam_options=argv[1:])
     except (PreprocessError, SpecError, OSError) as e:  # bad input or an unwritable place: no traceback
-        raise SystemExit(f"preprocess: error: {one_line(e)}") from None
+        exit_error("preprocess", e)
     stats = json.loads(beamio.read_text(beamio.join(FLAGS.output_dir.rstrip("/"), STATS_FILENAME)))
     rows = ", ".join(f"{s} {v['rows_out']:,} rows ({v['shards']} shard{'s' if v['shards'] > 1 else ''}"
                      + (f", {v['rows_quarantined']:,} quarantined" if v["rows_quarantined"] else "") + ")"
@@ -775,7 +776,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv, known_only=True)
     except flags.Error as e:
-        raise SystemExit(f"preprocess: error: {one_line(e)}") from None
+        exit_error("preprocess", e)
 
 
 def run():
