@@ -39,7 +39,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _ml_dir() -> str:
     local = os.path.join(REPO, "runs", "ml-100k")
-    return local if os.path.exists(os.path.join(local, "ml-100k.inter")) else "/work/main/runs/ml-100k"
+    if not os.path.exists(os.path.join(local, "ml-100k.inter")):
+        raise SystemExit(f"bench_incremental: error: {local}/ml-100k.inter is missing: run "
+                         "scripts/get_movielens100k.sh first")
+    return local
 
 
 def movielens_days(work: str, days: int) -> tuple[list[str], list[int], dict]:

@@ -58,7 +58,6 @@ import pyarrow.parquet as pq
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY = 86400
 ML_DIR = os.path.join(REPO, "runs", "ml-100k")
-ML_MAIN_DIR = "/work/main/runs/ml-100k"
 MICROLENS_RAW = "/work/shared/data/microlens50k_raw"
 EVAL_SPLIT = "test"
 
@@ -69,7 +68,9 @@ EVAL_SPLIT = "test"
 
 
 def _ml_dir() -> str:
-    return ML_DIR if os.path.exists(os.path.join(ML_DIR, "ml-100k.inter")) else ML_MAIN_DIR
+    if not os.path.exists(os.path.join(ML_DIR, "ml-100k.inter")):
+        raise SystemExit(f"weekly_cycle: error: {ML_DIR}/ml-100k.inter is missing: run scripts/get_movielens100k.sh first")
+    return ML_DIR
 
 
 def movielens_periods(work: str) -> tuple[list[dict], dict]:
