@@ -49,7 +49,6 @@ into place (on a URL, copied with ``saved_model.pb`` last), as
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -61,7 +60,8 @@ from typing import Sequence
 import numpy as np
 
 from export.exporter import (DEFAULT_WARMUP_ROWS, WARMUP_PATH, ExportError, latest_version_dir, list_versions,
-                             read_examples, read_fingerprint, warmup_requests, write_warmup)
+                             publish_version, quiet_tf_logging, read_examples, read_fingerprint, warmup_requests,
+                             write_warmup)
 from qin_tf import fileio
 from qin_tf.cli import error_line, exit_error
 from qin_tf.signatures import (EXAMPLES_SIGNATURE, FINGERPRINT_PATH, OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE,
@@ -317,22 +317,6 @@ def ensemble_module(members: Sequence[Member], weights: Sequence[float], bias: f
     return functions, module
 
 
-@contextlib.contextmanager
-def _quiet_tf_logging():
-    """Hides TensorFlow's INFO lines while it saves, unless QIN_TF_VERBOSE is set (as the exporter does)."""
-    from absl import logging
-
-    old = logging.get_verbosity()
-    if os.environ.get("QIN_TF_VERBOSE") or old != logging.INFO:
-        yield
-        return
-    logging.set_verbosity(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.set_verbosity(old)
-
-
 def _sha256(*parts: str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -430,7 +414,7 @@ def _write(members: Sequence[Member], record: dict, tmp: str, scratch: str, warm
     with open(spec_file, "wb") as f:
         f.write(members[0].spec_bytes)
     functions, module = ensemble_module(members, w, b, served_signatures(members), spec_file)
-    with _quiet_tf_logging():
+    with quiet_tf_logging():
         tf.saved_model.save(module, tmp, signatures=functions)
     if fileio.read_bytes(os.path.join(tmp, SPEC_ASSET_PATH)) != members[0].spec_bytes:
         raise ExportError(f"the ensemble's {SPEC_ASSET_PATH} is not the members' feature spec.")
@@ -463,14 +447,7 @@ def export_ensemble(member_paths: Sequence[str], data_dir: str, export_base: str
     tmp = os.path.join(export_base if local else scratch, f".tmp-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
     try:
         _write(members, record, tmp, scratch, warmup_examples, model_name)
-        try:
-            if local:
-                os.rename(tmp, final)
-            else:
-                fileio.copy_tree(tmp, final, last=("saved_model.pb",))
-        except (OSError, tf.errors.OpError) as e:
-            why = error_line(e)
-            raise ExportError(f"could not publish {final}: {why} (was it created concurrently?)") from None
+        publish_version(tmp, final, local)
     except BaseException:
         if local:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -89,7 +89,7 @@ DEFAULT_WARMUP_ROWS = 8
 
 
 @contextlib.contextmanager
-def _quiet_tf_logging():
+def quiet_tf_logging():
     """Hides TensorFlow's INFO lines while it saves (absl logging), unless QIN_TF_VERBOSE is set."""
     old = logging.get_verbosity()
     if os.environ.get("QIN_TF_VERBOSE") or old != logging.INFO:
@@ -810,7 +810,7 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
         if verify:
             _verify(tmp, model, spec, warmup_examples)
-        _publish(tmp, final, local)
+        publish_version(tmp, final, local)
     except BaseException:
         if local:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -861,14 +861,14 @@ def _save_version(served, spec: FeatureSpec, tmp: str, scratch: str) -> None:
     with open(spec_file, "w") as f:
         f.write(spec.to_json())
     module = _serving_module(served, spec, spec_file)
-    with _quiet_tf_logging():
+    with quiet_tf_logging():
         signatures = {SERVING_SIGNATURE: module.serve, EXAMPLES_SIGNATURE: module.serve_examples}
         if spec.vocabularies:
             signatures.update({RAW_SIGNATURE: module.serve_raw, RAW_EXAMPLES_SIGNATURE: module.serve_raw_examples})
         tf.saved_model.save(module, tmp, signatures=signatures)
 
 
-def _publish(tmp: str, final: str, local: bool) -> None:
+def publish_version(tmp: str, final: str, local: bool) -> None:
     """Moves the written version ``tmp`` to ``final``: a rename, or on a URL a copy with saved_model.pb last."""
     import tensorflow as tf
 
