@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -36,6 +37,19 @@ def load_script(name: str):
 def files_under(root):
     """The paths of the files under ``root``, relative to it, sorted."""
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def tree_hash(root) -> str:
+    """SHA-256 over every path (files and directories) under ``root`` and every file's bytes."""
+    h = hashlib.sha256()
+    for directory, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        h.update(os.path.relpath(directory, root).encode() + b"/\0")
+        for name in sorted(files):
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(directory, name), "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
 
 
 @pytest.fixture(scope="session")

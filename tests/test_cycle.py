@@ -27,6 +27,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import tree_hash
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "run_sample_cycle.sh")
 #: A raw-id request (ids as the log has them), as README's "Serving" shows; unknown ids score as OOV.
@@ -34,17 +36,6 @@ REQUEST = {"item_id": np.asarray([3208, 513], np.int64), "item_seq": np.asarray(
            "views_level": np.asarray([3, 0], np.int64)}
 
 
-def tree_hash(root) -> str:
-    """SHA-256 over every path under ``root`` and every file's bytes."""
-    h = hashlib.sha256()
-    for directory, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        h.update(os.path.relpath(directory, root).encode() + b"/\0")
-        for name in sorted(files):
-            h.update(name.encode() + b"\0")
-            with open(os.path.join(directory, name), "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()
 
 
 def script_env(out, **extra) -> dict:

@@ -8,7 +8,6 @@ per module; every test works on its own copies of the export bases.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from qin_tf import train
 from qin_tf.cli import error_line
 from qin_tf.spec import FeatureSpec, SpecError
 from tests.test_export import make_model_dir
+from tests.conftest import tree_hash
 from tests.test_train import SAMPLE_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,17 +37,6 @@ def run_module(module, *args):
                           text=True, timeout=300)
 
 
-def tree_hash(root) -> str:
-    """SHA-256 over every path (files and directories) under ``root`` and every file's bytes."""
-    h = hashlib.sha256()
-    for directory, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        h.update(os.path.relpath(directory, root).encode() + b"/\0")
-        for name in sorted(files):
-            h.update(name.encode() + b"\0")
-            with open(os.path.join(directory, name), "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()
 
 
 def file_bytes(root) -> dict:
