@@ -60,11 +60,11 @@ from typing import Sequence
 import numpy as np
 
 from export.exporter import (DEFAULT_WARMUP_ROWS, WARMUP_PATH, ExportError, latest_version_dir, list_versions,
-                             publish_version, quiet_tf_logging, read_examples, read_fingerprint, warmup_requests,
-                             write_warmup)
+                             publish_version, quiet_tf_logging, read_examples, warmup_requests, write_warmup)
 from qin_tf import fileio
 from qin_tf.cli import error_line, exit_error
-from qin_tf.signatures import (EXAMPLES_SIGNATURE, FINGERPRINT_PATH, OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE,
+from qin_tf.fingerprint import FingerprintError, read_fingerprint, write_fingerprint
+from qin_tf.signatures import (EXAMPLES_SIGNATURE, OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE,
                                SERVE_TAG, SERVING_SIGNATURE, SPEC_ASSET_PATH)
 from qin_tf.spec import FeatureSpec, SpecError
 
@@ -326,7 +326,10 @@ def _sha256(*parts: str) -> str:
 
 
 def _fingerprint(members: Sequence[Member], weights, bias) -> dict:
-    prints = [read_fingerprint(m.path) or {} for m in members]
+    try:
+        prints = [read_fingerprint(m.path) or {} for m in members]
+    except FingerprintError as e:
+        raise ExportError(str(e)) from None
     blend_text = json.dumps({"weights": list(weights), "bias": bias})
     return {"source": _sha256("ensemble", *(p.get("source", m.path) for p, m in zip(prints, members)), blend_text),
             "weights": _sha256("ensemble", *(p.get("weights", m.path) for p, m in zip(prints, members)), blend_text)}
@@ -419,7 +422,7 @@ def _write(members: Sequence[Member], record: dict, tmp: str, scratch: str, warm
     if fileio.read_bytes(os.path.join(tmp, SPEC_ASSET_PATH)) != members[0].spec_bytes:
         raise ExportError(f"the ensemble's {SPEC_ASSET_PATH} is not the members' feature spec.")
     write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(members[0].spec, warmup_examples, model_name))
-    fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(_fingerprint(members, w, b), indent=2) + "\n")
+    write_fingerprint(tmp, **_fingerprint(members, w, b))
     fileio.write_text(os.path.join(tmp, ENSEMBLE_PATH), json.dumps(record, indent=2) + "\n")
     _verify(tmp, members, members[0].spec, warmup_examples, w, b, record["pass_through"])
 

@@ -15,8 +15,10 @@ warmup rows) and writes ``export_base/<version>/``, the layout
                                                before it marks the version AVAILABLE
     <version>/assets.extra/model_fingerprint.json
                                                which training run the version serves
-                                               (:func:`model_fingerprint`), for
-                                               ``export.refresh_catalog``
+                                               (:mod:`qin_tf.fingerprint`: its
+                                               fingerprint and its model_dir), for
+                                               ``export.refresh_catalog`` and
+                                               ``qin_tf.train --warm_start_from``
 
 Signatures (every input and output is named; no ``inputs_1`` / ``output_0``):
 
@@ -63,7 +65,6 @@ other file is there.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -74,6 +75,7 @@ from absl import logging
 
 from qin_tf import fileio
 from qin_tf.cli import error_line, exit_error
+from qin_tf.fingerprint import model_fingerprint, weights_digest, write_fingerprint
 from qin_tf.signatures import (EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, MODEL_FILENAME,  # noqa: F401
                                OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, SERVE_TAG, SERVING_SIGNATURE,
                                SPEC_ASSET_PATH, raw_dtype, raw_padding)
@@ -152,67 +154,6 @@ def latest_version_dir(export_base: str, log=None) -> str:
         raise ExportError(f"{export_base}: no SavedModel version here (no directory named by a number "
                           "holding a saved_model.pb); run `python -m export.exporter` first.")
     return os.path.join(export_base, str(versions[-1]))
-
-
-# --------------------------------------------------------------------------
-# Fingerprints
-# --------------------------------------------------------------------------
-
-
-def weights_digest(model) -> str:
-    """sha256 (hex) of a Keras model's weights: each one's path, dtype, shape and bytes, in path order.
-
-    Two models digest alike exactly when they hold the same variables with the
-    same values, bit for bit, however their ``.keras`` files were zipped.
-    """
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    for v in sorted(model.weights, key=lambda w: w.path):
-        value = np.ascontiguousarray(np.asarray(v))
-        h.update(f"{v.path}\0{value.dtype.str}\0{value.shape}\0".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
-
-
-def model_fingerprint(model, spec: FeatureSpec) -> str:
-    """sha256 (hex) of a training run: its model's weights (:func:`weights_digest`) and its feature spec.
-
-    The spec counts as its JSON (without its directory) and the bytes of
-    every vocabulary file it names, so a model retrained on the same data with
-    another seed, or the same weights over other vocabularies, differ.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(weights_digest(model).encode())
-    h.update(spec.to_json().encode())
-    for key, v in sorted(spec.vocabularies.items()):
-        h.update(f"\0{key}\0".encode())
-        h.update(fileio.read_bytes(spec.path(v["path"])))
-    return h.hexdigest()
-
-
-def read_fingerprint(version_dir: str) -> dict | None:
-    """The fingerprints an export version holds (``{"source": ..., "weights": ...}``), or None before they existed.
-
-    ``source`` is the :func:`model_fingerprint` of the training run the
-    version was exported from (for a refreshed version, the run it was
-    refreshed from); ``weights`` is the :func:`weights_digest` of the model
-    the version serves, before folding (a refresh's grown item table).
-    """
-    path = os.path.join(version_dir, FINGERPRINT_PATH)
-    if not fileio.gfile().exists(path):
-        return None
-    try:
-        d = json.loads(fileio.read_text(path))
-    except ValueError as e:
-        raise ExportError(f"{path}: not a fingerprint file ({e}).") from None
-    if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("source", "weights")):
-        raise ExportError(f"{path}: not a fingerprint file (needs the strings `source` and `weights`).")
-    return d
 
 
 # --------------------------------------------------------------------------
@@ -758,7 +699,7 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
                  warmup_examples: Sequence[bytes] | None = None, num_warmup_rows: int = DEFAULT_WARMUP_ROWS,
                  model_name: str = "qin", verify: bool = True, fold_qnn: bool = True,
                  fold_attention: bool = True, fold_item_vectors: bool = True,
-                 source_fingerprint: str | None = None) -> str:
+                 source_fingerprint: str | None = None, model_dir: str | None = None) -> str:
     """Writes ``model`` as version ``version`` of a TF Serving model in ``export_base``.
 
     Args:
@@ -783,10 +724,13 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
             attention weights and operations.
         fold_item_vectors: serve every item's vector from one precomputed
             ``[num_items, 3E]`` table (:func:`fold_for_inference`).
-        source_fingerprint: the :func:`model_fingerprint` of the training run
+        source_fingerprint: the :func:`~qin_tf.fingerprint.model_fingerprint` of the training run
             this version serves, written to :data:`FINGERPRINT_PATH`; default:
             that of ``model`` and ``spec`` (``export.refresh_catalog`` passes
             the run it grew the item table of).
+        model_dir: the training run's directory, recorded (absolute) in
+            :data:`FINGERPRINT_PATH` so that ``qin_tf.train --warm_start_from``
+            can start from the version; none: not recorded.
 
     Returns:
         The path of the new version directory.
@@ -805,9 +749,8 @@ def export_model(model, spec: FeatureSpec, export_base: str, version: int | None
         served = fold_for_inference(model, qnn=fold_qnn, attention=fold_attention, item_vectors=fold_item_vectors)
         _save_version(served, spec, tmp, scratch)
         write_warmup(os.path.join(tmp, WARMUP_PATH), warmup_requests(spec, warmup_examples, model_name))
-        fingerprint = {"source": source_fingerprint or model_fingerprint(model, spec),
-                       "weights": weights_digest(model)}
-        fileio.write_text(os.path.join(tmp, FINGERPRINT_PATH), json.dumps(fingerprint, indent=2) + "\n")
+        write_fingerprint(tmp, source_fingerprint or model_fingerprint(model, spec), weights_digest(model),
+                          model_dir)
         if verify:
             _verify(tmp, model, spec, warmup_examples)
         publish_version(tmp, final, local)
@@ -924,7 +867,7 @@ def export_from_model_dir(model_dir: str, export_base: str, version: int | None 
         if not rows:
             raise ExportError(f"{data_dir}: none of the spec's TFRecord files are there.")
         kwargs["warmup_examples"] = rows
-    return export_model(model, spec, export_base, version, **kwargs)
+    return export_model(model, spec, export_base, version, model_dir=model_dir, **kwargs)
 
 
 # --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ pick it up without a restart). The model is the training run's
 
 Before anything is written, the newest version must be one exported (or
 refreshed) from ``--model_dir``'s model: its
-``assets.extra/model_fingerprint.json`` (:func:`export.exporter.model_fingerprint`
+``assets.extra/model_fingerprint.json`` (:func:`qin_tf.fingerprint.model_fingerprint`
 of the training run) must match ``--model_dir``'s, else the refresh is refused
 (a model retrained since, even on the same data, would change every score).
 An empty catalog, or one that changes nothing the newest version serves,
@@ -55,6 +55,7 @@ from export import exporter
 from export.exporter import ExportError
 from qin_tf import fileio
 from qin_tf.cli import exit_error
+from qin_tf.fingerprint import FingerprintError, model_fingerprint, read_fingerprint, weights_digest
 from qin_tf.signatures import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, SPEC_ASSET_PATH
 from qin_tf.spec import FeatureSpec, SpecError
 
@@ -165,13 +166,16 @@ def _served_version(model_dir: str, export_base: str, spec: FeatureSpec, key: st
         raise ExportError(f"{latest}: this version serves no raw item ids (its feature spec has no item "
                           f"vocabulary), so it was not exported from {model_dir}; pass the export base of "
                           "that training run.")
-    fingerprint = exporter.read_fingerprint(latest)
+    try:
+        fingerprint = read_fingerprint(latest)
+    except FingerprintError as e:
+        raise ExportError(str(e)) from None
     if fingerprint is None:
         raise ExportError(f"{latest}: exported before versions carried a fingerprint "
                           f"({FINGERPRINT_PATH}), so nothing proves it serves {model_dir}'s weights; "
                           f"export {model_dir} again (python -m export.exporter) and refresh that version.")
     model = exporter.load_keras_model(model_dir)
-    source = exporter.model_fingerprint(model, spec)
+    source = model_fingerprint(model, spec)
     if source != fingerprint["source"]:
         raise ExportError(f"{model_dir}: its model (fingerprint {source[:16]}) is not the one {latest} serves "
                           f"(fingerprint {fingerprint['source'][:16]}); was it retrained since that export? "
@@ -215,7 +219,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
 
     Raises:
         ExportError: ``model_dir``'s model is not the one the newest version
-            was exported from (:func:`export.exporter.model_fingerprint`
+            was exported from (:func:`qin_tf.fingerprint.model_fingerprint`
             differs, or the version predates fingerprints), or the export
             serves no raw ids.
     """
@@ -251,7 +255,7 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
         log(f"{latest}: the catalog is empty; nothing changed, no new version written.")
         return None
     clone = enlarged_model(model, num_items, {dense[raw]: r for raw, r in rows.items()}, spec.num_items)
-    if not new and exporter.weights_digest(clone) == fingerprint["weights"]:
+    if not new and weights_digest(clone) == fingerprint["weights"]:
         log(f"{latest}: nothing changed ({len(rows)} catalog items, all served with these tags and vectors "
             "already); no new version written.")
         return None
@@ -259,7 +263,8 @@ def refresh_catalog(model_dir: str, export_base: str, catalog: dict, *, version:
     try:
         new_spec = _grown_spec(spec, key, vocab, scratch)
         path = exporter.export_model(clone, new_spec, export_base, version, source_fingerprint=source,
-                                     warmup_examples=warmup_examples(latest), model_name=model_name)
+                                     model_dir=model_dir, warmup_examples=warmup_examples(latest),
+                                     model_name=model_name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log(f"{path}: {len(new)} new items (dense ids {num_items - len(new)}..{num_items - 1}), "

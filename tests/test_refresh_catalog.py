@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from export import exporter, refresh_catalog as rc
+from qin_tf import fingerprint
 from qin_tf.spec import FeatureSpec
 from tests.test_export import make_model_dir, make_raw_spec, split_rows
 
@@ -217,11 +218,13 @@ def _copy_versions(base: str, dst, versions) -> str:
 def test_every_export_carries_the_fingerprint_of_its_training_run(refreshed):
     _, _, old, new, model_dir = refreshed
     model = exporter.load_keras_model(model_dir)
-    source = exporter.model_fingerprint(model, FeatureSpec.load(model_dir))
-    assert exporter.read_fingerprint(old) == {"source": source, "weights": exporter.weights_digest(model)}
+    source = fingerprint.model_fingerprint(model, FeatureSpec.load(model_dir))
+    assert fingerprint.read_fingerprint(old) == {"source": source, "weights": fingerprint.weights_digest(model),
+                                                 "model_dir": os.path.abspath(model_dir)}
     # The refreshed version serves the same run's weights with a grown item table.
-    assert exporter.read_fingerprint(new)["source"] == source
-    assert exporter.read_fingerprint(new)["weights"] != exporter.weights_digest(model)
+    assert fingerprint.read_fingerprint(new)["source"] == source
+    assert fingerprint.read_fingerprint(new)["model_dir"] == os.path.abspath(model_dir)
+    assert fingerprint.read_fingerprint(new)["weights"] != fingerprint.weights_digest(model)
 
 
 def test_a_retrained_model_dir_is_refused_naming_both(refreshed, tmp_path):
