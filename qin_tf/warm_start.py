@@ -1,4 +1,4 @@
-"""Warm start: a fresh run starts from an earlier run's weights (``--warm_start_from=MODEL_DIR``).
+"""Warm start: a fresh run starts from an earlier run's weights (``--warm_start_from=MODEL_DIR`` or an export).
 
 The daily cycle trains on today's build, starting from yesterday's model.
 Keras 3 has no ``warmstart_embedding_matrix``; this module grows the tables:
@@ -41,9 +41,19 @@ the rows copied, new and dropped (:func:`write_record`). Warm start applies only
 a run that starts fresh: a run resumed from ``backup/`` already holds the
 warm-started (and trained) weights and ignores the flag.
 
-An export (a SavedModel version directory, or a TF Serving base of them) is
-refused: it holds the folded inference graph, not the training model, and
-does not record the ``model_dir`` it came from.
+``--warm_start_from`` may also be an export: a SavedModel version directory,
+or a TF Serving base (its newest version, the one TF Serving serves, e.g.
+``--warm_start_from=SERVING``). The folded inference graph is not the
+training model, so the run starts from the training run the version was
+exported from: the ``model_dir`` its fingerprint file records
+(:mod:`qin_tf.fingerprint`; ``export.refresh_catalog`` records the run it
+refreshed from). It is refused, in one line naming the version, when the
+version has no fingerprint file or no ``model_dir`` in it (exported before
+it was recorded, or an ensemble), when that ``model_dir`` is gone or not a
+finished run, or when the fingerprint recomputed from its ``best.keras`` and
+feature spec differs from the version's (retrained since the export). The
+record then also names the export and its version (``export``,
+``export_version``).
 """
 
 from __future__ import annotations
@@ -51,16 +61,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 
 import keras
 import numpy as np
 
 from qin_tf import fileio
 from qin_tf.config import ExperimentConfig, ModelConfig
+from qin_tf.fingerprint import FingerprintError, model_fingerprint, read_fingerprint
 from qin_tf.layers import ContextEmbedding, ItemEmbedding
 from qin_tf.model import build_model
-from qin_tf.signatures import MODEL_FILENAME
+from qin_tf.signatures import FINGERPRINT_PATH, MODEL_FILENAME
 from qin_tf.spec import OOV_ID, PADDING_ID, RAW_ID_RULE, SPEC_FILENAME, FeatureSpec, SpecError, first_bad_raw_id
 
 #: What a warm-started run writes into its model_dir.
@@ -94,6 +104,21 @@ class Source:
     weights: dict
     #: sha256 hex of the ``best.keras`` bytes.
     sha256: str
+    #: The export passed as ``--warm_start_from`` (absolute), whose fingerprint named ``model_dir``; "" if none.
+    export: str = ""
+    #: The export's version that was read (the newest of a base); None if none.
+    export_version: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    """What an export's fingerprint file says about the training run it came from."""
+
+    path: str
+    version_dir: str
+    version: int | None
+    model_dir: str
+    source_fingerprint: str
 
 
 # --------------------------------------------------------------------------
@@ -101,17 +126,42 @@ class Source:
 # --------------------------------------------------------------------------
 
 
+def _versions(path: str) -> list[int]:
+    """The numbered version directories of ``path`` holding a ``saved_model.pb``, ascending."""
+    g = fileio.gfile()
+    try:
+        names = [n.rstrip("/") for n in g.listdir(path)]
+    except Exception:  # noqa: BLE001  (not a directory: the caller says so)
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and g.exists(os.path.join(path, n, "saved_model.pb")))
+
+
 def _is_export(path: str) -> bool:
     """A SavedModel version directory, or a base directory of numbered versions."""
-    g = fileio.gfile()
-    if g.exists(os.path.join(path, "saved_model.pb")):
-        return True
+    return fileio.gfile().exists(os.path.join(path, "saved_model.pb")) or bool(_versions(path))
+
+
+def _origin(path: str) -> _Origin:
+    """The training run export ``path`` (a version directory, or a base: its newest version) came from."""
+    if fileio.gfile().exists(os.path.join(path, "saved_model.pb")):
+        name = os.path.basename(path.rstrip("/"))
+        version_dir, version = path, int(name) if name.isdigit() else None
+    else:
+        version = _versions(path)[-1]  # the one TF Serving serves
+        version_dir = os.path.join(path, str(version))
     try:
-        names = g.listdir(path)
-    except Exception:  # noqa: BLE001  (not a directory: the caller says so)
-        return False
-    return any(re.fullmatch(r"\d+/?", n) and g.exists(os.path.join(path, n.rstrip("/"), "saved_model.pb"))
-               for n in names)
+        record = read_fingerprint(version_dir)
+    except FingerprintError as e:
+        raise WarmStartError(f"warm start: {e}") from None
+    if record is None:
+        raise WarmStartError(f"warm start: {version_dir} is an export without {FINGERPRINT_PATH}, so it does not "
+                             f"record the training run it came from: pass that run's --model_dir.")
+    if not record.get("model_dir"):
+        raise WarmStartError(f"warm start: {version_dir} is an export whose {FINGERPRINT_PATH} records no "
+                             f"model_dir (exported before it was recorded, or an ensemble): pass the --model_dir "
+                             f"of the training run it came from.")
+    return _Origin(path=fileio.absolute(path), version_dir=version_dir, version=version,
+                   model_dir=record["model_dir"], source_fingerprint=record["source"])
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -119,23 +169,45 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory + "/")
 
 
+def _check_run_dir(path: str, model_dir: str, origin: _Origin | None) -> None:
+    """Refuses unless ``path`` (``--warm_start_from``, or with ``origin`` the run that export came from) is a
+    finished run's directory; the new ``model_dir`` may not be inside the run an export came from."""
+    g = fileio.gfile()
+    made = f"{origin.version_dir} was exported from {path}, which" if origin is not None else ""
+    if origin is not None and model_dir and _inside(model_dir, path):
+        raise WarmStartError(f"warm start: --model_dir={model_dir} is inside {path}, the run {origin.version_dir} "
+                             f"was exported from; the new run writes into another directory.")
+    if origin is not None and not g.isdir(path):
+        raise WarmStartError(f"warm start: {made} is gone; pass the --model_dir of a finished run.")
+    for name in (MODEL_FILENAME, CONFIG_FILENAME, SPEC_FILENAME):
+        if not g.exists(os.path.join(path, name)):
+            lacks = f"{made} holds no {name}" if made else f"{path}: no {name} here"
+            raise WarmStartError(f"warm start: {lacks}, so not a finished training run; --warm_start_from is the "
+                                 f"--model_dir of a run that finished, or an export of one.")
+
+
 def load_source(path: str, spec: FeatureSpec, config: ModelConfig, *, model_dir: str = "") -> Source:
-    """Reads the run in ``path`` and checks that ``spec`` and ``config`` can start from it.
+    """Reads the run in ``path`` (or the run an export in ``path`` came from) and checks that ``spec``
+    and ``config`` can start from it.
 
     Nothing is written. Call it before the run writes ``model_dir`` (a
     refusal then leaves nothing behind).
 
     Args:
         path: an earlier run's ``model_dir`` (``best.keras``, ``config.json``,
-            ``feature_spec.json``).
+            ``feature_spec.json``), or an export of one: a version directory,
+            or a TF Serving base (its newest version), whose fingerprint file
+            names that ``model_dir``.
         spec: the new run's feature spec.
         config: the new run's model config.
-        model_dir: the new run's model_dir; it may not be ``path`` or inside it.
+        model_dir: the new run's model_dir; it may not be (inside) ``path`` or
+            the run ``path`` was exported from.
 
     Raises:
-        WarmStartError: ``path`` is not a finished run (or is an export), or
-            the spec or model config is incompatible (the message says what
-            differs).
+        WarmStartError: ``path`` is not a finished run, or an export that
+            does not name one or whose run changed since (the fingerprint
+            differs), or the spec or model config is incompatible (the
+            message says what differs).
     """
     g = fileio.gfile()
     if model_dir and _inside(model_dir, path):
@@ -143,46 +215,64 @@ def load_source(path: str, spec: FeatureSpec, config: ModelConfig, *, model_dir:
                              f"run writes into another directory than the one it starts from.")
     if not g.isdir(path):
         raise WarmStartError(f"warm start: {path}: no such directory; --warm_start_from is the --model_dir of an "
-                             f"earlier training run.")
-    if _is_export(path):
-        raise WarmStartError(f"warm start: {path} is an export (SavedModel), not a training run, and does not "
-                             f"record where it was trained: pass the --model_dir it was trained in (the "
-                             f"directory holding {MODEL_FILENAME}).")
-    for name in (MODEL_FILENAME, CONFIG_FILENAME, SPEC_FILENAME):
-        if not g.exists(os.path.join(path, name)):
-            raise WarmStartError(f"warm start: {path}: no {name} here, so not a finished training run; "
-                                 f"--warm_start_from is the --model_dir of a run that finished.")
+                             f"earlier training run, or an export of one.")
+    origin = _origin(path) if _is_export(path) else None
+    run_dir = origin.model_dir if origin is not None else path
+    _check_run_dir(run_dir, model_dir, origin)
     try:
-        old_spec = FeatureSpec.load(path)
-        old_config = ExperimentConfig.from_dict(fileio.read_json(os.path.join(path, CONFIG_FILENAME))).model
+        old_spec = FeatureSpec.load(run_dir)
+        old_config = ExperimentConfig.from_dict(fileio.read_json(os.path.join(run_dir, CONFIG_FILENAME))).model
     except (SpecError, ValueError, TypeError) as e:
-        raise WarmStartError(f"warm start: {path}: {e}") from None
-    _check_spec(spec, old_spec, path)
+        raise WarmStartError(f"warm start: {run_dir}: {e}") from None
+    # An export: first whether run_dir still holds the run it came from, then whether it fits.
+    loaded = _load_weights(run_dir, old_spec, origin) if origin is not None else None
+    _check_spec(spec, old_spec, run_dir)
+    _check_vocabularies(spec, old_spec, run_dir)
+    _check_config(config, old_config, run_dir)
+    weights, sha256 = loaded or _load_weights(run_dir, old_spec, None)
+    source = Source(model_dir=fileio.absolute(run_dir), spec=old_spec, config=old_config, weights=weights,
+                    sha256=sha256, export=origin.path if origin is not None else "",
+                    export_version=origin.version if origin is not None else None)
+    _check_weights(_shapes_and_roles(spec, config), source, config)
+    return source
+
+
+def _check_vocabularies(spec: FeatureSpec, old_spec: FeatureSpec, where: str) -> None:
+    """Reads both specs' vocabularies (checking them) before anything is written."""
     for _, key_new, key_old in _vocabulary_keys(spec, old_spec):
-        if key_new is not None:  # both or neither (_check_spec): read and check them before anything is written
+        if key_new is not None:  # both or neither (_check_spec)
             if (spec.vocabularies[key_new].get("dtype", "string")
                     != old_spec.vocabularies[key_old].get("dtype", "string")):
                 raise WarmStartError(f"warm start: vocabulary `{key_new}` holds "
                                      f"{spec.vocabularies[key_new].get('dtype', 'string')} raw ids in the new "
-                                     f"spec, {old_spec.vocabularies[key_old].get('dtype', 'string')} in {path}'s.")
+                                     f"spec, {old_spec.vocabularies[key_old].get('dtype', 'string')} in {where}'s.")
             vocabulary(spec, key_new), vocabulary(old_spec, key_old)
-    _check_config(config, old_config, path)
 
-    model_path = os.path.join(path, MODEL_FILENAME)
+
+def _load_weights(run_dir: str, old_spec: FeatureSpec, origin: _Origin | None) -> tuple[dict, str]:
+    """``({path: value}, sha256 of the bytes)`` of ``run_dir/best.keras``; with ``origin``, refused unless
+    its :func:`~qin_tf.fingerprint.model_fingerprint` is the one the export recorded."""
+    model_path = os.path.join(run_dir, MODEL_FILENAME)
     sha256 = hashlib.sha256(fileio.read_bytes(model_path)).hexdigest()
     try:
         old = keras.saving.load_model(model_path, compile=False)
     except Exception as e:  # noqa: BLE001  (a damaged file: say which, in one line)
         raise WarmStartError(f"warm start: {model_path} does not load: "
                              f"{' '.join(str(e).split())[:300]}") from None
+    if origin is not None:
+        try:
+            now = model_fingerprint(old, old_spec)
+        except OSError as e:
+            raise WarmStartError(f"warm start: {run_dir}: cannot recompute its fingerprint: {e}") from None
+        if now != origin.source_fingerprint:
+            raise WarmStartError(f"warm start: {origin.version_dir} was exported from {run_dir}, whose model "
+                                 f"(fingerprint {now[:16]}) is not the one exported (fingerprint "
+                                 f"{origin.source_fingerprint[:16]}); retrained since that export? Pass the "
+                                 f"--model_dir itself to start from its current model.")
     weights = {v.path: keras.ops.convert_to_numpy(v) for v in old.weights}
     if len(weights) != len(old.weights):
         raise WarmStartError(f"warm start: {model_path}: two weights share a path; cannot load by name.")
-    del old
-    source = Source(model_dir=fileio.absolute(path), spec=old_spec, config=old_config, weights=weights,
-                    sha256=sha256)
-    _check_weights(_shapes_and_roles(spec, config), source, config)
-    return source
+    return weights, sha256
 
 
 def _check_spec(new: FeatureSpec, old: FeatureSpec, where: str) -> None:
@@ -376,7 +466,8 @@ def apply(model: keras.Model, spec: FeatureSpec, source: Source) -> dict:
     Returns:
         ``{"source", "source_model_sha256", "tables": {name: {"rows",
         "source_rows", "copied", "new", "dropped"}}, "frozen", "weights_copied"}``
-        (see :func:`write_record`).
+        (see :func:`write_record`), and ``"export"``, ``"export_version"``
+        when ``--warm_start_from`` was an export.
     """
     roles = _roles(model)
     shapes = {v.path: tuple(v.shape) for v in model.weights}
@@ -411,16 +502,21 @@ def apply(model: keras.Model, spec: FeatureSpec, source: Source) -> dict:
         value[hit] = old[src[hit]]
         v.assign(value)
         copied += 1
-    return {"source": source.model_dir, "source_model": os.path.join(source.model_dir, MODEL_FILENAME),
-            "source_model_sha256": source.sha256, "tables": tables, "frozen": frozen,
-            "weights_copied": copied, "optimizer": "fresh"}
+    record = {"source": source.model_dir, "source_model": os.path.join(source.model_dir, MODEL_FILENAME),
+              "source_model_sha256": source.sha256, "tables": tables, "frozen": frozen,
+              "weights_copied": copied, "optimizer": "fresh"}
+    if source.export:
+        record.update(export=source.export, export_version=source.export_version)
+    return record
 
 
 def summary(record: dict) -> str:
     """One log line: the source, its fingerprint, per table rows copied / new / dropped."""
     tables = "; ".join(f"{name}: {c['copied']:,} copied, {c['new']:,} new, {c['dropped']:,} dropped"
                        for name, c in record["tables"].items())
-    return (f"warm start from {record['source_model']} (sha256 {record['source_model_sha256'][:12]}): "
+    via = (f", the run export {record['export']} (version {record['export_version']}) came from"
+           if record.get("export") else "")
+    return (f"warm start from {record['source_model']} (sha256 {record['source_model_sha256'][:12]}{via}): "
             f"{record['weights_copied']} weights loaded by name ({tables}); frozen item table from the new "
             f"spec; optimizer fresh")
 

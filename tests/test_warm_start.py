@@ -250,13 +250,13 @@ def test_refusals_name_what_differs(tmp_path):
     assert refused(vocab) == (f"warm start: the item ids has a vocabulary file in the new spec but not in "
                               f"{src}'s: its ids cannot be matched.")
     assert refused(path=str(tmp_path / "nope")).endswith("no such directory; --warm_start_from is the "
-                                                         "--model_dir of an earlier training run.")
+                                                         "--model_dir of an earlier training run, or an export of one.")
     assert refused(model_dir=src).startswith(f"warm start: --model_dir={src} is inside --warm_start_from")
     unfinished = tmp_path / "unfinished"
     shutil.copytree(src, unfinished, ignore=shutil.ignore_patterns("best.keras"))
     assert refused(path=str(unfinished)) == (
         f"warm start: {unfinished}: no best.keras here, so not a finished training run; --warm_start_from is "
-        f"the --model_dir of a run that finished.")
+        f"the --model_dir of a run that finished, or an export of one.")
     assert refused(model_dir=os.path.join(src, "day2")).startswith("warm start: --model_dir=")
 
 
@@ -299,17 +299,18 @@ def test_int64_vocabularies_match_by_value(tmp_path):
         warm_start.load_source(src, bad, config)
 
 
-def test_an_export_is_refused_with_a_pointer_to_its_model_dir(tmp_path):
+def test_an_export_without_a_fingerprint_is_refused_with_a_pointer_to_its_model_dir(tmp_path):
+    """(Exports that name their run: tests/test_warm_start_export.py.)"""
     spec, config = make_spec(tmp_path / "data", num_items=30), CONFIGS["qin"]
     base = tmp_path / "serving"
-    (base / "3" / "variables").mkdir(parents=True)
-    (base / "3" / "saved_model.pb").write_bytes(b"")
+    for v in ("2", "3"):
+        (base / v / "variables").mkdir(parents=True)
+        (base / v / "saved_model.pb").write_bytes(b"")
     for path in (base, base / "3"):
         with pytest.raises(warm_start.WarmStartError) as e:
             warm_start.load_source(str(path), spec, config)
-        assert str(e.value) == (f"warm start: {path} is an export (SavedModel), not a training run, and does "
-                                f"not record where it was trained: pass the --model_dir it was trained in (the "
-                                f"directory holding best.keras).")
+        assert str(e.value) == (f"warm start: {base / '3'} is an export without assets.extra/model_fingerprint.json, "
+                                f"so it does not record the training run it came from: pass that run's --model_dir.")
 
 
 # --------------------------------------------------------------------------
