@@ -274,9 +274,10 @@ class TrainConfig:
     overwrite: bool = dataclasses.field(default=False, metadata=_help(
         "Allow starting over in a model_dir that holds a finished run."))
     warm_start_from: str | None = dataclasses.field(default=None, metadata=_help(
-        "Start a fresh run from the weights of the run in this model_dir (its best.keras), loaded by name; "
-        "embedding tables grow to the new spec (rows matched by raw id), the optimizer starts fresh. A "
-        "resumed run ignores it (see qin_tf.warm_start)."))
+        "Start a fresh run from the weights of the run in this model_dir (its best.keras), or of the run an "
+        "export here (a version directory, or a TF Serving base: its newest version) was exported from, loaded "
+        "by name; embedding tables grow to the new spec (rows matched by raw id), the optimizer starts fresh. "
+        "A resumed run ignores it (see qin_tf.warm_start)."))
 
     def __post_init__(self):
         def positive(name, allow_none=False):
