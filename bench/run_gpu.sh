@@ -16,7 +16,7 @@
 #      transformer_dcn, as bench/run_presets.sh names them, at their flagfiles' batch sizes, on the
 #      sample's TFRecords repeated) in float32, mixed_bfloat16 and mixed_float16 (loss scaling) on
 #      one device; then MirroredStrategy over every GPU in float32 and mixed_bfloat16.
-#      --steps=5 --warmup_steps=2 (QUICK=1: 1 and 1).
+#      --steps=5 --warmup_steps=2 (QUICK=1: 1 and 1, at batch 256).
 #
 # Every step runs under `timeout`; with a GPU the whole run keeps to BUDGET_S seconds (default 540; none
 # in CPU mode): a step that would start past it is recorded as skipped. TensorFlow's output goes to
@@ -32,7 +32,8 @@ mkdir -p "$LOGS"
 : > "$RESULTS"
 export TF_CPP_MIN_LOG_LEVEL=2 TF_FORCE_GPU_ALLOW_GROWTH=true PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PARITY_ATOL=1e-4
-if [[ "${QUICK:-0}" == 1 ]]; then STEPS=(--steps=1 --warmup_steps=1); EPOCHS=1; else
+# QUICK=1 (a smoke test of the script, not a measurement): one step at batch 256, one epoch
+if [[ "${QUICK:-0}" == 1 ]]; then STEPS=(--steps=1 --warmup_steps=1 --global_batch_size=256); EPOCHS=1; else
   STEPS=(--steps=5 --warmup_steps=2); EPOCHS=3; fi
 FAILED=0
 
