@@ -21,7 +21,8 @@ preprocessed, batch 8192). It times:
 * with ``--profile``, the op-time shares of ``--profile_steps`` more steps,
   by op type and by model part (see ``bench/profiling.py``).
 
-``mirrored`` on a CPU-only machine splits the CPU into ``--logical_cpus``
+``mirrored`` runs one replica on each local GPU (``"devices"`` in the JSON
+line); on a CPU-only machine it splits the CPU into ``--logical_cpus``
 logical devices (2), one replica each, as ``python -m qin_tf.train
 --strategy=mirrored --logical_cpus=2`` does; the replicas share the same
 cores.
@@ -31,7 +32,8 @@ embedded and attended densely), ``--asta=projected`` (ASTA in the original's
 order: key/value projections of every item), ``--deduplicate`` (dense history,
 each distinct id embedded once), ``--jit_compile`` (XLA for the step; needs
 ``--nosparse_history``: ``tf.unique`` has no XLA kernel),
-``--dtype_policy=mixed_bfloat16``, ``--intra_op_threads`` /
+``--dtype_policy=mixed_bfloat16`` or ``mixed_float16`` (with loss scaling),
+``--intra_op_threads`` /
 ``--inter_op_threads``.
 
 Prints one JSON line (see ``bench/common.py``).
@@ -77,7 +79,8 @@ _SPARSE = flags.DEFINE_bool("sparse_history", True, "ModelConfig.sparse_history 
 _ASTA = flags.DEFINE_enum("asta", "reassociated", ["reassociated", "projected"], "ASTA's order of operations.")
 _DEDUP = flags.DEFINE_bool("deduplicate", None, "Dense history only: embed each distinct id once.")
 _JIT = flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (needs --nosparse_history).")
-_POLICY = flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16"], "Keras dtype policy.")
+_POLICY = flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                            "Keras dtype policy (mixed_float16 trains with a dynamic loss scale).")
 _SEED = flags.DEFINE_integer("seed", 20242025, "Weights and data seed.")
 _TRAIN_FLAGS = flags.DEFINE_multi_string(
     "train_flag", [], "A flag of `python -m qin_tf.train` (repeatable), e.g. "
@@ -152,7 +155,7 @@ def main(argv):
             model = build_model(spec, mc)
         else:
             model = variants.build_variant(spec, mc, asta=_ASTA.value, deduplicate=_DEDUP.value)
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+        optimizer = task.make_optimizer(learning_rate, mc.dtype_policy)
         optimizer.build(model.trainable_variables)
         loop_cls = _jit_loop_class(task.TrainLoop) if _JIT.value else task.TrainLoop
         loop = loop_cls(model, optimizer, strategy, global_batch_size=gbs, clipnorm=clipnorm)
@@ -162,6 +165,7 @@ def main(argv):
                             drop_remainder=True)
 
     record = {"bench": "train", "strategy": _STRATEGY.value, "num_replicas": replicas,
+              "devices": list(strategy.extended.worker_devices),
               "global_batch_size": gbs, "max_len": spec.max_len, "train_rows": rows,
               "model": mc.name, "train_flags": _TRAIN_FLAGS.value,
               "parameters": int(model.count_params()),

@@ -23,13 +23,8 @@ run() {
   "$@" | tail -n 1 >> "$OUT"
 }
 
-declare -A PRESET=(
-  [qin]="--train_flag=--flagfile=configs/microlens50k.flags"
-  [din]="--train_flag=--flagfile=configs/microlens50k.flags --train_flag=--model=din"
-  [qin_qnn_dnn]="--train_flag=--flagfile=configs/microlens50k_tuned.flags --train_flag=--head=qnn_dnn"
-  [transformer_dcn]="--train_flag=--flagfile=configs/transformer_dcn.flags"
-)
-for name in qin din qin_qnn_dnn transformer_dcn; do
+source bench/presets.sh
+for name in "${PRESET_NAMES[@]}"; do
   # shellcheck disable=SC2086
   run $PY bench/bench_train.py --data_dir="$DATA" ${PRESET[$name]} "${STEPS[@]}"
   if [[ $name == transformer_dcn ]]; then

@@ -10,7 +10,7 @@ import dataclasses
 
 
 #: Values of ``ModelConfig.dtype_policy`` (``None``: Keras' global policy).
-DTYPE_POLICIES = (None, "float32", "mixed_bfloat16")
+DTYPE_POLICIES = (None, "float32", "mixed_bfloat16", "mixed_float16")
 
 #: Interest extractors: what turns the target and the history into an interest vector.
 EXTRACTORS = ("asta", "din_attention", "transformer")
@@ -66,7 +66,8 @@ class ModelConfig:
             Keras' global policy (float32 unless set), and mixed_bfloat16
             computes in bfloat16 with float32 weights and logit (faster on CPUs
             with AVX512-BF16 or AMX and on TPUs and GPUs, at some cost in
-            accuracy; see BENCHMARKS.md).
+            accuracy; see BENCHMARKS.md); mixed_float16 computes in float16
+            (GPUs) and trains with a dynamic loss scale.
     """
 
     model: str = "qin"

@@ -336,6 +336,21 @@ def _squared_norm(grad):
     return tf.reduce_sum(tf.square(tf.cast(grad, tf.float32)))
 
 
+def make_optimizer(learning_rate: float, dtype_policy: str | None = None) -> keras.optimizers.Optimizer:
+    """Adam; under ``mixed_float16`` wrapped in Keras' ``LossScaleOptimizer``.
+
+    ``dtype_policy`` is the model's (none: Keras' global policy). The loss
+    scale is dynamic (Keras' defaults: 2**15 at first; a step whose gradient
+    is not finite is skipped and halves it, 2,000 finite steps in a row double
+    it): float16 gradients of the scaled loss do not underflow.
+    ``mixed_bfloat16`` needs no scaling (bfloat16 has float32's range).
+    """
+    adam = keras.optimizers.Adam(learning_rate=learning_rate)
+    if (dtype_policy or keras.config.dtype_policy().name) == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(adam)
+    return adam
+
+
 class TrainLoop:
     """``steps`` training steps per call, in one ``tf.function``, under ``strategy``.
 
@@ -343,6 +358,11 @@ class TrainLoop:
     ``(sum of step losses, steps done, last step loss)`` and stops early at
     the first non-finite step loss. The metrics ``auc`` and ``logloss`` (the
     loss without L2) accumulate over the steps until reset.
+
+    With a ``LossScaleOptimizer`` (``mixed_float16``, see :func:`make_optimizer`)
+    the gradient is taken of the scaled loss, clipped at ``clipnorm`` times
+    the scale, and the optimizer unscales it, or skips the step and lowers
+    the scale when it is not finite; the reported loss is the unscaled one.
     """
 
     def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy, *,
@@ -357,17 +377,29 @@ class TrainLoop:
             self.logloss = keras.metrics.BinaryCrossentropy(name="logloss")  # the loss without L2
         self.run = tf.function(self._run)
 
-    def _clip(self, grads):
-        """Scales every replica's gradient so that their SUM has global norm <= clipnorm."""
+    def _clip(self, grads, loss_scale=None):
+        """Scales every replica's gradient so that their SUM has global norm <= clipnorm.
+
+        With ``loss_scale`` (the gradients are of the scaled loss) the bound is
+        ``clipnorm * loss_scale``, and a non-finite sum makes every replica's
+        gradient NaN, so that all replicas skip the step alike (one replica's
+        overflow would otherwise reach the others only through the sum)."""
         present = [g for g in grads if g is not None]
         replicas = self.strategy.num_replicas_in_sync
         total = tf.distribute.get_replica_context().all_reduce("sum", present) if replicas > 1 else present
         norm = tf.sqrt(tf.add_n([_squared_norm(g) for g in total]))
-        factor = self.clipnorm / tf.maximum(norm, self.clipnorm)  # NaN norm -> NaN factor -> NaN loss next
+        if self.clipnorm:
+            bound = self.clipnorm if loss_scale is None else self.clipnorm * loss_scale
+            factor = bound / tf.maximum(norm, bound)  # NaN norm -> NaN factor -> NaN loss next
+        else:
+            factor = tf.constant(1.0)
+        if loss_scale is not None:
+            factor = tf.where(tf.math.is_finite(norm), factor, float("nan"))
         return [_scale(g, factor) for g in grads]
 
     def _replica_step(self, features, labels):
         model = self.model
+        scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         with tf.GradientTape() as tape:
             probs = _probabilities(model(features, training=True))
             per_example = keras.ops.binary_crossentropy(labels, probs)
@@ -375,10 +407,11 @@ class TrainLoop:
             if model.losses:
                 loss += tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) / \
                     self.strategy.num_replicas_in_sync
+            target = self.optimizer.scale_loss(loss) if scaled else loss
         variables = model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        if self.clipnorm:
-            grads = self._clip(grads)
+        grads = tape.gradient(target, variables)
+        if self.clipnorm or (scaled and self.strategy.num_replicas_in_sync > 1):
+            grads = self._clip(grads, tf.identity(self.optimizer.dynamic_scale) if scaled else None)
         self.optimizer.apply(grads, variables)
         self.auc.update_state(labels, probs)
         self.logloss.update_state(labels, probs)
@@ -696,7 +729,7 @@ class Trainer:
             self.model = model = build_model(self.spec, self.mc)
             # --warm_start_from (a fresh run): the earlier run's weights by name, tables grown.
             warm = warm_start.apply(model, self.spec, self.warm_source) if self.warm_source is not None else None
-            self.optimizer = keras.optimizers.Adam(learning_rate=tc.learning_rate)
+            self.optimizer = make_optimizer(tc.learning_rate, self.mc.dtype_policy)
             self.optimizer.build(model.trainable_variables)
             self.loop = TrainLoop(model, self.optimizer, self.strategy, global_batch_size=tc.global_batch_size,
                                   clipnorm=tc.clipnorm)
@@ -822,10 +855,13 @@ class Trainer:
         """The error of a non-finite training loss at ``step`` (1-based) of ``epoch``."""
         last_good = (f"the last good state is the backup after epoch {epoch} in {self.backup_dir}" if epoch
                      else "no epoch had finished")
+        float16 = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        hint = (" Under mixed_float16 the forward pass may have overflowed float16 (the loss scale only "
+                "guards the gradients): try --batch_norm or --dtype_policy=mixed_bfloat16." if float16 else "")
         return NonFiniteLossError(
             f"the training loss is {loss} at epoch {epoch + 1}, step {step} "
             f"(global step {epoch * self.steps + step}): training diverged. Lower "
-            f"--learning_rate (now {lr:g}) or check the data; {last_good}.")
+            f"--learning_rate (now {lr:g}) or check the data; {last_good}.{hint}")
 
     def evaluate(self) -> dict:
         """Scores the validation and monitored splits with the model's weights now; returns their logs.

@@ -112,3 +112,22 @@ def test_bench_refuses_an_environment_without_the_compiled_crc32c():
     assert proc.stderr.startswith("bench: WARNING: QIN_BENCH_ALLOW_ENV_MISMATCH=1")
     record = ast.literal_eval(proc.stdout)
     assert record["fresh_install"] is False and "google-crc32c" in record["problems"][0]
+
+
+def test_gpu_script_parses_and_runs_every_preset_under_every_policy():
+    """bench/run_gpu.sh (run where a GPU is lent, smoke-tested by hand with ALLOW_CPU=1 QUICK=1): valid
+    bash, the presets from bench/presets.sh (bench/run_presets.sh's too), every mixed policy of the config."""
+    from qin_tf.config import DTYPE_POLICIES
+
+    script = os.path.join(REPO, "bench", "run_gpu.sh")
+    for path in (script, os.path.join(REPO, "bench", "presets.sh"), os.path.join(REPO, "bench", "run_presets.sh")):
+        subprocess.run(["bash", "-n", path], check=True)
+    text = open(script).read()
+    assert "source bench/presets.sh" in text and '"${PRESET_NAMES[@]}"' in text
+    names = subprocess.run(["bash", "-c", 'source bench/presets.sh; echo "${PRESET_NAMES[@]}"; echo "${!PRESET[@]}"'],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")
+    assert names[0].split() == ["qin", "din", "qin_qnn_dnn", "transformer_dcn"]
+    assert sorted(names[1].split()) == sorted(names[0].split())
+    assert "for policy in float32 mixed_bfloat16 mixed_float16; do" in text
+    assert set(DTYPE_POLICIES) == {None, "float32", "mixed_bfloat16", "mixed_float16"}
+    assert "bench mirrored" in text and 'CUDA_VISIBLE_DEVICES=""' in text

@@ -624,6 +624,87 @@ def test_nan_loss_stops_with_a_clear_message(sample_spec, tmp_path, capsys):
     assert not os.path.exists(os.path.join(model_dir, "best.keras"))
 
 
+# --------------------------------------------------------------------------
+# mixed_float16: loss scaling
+# --------------------------------------------------------------------------
+
+
+def test_loss_scale_skips_a_step_whose_float16_gradient_overflows():
+    """x = 100 and the initial scale 2**15: the scaled float16 gradient of the kernel (~1.6e6) is inf.
+    Each such step leaves the weights and Adam's step alone and halves the scale, until the
+    scaled gradient fits (scale 1024); that step trains. The reported loss is the unscaled one."""
+    import keras
+    import tensorflow as tf
+
+    from qin_tf import task
+
+    strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        x = keras.Input((1,), name="x")
+        logit = keras.layers.Dense(1, dtype="mixed_float16", kernel_initializer=keras.initializers.Constant(1e-3),
+                                   name="dense")(x)
+        model = keras.Model(x, keras.layers.Activation("sigmoid", dtype="float32")(logit))
+        optimizer = task.make_optimizer(0.1, "mixed_float16")
+        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        optimizer.build(model.trainable_variables)
+        loop = task.TrainLoop(model, optimizer, strategy, global_batch_size=1, clipnorm=10.0)
+    data = tf.data.Dataset.from_tensors((tf.constant([[100.0]]), tf.constant([0.0]))).repeat()
+    iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: data))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    expected_loss = -np.log(1 - 1 / (1 + np.exp(-0.1)))      # BCE of label 0 at p = sigmoid(100 * 1e-3)
+    for k in range(5):                                         # 2**15 ... 2**11: inf, skipped
+        total, done, last = loop.run(iterator, tf.constant(1))
+        assert int(done) == 1 and float(last) == pytest.approx(expected_loss, rel=1e-3)
+        assert float(optimizer.dynamic_scale) == 2.0 ** (14 - k)
+        assert int(optimizer.iterations) == 0
+        for w, b in zip(model.trainable_weights, before):
+            np.testing.assert_array_equal(w.numpy(), b)
+    loop.run(iterator, tf.constant(1))                         # scale 1024: finite, applied
+    assert float(optimizer.dynamic_scale) == 1024.0 and int(optimizer.iterations) == 1
+    assert model.get_layer("dense").kernel.numpy()[0, 0] < 1e-3  # label 0: the logit goes down
+    assert isinstance(task.make_optimizer(0.1, "mixed_bfloat16"), keras.optimizers.Adam)
+
+
+def test_mixed_float16_trains_resumes_and_exports(sample_spec, tmp_path, capsys):
+    """The sample under mixed_float16 (with batch norm: without it the untrained QNN's activations
+    overflow float16): stopped after epoch 1, resumed from the backup (the loss scale's variables
+    with Adam's), finished; the export serves float32 and scores the test split."""
+    import keras
+
+    from qin_tf import task
+
+    model_dir, export_base = str(tmp_path / "fp16"), str(tmp_path / "export")
+    args = ["train", *sample_args(sample_spec, model_dir, "--dtype_policy=mixed_float16", "--batch_norm",
+                                  "--epochs=2", f"--export_base={export_base}")]
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(args[:-1], fv)   # no --export_base: qin_tf.task does not export
+    with pytest.raises(KeyboardInterrupt):
+        task.run(train.config_from_flags(fv), strategy=task.create_strategy("one_device"), callbacks=[Stop()])
+    assert train.cli(args) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "1 epochs done" in out and "epoch 2/2 " in out
+    metrics = read_metrics(model_dir)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["model"]["dtype_policy"] == "mixed_float16"
+    losses = [h["loss"] for h in metrics["history"]]
+    assert np.all(np.isfinite(losses)) and losses[1] < losses[0]
+    assert 0.0 < metrics["splits"]["test"]["logloss"] < 1.0
+
+    import tensorflow as tf
+
+    from export import exporter
+
+    loaded = tf.saved_model.load(exporter.latest_version_dir(export_base))
+    sig = loaded.signatures["serving_default"]
+    assert sig.structured_outputs["ctr"].dtype == tf.float32
+
+
 def test_corrupt_shard_is_named_in_one_line(sample_spec, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(sample_spec.base_dir, data)

@@ -221,7 +221,7 @@ class ItemEmbedding(keras.layers.Layer):
         tag_part = tag_sum / count
         if self.use_multimodal:
             mm = ops.cast(ops.take(self.item_multimodal, ids, axis=0), dtype)
-            mm_part = ops.matmul(mm, self.multimodal_kernel)
+            mm_part = ops.matmul(mm, ops.cast(self.multimodal_kernel, dtype))   # outside call(): no autocast
         else:  # the ablation: no multimodal part
             mm_part = ops.zeros_like(id_part)
         vectors = ops.concatenate([id_part, tag_part, mm_part], axis=-1)
