@@ -58,7 +58,6 @@ import pyarrow.parquet as pq
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY = 86400
 ML_DIR = os.path.join(REPO, "runs", "ml-100k")
-MICROLENS_RAW = "/work/shared/data/microlens50k_raw"
 EVAL_SPLIT = "test"
 
 
@@ -106,12 +105,21 @@ def movielens_periods(work: str) -> tuple[list[dict], dict]:
 def microlens_periods(work: str, days: int, valid_frac: float) -> tuple[list[dict], dict]:
     """MicroLens-50k's raw log cut into ``days`` "days" (it has no timestamps).
 
-    Each user's ``i``-th event (its line's order) gets time ``i`` (a user's
-    position in its own sequence); a "day" is a band of those positions
-    holding about ``1/days`` of all events (the bands' edges are quantiles of
-    the positions, so a day holds every user's events with positions in its
-    band). Equal times within a user do not occur (one event per position).
-    Within a day the last ``valid_frac`` of the positions are its valid rows.
+    The only order the raw log has is each user's: its ``i``-th item is the
+    user's ``i``-th interaction. A "day" is a band of those positions: day 0
+    holds every user's first interactions up to a position, day 1 the next
+    positions, and so on; the bands' edges are quantiles of the positions
+    >= 2 (position 1 has no history and yields no example), so the days
+    hold about equal numbers of examples (the last one the long tails).
+    Every user has at least 5 interactions, so the first days hold one
+    position of every user each.
+
+    Each event gets the time ``position * 10**6 + r(user)``, where ``r`` is a
+    fixed pseudo-random rank of the user in ``[0, 10**6)``: a user's events
+    stay in order, and a day's events at its last position whose user ranks
+    in the top ``valid_frac`` are the day's valid rows (``valid_from``): a
+    fixed random share of the users, no cross-user order is invented beyond
+    that.
     """
     with open(os.path.join(REPO, "configs", "logs", "microlens50k.json")) as f:
         cfg = json.load(f)
@@ -127,7 +135,10 @@ def microlens_periods(work: str, days: int, valid_frac: float) -> tuple[list[dic
                 items.append(int(it))
                 pos.append(i + 1)
     users, items, pos = np.array(users), np.array(items), np.array(pos)
-    edges = np.unique(np.quantile(pos, np.linspace(0, 1, days + 1)[1:-1]).astype(np.int64))
+    scale = 10 ** 6
+    rank = (users.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(scale)
+    ts = pos.astype(np.int64) * scale + rank.astype(np.int64)
+    edges = np.unique(np.quantile(pos[pos >= 2], np.linspace(0, 1, days + 1)[1:-1]).astype(np.int64))
     bands = np.concatenate([[0], edges, [pos.max() + 1]])
     periods = []
     os.makedirs(os.path.join(work, "periods"), exist_ok=True)
@@ -137,10 +148,10 @@ def microlens_periods(work: str, days: int, valid_frac: float) -> tuple[list[dic
         path = os.path.abspath(os.path.join(work, "periods", f"p{k:02d}.parquet"))
         if not os.path.exists(path):
             pq.write_table(pa.table({"user": pa.array(users[m]), "item": pa.array(items[m]),
-                                     "ts": pa.array(pos[m].astype(np.int64))}), path)
-        vf = hi - max(1, int(round((hi - lo) * valid_frac)))
-        periods.append({"index": k, "file": path, "events": int(m.sum()), "start": lo, "end": hi,
-                        "valid_from": vf, "test_from": hi})
+                                     "ts": pa.array(ts[m])}), path)
+        vf = (hi - 1) * scale + int(round((1 - valid_frac) * scale))
+        periods.append({"index": k, "file": path, "events": int(m.sum()), "start": lo * scale, "end": hi * scale,
+                        "positions": [lo, hi], "valid_from": vf, "test_from": hi * scale})
     cfg["events"] = {"files": None, "format": "parquet", "user": "user", "item": "item", "time": "ts"}
     for key in ("catalog", "users"):
         if cfg.get(key):
