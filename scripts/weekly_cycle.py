@@ -15,8 +15,10 @@ each period ``w = 1 .. last``:
    item table is smaller, an item id beyond it is mapped to the OOV id 1
    when scoring (a context value beyond a model's table already falls into
    its out-of-vocabulary row).
-3. **(a) warm**: ``qin_tf.train --warm_start_from`` = the model of period
-   ``w - 1`` (period 0's model for w = 1), on period ``w``'s train rows.
+3. **(a) warm**: ``qin_tf.train --warm_start_from`` = the (a) model of
+   period ``w - 1`` (period 0's model for w = 1), on period ``w``'s train
+   rows (``--warm_window=K``: the train rows of periods ``w - K + 1 .. w``,
+   a replay of the recent past; its models are named ``warmK_pWW``).
 4. **(b) full**: ``qin_tf.train`` from scratch on the train rows of periods
    ``0 .. w`` (period ``w``'s vocabularies), same flags, same valid rows.
 5. **(c) frozen**: period 0's model, untouched.
@@ -301,16 +303,18 @@ def run_seed_cycle(args, work, flags, periods, exs, w, seed, base_warm, records)
     """Trains (a) and (b) of period ``w`` for ``seed`` and scores (a), (b), (c)."""
     ex = exs[w]
     test = eval_rows(exs[w + 1])
-    d_a = data_dir(work, f"warm_p{w:02d}", ex, [ex], test)
+    warm = "warm" if args.warm_window == 1 else f"warm{args.warm_window}"
+    d_a = data_dir(work, f"{warm}_p{w:02d}", ex, exs[max(0, w - args.warm_window + 1):w + 1], test)
     d_b = data_dir(work, f"full_p{w:02d}", ex, exs[:w + 1], test)
-    m_a = os.path.join(work, "models", f"s{seed}", f"warm_p{w:02d}")
+    m_a = os.path.join(work, "models", f"s{seed}", f"{warm}_p{w:02d}")
     m_b = os.path.join(work, "models", f"s{seed}", f"full_p{w:02d}")
     load = os.getloadavg()
-    train(flags, d_a, m_a, seed, base_warm, os.path.join(work, "logs", f"s{seed}_warm_p{w:02d}.log"))
+    train(flags, d_a, m_a, seed, base_warm, os.path.join(work, "logs", f"s{seed}_{warm}_p{w:02d}.log"))
     train(flags, d_b, m_b, seed, None, os.path.join(work, "logs", f"s{seed}_full_p{w:02d}.log"))
     m_c = os.path.join(work, "models", f"s{args.seeds[0]}", "base_p00")
-    rec = {"period": w, "eval_period": w + 1, "seed": seed,
-           "train_rows_warm": pq.ParquetFile(os.path.join(ex, "train.parquet")).metadata.num_rows,
+    rec = {"period": w, "eval_period": w + 1, "seed": seed, "warm_window": args.warm_window,
+           "train_rows_warm": sum(pq.ParquetFile(os.path.join(e, "train.parquet")).metadata.num_rows
+                                  for e in exs[max(0, w - args.warm_window + 1):w + 1]),
            "train_rows_full": sum(pq.ParquetFile(os.path.join(e, "train.parquet")).metadata.num_rows
                                   for e in exs[:w + 1]),
            "warm": {**score(m_a, d_a), "train_seconds": train_seconds(m_a)},
@@ -332,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--valid_frac", type=float, default=0.15, help="microlens: a day's valid share")
     ap.add_argument("--first", type=int, default=1)
     ap.add_argument("--last", type=int, default=None, help="the last period trained (default: all but the last)")
+    ap.add_argument("--warm_window", type=int, default=1,
+                    help="(a) trains on the train rows of the last this many periods (1: the new period's only)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--patience", type=int, default=1)
     ap.add_argument("--flagfile", default=None)
@@ -367,6 +373,11 @@ def main(argv=None) -> int:
         exs.append(ex)
         build_s.append(sec)
         prev = ex
+    earlier = os.path.join(out, "cycles.json")
+    if os.path.exists(earlier):  # a rerun skips the builds done before: keep their times
+        with open(earlier) as f:
+            done_before = json.load(f).get("build_seconds") or []
+        build_s = [s or (done_before[k] if k < len(done_before) else 0.0) for k, s in enumerate(build_s)]
     print(f"built {len(exs)} periods ({sum(build_s):.0f} s)", flush=True)
 
     seed = args.seeds[0]
