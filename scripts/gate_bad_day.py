@@ -76,7 +76,10 @@ def run(*args) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": REPO})
 
 
-def export(model_dir: str, base: str, data: str) -> str:
+def export(model_dir: str, base: str) -> str:
+    """Version 1 of ``base``: ``model_dir``'s model, its warm-up rows from the data it trained on."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        data = json.load(f)["train"]["data_dir"]
     if not os.path.exists(os.path.join(base, "1", "saved_model.pb")):
         proc = run("export.exporter", f"--model_dir={model_dir}", f"--export_base={base}", f"--data_dir={data}",
                    "--version=1")
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
     serving = os.path.join(gate, "serving")
     if not os.path.exists(os.path.join(serving, "1")):
         os.makedirs(serving, exist_ok=True)
-        first = export(serving_model, os.path.join(gate, "export_in_service"), data)
+        first = export(serving_model, os.path.join(gate, "export_in_service"))
         proc = run("export.validate", f"--candidate={first}", f"--serving={serving}", f"--data={data}",
                    "--split=valid", "--push")
         if proc.returncode != 0:
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
     results = {"period": w, "seed": seed, "serving_model": serving_model, "data": data, "flags": flags,
                "candidates": {}}
     for name, m in candidates.items():
-        version = export(m, os.path.join(gate, f"export_{name}"), data)
+        version = export(m, os.path.join(gate, f"export_{name}"))
         before = tree_hash(serving)
         proc = run("export.validate", f"--candidate={version}", f"--serving={serving}", f"--data={data}",
                    "--split=valid")

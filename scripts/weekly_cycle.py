@@ -31,8 +31,8 @@ Every step skips what is already done (a rerun continues). Results:
 ``OUT/cycles.json`` (one record per period and seed), ``OUT/auc.png``,
 ``OUT/table.md``. Example::
 
-    python scripts/weekly_cycle.py --dataset=movielens --work=runs/cycle_movielens \\
-        --out=results/cycle_movielens --last=29 --epochs=3 --seeds=1
+    python scripts/weekly_cycle.py --dataset=movielens --work=runs/cycle_ml \\
+        --out=results/cycle_movielens_all --epochs=4 --patience=2
 
 ``--extra_seeds=S --seed_periods=5,10`` retrains (a) and (b) of those
 periods with another seed (the warm start from the main seed's previous
