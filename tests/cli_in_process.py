@@ -72,6 +72,7 @@ def run_main(module: str, *args, stdin: str | None = None) -> subprocess.Complet
             else:
                 code = e.code or 0
         finally:
-            absl_logging.set_verbosity(verbosity)
+            if absl_logging.get_verbosity() != verbosity:
+                absl_logging.set_verbosity(verbosity)
             logging.getLogger("apache_beam").setLevel(beam_level)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
