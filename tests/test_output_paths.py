@@ -4,6 +4,11 @@ Every refusal is exit code 1 and one line on stderr (no traceback), and
 loses nothing: the inputs, the export and any file in the way stay byte for
 byte as they were. The output rule is :func:`qin_tf.fileio.check_output_path`,
 shared by ``python -m export.score`` and ``python -m export.client``.
+
+Each test launches each command it covers at least once (``python -m``);
+its further cases run the same ``main`` with the same flags in process
+(:func:`tests.cli_in_process.run_main`), which saves a TensorFlow import and
+a model load per case.
 """
 
 from __future__ import annotations
@@ -23,11 +28,15 @@ from export import score
 from qin_tf import fileio
 from qin_tf.cli import error_line
 from qin_tf.spec import RAW_ID_RULE
+from tests.cli_in_process import run_main
 from tests.test_export import REPO, assert_scores_equal
 from tests.test_score import TEST_PARQUET, _raw_records, raw_scored, scored  # noqa: F401 (fixtures)
 
 
-def run(module: str, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(module: str, *args, stdin: str | None = None, launch: bool = True) -> subprocess.CompletedProcess:
+    """``python -m module *args``: launched, or (``launch=False``) its ``main`` in this process."""
+    if not launch:
+        return run_main(module, *args, stdin=stdin)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], input=stdin, cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
 
@@ -51,12 +60,13 @@ def snapshot(*roots) -> dict:
     return out
 
 
-def score_cli(base, inp, out, *flags):
-    return run("export.score", f"--saved_model={base}", f"--input={inp}", f"--output={out}", *flags)
+def score_cli(base, inp, out, *flags, launch=True):
+    return run("export.score", f"--saved_model={base}", f"--input={inp}", f"--output={out}", *flags, launch=launch)
 
 
-def client_cli(base, inp, out, *flags, stdin=None):
-    return run("export.client", f"--saved_model={base}", f"--input={inp}", f"--output={out}", *flags, stdin=stdin)
+def client_cli(base, inp, out, *flags, stdin=None, launch=True):
+    return run("export.client", f"--saved_model={base}", f"--input={inp}", f"--output={out}", *flags, stdin=stdin,
+               launch=launch)
 
 
 CLIS = {"score": score_cli, "client": client_cli}
@@ -79,16 +89,17 @@ def test_client_refuses_its_input_and_an_existing_output_as_score_does(scored, c
     before = snapshot(copied_input)
     for flags in ((), ("--overwrite",)):
         for name, cli in CLIS.items():
-            proc = cli(base, copied_input, copied_input, *flags)
+            proc = cli(base, copied_input, copied_input, *flags, launch=not flags)  # each command launched once
             assert_one_line_error(proc, f"{copied_input}: the output is one of the inputs")
     link = tmp_path / "link.parquet"  # a symbolic link to the input is the input
     os.symlink(copied_input, link)
-    assert_one_line_error(client_cli(base, copied_input, link, "--overwrite"), "the output is one of the inputs")
+    proc = client_cli(base, copied_input, link, "--overwrite", launch=False)
+    assert_one_line_error(proc, "the output is one of the inputs")
     assert snapshot(copied_input) == before and os.path.islink(link)
 
     out = tmp_path / "scores.csv"
     out.write_text("keep me\n")
-    proc = client_cli(base, copied_input, out)
+    proc = client_cli(base, copied_input, out, launch=False)
     assert_one_line_error(proc, f"error: {out}: the output exists; pass --overwrite")
     assert out.read_text() == "keep me\n"
     proc = client_cli(base, copied_input, out, "--overwrite")
@@ -104,11 +115,11 @@ def test_no_output_inside_the_export_read(cli, scored, tmp_path):
     base = tmp_path / "export"
     shutil.copytree(scored[0], base)
     before = snapshot(base)
-    for saved_model, out in ((base, base / "1" / "saved_model.pb"),
-                             (base, base / "1" / "assets" / "feature_spec.json"),
-                             (base, base / "1" / "new" / "scores.csv"),
-                             (base / "1", base / "scores.csv")):  # a version dir: its base is read too
-        proc = CLIS[cli](saved_model, TEST_PARQUET, out, "--overwrite")
+    for i, (saved_model, out) in enumerate(((base, base / "1" / "saved_model.pb"),
+                                            (base, base / "1" / "assets" / "feature_spec.json"),
+                                            (base, base / "1" / "new" / "scores.csv"),
+                                            (base / "1", base / "scores.csv"))):  # a version dir: its base too
+        proc = CLIS[cli](saved_model, TEST_PARQUET, out, "--overwrite", launch=i == 0)
         assert_one_line_error(proc, f"{out}: the output lies inside {base}")
     assert snapshot(base) == before
 
@@ -157,7 +168,8 @@ def test_a_broken_newest_version_is_one_line_naming_it(cli, damage, scored, tmp_
     else:
         shutil.rmtree(base / "2" / "variables")
     before = snapshot(base)
-    proc = CLIS[cli](base, TEST_PARQUET, tmp_path / "s.csv")
+    # Launched for the missing variables (test_cli_sweep.py launches both on a truncated one); in process otherwise.
+    proc = CLIS[cli](base, TEST_PARQUET, tmp_path / "s.csv", launch=damage == "no_variables")
     assert_one_line_error(proc, f"{base / '2'}: cannot load this SavedModel")
     assert snapshot(base) == before and not (tmp_path / "s.csv").exists()
 
@@ -183,10 +195,12 @@ def _jsonl(rows) -> str:
 
 def test_dense_ids_beyond_int64_are_one_line_in_the_client(scored, tmp_path):
     row = {"item_id": 5, "item_seq": [1, 2], "views_level": 1}
-    for key, value, words in (("item_id", 2 ** 63, "column `item_id`: id 9223372036854775808 is beyond int64"),
-                              ("item_seq", [3, 2 ** 64], "column `item_seq`: item id 18446744073709551616 is "
-                                                         "beyond int64 at position 1 of the list")):
-        proc = run("export.client", f"--saved_model={scored[0]}", "--input=-", stdin=_jsonl([row, {**row, key: value}]))
+    cases = (("item_id", 2 ** 63, "column `item_id`: id 9223372036854775808 is beyond int64"),
+             ("item_seq", [3, 2 ** 64], "column `item_seq`: item id 18446744073709551616 is "
+                                        "beyond int64 at position 1 of the list"))
+    for n, (key, value, words) in enumerate(cases):  # launched on the first case, in process on the second
+        proc = run("export.client", f"--saved_model={scored[0]}", "--input=-", stdin=_jsonl([row, {**row, key: value}]),
+                   launch=n == 0)
         assert_one_line_error(proc, f"error: <stdin>: row 1, {words}")
         assert proc.stdout == ""
 
@@ -196,16 +210,15 @@ def test_raw_ids_beyond_int64_and_mixed_user_id_types_in_score(raw_scored, tmp_p
     records = _raw_records(spec, raw, labels)[:6]
     inp = tmp_path / "in.jsonl"
     out = tmp_path / "s.parquet"
-    for i, change, words in ((4, {"views_level": 2 ** 63}, "row 4, column `views_level`: 9223372036854775808 is "
-                                                           "beyond int64"),
-                             (3, {"user_id": "u3"}, "row 3, column `user_id`: a string, while "),
-                             (5, {"user_id": 2 ** 64}, "row 5, column `user_id`: 18446744073709551616 is beyond "
-                                                       "int64")):
+    cases = ((4, {"views_level": 2 ** 63}, "row 4, column `views_level`: 9223372036854775808 is beyond int64"),
+             (3, {"user_id": "u3"}, "row 3, column `user_id`: a string, while "),
+             (5, {"user_id": 2 ** 64}, "row 5, column `user_id`: 18446744073709551616 is beyond int64"))
+    for n, (i, change, words) in enumerate(cases):  # launched on the first case, in process on the others
         bad = [dict(r) for r in records]
         bad[i].update(change)
         inp.write_text(_jsonl(bad))
         before = snapshot(inp)
-        proc = score_cli(base, inp, out, "--raw_ids", "--batch_size=2")
+        proc = score_cli(base, inp, out, "--raw_ids", "--batch_size=2", launch=n == 0)
         assert_one_line_error(proc, f"score: error: {inp}: {words}")
         assert snapshot(inp) == before and sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
@@ -244,12 +257,13 @@ def test_raw_id_rule_in_score_and_client(key, value, words, raw_scored, tmp_path
     inp = tmp_path / "in.jsonl"
     inp.write_text(_jsonl(records))
     before = snapshot(inp)
-    proc = score_cli(base, inp, tmp_path / "s.csv", "--raw_ids")
+    launch = (key, value) == RAW_CASES[0][:2]  # each command launched on the first case; in process otherwise
+    proc = score_cli(base, inp, tmp_path / "s.csv", "--raw_ids", launch=launch)
     assert_one_line_error(proc, f"score: error: {inp}: row 2, column `{key}`: {words}")
-    proc = client_cli(base, inp, tmp_path / "s.csv", "--raw_ids")
+    proc = client_cli(base, inp, tmp_path / "s.csv", "--raw_ids", launch=False)
     assert_one_line_error(proc, f"error: {inp}: row 2, column `{key}`: {words}")
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")
-    proc = client_cli(base, tmp_path / "in.parquet", tmp_path / "s.csv", "--raw_ids")
+    proc = client_cli(base, tmp_path / "in.parquet", tmp_path / "s.csv", "--raw_ids", launch=launch)
     assert_one_line_error(proc, f"error: {tmp_path / 'in.parquet'}: row 2, column `{key}`: {words}")
     assert snapshot(inp) == before and sorted(os.listdir(tmp_path)) == ["in.jsonl", "in.parquet"]
 

@@ -16,6 +16,7 @@ from export import exporter
 from qin_tf.rows import PreprocessError
 from export import readers, score
 from qin_tf import metrics
+from tests.cli_in_process import run_main
 from tests.test_export import REPO, SAMPLE_DIR, assert_scores_equal, keras_scores, make_model_dir, split_rows
 
 TEST_PARQUET = os.path.join(SAMPLE_DIR, "test.parquet")
@@ -176,10 +177,8 @@ def test_cli_prints_auc_and_writes_the_submission(scored, tmp_path):
         rows = list(csv.reader(f))
     assert rows[0] == ["ID", "Task2"] and len(rows) == 601
 
-    bad = _corrupt(tmp_path, "item_seq", 9, None)
-    proc = subprocess.run([sys.executable, "-m", "export.score", f"--saved_model={base}", f"--input={bad}",
-                           f"--output={tmp_path / 'never.csv'}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    bad = _corrupt(tmp_path, "item_seq", 9, None)  # the same main in process (bad rows launched: test_output_paths)
+    proc = run_main("export.score", f"--saved_model={base}", f"--input={bad}", f"--output={tmp_path / 'never.csv'}")
     assert proc.returncode != 0
     assert f"{bad}: row 9, column `item_seq`: null value" in proc.stderr
     assert not (tmp_path / "never.csv").exists()
@@ -255,8 +254,8 @@ def test_cli_refuses_to_write_over_its_input_and_names_a_corrupt_file(scored, tm
     inp = tmp_path / "in.parquet"
     pq.write_table(pq.read_table(TEST_PARQUET), inp, row_group_size=100)
     before = inp.read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "export.score", f"--saved_model={scored[0]}", f"--input={inp}",
-                           f"--output={inp}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # the same main in process (launched: test_output_paths.py); the corrupt file below is launched
+    proc = run_main("export.score", f"--saved_model={scored[0]}", f"--input={inp}", f"--output={inp}")
     assert proc.returncode == 1
     assert proc.stderr == f"score: error: {inp}: the output is one of the inputs; write the scores to another file\n"
     assert inp.read_bytes() == before

@@ -27,6 +27,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from export import exporter
 from export.client import ServingClient, ServingError, score_file
 from export.local_server import LocalServer
+from tests.cli_in_process import run_main
 from tests.test_export import (REPO, SAMPLE_DIR, TINY_TRANSFORMER_DCN, assert_scores_equal, keras_scores,
                                make_model_dir, make_raw_spec, split_rows)
 
@@ -410,8 +411,12 @@ def test_local_server_cli(served):
 @pytest.mark.parametrize("case", ["typo", "empty"])
 def test_local_server_cli_bad_base_path_is_one_line(case, tmp_path):
     base = tmp_path / "typo" if case == "typo" else tmp_path
-    proc = subprocess.run([sys.executable, "-m", "export.local_server", f"--model_base_path={base}", "--port=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    args = [f"--model_base_path={base}", "--port=0"]
+    if case == "typo":  # launched once; the other case runs the same main in process
+        proc = subprocess.run([sys.executable, "-m", "export.local_server", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    else:
+        proc = run_main("export.local_server", *args)
     assert proc.returncode == 1 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert (f"{base}: no such directory" if case == "typo" else "no SavedModel version here") in proc.stderr
@@ -448,8 +453,12 @@ def test_client_cli_scores_json_lines_from_stdin_over_grpc_and_in_process(server
     text = _jsonl_rows()
     assert max(len(__import__("json").loads(line)["item_seq"]) for line in text.splitlines()) > 16
     for where in (f"--server={server[1]}", f"--saved_model={served[0]}"):
-        proc = subprocess.run([sys.executable, "-m", "export.client", where, "--input=-", "--batch_size=64"],
-                              input=text, cwd=REPO, capture_output=True, text=True, timeout=300)
+        args = [where, "--input=-", "--batch_size=64"]
+        if where.startswith("--server"):  # launched; in process with --saved_model
+            proc = subprocess.run([sys.executable, "-m", "export.client", *args], input=text, cwd=REPO,
+                                  capture_output=True, text=True, timeout=300)
+        else:
+            proc = run_main("export.client", *args, stdin=text)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert_scores_equal(np.array(proc.stdout.split(), dtype=np.float64), served[3])
 
@@ -464,8 +473,12 @@ def test_client_cli_scores_json_lines_from_stdin_over_grpc_and_in_process(server
 ])
 def test_client_cli_json_lines_errors_name_row_and_key(line, words, served):
     text = _jsonl_rows(1) + line + "\n"
-    proc = subprocess.run([sys.executable, "-m", "export.client", f"--saved_model={served[0]}", "--input=-"],
-                          input=text, cwd=REPO, capture_output=True, text=True, timeout=300)
+    args = [f"--saved_model={served[0]}", "--input=-"]
+    if words.endswith("ids must be >= 0"):  # launched on the first case; the others run the same main in process
+        proc = subprocess.run([sys.executable, "-m", "export.client", *args], input=text, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    else:
+        proc = run_main("export.client", *args, stdin=text)
     assert proc.returncode == 1 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"client: error: {words}"), proc.stderr
 
@@ -521,8 +534,12 @@ def test_client_cli_scores_raw_json_lines_over_grpc_and_in_process(raw_served, s
     with ServingClient(address, "qin") as client:
         want = client.predict(dense)
     for where in (f"--server={address}", f"--saved_model={base}"):
-        proc = subprocess.run([sys.executable, "-m", "export.client", where, "--raw_ids", "--input=-",
-                               "--batch_size=600"], input=lines, cwd=REPO, capture_output=True, text=True, timeout=300)
+        args = [where, "--raw_ids", "--input=-", "--batch_size=600"]
+        if where.startswith("--server"):  # launched; in process with --saved_model
+            proc = subprocess.run([sys.executable, "-m", "export.client", *args], input=lines, cwd=REPO,
+                                  capture_output=True, text=True, timeout=300)
+        else:
+            proc = run_main("export.client", *args, stdin=lines)
         assert proc.returncode == 0, proc.stderr[-3000:]
         # Another process (the CLI) may block its float sums differently: equal to float rounding here;
         # bit for bit within one process in test_raw_id_grpc_request_scores_bitwise_as_dense.
