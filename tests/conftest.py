@@ -75,18 +75,3 @@ def sample_logs_built(tmp_path_factory):
     assert proc.stderr == ""
     return out
 
-
-#: The slowest test files, slowest first (summed seconds of a --durations run, 2026-12-02). pytest-xdist
-#: (--dist=loadfile) hands out files in collection order as workers free up; starting with the longest
-#: keeps one worker from running a long file alone at the end while the other idles.
-SLOWEST_FILES = ("test_train.py", "test_build_examples_bad_input.py", "test_export.py",
-                 "test_build_examples_commit.py", "test_serving.py", "test_output_paths.py", "test_warm_start.py",
-                 "test_cycle.py", "test_build_examples.py", "test_ensemble.py", "test_gate.py",
-                 "test_refresh_catalog.py", "test_distributed.py", "test_score.py", "test_incremental_build.py",
-                 "test_model.py", "test_warm_start_export.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Runs the slowest files first (:data:`SLOWEST_FILES`), every other file after them in its usual order."""
-    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
