@@ -304,7 +304,8 @@ def run_seed_cycle(args, work, flags, periods, exs, w, seed, base_warm, records)
     ex = exs[w]
     test = eval_rows(exs[w + 1])
     warm = "warm" if args.warm_window == 1 else f"warm{args.warm_window}"
-    d_a = data_dir(work, f"{warm}_p{w:02d}", ex, exs[max(0, w - args.warm_window + 1):w + 1], test)
+    window = exs[max(0, w - args.warm_window + 1):w + 1]  # (a)'s train rows: the last warm_window periods
+    d_a = data_dir(work, f"{warm}_p{w:02d}", ex, window, test)
     d_b = data_dir(work, f"full_p{w:02d}", ex, exs[:w + 1], test)
     m_a = os.path.join(work, "models", f"s{seed}", f"{warm}_p{w:02d}")
     m_b = os.path.join(work, "models", f"s{seed}", f"full_p{w:02d}")
@@ -314,7 +315,7 @@ def run_seed_cycle(args, work, flags, periods, exs, w, seed, base_warm, records)
     m_c = os.path.join(work, "models", f"s{args.seeds[0]}", "base_p00")
     rec = {"period": w, "eval_period": w + 1, "seed": seed, "warm_window": args.warm_window,
            "train_rows_warm": sum(pq.ParquetFile(os.path.join(e, "train.parquet")).metadata.num_rows
-                                  for e in exs[max(0, w - args.warm_window + 1):w + 1]),
+                                  for e in window),
            "train_rows_full": sum(pq.ParquetFile(os.path.join(e, "train.parquet")).metadata.num_rows
                                   for e in exs[:w + 1]),
            "warm": {**score(m_a, d_a), "train_seconds": train_seconds(m_a)},
