@@ -60,10 +60,11 @@ from typing import Sequence
 import numpy as np
 
 from export.exporter import (DEFAULT_WARMUP_ROWS, WARMUP_PATH, ExportError, latest_version_dir, list_versions,
-                             publish_version, quiet_tf_logging, read_examples, warmup_requests, write_warmup)
+                             publish_version, quiet_tf_logging, read_examples, read_version_fingerprint,
+                             warmup_requests, write_warmup)
 from qin_tf import fileio
 from qin_tf.cli import error_line, exit_error
-from qin_tf.fingerprint import FingerprintError, read_fingerprint, write_fingerprint
+from qin_tf.fingerprint import write_fingerprint
 from qin_tf.signatures import (EXAMPLES_SIGNATURE, OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE,
                                SERVE_TAG, SERVING_SIGNATURE, SPEC_ASSET_PATH)
 from qin_tf.spec import FeatureSpec, SpecError
@@ -326,10 +327,7 @@ def _sha256(*parts: str) -> str:
 
 
 def _fingerprint(members: Sequence[Member], weights, bias) -> dict:
-    try:
-        prints = [read_fingerprint(m.path) or {} for m in members]
-    except FingerprintError as e:
-        raise ExportError(str(e)) from None
+    prints = [read_version_fingerprint(m.path) or {} for m in members]
     blend_text = json.dumps({"weights": list(weights), "bias": bias})
     return {"source": _sha256("ensemble", *(p.get("source", m.path) for p, m in zip(prints, members)), blend_text),
             "weights": _sha256("ensemble", *(p.get("weights", m.path) for p, m in zip(prints, members)), blend_text)}

@@ -75,7 +75,7 @@ from absl import logging
 
 from qin_tf import fileio
 from qin_tf.cli import error_line, exit_error
-from qin_tf.fingerprint import model_fingerprint, weights_digest, write_fingerprint
+from qin_tf.fingerprint import FingerprintError, model_fingerprint, read_fingerprint, weights_digest, write_fingerprint
 from qin_tf.signatures import (EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, MODEL_FILENAME,  # noqa: F401
                                OUTPUT, RAW_EXAMPLES_SIGNATURE, RAW_SIGNATURE, SERVE_TAG, SERVING_SIGNATURE,
                                SPEC_ASSET_PATH, raw_dtype, raw_padding)
@@ -106,6 +106,14 @@ def quiet_tf_logging():
 
 class ExportError(RuntimeError):
     """The model, the spec or the export directory does not allow an export."""
+
+
+def read_version_fingerprint(version_dir: str) -> dict | None:
+    """:func:`qin_tf.fingerprint.read_fingerprint` for export's commands: a damaged file is an ExportError."""
+    try:
+        return read_fingerprint(version_dir)
+    except FingerprintError as e:
+        raise ExportError(str(e)) from None
 
 
 # --------------------------------------------------------------------------

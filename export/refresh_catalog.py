@@ -55,7 +55,7 @@ from export import exporter
 from export.exporter import ExportError
 from qin_tf import fileio
 from qin_tf.cli import exit_error
-from qin_tf.fingerprint import FingerprintError, model_fingerprint, read_fingerprint, weights_digest
+from qin_tf.fingerprint import model_fingerprint, weights_digest
 from qin_tf.signatures import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, FINGERPRINT_PATH, SPEC_ASSET_PATH
 from qin_tf.spec import FeatureSpec, SpecError
 
@@ -166,10 +166,7 @@ def _served_version(model_dir: str, export_base: str, spec: FeatureSpec, key: st
         raise ExportError(f"{latest}: this version serves no raw item ids (its feature spec has no item "
                           f"vocabulary), so it was not exported from {model_dir}; pass the export base of "
                           "that training run.")
-    try:
-        fingerprint = read_fingerprint(latest)
-    except FingerprintError as e:
-        raise ExportError(str(e)) from None
+    fingerprint = exporter.read_version_fingerprint(latest)
     if fingerprint is None:
         raise ExportError(f"{latest}: exported before versions carried a fingerprint "
                           f"({FINGERPRINT_PATH}), so nothing proves it serves {model_dir}'s weights; "
