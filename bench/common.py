@@ -149,6 +149,7 @@ def machine() -> dict:
         info["cpu"] = fields.get("Model name", info["cpu"])
         flags = fields.get("Flags", "").split()
         info["avx512_bf16"] = "avx512_bf16" in flags
+        info["amx_bf16"] = "amx_bf16" in flags
     except (OSError, subprocess.CalledProcessError):
         pass
     try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 
-#: Values of ``ModelConfig.dtype_policy`` (``None``: Keras' global policy).
-DTYPE_POLICIES = (None, "float32", "mixed_bfloat16", "mixed_float16")
+#: Values of ``ModelConfig.dtype_policy`` (``None``: Keras' global policy; ``"auto"``: chosen by the
+#: hardware, :func:`qin_tf.runtime.resolve_dtype_policy`).
+DTYPE_POLICIES = (None, "float32", "mixed_bfloat16", "mixed_float16", "auto")
 
 #: Interest extractors: what turns the target and the history into an interest vector.
 EXTRACTORS = ("asta", "din_attention", "transformer")
@@ -67,7 +68,11 @@ class ModelConfig:
             computes in bfloat16 with float32 weights and logit (faster on CPUs
             with AVX512-BF16 or AMX and on TPUs and GPUs, at some cost in
             accuracy; see BENCHMARKS.md); mixed_float16 computes in float16
-            (GPUs) and trains with a dynamic loss scale.
+            (GPUs) and trains with a dynamic loss scale; auto is mixed_bfloat16
+            where the hardware computes bfloat16 natively (CPU flag amx_bf16 or
+            avx512_bf16, GPUs of compute capability 8.0 or more) and float32
+            elsewhere, resolved when the run starts and recorded in its
+            config.json (a resumed run keeps the policy it started with).
     """
 
     model: str = "qin"

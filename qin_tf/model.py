@@ -51,6 +51,7 @@ import keras
 from qin_tf.config import ModelConfig
 from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, CrossNetwork, DINAttention,
                            ItemEmbedding, MLPBlock, QuadraticNeuralNetwork, TargetTransformer)
+from qin_tf.runtime import resolve_dtype_policy
 from qin_tf.signatures import OUTPUT
 from qin_tf.spec import PADDING_ID, FeatureSpec
 
@@ -60,7 +61,9 @@ OUTPUT_NAME = OUTPUT
 
 @contextlib.contextmanager
 def dtype_policy_scope(name: str | None):
-    """Layers created inside use the Keras dtype policy ``name`` (``None``: leave the global one)."""
+    """Layers created inside use the Keras dtype policy ``name`` (``None``: leave the global one;
+    ``"auto"``: :func:`~qin_tf.runtime.resolve_dtype_policy`)."""
+    name, _ = resolve_dtype_policy(name)
     if name is None:
         yield
         return

@@ -16,7 +16,7 @@ import gc
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 
 @contextlib.contextmanager
@@ -73,6 +73,63 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+#: ``/proc/cpuinfo`` flags of CPUs that compute bfloat16 natively: AMX tiles (Sapphire Rapids and
+#: later Xeons) and AVX512-BF16 dot products (Cooper Lake, AMD Zen 4 and later).
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+#: The first GPU compute capability with bfloat16 tensor cores (Ampere).
+NATIVE_BF16_GPU_CAPABILITY = (8, 0)
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags of this machine's CPU (the first ``flags`` line of ``path``); empty where
+    there is no such file (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bfloat16(*, gpus: Sequence[tuple[int, int] | None] | None = None,
+                    flags: frozenset[str] | None = None) -> str | None:
+    """Why this machine computes bfloat16 natively, or ``None`` where it does not.
+
+    With GPUs, they decide (training runs there): every one needs compute
+    capability 8.0 or more (``"GPU compute capability 9.0"``). Without, the
+    CPU does: one of :data:`NATIVE_BF16_CPU_FLAGS` (``"CPU flag amx_bf16"``).
+    ``gpus`` (each GPU's compute capability, ``None`` where unknown) and
+    ``flags`` default to this machine's; TensorFlow starts when ``gpus`` is
+    not given.
+    """
+    if gpus is None:
+        tf = import_tensorflow()
+        gpus = [tf.config.experimental.get_device_details(d).get("compute_capability")
+                for d in tf.config.list_physical_devices("GPU")]
+    if gpus:
+        if any(cc is None or tuple(cc) < NATIVE_BF16_GPU_CAPABILITY for cc in gpus):
+            return None
+        major, minor = min(tuple(cc) for cc in gpus)
+        return f"GPU compute capability {major}.{minor}"
+    have = cpu_flags() if flags is None else flags
+    found = [f for f in NATIVE_BF16_CPU_FLAGS if f in have]
+    return f"CPU flag {found[0]}" if found else None
+
+
+def resolve_dtype_policy(policy: str | None, **probe) -> tuple[str | None, str]:
+    """``(policy, why)``: ``"auto"`` becomes ``mixed_bfloat16`` where :func:`native_bfloat16` finds
+    native bfloat16 and ``float32`` elsewhere; any other policy is returned as it is. ``probe``:
+    :func:`native_bfloat16`'s arguments."""
+    if policy != "auto":
+        return policy, "as asked"
+    why = native_bfloat16(**probe)
+    if why:
+        return "mixed_bfloat16", f"auto: {why}"
+    return "float32", "auto: no native bfloat16 on this machine"
 
 
 _ROLE = re.compile(r":[\w:]+:`(~?)([^`<]+?)(?:\s*<[^>]*>)?`")

@@ -81,7 +81,7 @@ from typing import Callable, Sequence
 for _k, _v in (("TF_CPP_MIN_LOG_LEVEL", "2"), ("KERAS_BACKEND", "tensorflow"), ("GRPC_VERBOSITY", "ERROR")):
     os.environ.setdefault(_k, _v)
 
-from qin_tf.runtime import import_tensorflow, silenced_stderr  # noqa: E402
+from qin_tf.runtime import import_tensorflow, resolve_dtype_policy, silenced_stderr  # noqa: E402
 
 with silenced_stderr():
     # Imported, not started: create_strategy() may still configure the runtime.
@@ -592,6 +592,9 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
         raise TrainingError(f"--global_batch_size={tc.global_batch_size} is not divisible by the "
                             f"{replicas} replicas in sync.")
 
+    config, why = _resolve_dtype_policy(config)
+    if why:
+        say(f"dtype policy {config.model.dtype_policy} ({why})")
     state, source = _prepare_model_dir(config, spec, chief)
     write_dir = tc.model_dir if chief else tempfile.mkdtemp(prefix="qin_tf_worker_")
     trainer = Trainer(config, spec, strategy, chief=chief, write_dir=write_dir, say=say, label=label,
@@ -606,6 +609,25 @@ def run(config: ExperimentConfig, *, strategy: tf.distribute.Strategy | None = N
     finally:
         if not chief:
             fileio.remove(write_dir)
+
+
+def _resolve_dtype_policy(config: ExperimentConfig) -> tuple[ExperimentConfig, str | None]:
+    """``(config, why)``: ``config`` with ``--dtype_policy=auto`` made concrete, and why (``None``
+    when the policy was not ``auto``). An unfinished run in ``model_dir`` keeps the policy it
+    started with (written in its config.json); a new one takes this machine's
+    (:func:`~qin_tf.runtime.resolve_dtype_policy`)."""
+    if config.model.dtype_policy != "auto":
+        return config, None
+    policy = why = None
+    model_dir = config.train.model_dir
+    saved_path = os.path.join(model_dir, CONFIG_FILENAME)
+    if tf.io.gfile.exists(os.path.join(model_dir, BACKUP_DIR)) and tf.io.gfile.exists(saved_path):
+        saved = (fileio.read_json(saved_path).get("model") or {}).get("dtype_policy")
+        if saved in ("float32", "mixed_bfloat16"):
+            policy, why = saved, "auto: the policy the unfinished run in --model_dir started with"
+    if policy is None:
+        policy, why = resolve_dtype_policy("auto")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, dtype_policy=policy)), why
 
 
 def _prepare_model_dir(config: ExperimentConfig, spec: FeatureSpec, chief: bool):

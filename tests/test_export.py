@@ -323,6 +323,37 @@ def test_din_and_qnn_dnn_export_too(sample_spec, tmp_path, test_rows, config):
     assert_scores_equal(loaded.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"], want)
 
 
+@pytest.mark.parametrize("config", [TINY_QIN, TINY_DIN, TINY_TRANSFORMER_DCN], ids=["qin", "din", "transformer_dcn"])
+def test_a_mixed_bfloat16_model_serves_in_float32(sample_spec, tmp_path, test_rows, config):
+    """Trained in mixed_bfloat16, the export computes in float32: no bfloat16 in its graph, and it scores
+    as the export of the float32 model with the same weights does, bit for bit."""
+    model = make_model_dir(sample_spec, str(tmp_path / "model"), dataclasses.replace(config, dtype_policy="mixed_bfloat16"),
+                           seed=2)
+    assert any(layer.dtype_policy.compute_dtype == "bfloat16" for layer in model.layers)
+    reference = build_model(sample_spec, config)          # float32, the same weights
+    reference.set_weights(model.get_weights())
+    copy = exporter.float32_copy(model)
+    assert sorted(v.path for v in copy.weights) == sorted(v.path for v in model.weights)
+    assert all(layer.dtype_policy.compute_dtype == "float32" for layer in copy.layers)
+    assert exporter.float32_copy(reference) is reference
+    features, _, serialized = test_rows
+    want = keras_scores(reference, features)
+    np.testing.assert_array_equal(keras_scores(copy, features), want)
+    assert np.max(np.abs(keras_scores(model, features) - want)) > 1e-6    # bfloat16 arithmetic rounds otherwise
+    served = []
+    for which in (model, reference):
+        version_dir = exporter.export_model(which, sample_spec, str(tmp_path / "export"))
+        _, graph = read_signature_defs(version_dir)
+        dtypes = {attr.type for f in graph.graph_def.library.function for node in f.node_def
+                  for attr in node.attr.values()} | {attr.type for node in graph.graph_def.node
+                                                     for attr in node.attr.values()}
+        assert types_pb2.DT_BFLOAT16 not in dtypes and types_pb2.DT_FLOAT in dtypes
+        loaded = tf.saved_model.load(version_dir)
+        served.append(loaded.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"].numpy())
+    np.testing.assert_array_equal(served[0], served[1])
+    np.testing.assert_allclose(served[0], want, rtol=1e-4, atol=1e-5)   # folding rounds in float32
+
+
 # --------------------------------------------------------------------------
 # Warmup
 # --------------------------------------------------------------------------

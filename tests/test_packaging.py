@@ -129,5 +129,5 @@ def test_gpu_script_parses_and_runs_every_preset_under_every_policy():
     assert names[0].split() == ["qin", "din", "qin_qnn_dnn", "transformer_dcn"]
     assert sorted(names[1].split()) == sorted(names[0].split())
     assert "for policy in float32 mixed_bfloat16 mixed_float16; do" in text
-    assert set(DTYPE_POLICIES) == {None, "float32", "mixed_bfloat16", "mixed_float16"}
+    assert set(DTYPE_POLICIES) == {None, "float32", "mixed_bfloat16", "mixed_float16", "auto"}
     assert "bench mirrored" in text and 'CUDA_VISIBLE_DEVICES=""' in text

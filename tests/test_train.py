@@ -705,6 +705,63 @@ def test_mixed_float16_trains_resumes_and_exports(sample_spec, tmp_path, capsys)
     assert sig.structured_outputs["ctr"].dtype == tf.float32
 
 
+def test_native_bfloat16_probe(tmp_path):
+    """``auto`` is mixed_bfloat16 exactly where the hardware computes bfloat16: GPUs (all of compute
+    capability 8.0 or more) decide when there are any, else the CPU's amx_bf16 or avx512_bf16 flag."""
+    from qin_tf import runtime
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_bf16\n\nprocessor\t: 1\nflags\t\t: x\n")
+    assert runtime.cpu_flags(str(cpuinfo)) == {"fpu", "avx512f", "amx_tile", "amx_bf16"}
+    assert runtime.cpu_flags(str(tmp_path / "none")) == frozenset()
+    cases = [
+        (dict(gpus=[], flags=frozenset({"avx512f", "amx_bf16"})), "mixed_bfloat16", "auto: CPU flag amx_bf16"),
+        (dict(gpus=[], flags=frozenset({"avx512_bf16"})), "mixed_bfloat16", "auto: CPU flag avx512_bf16"),
+        (dict(gpus=[], flags=frozenset({"avx512f", "avx2"})), "float32", "auto: no native bfloat16 on this machine"),
+        (dict(gpus=[(9, 0), (8, 0)], flags=frozenset()), "mixed_bfloat16", "auto: GPU compute capability 8.0"),
+        (dict(gpus=[(9, 0), (7, 5)], flags=frozenset({"amx_bf16"})), "float32",
+         "auto: no native bfloat16 on this machine"),                 # GPUs decide where there are any
+        (dict(gpus=[None], flags=frozenset({"amx_bf16"})), "float32", "auto: no native bfloat16 on this machine"),
+    ]
+    for probe, policy, why in cases:
+        assert runtime.resolve_dtype_policy("auto", **probe) == (policy, why)
+    for policy in (None, "float32", "mixed_bfloat16", "mixed_float16"):
+        assert runtime.resolve_dtype_policy(policy, gpus=[], flags=frozenset({"amx_bf16"})) == (policy, "as asked")
+
+
+def test_dtype_policy_auto_is_resolved_recorded_and_kept_on_resume(sample_spec, tmp_path, capsys, monkeypatch):
+    """--dtype_policy=auto trains in this machine's policy, says so, and writes the resolved policy in
+    config.json; an unfinished run resumed with auto keeps the policy it started with, wherever it resumes."""
+    import functools
+
+    from qin_tf import runtime, task
+
+    probe = runtime.native_bfloat16
+    for native, want in ((frozenset({"avx512_bf16"}), "mixed_bfloat16"), (frozenset(), "float32")):
+        monkeypatch.setattr(runtime, "native_bfloat16", functools.partial(probe, gpus=[], flags=native))
+        model_dir = tmp_path / want
+        assert train.cli(["train", *sample_args(sample_spec, model_dir, "--dtype_policy=auto", "--epochs=1",
+                                                "--steps_per_epoch=2")]) == 0
+        out = capsys.readouterr().out
+        assert f"dtype policy {want} (auto: " in out
+        with open(model_dir / "config.json") as f:
+            assert json.load(f)["model"]["dtype_policy"] == want
+    # an unfinished run (a backup beside its config.json) started in mixed_bfloat16, resumed on a machine
+    # without native bfloat16: auto keeps mixed_bfloat16
+    monkeypatch.setattr(runtime, "native_bfloat16", functools.partial(probe, gpus=[], flags=frozenset()))
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    train.parse_flags(["train", *sample_args(sample_spec, tmp_path / "mixed_bfloat16", "--dtype_policy=auto")], fv)
+    config = train.config_from_flags(fv)
+    assert task._resolve_dtype_policy(config)[0].model.dtype_policy == "float32"   # finished: no backup
+    (tmp_path / "mixed_bfloat16" / task.BACKUP_DIR).mkdir()
+    resolved, why = task._resolve_dtype_policy(config)
+    assert resolved.model.dtype_policy == "mixed_bfloat16" and "unfinished run" in why
+    assert task._resolve_dtype_policy(dataclasses.replace(
+        config, model=dataclasses.replace(config.model, dtype_policy="float32"))) == (
+        dataclasses.replace(config, model=dataclasses.replace(config.model, dtype_policy="float32")), None)
+
+
 def test_corrupt_shard_is_named_in_one_line(sample_spec, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(sample_spec.base_dir, data)
