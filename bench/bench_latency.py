@@ -2,6 +2,7 @@
 
     python bench/bench_latency.py --data_dir=runs/microlens50k/data [--model_dir=runs/microlens50k/model]
     python bench/bench_latency.py --data_dir=runs/sample/data --calls=50 --nogrpc
+    python bench/bench_latency.py --data_dir=runs/sample/data --versions=din=runs/din_export/1,ens=runs/ens/1
 
 Exports the model (``--model_dir``'s ``best.keras``, or an untrained QIN with
 the released hyperparameters: latency does not depend on the weights'
@@ -57,6 +58,9 @@ _UNFOLDED = flags.DEFINE_bool("unfolded", True, "Also measure exports with less 
 _INTRA = flags.DEFINE_integer("intra_op_threads", 0, "TF intra-op threads (0: TF's default).", lower_bound=0)
 _INTER = flags.DEFINE_integer("inter_op_threads", 0, "TF inter-op threads (0: TF's default).", lower_bound=0)
 _SPARSE = flags.DEFINE_bool("sparse_history", True, "ModelConfig.sparse_history of the untrained model.")
+_VERSIONS = flags.DEFINE_list("versions", None, "Measure these exported versions instead of exporting a model: "
+                               "NAME=VERSION_DIR, comma-separated (e.g. members and their ensemble); each is the "
+                               "newest version of its base for the gRPC round trip.")
 _XLA = flags.DEFINE_bool("xla", False, "Lever: also time, in-process, tf.functions of the Keras model "
                          "(sparse history, as exported) against the dense-history model XLA-compiled "
                          "(jit_compile=True), same weights.")
@@ -165,6 +169,44 @@ def _xla_lever(model, spec, features, sizes) -> dict:
     return out
 
 
+def _versions(spec, sizes) -> None:
+    """--versions: each named version directory's serving_default in-process (calls interleaved), then over
+    gRPC through export.local_server serving its base."""
+    import tensorflow as tf
+
+    from export import exporter
+
+    dirs = {}
+    for item in _VERSIONS.value:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not os.path.isdir(path):
+            raise SystemExit(f"--versions: {item!r} is not NAME=VERSION_DIR of an existing directory.")
+        if exporter.latest_version_dir(os.path.dirname(path)) != path.rstrip("/"):
+            raise SystemExit(f"--versions: {path} is not the newest version of its base (the gRPC server serves that).")
+        dirs[name] = path.rstrip("/")
+    rows = exporter.read_examples(spec, max(sizes), splits=["test"] if "test" in spec.splits else None)
+    if len(rows) < max(sizes):
+        raise SystemExit(f"the test split has only {len(rows)} rows; --batch_sizes asks for {max(sizes)}.")
+    features = exporter.parse_examples(spec, rows)
+    signatures = {k: tf.saved_model.load(p).signatures[exporter.SERVING_SIGNATURE] for k, p in dirs.items()}
+    record = {"bench": "latency", "versions": dirs, "max_len": spec.max_len,
+              "intra_op_threads": _INTRA.value, "inter_op_threads": _INTER.value}
+    batches, want, in_process = {}, {k: {} for k in dirs}, {}
+    for n in sizes:
+        inputs = {k: tf.constant(v[:n]) for k, v in features.items()}
+        batches[n] = {k: v[:n] for k, v in features.items()}
+        for k, sig in signatures.items():
+            want[k][n] = sig(**inputs)["ctr"].numpy()
+        in_process[str(n)] = _in_process(signatures, inputs, _calls_for(n), _WARMUP.value)
+        common.log(f"in-process batch {n}: {in_process[str(n)]}")
+    record["in_process"] = in_process
+    record["in_process_peak_rss_mb"] = common.peak_rss_mb()
+    if _GRPC.value:
+        record["grpc_round_trip"] = {k: _grpc(os.path.dirname(p), batches, want[k], _calls_for, _WARMUP.value)
+                                     for k, p in dirs.items()}
+    common.emit(record)
+
+
 def main(argv):
     del argv
     from qin_tf.runtime import import_tensorflow
@@ -180,6 +222,8 @@ def main(argv):
 
     spec = FeatureSpec.load(_DATA.value)
     sizes = [int(s) for s in _SIZES.value]
+    if _VERSIONS.value:
+        return _versions(spec, sizes)
     if _MODEL.value:
         model = exporter.load_keras_model(_MODEL.value)
     else:

@@ -19,6 +19,10 @@ the order of the arguments:
    bold, ``(cap)`` when the run used all its epochs without stopping early;
    the best epoch's valid / test AUC and training AUC.
 
+With ``--spread``, one table instead: runs that differ in their seed only,
+grouped, with the mean, sample standard deviation and range of the best
+epoch's valid and test AUC and test logloss (RESULTS.md's seed spreads).
+
 Rows for numbers measured elsewhere (the original implementation,
 ``views_level`` alone) are not in any run directory: add them by hand.
 """
@@ -29,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -172,6 +177,44 @@ def per_run_table(runs: list[Run], other: str = "test") -> str:
     return _table(header, rows)
 
 
+def _mean_sd(values: list[float], digits: int = 4) -> str:
+    """``mean ± sd [min, max]`` (sample standard deviation); one value alone; ``–`` for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return MISSING
+    if len(values) == 1:
+        return _num(values[0], digits)
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
+def spread_table(runs: list[Run], other: str = "test") -> str:
+    """One row per group of runs that differ in their seed only (in the order of first appearance): the
+    seeds, best epochs, and mean ± sample standard deviation [min, max] of the best epoch's valid AUC,
+    ``other``'s AUC and logloss, and the mean training time. A group is named by its first run's label
+    without a trailing seed (``_s1``, ``-seed7``)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        flags = flags_against(run, runs[0])
+        key = " ".join(f for f in ("" if flags == MISSING else flags.strip("`")).split() if not f.startswith("--seed="))
+        groups.setdefault(key, []).append(run)
+    header = ["runs", "flags", "n", "seeds", "best epochs", "valid AUC", f"{other} AUC", f"{other} logloss",
+              "train time (mean)"]
+    rows = []
+    for key, members in groups.items():
+        splits = [m.metrics.get("splits", {}) for m in members]
+        seconds = [m.metrics.get("train_seconds") for m in members if m.metrics.get("train_seconds") is not None]
+        rows.append([re.sub(r"[_-]s(eed)?\d+$", "", members[0].label), f"`{key}`" if key else MISSING,
+                     str(len(members)), ", ".join(str(m.config.get("train", {}).get("seed", MISSING)) for m in members),
+                     ", ".join(str(m.metrics.get("best_epoch", MISSING)) for m in members),
+                     _mean_sd([s.get(r.valid_split, {}).get("auc") for s, r in zip(splits, members)]),
+                     _mean_sd([s.get(other, {}).get("auc") for s in splits]),
+                     _mean_sd([s.get(other, {}).get("logloss") for s in splits]),
+                     f"{sum(seconds) / len(seconds) / 60:.1f} min" if seconds else MISSING])
+    return _table(header, rows)
+
+
 def tables(runs: list[Run], epoch_metrics: tuple[str, ...] = ("auc",)) -> str:
     return "\n".join([
         "## Results at the best epoch (selected on valid AUC)\n", best_epoch_table(runs),
@@ -186,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR", help="A training run's --model_dir.")
     parser.add_argument("--epoch_metrics", default="auc",
                         help="Comma-separated metrics of the epoch-by-epoch table: auc, logloss, gauc.")
+    parser.add_argument("--spread", action="store_true",
+                        help="Print only the seed-spread table: runs that differ in --seed only, grouped.")
     args = parser.parse_args(argv)
     metrics = tuple(m.strip() for m in args.epoch_metrics.split(",") if m.strip())
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
         parser.error(f"--epoch_metrics: unknown {unknown}; choose from {sorted(METRIC_NAMES)}")
-    sys.stdout.write(tables([load_run(a) for a in args.runs], metrics))
+    runs = [load_run(a) for a in args.runs]
+    sys.stdout.write(spread_table(runs) if args.spread else tables(runs, metrics))
     return 0
 
 

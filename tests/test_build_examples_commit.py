@@ -179,30 +179,34 @@ def test_preprocess_follows_a_symlinked_output_dir(tmp_path):
 @pytest.mark.parametrize("earlier", ["older"])
 def test_commit_killed_at_every_rename_is_completed_by_the_rerun(built, tmp_path, earlier):
     """``earlier``: an earlier (different) build with the user's files in it, which the commit moves to
-    ``.old-*`` first: every rename a commit makes, those into an empty output included, happens here (a
-    commit into no output makes a subset of them; it was run as a case too until the suite's time
-    needed the room). After each kill the next run's first step (``_check_output_dir``:
-    the commit's recovery, then the leftovers' removal) leaves a clean build's bytes, the user's files and
-    no ``.tmp-*`` or ``.old-*``; the rest of a rerun is an ordinary rebuild over a whole output (a real
-    rerun of the CLI: ``test_cli_rerun_after_a_kill_mid_commit``; one in-process here)."""
+    ``.old-*`` first: every kind of rename a commit makes happens here (a commit into no output makes a
+    subset of them). The real CLI is killed (SIGKILL's exit status) after the 1st, 2nd, 3rd, each
+    quarter's, the second-to-last and the last rename (each rename in turn is killed in process by
+    ``test_commit_killed_at_every_rename_rolls_forward_or_back``, on the same commit code; launching the
+    whole CLI for every one of the ~25 renames cost the suite three minutes), and one run more completes.
+    After each kill the next run's first step (``_check_output_dir``: the commit's recovery, then the
+    leftovers' removal) leaves a clean build's bytes, the user's files and no ``.tmp-*`` or ``.old-*``;
+    the rest of a rerun is an ordinary rebuild over a whole output (a real rerun of the CLI:
+    ``test_cli_rerun_after_a_kill_mid_commit``; one in-process here)."""
     from pipelines.build_examples import _check_output_dir
 
     want = {**built["clean"], **(USER_FILES if earlier else {})}
     inputs = [os.path.join(os.path.dirname(built["config"]), "events.csv")]
+    renames = len(built["clean"]) + 2 + (len(built[earlier]) if earlier else 0)  # journal, files, manifest, done
+    kills = sorted({1, 2, 3, renames // 4, renames // 2, 3 * renames // 4, renames - 1, renames})
     killed_states = []
-    n = 0
-    while True:
-        n += 1
+    for n in [*kills, renames + 1]:
         out = tmp_path / f"run{n}" / "out"
         out.parent.mkdir()
         if earlier:
             shutil.copytree(built["dir"] / earlier, out)
             add_user_files(out)
         proc = cli(built["config"], out, crash_after=n)
-        if proc.returncode == 0:  # past the last rename: nothing left to kill
+        if n == renames + 1:  # past the last rename: nothing left to kill
+            assert proc.returncode == 0, proc.stderr
             assert contents(out) == want and siblings(out) == []
             break
-        assert proc.returncode == 137, proc.stderr
+        assert proc.returncode == 137, (n, proc.stderr)
         assert siblings(out)  # the kill left the temporary directory (and the old one) behind
         killed_states.append(sorted(contents(out)))
         _, owned = _check_output_dir(str(out), inputs)
@@ -211,8 +215,6 @@ def test_commit_killed_at_every_rename_is_completed_by_the_rerun(built, tmp_path
         assert owned == set(built["clean"]), n
     build_examples(built["config"], str(out))  # and a whole rerun over the last one
     assert contents(out) == want and siblings(out) == []
-    renames = len(built["clean"]) + 2 + (len(built[earlier]) if earlier else 0)  # journal, files, manifest, done
-    assert n == renames + 1
     # the kills left outputs that the code before the journal refused ("not a build_examples output")
     assert any(DATASET_CONFIG_FILENAME not in s and "train.parquet" in s for s in killed_states)
 

@@ -323,7 +323,7 @@ def test_din_and_qnn_dnn_export_too(sample_spec, tmp_path, test_rows, config):
     assert_scores_equal(loaded.signatures["predict_examples"](examples=tf.constant(serialized))["ctr"], want)
 
 
-@pytest.mark.parametrize("config", [TINY_QIN, TINY_DIN, TINY_TRANSFORMER_DCN], ids=["qin", "din", "transformer_dcn"])
+@pytest.mark.parametrize("config", [TINY_QIN, TINY_TRANSFORMER_DCN], ids=["qin", "transformer_dcn"])
 def test_a_mixed_bfloat16_model_serves_in_float32(sample_spec, tmp_path, test_rows, config):
     """Trained in mixed_bfloat16, the export computes in float32: no bfloat16 in its graph, and it scores
     as the export of the float32 model with the same weights does, bit for bit."""

@@ -91,3 +91,29 @@ def test_cli_prints_the_tables_and_names_a_missing_file(runs, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"results_tables: error: {tmp_path / 'nothing' / 'metrics.json'}: ")
     assert proc.stdout == ""
+
+
+def test_spread_groups_runs_that_differ_in_the_seed_only(tmp_path, capsys):
+    """--spread: one row per group of runs differing in --seed only: mean ± sample sd [min, max]."""
+    rt = load_script("results_tables")
+    args = []
+    for name, policy, seed, valid, test in (("qin_float32_s1", "float32", 1, 0.78, 0.72),
+                                            ("qin_float32_s2", "float32", 2, 0.76, 0.70),
+                                            ("qin_float32_s3", "float32", 3, 0.77, 0.74),
+                                            ("qin_mixed_bfloat16_s1", "mixed_bfloat16", 1, 0.775, 0.71)):
+        path = str(tmp_path / name)
+        _write_run(path, config={"model": {"model": "qin", "dtype_policy": policy},
+                                 "train": {"epochs": 3, "monitor_splits": ["test"], "model_dir": path, "seed": seed}},
+                   best_epoch=seed, stopped_early=False, train_seconds=60.0 * seed,
+                   history=[{"epoch": 1, "auc": 0.6, "val_auc": valid}],
+                   splits={"valid": _split(valid, 0.6, 0.7), "test": _split(test, 0.7, 0.6)})
+        args.append(path)
+    assert rt.main([*args, "--spread"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("| runs | flags | n | seeds | best epochs | valid AUC | test AUC | test logloss | "
+                      "train time (mean) |")
+    assert out[2] == ("| qin_float32 | – | 3 | 1, 2, 3 | 1, 2, 3 | 0.7700 ± 0.0100 [0.7600, 0.7800] | "
+                      "0.7200 ± 0.0200 [0.7000, 0.7400] | 0.7000 ± 0.0000 [0.7000, 0.7000] | 2.0 min |")
+    assert out[3] == ("| qin_mixed_bfloat16 | `--dtype_policy=mixed_bfloat16` | 1 | 1 | 1 | 0.7750 | 0.7100 | "
+                      "0.7000 | 1.0 min |")
+    assert len(out) == 4
