@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The winner's model (configs/transformer_dcn.flags) made affordable, and the dtype policy on this CPU
-# (issue 23): training-step speed of
-#   - transformer_dcn with full-rank cross layers (as released) and low-rank ones
-#     (--cross_projection_dim=256, 64), in float32 and mixed_bfloat16, at its batch size (128);
-#   - QIN and DIN (configs/microlens50k.flags, batch 8,192) in float32 and mixed_bfloat16,
+# (issue 23): training-step speed, in float32 and in mixed_bfloat16, of
+#   - every model preset of bench/presets.sh (QIN, DIN, QIN with a DNN tower at batch 8,192; the
+#     winner's transformer_dcn with full-rank cross layers, as released, at its batch size, 128);
+#   - transformer_dcn with low-rank cross layers (--cross_projection_dim=256, 64),
 # one after another in one run, each JSON line of bench/bench_train.py appended to $OUT.
 # A step's time depends on the model and the batch, not on the data's size, so DATA may be the
 # bundled sample's TFRecords (repeated). Run on an idle machine from a fresh venv made by the
@@ -28,13 +28,16 @@ run() {
   "$@" 2>/dev/null | tail -n 1 >> "$OUT"
 }
 
+source bench/presets.sh
 for policy in float32 mixed_bfloat16; do
-  for rank in none 256 64; do
-    run "$PY" bench/bench_train.py --data_dir="$DATA" --train_flag=--flagfile=configs/transformer_dcn.flags \
-      --train_flag=--cross_projection_dim=$rank --dtype_policy=$policy --steps="$STEPS" --warmup_steps=2
+  for name in "${PRESET_NAMES[@]}"; do
+    # shellcheck disable=SC2086
+    run "$PY" bench/bench_train.py --data_dir="$DATA" ${PRESET[$name]} --dtype_policy=$policy --steps="$STEPS" \
+      --warmup_steps=2
   done
-  run "$PY" bench/bench_train.py --data_dir="$DATA" --train_flag=--flagfile=configs/microlens50k.flags \
-    --dtype_policy=$policy --steps="$STEPS" --warmup_steps=2
-  run "$PY" bench/bench_train.py --data_dir="$DATA" --train_flag=--flagfile=configs/microlens50k.flags \
-    --train_flag=--model=din --dtype_policy=$policy --steps="$STEPS" --warmup_steps=2
+  for rank in 256 64; do
+    # shellcheck disable=SC2086
+    run "$PY" bench/bench_train.py --data_dir="$DATA" ${PRESET[transformer_dcn]} --train_flag=--cross_projection_dim=$rank \
+      --dtype_policy=$policy --steps="$STEPS" --warmup_steps=2
+  done
 done

@@ -307,3 +307,33 @@ def test_a_failed_ensemble_leaves_nothing(members, tmp_path, monkeypatch):
     with pytest.raises(exporter.ExportError, match="disagrees"):
         ensemble.export_ensemble(paths, data, str(tmp_path / "ens"), weights="equal")
     assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_exports_reports_each_versions_metrics_on_each_split(sample_spec, members, blended, tmp_path, capsys):
+    """scripts/evaluate_exports.py (RESULTS.md's ensemble table): the exact AUC and log loss of each
+    version's scores on every row of each split; a missing version is one line and exit 1."""
+    from tests.conftest import load_script
+
+    data, paths = members
+    base, _ = blended
+    ev = load_script("evaluate_exports")
+    out = tmp_path / "metrics.jsonl"
+    assert ev.main([f"QIN={paths[0]}", f"ens={base}", f"--data={data}", "--splits=valid,test", f"--out={out}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["name"], r["split"]) for r in records] == [("QIN", "valid"), ("QIN", "test"), ("ens", "valid"),
+                                                          ("ens", "test")]
+    assert records[2]["version_dir"] == os.path.join(base, "1")
+    for r in records:
+        features, labels, _ = split_rows(sample_spec, r["split"])
+        scores = scores_of(r["version_dir"], features)
+        assert r["rows"] == len(labels)
+        assert r["auc"] == pytest.approx(metrics.auc(labels, scores), abs=1e-12)
+        assert r["logloss"] == pytest.approx(metrics.evaluate(labels, scores)["logloss"], rel=1e-6)
+    assert lines[-2:-1] == [f"| QIN | {records[0]['auc']:.4f} | {records[0]['logloss']:.4f} | "
+                            f"{records[1]['auc']:.4f} | {records[1]['logloss']:.4f} |"]
+    assert ev.main([f"x={tmp_path / 'none'}", f"--data={data}"]) == 1
+    assert capsys.readouterr().err == (f"evaluate_exports: error: {tmp_path / 'none'}: no such directory; "
+                                       "x is an export base or one of its version directories.\n")
+    with pytest.raises(SystemExit):                   # an existing --out is refused before anything runs
+        ev.main([f"QIN={paths[0]}", f"--data={data}", f"--out={out}"])
