@@ -4,7 +4,8 @@
 # epoch cap per model (stated in RESULTS.md), --monitor_splits=test (reported
 # only, never used to select), one seed and one policy. Runs are seed-major so
 # that a stopped sweep still holds whole seeds; a run whose metrics.json
-# exists is skipped, so the sweep resumes where it stopped.
+# exists is skipped, so the sweep resumes where it stopped. SEEDS and MODELS
+# choose and order the runs (RESULTS.md gives the order this session used).
 #
 #   DATA=runs/microlens50k/data OUT=results/bf16_seeds bash scripts/bf16_seeds.sh
 set -euo pipefail
@@ -20,7 +21,7 @@ MODELS=${MODELS:-"qin din qin_tuned"}
 declare -A FLAGFILE=([qin]=configs/microlens50k.flags [din]=configs/microlens50k.flags
                      [qin_tuned]=configs/microlens50k_tuned.flags)
 declare -A EXTRA=([qin]="" [din]="--model=din" [qin_tuned]="")
-declare -A EPOCHS=([qin]=${QIN_EPOCHS:-3} [din]=${DIN_EPOCHS:-8} [qin_tuned]=${TUNED_EPOCHS:-5})
+declare -A EPOCHS=([qin]=${QIN_EPOCHS:-3} [din]=${DIN_EPOCHS:-8} [qin_tuned]=${TUNED_EPOCHS:-4})
 mkdir -p "$OUT"
 for seed in $SEEDS; do
   for model in $MODELS; do
