@@ -169,6 +169,16 @@ def _xla_lever(model, spec, features, sizes) -> dict:
     return out
 
 
+def _test_rows(spec, sizes) -> tuple[list[bytes], dict]:
+    """The first ``max(sizes)`` rows of the test split (else the spec's first split): serialized, and parsed."""
+    from export import exporter
+
+    rows = exporter.read_examples(spec, max(sizes), splits=["test"] if "test" in spec.splits else None)
+    if len(rows) < max(sizes):
+        raise SystemExit(f"the test split has only {len(rows)} rows; --batch_sizes asks for {max(sizes)}.")
+    return rows, exporter.parse_examples(spec, rows)
+
+
 def _versions(spec, sizes) -> None:
     """--versions: each named version directory's serving_default in-process (calls interleaved), then over
     gRPC through export.local_server serving its base."""
@@ -184,10 +194,7 @@ def _versions(spec, sizes) -> None:
         if exporter.latest_version_dir(os.path.dirname(path)) != path.rstrip("/"):
             raise SystemExit(f"--versions: {path} is not the newest version of its base (the gRPC server serves that).")
         dirs[name] = path.rstrip("/")
-    rows = exporter.read_examples(spec, max(sizes), splits=["test"] if "test" in spec.splits else None)
-    if len(rows) < max(sizes):
-        raise SystemExit(f"the test split has only {len(rows)} rows; --batch_sizes asks for {max(sizes)}.")
-    features = exporter.parse_examples(spec, rows)
+    _, features = _test_rows(spec, sizes)
     signatures = {k: tf.saved_model.load(p).signatures[exporter.SERVING_SIGNATURE] for k, p in dirs.items()}
     record = {"bench": "latency", "versions": dirs, "max_len": spec.max_len,
               "intra_op_threads": _INTRA.value, "inter_op_threads": _INTER.value}
@@ -228,10 +235,7 @@ def main(argv):
         model = exporter.load_keras_model(_MODEL.value)
     else:
         model = build_model(spec, ModelConfig(sparse_history=_SPARSE.value))
-    rows = exporter.read_examples(spec, max(sizes), splits=["test"] if "test" in spec.splits else None)
-    if len(rows) < max(sizes):
-        raise SystemExit(f"the test split has only {len(rows)} rows; --batch_sizes asks for {max(sizes)}.")
-    features = exporter.parse_examples(spec, rows)
+    rows, features = _test_rows(spec, sizes)
     record = {"bench": "latency", "model": _MODEL.value or "untrained QIN (released hyperparameters)",
               "max_len": spec.max_len, "intra_op_threads": _INTRA.value, "inter_op_threads": _INTER.value,
               "sparse_history": model.get_layer("item_embedding").output_mode == "indexed"}

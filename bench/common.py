@@ -147,11 +147,12 @@ def machine() -> dict:
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         info["cpu"] = fields.get("Model name", info["cpu"])
-        flags = fields.get("Flags", "").split()
-        info["avx512_bf16"] = "avx512_bf16" in flags
-        info["amx_bf16"] = "amx_bf16" in flags
     except (OSError, subprocess.CalledProcessError):
         pass
+    from qin_tf.runtime import NATIVE_BF16_CPU_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    info.update({flag: flag in flags for flag in NATIVE_BF16_CPU_FLAGS})   # amx_bf16, avx512_bf16
     try:
         with open("/proc/meminfo") as f:
             kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
