@@ -4,7 +4,8 @@
 # epoch cap per model (stated in RESULTS.md), --monitor_splits=test (reported
 # only, never used to select), one seed and one policy. Runs are seed-major so
 # that a stopped sweep still holds whole seeds; a run whose metrics.json
-# exists is skipped, so the sweep resumes where it stopped. SEEDS and MODELS
+# exists is skipped and a stopped run resumes, so the sweep goes on where it
+# stopped; nothing in RUNS is removed. SEEDS and MODELS
 # choose and order the runs (RESULTS.md gives the order this session used).
 #
 #   DATA=runs/microlens50k/data OUT=results/bf16_seeds bash scripts/bf16_seeds.sh
@@ -28,9 +29,9 @@ for seed in $SEEDS; do
     for policy in $POLICIES; do
       name="${model}_${policy}_s${seed}"
       if [[ -f "$OUT/$name/metrics.json" ]]; then continue; fi
-      rm -rf "$RUNS/$name"
       mkdir -p "$OUT/$name"
-      /usr/bin/time -v "$PYTHON" -m qin_tf.train --flagfile="${FLAGFILE[$model]}" ${EXTRA[$model]} \
+      # an unfinished run in $RUNS/$name resumes (qin_tf.train); a finished one is only copied
+      [[ -f "$RUNS/$name/metrics.json" ]] || /usr/bin/time -v "$PYTHON" -m qin_tf.train --flagfile="${FLAGFILE[$model]}" ${EXTRA[$model]} \
         --data_dir="$DATA" --model_dir="$RUNS/$name" --epochs="${EPOCHS[$model]}" \
         --seed="$seed" --dtype_policy="$policy" --monitor_splits=test --log_every_steps=0 \
         > "$OUT/$name/train.log" 2> "$OUT/$name/stderr.log"
