@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, CrossNetwork, DINAttention, ItemEmbedding,
-                           MLPBlock, QuadraticLayer, QuadraticNeuralNetwork, TargetTransformer)
+from qin_tf.layers import (AdaptiveSparseTargetAttention, ContextEmbedding, CrossNetwork, DINAttention, Dropout,
+                           ItemEmbedding, MLPBlock, QuadraticLayer, QuadraticNeuralNetwork, TargetTransformer)
+from qin_tf.layers.dropout import keep_probability, keep_threshold
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-9, atol=1e-12)}
@@ -177,6 +178,58 @@ def test_quadratic_layer_training_dropout_acts_on_the_linear_map():
     infer = layer(const(x[:1], "float64"), training=False).numpy()[0]
     np.testing.assert_allclose(train.mean(axis=0), infer, atol=0.1 * np.abs(infer).max())
     assert not np.allclose(train[0], infer)
+
+
+# --------------------------------------------------------------------------
+# Dropout: the rate and the mean kept in every dtype policy
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dropout_keeps_its_rate_and_the_mean_in_every_dtype(dtype):
+    n, rate = 2_000_000, 0.1
+    assert keep_threshold(rate) == 6554 and abs(keep_probability(rate) - 0.9) < 1e-5
+    x = tf.cast(tf.random.stateless_uniform([n], seed=[3, 4], minval=1.0, maxval=2.0), dtype)
+    y = Dropout(rate, seed=1, dtype=dtype)(x, training=True)
+    assert y.dtype == x.dtype
+    xs, ys = (np.asarray(tf.cast(v, "float64")) for v in (x, y))
+    kept = ys != 0
+    sigma = np.sqrt(0.9 * 0.1 / n)
+    assert abs(kept.mean() - keep_probability(rate)) < 4 * sigma
+    # each kept unit is x / keep probability, rounded once to the dtype
+    step = 2.0 ** -7 if dtype == "bfloat16" else 1e-6
+    np.testing.assert_allclose(ys[kept], xs[kept] / keep_probability(rate), rtol=step)
+    # the mean is kept: within 4 sigma of the sampling noise
+    assert abs(ys.sum() / xs.sum() - 1.0) < 4 * np.sqrt(0.1 / 0.9 / n) * 1.2
+    if dtype == "bfloat16":
+        # what this layer replaces: Keras' own dropout draws bfloat16 uniforms (128 values),
+        # keeps 0.898 and rescales by 1.109375, so its output's mean is 0.3% low
+        z = np.asarray(tf.cast(keras.layers.Dropout(rate, seed=1, dtype=dtype)(x, training=True), "float64"))
+        assert z.sum() / xs.sum() < 1.0 - 10 * np.sqrt(0.1 / 0.9 / n) * 1.2
+
+
+def test_dropout_draws_from_its_seed_generator_and_passes_gradients_through_the_kept_units():
+    x = tf.ones([4, 1000])
+    a, b = Dropout(0.25, seed=7), Dropout(0.25, seed=7)
+    first = np.asarray(a(x, training=True))
+    np.testing.assert_array_equal(first, np.asarray(b(x, training=True)))      # same seed, same mask
+    assert not np.array_equal(first, np.asarray(a(x, training=True)))          # the generator advances
+    assert set(np.unique(first).tolist()) == {0.0, float(np.float32(1 / keep_probability(0.25)))}
+    np.testing.assert_array_equal(np.asarray(a(x, training=False)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(Dropout(0.0)(x, training=True)), np.asarray(x))
+    # the same weights as Keras' Dropout (its seed state): checkpoints load either way
+    assert [w.path for w in a.weights] == [w.path.replace("dropout_1", a.name) for w in
+                                           keras.layers.Dropout(0.25, seed=7, name="dropout_1").weights]
+    v = tf.Variable(tf.fill([3, 500], 2.0))
+    c = Dropout(0.5, seed=2)
+    with tf.GradientTape() as tape:
+        y = c(v, training=True)
+        loss = tf.reduce_sum(y)
+    grad = np.asarray(tape.gradient(loss, v))
+    np.testing.assert_array_equal(grad, np.where(np.asarray(y) != 0, 2.0, 0.0))   # 1 / keep = 2
+    # noise_shape: one draw per row, broadcast over the columns
+    rows = np.asarray(Dropout(0.5, noise_shape=(None, 1), seed=3)(tf.ones([64, 5]), training=True))
+    assert all(len(set(r.tolist())) == 1 for r in rows) and 0 < (rows[:, 0] == 0).sum() < 64
 
 
 # --------------------------------------------------------------------------
@@ -417,6 +470,7 @@ def layer_cases():
         ("item", lambda: ItemEmbedding(num_items=5, num_tags=2, tag_vocab_size=3, mm_dim=4, embedding_dim=2,
                                        embeddings_regularizer=keras.regularizers.L2(1e-3), deduplicate=False),
          ([np.array([1, 4, 0]), np.array([[0, 1, 2], [3, 3, 9], [0, 0, 0]])],)),
+        ("dropout", lambda: Dropout(0.3, noise_shape=(None, 1), seed=5), (t,)),
         ("cross", lambda: CrossNetwork(num_layers=2, kernel_regularizer=keras.regularizers.L2(1e-3)), (t,)),
         ("cross_low_rank", lambda: CrossNetwork(num_layers=1, projection_dim=2), (t,)),
         ("transformer", lambda: TargetTransformer(num_layers=2, num_heads=3, ff_units=5, dropout=0.1, last_k=3),

@@ -6,6 +6,7 @@ Importing this package registers every layer with Keras (package
 
 from qin_tf.layers.attention import AdaptiveSparseTargetAttention, DINAttention
 from qin_tf.layers.cross import CrossNetwork
+from qin_tf.layers.dropout import Dropout
 from qin_tf.layers.embedding import ContextEmbedding, ItemEmbedding
 from qin_tf.layers.mlp import MLPBlock
 from qin_tf.layers.qnn import QuadraticLayer, QuadraticNeuralNetwork
@@ -16,6 +17,7 @@ __all__ = [
     "ContextEmbedding",
     "CrossNetwork",
     "DINAttention",
+    "Dropout",
     "ItemEmbedding",
     "MLPBlock",
     "QuadraticLayer",

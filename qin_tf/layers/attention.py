@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from qin_tf.layers.dropout import Dropout
 from qin_tf.layers.mlp import MLPBlock
 
 
@@ -315,7 +316,7 @@ class DINAttention(keras.layers.Layer):
         self.first_dense = keras.layers.Dense(first, kernel_initializer=self.kernel_initializer,
                                               kernel_regularizer=self.kernel_regularizer,
                                               dtype=self.dtype_policy, name="dense_0")
-        self.first_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name="dropout_0")
+        self.first_dropout = Dropout(self.dropout, dtype=self.dtype_policy, name="dropout_0")
         self.rest = MLPBlock(attention_units[1:], activation=activation, dropout=self.dropout,
                              batch_norm=False, output_units=1, kernel_initializer=self.kernel_initializer,
                              kernel_regularizer=self.kernel_regularizer, dtype=self.dtype_policy, name="mlp")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from qin_tf.layers.dropout import Dropout
+
 
 @keras.saving.register_keras_serializable(package="qin_tf")
 class MLPBlock(keras.layers.Layer):
@@ -68,7 +70,7 @@ class MLPBlock(keras.layers.Layer):
                                                             # MirroredStrategy == one device
                                                             synchronized=True, name=f"batch_norm_{i}")
                             for i in range(len(hidden_units))] if self.batch_norm else []
-        self.dropout_layers = [keras.layers.Dropout(self.dropout, dtype=policy, name=f"dropout_{i}")
+        self.dropout_layers = [Dropout(self.dropout, dtype=policy, name=f"dropout_{i}")
                                for i in range(len(hidden_units))] if self.dropout > 0 else []
         self.output_layer = None
         if output_units is not None:

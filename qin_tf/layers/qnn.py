@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from qin_tf.layers.dropout import Dropout
+
 
 @keras.saving.register_keras_serializable(package="qin_tf")
 class QuadraticLayer(keras.layers.Layer):
@@ -57,7 +59,7 @@ class QuadraticLayer(keras.layers.Layer):
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.seed = seed
-        self.dropout_layer = keras.layers.Dropout(self.dropout, seed=seed, dtype=self.dtype_policy,
+        self.dropout_layer = Dropout(self.dropout, seed=seed, dtype=self.dtype_policy,
                                                   name="dropout") if self.dropout > 0 else None
 
     def build(self, input_shape):
@@ -172,7 +174,7 @@ class QuadraticNeuralNetwork(keras.layers.Layer):
         self.activation_layers = [keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25),
                                                      shared_axes=[1], dtype=policy, name=f"prelu_{i}")
                                   for i in range(num_layers)]
-        self.dropout_layers = [keras.layers.Dropout(self.dropout, seed=sub_seed(i, 1), dtype=policy,
+        self.dropout_layers = [Dropout(self.dropout, seed=sub_seed(i, 1), dtype=policy,
                                                     name=f"dropout_{i}")
                                for i in range(num_layers)] if self.dropout > 0 else []
         self.output_layer = keras.layers.Dense(1, kernel_initializer=self.kernel_initializer,

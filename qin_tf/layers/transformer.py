@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from qin_tf.layers.attention import as_mask
+from qin_tf.layers.dropout import Dropout
 
 
 @keras.saving.register_keras_serializable(package="qin_tf")
@@ -102,7 +103,7 @@ class TargetTransformer(keras.layers.Layer):
                                                      kernel_initializer=self.kernel_initializer,
                                                      kernel_regularizer=self.kernel_regularizer, dtype=policy,
                                                      name=f"ff_{i}_1"))
-            self.dropout_layers.append([keras.layers.Dropout(self.dropout, dtype=policy, name=f"dropout_{i}_{j}")
+            self.dropout_layers.append([Dropout(self.dropout, dtype=policy, name=f"dropout_{i}_{j}")
                                         for j in range(3)])
 
     def build(self, target_shape, history_shape=None, history_mask_shape=None, history_index_shape=None):
