@@ -34,7 +34,15 @@ each distinct id embedded once), ``--jit_compile`` (XLA for the step; needs
 ``--nosparse_history``: ``tf.unique`` has no XLA kernel),
 ``--dtype_policy=mixed_bfloat16`` or ``mixed_float16`` (with loss scaling),
 ``--intra_op_threads`` /
-``--inter_op_threads``.
+``--inter_op_threads``, ``--dropout_impl`` (``qin``, the production
+``qin_tf.layers.Dropout``; ``native_scale``; ``keras``: see
+``bench/variants.py``), ``--jit_qnn`` (XLA for the QNN tower only; the
+sparse history stays outside).
+
+For QIN-headed models the JSON line carries ``qnn_train_gflop_per_step`` (the
+QNN's matrix products in one step) and ``qnn_gflops``, that figure over the
+step time: against ``bench/bench_gemm.py``'s rate of the same shape and dtype
+it is the step's fraction of the GEMM peak.
 
 Prints one JSON line (see ``bench/common.py``).
 """
@@ -81,6 +89,9 @@ _DEDUP = flags.DEFINE_bool("deduplicate", None, "Dense history only: embed each 
 _JIT = flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (needs --nosparse_history).")
 _POLICY = flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
                             "Keras dtype policy (mixed_float16 trains with a dynamic loss scale).")
+_DROPOUT = flags.DEFINE_enum("dropout_impl", "qin", ["qin", "native_scale", "keras"],
+                             "The dropout's implementation (bench/variants.py).")
+_JIT_QNN = flags.DEFINE_bool("jit_qnn", False, "XLA-compile the QNN tower only (the sparse path stays).")
 _SEED = flags.DEFINE_integer("seed", 20242025, "Weights and data seed.")
 _TRAIN_FLAGS = flags.DEFINE_multi_string(
     "train_flag", [], "A flag of `python -m qin_tf.train` (repeatable), e.g. "
@@ -107,6 +118,14 @@ def _jit_loop_class(base):
 
 def main(argv):
     del argv
+    from qin_tf.runtime import import_tensorflow  # noqa: F401  (quiet import)
+    from bench import variants
+
+    with variants.process_levers(dropout=_DROPOUT.value, jit_qnn=_JIT_QNN.value):
+        _run()
+
+
+def _run():
     if _JIT.value and _SPARSE.value:
         raise app.UsageError("--jit_compile needs --nosparse_history (tf.unique and tf.where have no XLA kernels).")
     from qin_tf.runtime import import_tensorflow  # noqa: F401  (quiet import)
@@ -173,7 +192,8 @@ def main(argv):
                   "embedding_dim": mc.embedding_dim, "num_layers": mc.num_layers, "num_row": mc.num_row,
                   "dropout": mc.dropout, "batch_norm": mc.batch_norm},
               "levers": {"sparse_history": mc.sparse_history, "asta": asta, "deduplicate": dedup,
-                         "jit_compile": _JIT.value, "dtype_policy": policy,
+                         "jit_compile": _JIT.value, "jit_qnn": _JIT_QNN.value, "dropout_impl": _DROPOUT.value,
+                         "dtype_policy": policy,
                          "intra_op_threads": _INTRA.value, "inter_op_threads": _INTER.value}}
 
     if (_ASTA.value != "reassociated" or _DEDUP.value is not None) and not _TRAIN_FLAGS.value:
@@ -196,6 +216,10 @@ def main(argv):
     record.update(steps=_STEPS.value, seconds_per_step=round(dt / _STEPS.value, 3),
                   examples_per_s=round(_STEPS.value * gbs / dt, 1), last_loss=round(loss, 5),
                   rss_after_steps_mb=common.current_rss_mb())
+    qnn_gflop = variants.qnn_train_gflop(model, gbs)
+    if qnn_gflop:
+        record.update(qnn_train_gflop_per_step=round(qnn_gflop, 1),
+                      qnn_gflops=round(qnn_gflop * _STEPS.value / dt, 1))
     common.log(f"{record['examples_per_s']:,} examples/s ({record['seconds_per_step']} s/step)")
 
     if _PROFILE.value:

@@ -34,7 +34,8 @@ import tempfile
 import time
 
 #: Layer scopes reported as model parts, in the order they are tried.
-PARTS = ("qnn", "asta", "item_embedding", "context_embedding", "din_attention", "dnn")
+PARTS = ("qnn", "asta", "item_embedding", "context_embedding", "din_attention", "dnn", "transformer",
+         "cross_network", "dcn_dnn", "dcn_mlp")
 
 
 def _part(op_name: str, op_type: str = "") -> str:
@@ -55,9 +56,10 @@ def profile_ops(fn, *, top: int = 12) -> dict:
 
     Returns:
         ``{"wall_s", "op_time_s", "by_type": [[type, share], ...],
-        "by_part": [[part, share], ...]}`` with shares of the summed op time,
-        largest first (``by_type`` limited to ``top`` entries, the rest summed
-        as ``"(other types)"``).
+        "by_part": [[part, share], ...], "by_op": [[op name, share], ...]}``
+        with shares of the summed op time, largest first (``by_type`` and
+        ``by_op`` limited to ``top`` entries, the rest summed as
+        ``"(other types)"``).
     """
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
@@ -81,7 +83,7 @@ def profile_ops(fn, *, top: int = 12) -> dict:
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
 
-    by_type, by_part = collections.Counter(), collections.Counter()
+    by_type, by_part, by_op = collections.Counter(), collections.Counter(), collections.Counter()
     waits = 0.0
     for plane in space.planes:
         if not plane.name.startswith("/host:CPU"):
@@ -113,10 +115,11 @@ def profile_ops(fn, *, top: int = 12) -> dict:
                     continue
                 by_type[op_type] += seconds
                 by_part[_part(name, op_type)] += seconds
+                by_op[name.split(":")[0]] += seconds
     total = sum(by_type.values())
     if total <= 0:
         return {"wall_s": round(wall, 3), "op_time_s": 0.0, "input_wait_s": round(waits, 3), "by_type": [],
-                "by_part": []}
+                "by_part": [], "by_op": []}
 
     def shares(counter, limit=None):
         items = counter.most_common()
@@ -126,4 +129,4 @@ def profile_ops(fn, *, top: int = 12) -> dict:
         return out
 
     return {"wall_s": round(wall, 3), "op_time_s": round(total, 3), "input_wait_s": round(waits, 3),
-            "by_type": shares(by_type, top), "by_part": shares(by_part)}
+            "by_type": shares(by_type, top), "by_part": shares(by_part), "by_op": shares(by_op, top)}

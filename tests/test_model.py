@@ -266,6 +266,38 @@ def test_benchmark_variants_are_flags_with_the_production_outputs(spec, sparse, 
         ModelConfig(asta_form="fast")
 
 
+def test_benchmark_process_levers_swap_the_dropout_and_compile_the_qnn_and_undo_it(spec):
+    """bench.variants.process_levers: the dropout lever and XLA for the QNN tower; the QNN FLOP count."""
+    from bench import variants
+    from qin_tf.layers import Dropout, QuadraticNeuralNetwork
+
+    features = {k: tf.constant(v) for k, v in batch(16, seed=4).items()}
+    config = dataclasses.replace(QIN_CONFIG, dropout=0.3)
+    keras.utils.set_random_seed(5)
+    reference = build_qin(spec, config)
+    # D = 8 fields x E 4 = 32 at the head, R 3, 2 layers, dropout on: 6 B D (R D) each
+    assert variants.qnn_train_gflop(reference, 1000) == pytest.approx(2 * 6 * 1000 * 32 * 96 / 1e9)
+    plain_call, tower_call = Dropout.__dict__["call"], QuadraticNeuralNetwork.__dict__["call"]
+    x = tf.fill([4, 4096], tf.constant(1.0, "bfloat16"))
+    with variants.process_levers(dropout="keras"):
+        assert Dropout.call is keras.layers.Dropout.call
+        values = set(np.unique(np.asarray(tf.cast(Dropout(0.1, seed=1, dtype="bfloat16")(x, training=True), "float32"))).tolist())
+        assert values == {0.0, 1.109375}                      # Keras: the rescale rounded to bfloat16
+    with variants.process_levers(dropout="native_scale"):
+        assert not Dropout.rescale_in_float32
+    with variants.process_levers(jit_qnn=True):
+        model = build_qin(spec, config)
+        model.set_weights(reference.get_weights())
+        np.testing.assert_allclose(model(features, training=False).numpy(),
+                                   reference(features, training=False).numpy(), rtol=1e-5, atol=1e-6)
+        assert any(k.startswith("_xla_call_") for k in model.get_layer("qnn").__dict__)
+    assert Dropout.__dict__["call"] is plain_call and Dropout.rescale_in_float32
+    assert QuadraticNeuralNetwork.__dict__["call"] is tower_call
+    with pytest.raises(ValueError, match="`dropout` must be one of"):
+        with variants.process_levers(dropout="fast"):
+            pass
+
+
 def test_qnn_dnn_head_adds_a_dnn_tower_beside_qnn(spec, tmp_path):
     """--head=qnn_dnn: logit = QNN(x) + DNN(x) on the same head input x (DCNv2's parallel structure)."""
     config = dataclasses.replace(QIN_CONFIG, head="qnn_dnn", din_dnn_units=(8, 4))
