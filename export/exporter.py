@@ -579,7 +579,6 @@ def fold_for_inference(model, *, qnn: bool = True, attention: bool = True, item_
 
     Returns ``model`` itself when there is nothing to fold (e.g. DIN).
     """
-    import keras
     import numpy as np
 
     from qin_tf.layers.attention import AdaptiveSparseTargetAttention
@@ -620,18 +619,35 @@ def fold_for_inference(model, *, qnn: bool = True, attention: bool = True, item_
         prefix = layer.id_embeddings.path.rsplit("/", 1)[0]
         folded[f"{prefix}/precomputed_vectors"] = np.asarray(layer.all_item_vectors())
         dropped.update(w.path for w in layer.weights)
+    return _rebuild(model, config, folded, dropped, what="folding for inference",
+                    remedy="; export with fold_qnn=False, fold_attention=False, fold_item_vectors=False")
+
+
+def _rebuild(model, config, values=None, dropped=(), *, what, remedy=""):
+    """A new model built from ``config`` holding ``model``'s weights by variable path.
+
+    ``values`` (path -> array) replaces or adds weights, ``dropped`` names
+    ``model``'s weights the new model no longer has; any other difference
+    between the two sets of variables, or a value of another shape, is an
+    :class:`ExportError` naming ``what`` was being done (and ``remedy``).
+    The one home of the rebuild-and-assign step of :func:`fold_for_inference`
+    and :func:`float32_copy`; build under a dtype policy scope where the
+    config's layers need one.
+    """
+    import keras
+    import numpy as np
+
+    values = values or {}
     clone = keras.Model.from_config(config)
     source = {v.path: v for v in model.weights}
-    expected = sorted((set(source) - dropped) | {p for p in folded if p not in source})
+    expected = sorted((set(source) - set(dropped)) | {p for p in values if p not in source})
     if expected != sorted(v.path for v in clone.weights):
-        raise ExportError("folding for inference changed the model's variables unexpectedly; "
-                          "export with fold_qnn=False, fold_attention=False, fold_item_vectors=False.")
+        raise ExportError(f"{what} changed the model's variables unexpectedly{remedy}.")
     for v in clone.weights:
-        value = folded[v.path] if v.path in folded else np.asarray(source[v.path])
+        value = values[v.path] if v.path in values else np.asarray(source[v.path])
         if tuple(value.shape) != tuple(v.shape):
-            raise ExportError(f"folding for inference: `{v.path}` has shape {tuple(v.shape)}, "
-                              f"the folded value {tuple(value.shape)}; export with fold_qnn=False, "
-                              "fold_attention=False, fold_item_vectors=False.")
+            raise ExportError(f"{what}: `{v.path}` has shape {tuple(v.shape)}, the new value "
+                              f"{tuple(value.shape)}{remedy}.")
         v.assign(np.asarray(value, dtype=v.dtype))
     return clone
 
@@ -658,20 +674,12 @@ def float32_copy(model):
     probability from the bfloat16 Keras model on rows past the verified warmup rows, because it rounds
     in another order; in float32 the export equals the float32 model's own export bit for bit.
     """
-    import keras
-    import numpy as np
-
     from qin_tf.model import dtype_policy_scope
 
     if all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers):
         return model
     with dtype_policy_scope("float32"):
-        clone = keras.Model.from_config(_float32_config(model.get_config()))
-    source = {v.path: v for v in model.weights}
-    if sorted(source) != sorted(v.path for v in clone.weights):
-        raise ExportError("the float32 copy of the mixed-precision model has other variables than the model.")
-    for v in clone.weights:
-        v.assign(np.asarray(source[v.path], dtype=v.dtype))
+        clone = _rebuild(model, _float32_config(model.get_config()), what="the float32 copy of the model")
     bad = [layer.name for layer in clone.layers if layer.dtype_policy.compute_dtype != "float32"]
     if bad:
         raise ExportError(f"the float32 copy still computes layers {bad} in 16 bits.")

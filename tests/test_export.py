@@ -288,6 +288,20 @@ def test_asta_and_item_vectors_are_folded_at_export(sample_spec, exported, train
         assert_scores_equal(sig(**{k: tf.constant(v) for k, v in features.items()})["ctr"], want)
 
 
+def test_the_rebuild_behind_folding_and_the_float32_copy_refuses_other_variables(trained):
+    """exporter._rebuild (the one rebuild-and-assign step of fold_for_inference and float32_copy) copies
+    the weights by path, and refuses a set of variables or a shape other than the one asked for."""
+    model = trained[1]
+    clone = exporter._rebuild(model, model.get_config(), what="a copy")
+    for a, b in zip(model.weights, clone.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    path = model.get_layer("asta").W_q.path
+    with pytest.raises(exporter.ExportError, match="^folding: `asta/W_q` has shape .* the new value \\(3, 3\\); fix it\\.$"):
+        exporter._rebuild(model, model.get_config(), {path: np.zeros((3, 3))}, what="folding", remedy="; fix it")
+    with pytest.raises(exporter.ExportError, match="^folding changed the model's variables unexpectedly\\.$"):
+        exporter._rebuild(model, model.get_config(), dropped={path}, what="folding")
+
+
 def test_unseen_ids_are_served_as_padding_and_oov(sample_spec, exported, trained, test_rows):
     """Ids beyond the item table score as padding; context ids beyond the vocabulary as the OOV row."""
     features = {k: v[:20].copy() for k, v in test_rows[0].items()}
