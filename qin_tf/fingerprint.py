@@ -35,6 +35,21 @@ class FingerprintError(ValueError):
     """A fingerprint file that cannot be read; one line names it."""
 
 
+def tree_digest(root: str) -> str:
+    """sha256 (hex) of a local directory tree: every directory's and file's path under ``root`` and
+    every file's bytes, in sorted order. Equal digests before and after a step prove the step
+    changed nothing there (a refused push leaves the serving directory as it was)."""
+    h = hashlib.sha256()
+    for directory, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        h.update(os.path.relpath(directory, root).encode() + b"/\0")
+        for name in sorted(files):
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(directory, name), "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
 def weights_digest(model) -> str:
     """sha256 (hex) of a Keras model's weights: each one's path, dtype, shape and bytes, in path order.
 

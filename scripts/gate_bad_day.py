@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -41,18 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import weekly_cycle  # noqa: E402  (the cycle's steps: data_dir, train)
-
-
-def tree_hash(root: str) -> str:
-    h = hashlib.sha256()
-    for d, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(d, f)
-            h.update(os.path.relpath(p, root).encode() + b"\0")
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
+from qin_tf.fingerprint import tree_digest  # noqa: E402
 
 
 def corrupted_data(work: str, w: int, how: str, seed: int) -> str:
@@ -122,14 +110,14 @@ def main(argv=None) -> int:
                "candidates": {}}
     for name, m in candidates.items():
         version = export(m, os.path.join(gate, f"export_{name}"))
-        before = tree_hash(serving)
+        before = tree_digest(serving)
         proc = run("export.validate", f"--candidate={version}", f"--serving={serving}", f"--data={data}",
                    "--split=valid")
         record_path = version.rstrip("/") + ".validation.json"
         record = json.load(open(record_path)) if os.path.exists(record_path) else None
         results["candidates"][name] = {
             "model_dir": m, "exit_code": proc.returncode, "stdout": proc.stdout.strip(), "stderr": proc.stderr.strip(),
-            "record": record, "serving_unchanged": tree_hash(serving) == before,
+            "record": record, "serving_unchanged": tree_digest(serving) == before,
             "test_auc_in_training": json.load(open(os.path.join(m, "metrics.json")))["splits"]["test"]["auc"]}
         line = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         print(f"period {w} candidate {name}: exit {proc.returncode}: {line[-1] if line else ''}", flush=True)

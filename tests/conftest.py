@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 
 import pytest
 
+from qin_tf.fingerprint import tree_digest
 from qin_tf.runtime import import_tensorflow
 
 import_tensorflow()
@@ -39,17 +39,8 @@ def files_under(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def tree_hash(root) -> str:
-    """SHA-256 over every path (files and directories) under ``root`` and every file's bytes."""
-    h = hashlib.sha256()
-    for directory, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        h.update(os.path.relpath(directory, root).encode() + b"/\0")
-        for name in sorted(files):
-            h.update(name.encode() + b"\0")
-            with open(os.path.join(directory, name), "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()
+#: The serving directory's digest before and after a step (one home: qin_tf.fingerprint).
+tree_hash = tree_digest
 
 
 @pytest.fixture(scope="session")
