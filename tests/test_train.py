@@ -254,11 +254,12 @@ def test_training_works_with_an_outlier_context_value(tmp_path, capsys):
     assert stats["context_vocab"]["views_level"]["oov_values"] == {str(10**12): 1}
 
     model_dir = str(tmp_path / "model")
-    rc = train.cli(["train", *sample_args(spec, model_dir), "--epochs=1"])
+    # 2 epochs: after 1, valid AUC sat at 0.55-0.56, too close to chance to tell a broken run
+    rc = train.cli(["train", *sample_args(spec, model_dir), "--epochs=2"])
     assert rc == 0, capsys.readouterr().err
     m = read_metrics(model_dir)
-    assert len(m["history"]) == 1 and np.isfinite(m["history"][-1]["loss"])
-    assert m["splits"]["valid"]["auc"] > 0.55
+    assert len(m["history"]) == 2 and np.isfinite(m["history"][-1]["loss"])
+    assert m["splits"]["valid"]["auc"] > 0.6, m["splits"]["valid"]["auc"]
 
 
 def test_monitor_splits_reports_test_metrics_every_epoch(sample_spec, tmp_path, capsys, monkeypatch):
