@@ -217,6 +217,8 @@ def test_dropout_draws_from_its_seed_generator_and_passes_gradients_through_the_
     assert set(np.unique(first).tolist()) == {0.0, float(np.float32(1 / keep_probability(0.25)))}
     np.testing.assert_array_equal(np.asarray(a(x, training=False)), np.asarray(x))
     np.testing.assert_array_equal(np.asarray(Dropout(0.0)(x, training=True)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(Dropout(1.0)(x, training=True)), np.zeros((4, 1000)))
+    np.testing.assert_array_equal(np.asarray(Dropout(1 - 1e-6)(x, training=True)), np.zeros((4, 1000)))
     # the same weights as Keras' Dropout (its seed state): checkpoints load either way
     assert [w.path for w in a.weights] == [w.path.replace("dropout_1", a.name) for w in
                                            keras.layers.Dropout(0.25, seed=7, name="dropout_1").weights]

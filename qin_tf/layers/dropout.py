@@ -57,11 +57,11 @@ class Dropout(keras.layers.Dropout):
     def call(self, inputs, training=False):
         if not training or self.rate <= 0:
             return inputs
-        if self.rate >= 1:
+        threshold = keep_threshold(self.rate)
+        if threshold >= _LEVELS:   # rate 1, or within 2**-17 of it
             return tf.zeros_like(inputs)
         inputs = tf.convert_to_tensor(inputs)
-        threshold = keep_threshold(self.rate)
-        if threshold == 0:
+        if threshold == 0:         # a rate below 2**-17 drops nothing
             return inputs
         shape = tf.shape(inputs)
         if self.noise_shape is not None:
